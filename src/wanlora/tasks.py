@@ -1,0 +1,210 @@
+"""The task table: the one place that knows each Wan model.
+
+Every ``--task`` value in every command comes from :data:`TASKS`. The numbers are the official
+release's, read from the configs of the official repositories:
+
+* Wan2.2 (``Wan-Video/Wan2.2``): ``wan/configs/shared_config.py``, ``wan_t2v_A14B.py``,
+  ``wan_i2v_A14B.py``, ``wan_ti2v_5B.py`` and ``generate.py`` (default sizes);
+* Wan2.1 (``Wan-Video/Wan2.1``): ``wan/configs/wan_t2v_14B.py``, ``wan_t2v_1_3B.py`` and the
+  defaults of its ``generate.py`` (50 steps, shift 5.0, guidance 5.0 for text-to-video).
+
+Architecture sizes in the table are the official ones. They are used to *check* a checkpoint and
+to name what a file holds; the model itself is built from the checkpoint's weight shapes
+(:mod:`wanlora.models.loading`), so the tiny test models of the right family load too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Task", "TASKS", "get_task", "task_names", "EXPERTS", "DEFAULT_NEGATIVE_PROMPT"]
+
+#: ``wan_shared_cfg.sample_neg_prompt`` of both official repositories (identical in Wan2.1 and
+#: Wan2.2). The official pipelines encode this string for the unconditional pass whenever the
+#: negative prompt is empty.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+#: The two Wan2.2 A14B experts, in the order the sampler meets them.
+EXPERTS = ("high_noise", "low_noise")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One ``--task``: the facts of one official Wan model.
+
+    Attributes:
+        name: the ``--task`` value (``t2v-A14B``, ...).
+        family: ``"wan2.2"`` or ``"wan2.1"``.
+        in_channels / out_channels: DiT input and output channels (36 -> 16 for I2V-A14B:
+            16 noisy latent + 4 mask + 16 image latent).
+        conditioning: ``"none"`` (text-to-video), ``"i2v"`` (mask + image latent concatenated
+            to the input, ``wan/image2video.py``) or ``"ti2v"`` (clean first latent frame at
+            timestep 0, ``wan/textimage2video.py``).
+        vae: ``"wan2.1"`` (z=16, stride 4x8x8) or ``"wan2.2"`` (z=48, stride 4x16x16).
+        vae_stride: (time, height, width) compression of the VAE.
+        latent_channels: channels of the VAE latent (16 or 48).
+        patch_size: DiT patch (time, height, width), (1, 2, 2) for every Wan model.
+        dim, ffn_dim, num_heads, num_layers: the official DiT sizes.
+        boundary: fraction of the 1000 training timesteps where the high-noise expert hands
+            over to the low-noise one (``t >= boundary * 1000`` is high noise); ``None`` for
+            single-model tasks.
+        flow_shift: default sampling shift (``sample_shift``).
+        guidance_scale: classifier-free guidance of the low-noise expert (or the only model).
+        guidance_scale_high_noise: guidance of the high-noise expert (``None`` without experts).
+        sample_steps: default denoising steps.
+        fps: frames per second of the official outputs.
+        frame_num: default pixel frame count (4n+1).
+        size: default (width, height) in pixels, the official ``--size`` default.
+        text_len: umT5 context length (512 rows, zero-padded).
+        architecture: ``modelspec.architecture`` id for LoRA metadata (SwarmUI's ids).
+    """
+
+    name: str
+    family: str
+    in_channels: int
+    out_channels: int
+    conditioning: str
+    vae: str
+    vae_stride: tuple[int, int, int]
+    latent_channels: int
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    flow_shift: float
+    guidance_scale: float
+    sample_steps: int
+    fps: int
+    frame_num: int
+    size: tuple[int, int]
+    architecture: str
+    boundary: float | None = None
+    guidance_scale_high_noise: float | None = None
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    text_dim: int = 4096
+    freq_dim: int = 256
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        """``("high_noise", "low_noise")`` for the A14B tasks, ``()`` for single models."""
+        return EXPERTS if self.boundary is not None else ()
+
+    @property
+    def has_experts(self) -> bool:
+        return self.boundary is not None
+
+    @property
+    def boundary_timestep(self) -> float | None:
+        """The boundary on the 0..1000 timestep scale (875.0 / 900.0), or ``None``."""
+        return None if self.boundary is None else self.boundary * 1000.0
+
+    @property
+    def pixel_unit(self) -> int:
+        """Spatial size unit in pixels: VAE stride times patch size (16, or 32 for TI2V-5B)."""
+        return self.vae_stride[1] * self.patch_size[1]
+
+    @property
+    def max_area(self) -> int:
+        """Pixel area of the default size (the official ``max_area`` for image input)."""
+        return self.size[0] * self.size[1]
+
+    def timestep_range(self, expert: str | None) -> tuple[float, float]:
+        """The (min, max) training timesteps on the 0..1000 scale of an expert.
+
+        ``high_noise`` covers ``[boundary*1000, 1000]``, ``low_noise`` ``[0, boundary*1000]``;
+        ``None`` (or a single-model task) covers ``[0, 1000]``.
+
+        Raises:
+            ValueError: an unknown expert name, or an expert asked of a single-model task.
+        """
+        if expert is None:
+            return (0.0, 1000.0)
+        if expert not in EXPERTS:
+            raise ValueError(f"unknown expert {expert!r}; use one of {', '.join(EXPERTS)}")
+        if not self.has_experts:
+            raise ValueError(f"task {self.name} is a single model and has no {expert} expert")
+        b = self.boundary_timestep
+        return (b, 1000.0) if expert == "high_noise" else (0.0, b)
+
+    def guidance_for(self, expert: str | None) -> float:
+        """Default guidance scale of an expert (the official ``sample_guide_scale`` tuple)."""
+        if expert == "high_noise" and self.guidance_scale_high_noise is not None:
+            return self.guidance_scale_high_noise
+        return self.guidance_scale
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Latent shape ``(C, T, h, w)`` of a clip of ``frames`` pixel frames (4n+1) and size."""
+        st, sh, sw = self.vae_stride
+        return (self.latent_channels, (frames - 1) // st + 1, height // sh, width // sw)
+
+
+_WAN21_VAE = dict(vae="wan2.1", vae_stride=(4, 8, 8), latent_channels=16)
+_WAN22_VAE = dict(vae="wan2.2", vae_stride=(4, 16, 16), latent_channels=48)
+_A14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            name="t2v-A14B", family="wan2.2", in_channels=16, out_channels=16,
+            conditioning="none", **_WAN21_VAE, **_A14B,
+            boundary=0.875, flow_shift=12.0, guidance_scale=3.0, guidance_scale_high_noise=4.0,
+            sample_steps=40, fps=16, frame_num=81, size=(1280, 720),
+            architecture="wan-2_2-text2video-14b/lora",
+        ),
+        Task(
+            name="i2v-A14B", family="wan2.2", in_channels=36, out_channels=16,
+            conditioning="i2v", **_WAN21_VAE, **_A14B,
+            boundary=0.900, flow_shift=5.0, guidance_scale=3.5, guidance_scale_high_noise=3.5,
+            sample_steps=40, fps=16, frame_num=81, size=(1280, 720),
+            architecture="wan-2_2-image2video-14b/lora",
+        ),
+        Task(
+            name="ti2v-5B", family="wan2.2", in_channels=48, out_channels=48,
+            conditioning="ti2v", **_WAN22_VAE,
+            dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
+            flow_shift=5.0, guidance_scale=5.0, sample_steps=50, fps=24, frame_num=121,
+            size=(1280, 704), architecture="wan-2_2-ti2v-5b/lora",
+        ),
+        Task(
+            name="t2v-14B", family="wan2.1", in_channels=16, out_channels=16,
+            conditioning="none", **_WAN21_VAE, **_A14B,
+            flow_shift=5.0, guidance_scale=5.0, sample_steps=50, fps=16, frame_num=81,
+            size=(1280, 720), architecture="wan-2_1-text2video-14b/lora",
+        ),
+        Task(
+            name="t2v-1.3B", family="wan2.1", in_channels=16, out_channels=16,
+            conditioning="none", **_WAN21_VAE,
+            dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+            flow_shift=5.0, guidance_scale=5.0, sample_steps=50, fps=16, frame_num=81,
+            size=(832, 480), architecture="wan-2_1-text2video-1_3b/lora",
+        ),
+    )
+}
+
+
+def task_names() -> list[str]:
+    """The valid ``--task`` values, for argparse ``choices``."""
+    return list(TASKS)
+
+
+def get_task(name: str | Task) -> Task:
+    """Look up a task by its ``--task`` name (a :class:`Task` passes through).
+
+    Raises:
+        ValueError: the name is not in the table; the message lists the valid names.
+    """
+    if isinstance(name, Task):
+        return name
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown task {name!r}; --task must be one of: {', '.join(TASKS)}"
+        ) from None
