@@ -1,0 +1,173 @@
+"""The documented command chains, kept in one place.
+
+The README's quick start and the guide's recipes are generated from :data:`RECIPES`; ``make demo``
+(:mod:`wanlora.demo`) and the end-to-end test run exactly these commands as subprocesses, and a
+test checks that the Markdown files still contain the rendered blocks. So what a newcomer reads is
+what the tests run.
+
+Commands are written for ``bash`` with two variables: ``$MODELS`` (the folder of a model set made
+by ``python -m wanlora.tiny``, or your downloaded checkpoints laid out the same way) and ``$WORK``
+(a work folder holding ``dataset.toml`` and ``prompts.txt``).
+
+``python -m wanlora.quickstart`` prints every recipe as Markdown; ``--check FILE`` exits non-zero
+when FILE lacks one of the blocks it should hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Recipe", "RECIPES", "render_block", "expand"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named chain of shell commands, each one list item one command line."""
+
+    name: str
+    task: str
+    title: str
+    commands: tuple[str, ...]
+    doc: str  # the Markdown file (relative to the repository root) that shows this recipe
+
+    def marker(self) -> str:
+        return f"<!-- recipe:{self.name} -->"
+
+
+_T5 = "--t5 $MODELS/models_t5_umt5-xxl-enc-bf16.pth --t5_tokenizer $MODELS/google/umt5-xxl"
+
+T2V_BOTH_EXPERTS = Recipe(
+    name="t2v-a14b-both-experts",
+    task="t2v-A14B",
+    title="Wan2.2 T2V-A14B: both experts in one run, two LoRAs",
+    doc="README.md",
+    commands=(
+        "python -m wanlora.tiny --task t2v-A14B --out $MODELS",
+        "wanlora-cache-latents --task t2v-A14B --dataset_config $WORK/dataset.toml "
+        "--vae $MODELS/Wan2.1_VAE.pth",
+        f"wanlora-cache-text --dataset_config $WORK/dataset.toml {_T5}",
+        "accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no "
+        "--dynamo_backend no -m wanlora.train --task t2v-A14B "
+        "--dit $MODELS/low_noise_model --dit_high_noise $MODELS/high_noise_model "
+        "--dataset_config $WORK/dataset.toml --network_module networks.lora_wan "
+        "--network_dim 8 --network_alpha 8 --learning_rate 2e-3 --max_train_steps 24 "
+        "--save_every_n_steps 12 --output_dir $WORK/output --output_name mylora "
+        "--logging_dir $WORK/logs --sample_prompts $WORK/prompts.txt --sample_every_n_steps 12 "
+        f"--vae $MODELS/Wan2.1_VAE.pth {_T5} --seed 42",
+        "wanlora-generate --task t2v-A14B "
+        "--dit $MODELS/low_noise_model --dit_high_noise $MODELS/high_noise_model "
+        f"--vae $MODELS/Wan2.1_VAE.pth {_T5} "
+        "--lora_weight $WORK/output/mylora_low_noise.safetensors "
+        "--lora_weight_high_noise $WORK/output/mylora_high_noise.safetensors "
+        '--prompt "a red ball bounces across a wooden floor" '
+        "--video_size 64 64 --video_length 17 --infer_steps 8 --seed 42 "
+        "--save_path $WORK/generated",
+        "wanlora-convert-lora --input $WORK/output/mylora_high_noise.safetensors "
+        "--output $WORK/comfy/mylora_high_noise.safetensors --target comfy",
+    ),
+)
+
+I2V_ONE_EXPERT = Recipe(
+    name="i2v-a14b-one-expert",
+    task="i2v-A14B",
+    title="Wan2.2 I2V-A14B: the low-noise expert alone",
+    doc="docs/training.md",
+    commands=(
+        "python -m wanlora.tiny --task i2v-A14B --out $MODELS",
+        "wanlora-cache-latents --task i2v-A14B --dataset_config $WORK/dataset.toml "
+        "--vae $MODELS/Wan2.1_VAE.pth",
+        f"wanlora-cache-text --dataset_config $WORK/dataset.toml {_T5}",
+        "accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no "
+        "--dynamo_backend no -m wanlora.train --task i2v-A14B "
+        "--dit $MODELS/low_noise_model --expert low "
+        "--dataset_config $WORK/dataset.toml --network_module networks.lora_wan "
+        "--network_dim 8 --network_alpha 8 --learning_rate 2e-3 --max_train_steps 12 "
+        "--output_dir $WORK/output --output_name myi2v --logging_dir $WORK/logs --seed 42",
+        "wanlora-generate --task i2v-A14B "
+        "--dit $MODELS/low_noise_model --dit_high_noise $MODELS/high_noise_model "
+        f"--vae $MODELS/Wan2.1_VAE.pth {_T5} "
+        "--lora_weight $WORK/output/myi2v.safetensors "
+        "--image_path $WORK/first_frame.png "
+        '--prompt "the cat turns its head towards the sea" '
+        "--video_length 17 --infer_steps 8 --seed 42 --save_path $WORK/generated",
+        "wanlora-convert-lora --input $WORK/output/myi2v.safetensors "
+        "--output $WORK/comfy/myi2v.safetensors --target comfy",
+    ),
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (T2V_BOTH_EXPERTS, I2V_ONE_EXPERT)}
+
+
+def render_block(recipe: Recipe) -> str:
+    """The recipe as a Markdown bash block, preceded by its marker comment.
+
+    Long command lines are wrapped with backslash continuations at flag boundaries.
+    """
+    lines = [recipe.marker(), "```bash"]
+    for cmd in recipe.commands:
+        # A flag and its values stay together; a new line starts before a flag that would
+        # carry the line past 88 characters.
+        groups: list[str] = []
+        for word in shlex.split(cmd, posix=False):
+            if groups and not word.startswith("--") and groups[-1].startswith("--"):
+                groups[-1] += f" {word}"
+            else:
+                groups.append(word)
+        out, cur = [], ""
+        for g in groups:
+            if cur and len(cur) + 1 + len(g) > 88 and g.startswith("--"):
+                out.append(cur + " \\")
+                cur = "    " + g
+            else:
+                cur = f"{cur} {g}" if cur else g
+        out.append(cur)
+        lines.extend(out)
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def expand(command: str, env: dict[str, str]) -> list[str]:
+    """Split a recipe command into argv with ``$MODELS`` / ``$WORK`` substituted from ``env``.
+
+    Raises:
+        KeyError: the command uses a variable that ``env`` does not define.
+    """
+    argv = []
+    for word in shlex.split(command):
+        for var in ("MODELS", "WORK"):
+            if f"${var}" in word:
+                word = word.replace(f"${var}", env[var])
+        argv.append(word)
+    return argv
+
+
+def missing_blocks(path: Path) -> list[str]:
+    """Names of the recipes documented in ``path`` whose rendered block it does not contain."""
+    text = path.read_text(encoding="utf-8")
+    rel = path.name if path.name == "README.md" else f"docs/{path.name}"
+    return [r.name for r in RECIPES.values() if r.doc == rel and render_block(r) not in text]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", type=Path, nargs="*", help="Markdown files to check")
+    args = parser.parse_args(argv)
+    if args.check:
+        bad = {str(p): missing_blocks(p) for p in args.check}
+        bad = {k: v for k, v in bad.items() if v}
+        for path, names in bad.items():
+            print(f"{path}: out of date for {', '.join(names)}; paste the blocks printed by "
+                  "`python -m wanlora.quickstart`", file=sys.stderr)
+        return 1 if bad else 0
+    for r in RECIPES.values():
+        print(f"### {r.title}  ({r.doc})\n\n{render_block(r)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The whole job as the README shows it, on real clips and photos from ../shared/media.
+
+The commands come from :mod:`wanlora.quickstart` — the same recipes the README and the training
+guide are generated from (``test_docs_show_the_tested_commands`` keeps them in step) and that
+``make demo`` runs. Each command runs as a subprocess, exactly as a user types it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import av
+import pytest
+from safetensors import safe_open
+
+from wanlora.demo import run_recipe, write_dataset_toml, write_prompts
+from wanlora.quickstart import I2V_ONE_EXPERT, RECIPES, T2V_BOTH_EXPERTS, missing_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dataset_from_media(media_dir: Path, dst: Path) -> tuple[Path, Path]:
+    """Copy the real clips and photos (with captions) into a video and an image folder."""
+    videos, images = dst / "videos", dst / "images"
+    videos.mkdir(parents=True)
+    images.mkdir(parents=True)
+    for f in media_dir.iterdir():
+        if f.suffix == ".mp4":
+            shutil.copy(f, videos / f.name)
+            shutil.copy(f.with_suffix(".txt"), videos / f.with_suffix(".txt").name)
+        elif f.suffix in (".jpg", ".png"):
+            shutil.copy(f, images / f.name)
+            shutil.copy(f.with_suffix(".txt"), images / f.with_suffix(".txt").name)
+    return videos, images
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def _decode_mp4(path: Path) -> tuple[int, int, int, float]:
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        frames = [f for f in c.decode(stream)]
+        return len(frames), frames[0].height, frames[0].width, float(stream.average_rate)
+
+
+def test_docs_show_the_tested_commands():
+    for doc in {r.doc for r in RECIPES.values()}:
+        assert missing_blocks(ROOT / doc) == [], (
+            f"{doc} no longer shows the tested commands; paste the output of "
+            "`python -m wanlora.quickstart`")
+
+
+@pytest.mark.slow
+def test_t2v_a14b_both_experts_on_real_media(media_dir, tmp_path):
+    work, models = tmp_path / "work", tmp_path / "models"
+    work.mkdir()
+    videos, images = _dataset_from_media(media_dir, tmp_path / "data")
+    write_dataset_toml(work, videos, images, resolution=(64, 64), frames=17)
+    write_prompts(work, ["a skeleton dances on a black background"], size=(64, 64), frames=17,
+                  steps=4)
+    run_recipe(T2V_BOTH_EXPERTS, {"MODELS": str(models), "WORK": str(work)})
+
+    # caches: one latent cache per clip window and image, one text cache per caption
+    latent_caches = list((work / "cache").rglob("*.safetensors"))
+    assert len([c for c in latent_caches if "video" in c.parts]) >= 4  # 2 clips x (latent + text)
+    assert len([c for c in latent_caches if "image" in c.parts]) >= 6  # 3 photos x 2
+
+    # two LoRA files, one per expert, self-describing
+    out = work / "output"
+    for expert, lo, hi in (("high_noise", 875, 1000), ("low_noise", 0, 875)):
+        meta = _metadata(out / f"mylora_{expert}.safetensors")
+        assert meta["wan.task"] == "t2v-A14B"
+        assert meta["wan.expert"] == expert
+        assert [float(x) for x in meta["modelspec.timestep_range"].split(",")] == [lo, hi]
+        assert meta["ss_network_dim"] == "8" and float(meta["ss_network_alpha"]) == 8
+    # samples during training
+    assert sorted((out / "sample").glob("*.mp4")), "no training samples were written"
+    # the generated video: 17 frames of 64x64 at the task's 16 fps
+    (mp4,) = (work / "generated").glob("*.mp4")
+    assert _decode_mp4(mp4) == (17, 64, 64, 16.0)
+    sidecar = json.loads(mp4.with_suffix(".json").read_text())
+    assert sidecar["seed"] == 42
+    # the ComfyUI file
+    with safe_open(str(work / "comfy" / "mylora_high_noise.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("diffusion_model.blocks.") for k in keys)
+    assert not any(k.endswith(".alpha") for k in keys)
+
+
+@pytest.mark.slow
+def test_i2v_a14b_one_expert_on_real_media(media_dir, tmp_path):
+    from PIL import Image
+
+    work, models = tmp_path / "work", tmp_path / "models"
+    work.mkdir()
+    videos, _ = _dataset_from_media(media_dir, tmp_path / "data")
+    write_dataset_toml(work, videos, None, resolution=(64, 64), frames=17)
+    Image.open(media_dir / "cat_sunglasses.jpg").resize((96, 128)).save(work / "first_frame.png")
+    run_recipe(I2V_ONE_EXPERT, {"MODELS": str(models), "WORK": str(work)})
+
+    caches = [c for c in (work / "cache").rglob("*.safetensors")]
+    with safe_open(str(next(c for c in caches if "latent" in _metadata(c).get("kind", "latent"))),
+                   framework="pt") as f:
+        names = set(f.keys())
+    assert {"latents", "y"} <= names or "context" in names
+    meta = _metadata(work / "output" / "myi2v.safetensors")
+    assert meta["wan.task"] == "i2v-A14B" and meta["wan.expert"] == "low_noise"
+    (mp4,) = (work / "generated").glob("*.mp4")
+    frames, h, w, fps = _decode_mp4(mp4)
+    assert frames == 17 and fps == 16.0 and h > w, "a portrait image gives a portrait video"
+    assert list((work / "comfy").glob("myi2v*.safetensors"))
