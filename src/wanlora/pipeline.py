@@ -1,0 +1,440 @@
+"""The Wan generation pipeline: sizes, initial noise, I2V/TI2V conditioning, denoising, decoding.
+
+One implementation of the official pipelines (``wan/text2video.py: WanT2V.generate``,
+``wan/image2video.py: WanI2V.generate``, ``wan/textimage2video.py: WanTI2V.t2v / i2v``), used by
+``wanlora-generate`` and by the samples taken during training (:mod:`wanlora.training_sampler`).
+For the same weights, prompt embeddings and seed it reproduces the official latents: the same
+``torch.randn`` call for the initial noise, the same integer model timesteps and float32 update
+sigmas (:mod:`wanlora.sampling`), the same expert switch, the same I2V ``y`` and TI2V first-frame
+replacement after every step.
+
+Layouts: latents ``[C, T, h, w]`` (one sample; the solvers see ``[1, C, T, h, w]``), pixels
+``[3, F, H, W]`` in [-1, 1], sizes as (height, width) unless named ``(W, H)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .sampling import cfg_apply_pattern, expert_for_timestep, guided_velocity, make_schedule, make_solver
+from .tasks import Task, get_task
+
+__all__ = [
+    "GenerationRequest",
+    "Prepared",
+    "WanPipeline",
+    "i2v_size",
+    "best_output_size",
+    "image_to_tensor",
+    "i2v_image",
+    "ti2v_image",
+    "i2v_mask",
+    "initial_noise",
+    "check_video_size",
+    "module_device",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# sizes and images
+
+
+def check_video_size(task: Task, height: int, width: int, frames: int) -> tuple[int, int, int]:
+    """Validate a text-to-video size: frames ``4n+1``; height/width rounded down to the task's
+    pixel unit (16, or 32 for TI2V-5B) with a warning.
+
+    Raises:
+        ValueError: frames not ``4n+1``, or a size smaller than one unit.
+    """
+    if frames < 1 or (frames - 1) % task.vae_stride[0]:
+        n = max(0, round((frames - 1) / 4))
+        raise ValueError(f"--video_length {frames} is not 4n+1 (the VAE's frame rule); use {4 * n + 1}")
+    u = task.pixel_unit
+    h, w = height // u * u, width // u * u
+    if h < u or w < u:
+        raise ValueError(f"--video_size {height} {width} is smaller than the task's unit of {u} pixels")
+    if (h, w) != (height, width):
+        logger.warning("video size %dx%d (HxW) rounded down to %dx%d (multiples of %d for %s)",
+                       height, width, h, w, u, task.name)
+    return h, w, frames
+
+
+def i2v_size(image_w: int, image_h: int, max_area: int, vae_stride: int = 8, patch: int = 2) -> tuple[int, int]:
+    """I2V-A14B output size ``(H, W)`` for an image (``WanI2V.generate``, §5.1): the image's aspect
+    ratio at ``max_area`` pixels, each latent side floored to a multiple of the patch."""
+    aspect = image_h / image_w
+    lat_h = round(np.sqrt(max_area * aspect) // vae_stride // patch * patch)
+    lat_w = round(np.sqrt(max_area / aspect) // vae_stride // patch * patch)
+    return int(lat_h * vae_stride), int(lat_w * vae_stride)
+
+
+def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
+    """TI2V-5B output size ``(W, H)`` (``wan/utils/utils.py: best_output_size``, §6.1): of the
+    width-first and the height-first rounding to multiples of ``(dw, dh)`` within the area, the one
+    whose aspect ratio is closer to the image's."""
+    ratio = w / h
+    ow = (expected_area * ratio) ** 0.5
+    oh = expected_area / ow
+    ow1 = int(ow // dw * dw)
+    oh1 = int(expected_area / ow1 // dh * dh)
+    oh2 = int(oh // dh * dh)
+    ow2 = int(expected_area / oh2 // dw * dw)
+    r1, r2 = ow1 / oh1, ow2 / oh2
+    if max(ratio / r1, r1 / ratio) < max(ratio / r2, r2 / ratio):
+        return ow1, oh1
+    return ow2, oh2
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """PIL RGB image -> float32 ``[3, H, W]`` in [-1, 1] (``TF.to_tensor(img).sub_(0.5).div_(0.5)``)."""
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div(255).sub_(0.5).div_(0.5)
+
+
+def i2v_image(image, height: int, width: int) -> torch.Tensor:
+    """The I2V first frame ``[3, H, W]``: bicubic resize without antialias or clamp (§5.2)."""
+    x = image_to_tensor(image)[None]
+    return F.interpolate(x, size=(height, width), mode="bicubic")[0]
+
+
+def ti2v_image(image, max_area: int, unit: int = 32):
+    """The TI2V-5B first frame ``[3, oh, ow]`` and its size ``(oh, ow)``: best_output_size, PIL
+    LANCZOS resize by ``max(ow/iw, oh/ih)`` with rounded sizes, center crop (§6.1)."""
+    from PIL import Image
+
+    iw, ih = image.width, image.height
+    ow, oh = best_output_size(iw, ih, unit, unit, max_area)
+    scale = max(ow / iw, oh / ih)
+    img = image.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
+    x1, y1 = (img.width - ow) // 2, (img.height - oh) // 2
+    img = img.crop((x1, y1, x1 + ow, y1 + oh))
+    return image_to_tensor(img), (oh, ow)
+
+
+def i2v_mask(frames: int, lat_h: int, lat_w: int, device=None) -> torch.Tensor:
+    """The 4-channel I2V mask ``[4, T, h, w]`` (§5.4): pixel frame 0 known, repeated 4 times, then
+    grouped by 4 per latent frame (latent frame 0 all ones, the rest zeros)."""
+    m = torch.ones(1, frames, lat_h, lat_w, device=device)
+    m[:, 1:] = 0
+    m = torch.cat([m[:, :1].repeat_interleave(4, dim=1), m[:, 1:]], dim=1)
+    m = m.view(1, m.shape[1] // 4, 4, lat_h, lat_w)
+    return m.transpose(1, 2)[0]
+
+
+def initial_noise(shape, seed: int, device="cpu", cpu_noise: bool = False) -> torch.Tensor:
+    """The official initial noise: one float32 ``torch.randn(shape, generator=Generator(device)
+    .manual_seed(seed))`` on ``device`` (on the CPU with ``cpu_noise``), returned on ``device``.
+
+    CPU and CUDA generators give different numbers for the same seed (as in the official code).
+    """
+    dev = torch.device("cpu") if cpu_noise else torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(int(seed))
+    return torch.randn(*shape, dtype=torch.float32, generator=g, device=dev).to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# request
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate. ``None`` fields take the task's defaults.
+
+    Attributes:
+        prompt / negative_prompt: text (negative ``None`` or ``""``: the task's official one).
+        height, width: pixels. Text-to-video: the size. With an image: only the *area* counts
+            (the official ``max_area``); the aspect ratio comes from the image.
+        frames: pixel frames ``4n+1`` (1 = an image).
+        seed: noise seed. steps, guidance_scale (low-noise / only model),
+        guidance_scale_high_noise (A14B), flow_shift, solver (``unipc``/``euler``/``dpm++``).
+        image: PIL RGB first frame (``i2v-A14B`` needs one; ``ti2v-5B`` optional).
+        cfg_skip_mode / cfg_apply_ratio: see :func:`wanlora.sampling.cfg_apply_pattern`.
+        cfg_batched: run the conditional and unconditional passes as one batch of 2.
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    seed: int = 42
+    steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_scale_high_noise: float | None = None
+    flow_shift: float | None = None
+    solver: str = "unipc"
+    image: object = None
+    image_path: str | None = None
+    cfg_skip_mode: str = "none"
+    cfg_apply_ratio: float | None = None
+    cfg_batched: bool = True
+
+    def settings(self) -> dict:
+        """JSON-able settings (everything but the image object)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}
+
+
+@dataclass
+class Prepared:
+    """A resolved request: sizes, noise and conditioning, ready for :meth:`WanPipeline.denoise`.
+
+    Attributes:
+        request: the request with every default filled in.
+        noise: float32 ``[C, T, h, w]``.
+        y: I2V conditioning ``[20, T, h, w]`` (mask 4 + image latent 16) or ``None``.
+        first_latent: TI2V clean image latent ``[C, 1, h, w]`` or ``None``.
+    """
+
+    request: GenerationRequest
+    noise: torch.Tensor
+    y: torch.Tensor | None = None
+    first_latent: torch.Tensor | None = None
+    context: list = field(default_factory=list)
+    context_null: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class WanPipeline:
+    """Denoise with ``{expert: dit}`` and decode with the VAE.
+
+    Args:
+        task: ``--task`` name or :class:`Task`.
+        dits: ``{"high_noise": dit, "low_noise": dit}`` for A14B tasks, or one model (or
+            ``{None: dit}``) for single-model tasks. Each is called ``dit(x, timestep, context, y)``.
+        vae: a ``WanVAE`` (``encode``/``decode``), needed for images and decoding.
+        text_encoder: a ``TextEncoder`` (``encode(list[str])``) or ``None`` when contexts are
+            given to :meth:`prepare`.
+        device: where the denoising runs.
+        offload: move the inactive expert and the text encoder off ``device`` to the CPU (and the
+            active one onto it). Without it models stay where they are and inputs follow them.
+        progress: show a tqdm bar over the steps.
+    """
+
+    def __init__(self, task, dits, vae=None, text_encoder=None, device="cpu", offload: bool = False,
+                 progress: bool = False):
+        self.task = get_task(task)
+        if not isinstance(dits, Mapping):
+            dits = {None: dits}
+        if self.task.has_experts:
+            missing = [e for e in self.task.experts if e not in dits]
+            if missing:
+                raise ValueError(f"{self.task.name} needs both experts; missing {missing} "
+                                 "(--dit is the low-noise expert, --dit_high_noise the high-noise one)")
+        elif len(dits) != 1:
+            raise ValueError(f"{self.task.name} is a single model; got {len(dits)} DiTs")
+        self.dits = dict(dits)
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.device = torch.device(device)
+        self.offload = offload
+        self.progress = progress
+        self.extra_modules: dict = {}  # expert -> modules moved with it (dynamic LoRA networks)
+
+    # -- placement -------------------------------------------------------------------------
+    def _model_for(self, expert):
+        if expert is None:
+            return next(iter(self.dits.values()))
+        return self.dits[expert]
+
+    def _activate(self, expert):
+        model = self._model_for(expert)
+        if self.offload:
+            for e, m in self.dits.items():
+                if m is not model and module_device(m) != torch.device("cpu"):
+                    m.to("cpu")
+                    for extra in self.extra_modules.get(e, ()):
+                        extra.to("cpu")
+            if module_device(model) != self.device:
+                model.to(self.device)
+                for extra in self.extra_modules.get(expert, ()):
+                    extra.to(self.device)
+        return model
+
+    # -- text ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> list[torch.Tensor]:
+        """umT5 embeddings ``[L_i, d]`` of ``texts``; with ``offload`` the encoder visits the device
+        and goes back to the CPU afterwards."""
+        if self.text_encoder is None:
+            raise ValueError("no text encoder loaded (--t5) and no precomputed contexts given")
+        te = self.text_encoder
+        if self.offload:
+            te.to(self.device)
+        out = te.encode(list(texts))
+        if self.offload:
+            te.to("cpu")
+        return out
+
+    # -- preparation -----------------------------------------------------------------------
+    def resolve(self, req: GenerationRequest) -> GenerationRequest:
+        """Fill ``None`` fields from the task defaults (a copy)."""
+        t = self.task
+        r = replace(req)
+        if r.negative_prompt is None or r.negative_prompt == "":
+            r.negative_prompt = t.negative_prompt
+        r.width = r.width or t.size[0]
+        r.height = r.height or t.size[1]
+        r.frames = r.frames or t.frame_num
+        r.steps = r.steps or t.sample_steps
+        r.guidance_scale = t.guidance_scale if r.guidance_scale is None else r.guidance_scale
+        if t.has_experts and r.guidance_scale_high_noise is None:
+            r.guidance_scale_high_noise = (
+                t.guidance_scale_high_noise if req.guidance_scale is None else r.guidance_scale
+            )
+        r.flow_shift = t.flow_shift if r.flow_shift is None else r.flow_shift
+        return r
+
+    @torch.no_grad()
+    def prepare(self, req: GenerationRequest, context=None, context_null=None, cpu_noise: bool = False) -> Prepared:
+        """Resolve sizes, draw the initial noise and build the image conditioning.
+
+        ``context``/``context_null``: precomputed ``[L, d]`` embeddings (else the text encoder runs).
+
+        Raises:
+            ValueError: an I2V task without an image, a bad frame count or size.
+        """
+        t = self.task
+        r = self.resolve(req)
+        frames = r.frames
+        if frames < 1 or (frames - 1) % t.vae_stride[0]:
+            check_video_size(t, r.height, r.width, frames)  # raises with the fix
+        st, sh, sw = t.vae_stride
+        T = (frames - 1) // st + 1
+        y = first = None
+        if t.conditioning == "i2v":
+            if r.image is None:
+                raise ValueError(f"{t.name} is image-to-video: give --image_path (or --i in a prompt file)")
+            H, W = i2v_size(r.image.width, r.image.height, r.width * r.height, sh, t.patch_size[1])
+            r.height, r.width = H, W
+            lat_h, lat_w = H // sh, W // sw
+            noise = initial_noise((t.latent_channels, T, lat_h, lat_w), r.seed, self.device, cpu_noise)
+            img = i2v_image(r.image, H, W)
+            video = torch.cat([img[:, None], torch.zeros(3, frames - 1, H, W)], dim=1)
+            self._need_vae()
+            lat = self.vae.encode(video[None])[0].to(self.device, torch.float32)
+            y = torch.cat([i2v_mask(frames, lat_h, lat_w, self.device), lat])
+        elif t.conditioning == "ti2v" and r.image is not None:
+            img, (H, W) = ti2v_image(r.image, r.width * r.height, t.pixel_unit)
+            r.height, r.width = H, W
+            noise = initial_noise((t.latent_channels, T, H // sh, W // sw), r.seed, self.device, cpu_noise)
+            self._need_vae()
+            first = self.vae.encode(img[:, None][None])[0].to(self.device, torch.float32)
+        else:
+            H, W, _ = check_video_size(t, r.height, r.width, frames)
+            r.height, r.width = H, W
+            noise = initial_noise((t.latent_channels, T, H // sh, W // sw), r.seed, self.device, cpu_noise)
+        if context is None:
+            context, context_null = self.encode_text([r.prompt]), self.encode_text([r.negative_prompt])
+        elif context_null is None:
+            context_null = self.encode_text([r.negative_prompt])
+        return Prepared(request=r, noise=noise, y=y, first_latent=first,
+                        context=_as_list(context), context_null=_as_list(context_null))
+
+    def _need_vae(self):
+        if self.vae is None:
+            raise ValueError("this request needs the VAE (--vae): image conditioning or decoding")
+
+    # -- denoising -------------------------------------------------------------------------
+    @torch.no_grad()
+    def denoise(self, p: Prepared, callback: Callable | None = None) -> torch.Tensor:
+        """Run the sampler; returns the final latent float32 ``[C, T, h, w]`` on ``device``.
+
+        Per step ``i`` with integer timestep ``t_i``: pick the expert (``t_i >= boundary·1000`` ->
+        high noise) and its guidance scale, build the model timestep (``[1]``, or ``[1, T]`` for
+        TI2V-5B with frame 0 at 0 when an image is given), take the guided velocity and step the
+        solver; TI2V re-imposes the clean first frame after every step.
+        ``callback(i, t, latent)`` is called after each step.
+        """
+        r = p.request
+        t = self.task
+        sched = make_schedule(r.steps, r.flow_shift, r.solver)
+        solver = make_solver(r.solver, sched)
+        apply = cfg_apply_pattern(len(sched), r.cfg_skip_mode, r.cfg_apply_ratio)
+        if r.cfg_skip_mode != "none":
+            logger.info("CFG skip mode %s: %s (A = CFG applied, S = skipped)", r.cfg_skip_mode,
+                        "".join("A" if a else "S" for a in apply))
+        guidance = {"high_noise": r.guidance_scale_high_noise, "low_noise": r.guidance_scale, None: r.guidance_scale}
+        ctx = [c.to(self.device) for c in p.context]
+        null = [c.to(self.device) for c in p.context_null]
+        x = p.noise[None].to(self.device)
+        keep = None
+        if p.first_latent is not None:
+            # mask2 of masks_like(zero=True): 0 on latent frame 0, 1 elsewhere (same arithmetic)
+            keep = torch.ones_like(x)
+            keep[:, :, 0] = 0
+            z = p.first_latent[None].to(self.device)
+            x = (1.0 - keep) * z + keep * x
+        y = None if p.y is None else p.y[None].to(self.device)
+        steps = sched.timesteps
+        it = enumerate(steps)
+        if self.progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(steps), desc="denoising", leave=False)
+        last_expert = object()
+        for i, ts in it:
+            expert = expert_for_timestep(ts, t.boundary)
+            if expert != last_expert:
+                if expert is not None:
+                    logger.debug("step %d (t=%d): %s expert", i, int(ts), expert)
+                model = self._activate(expert)
+                last_expert = expert
+            if t.conditioning == "ti2v":
+                tt = torch.full((1, x.shape[2]), float(ts), device=self.device)
+                if keep is not None:
+                    tt[:, 0] = 0.0
+            else:
+                tt = ts.view(1).to(self.device)
+            v = guided_velocity(model, x, tt, ctx, null, guidance[expert], y=y,
+                                apply_cfg=apply[i], batched=r.cfg_batched)
+            x = solver.step(v.to(x.device), x)
+            if keep is not None:
+                x = (1.0 - keep) * z + keep * x
+            if callback is not None:
+                callback(i, int(ts), x[0])
+        return x[0]
+
+    # -- decoding --------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent ``[C, T, h, w]`` -> video float32 ``[3, F, H, W]`` in [-1, 1] on the CPU.
+        With ``offload`` the DiTs leave the device first."""
+        self._need_vae()
+        if self.offload:
+            for m in self.dits.values():
+                m.to("cpu")
+        return self.vae.decode(latent[None].float())[0].cpu()
+
+    def generate(self, req: GenerationRequest, context=None, context_null=None, cpu_noise: bool = False,
+                 decode: bool = True):
+        """prepare + denoise (+ decode). Returns ``(latent [C,T,h,w] CPU, video [3,F,H,W] or None,
+        resolved request)``."""
+        p = self.prepare(req, context, context_null, cpu_noise=cpu_noise)
+        latent = self.denoise(p)
+        video = self.decode(latent) if decode else None
+        return latent.cpu(), video, p.request
+
+
+def _as_list(ctx) -> list[torch.Tensor]:
+    if isinstance(ctx, torch.Tensor):
+        return [ctx] if ctx.ndim == 2 else list(ctx.unbind(0))
+    return list(ctx)
+
+
+def module_device(module) -> torch.device:
+    """The device of a module's first parameter (CPU for a module without parameters)."""
+    try:
+        return next(module.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")

@@ -1,0 +1,204 @@
+"""Samples during training: the trainer's ``--sample_prompts`` videos, through the generation pipeline.
+
+Usage by the trainer (``--sample_prompts``, ``--sample_every_n_steps``, ``--sample_every_n_epochs``,
+``--sample_at_first``)::
+
+    sampler = TrainingSampler(task, args.sample_prompts, vae_path=args.vae, t5_path=args.t5,
+                              t5_tokenizer=args.t5_tokenizer, output_dir=args.output_dir,
+                              output_name=args.output_name, device=accelerator.device)
+    ...
+    samples = sampler.sample(global_step, {"high_noise": dit_h, "low_noise": dit_l}, epoch=epoch,
+                             networks=[network])
+    for s in samples:   # TensorBoard: [1, F, 3, H, W] uint8
+        writer.add_video(f"sample/{s.index:02d}", s.video_tensor(), global_step, fps=s.fps)
+
+The prompts are encoded once, at construction, and the text encoder is freed. Sampling draws its
+noise from its own ``torch.Generator`` and restores every global random state (Python, NumPy,
+torch CPU and CUDA) afterwards, so taking samples does not change the training's random stream.
+The models are put in eval mode for the samples and given back in the mode they had.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .pipeline import GenerationRequest, WanPipeline, module_device
+from .prompts import PromptSpec, read_prompt_file
+from .tasks import get_task
+
+__all__ = ["TrainingSampler", "Sample", "preserve_rng_state"]
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def preserve_rng_state():
+    """Save and restore Python, NumPy, torch CPU and (initialized) CUDA random states."""
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@dataclass
+class Sample:
+    """One sample video.
+
+    Attributes:
+        index: prompt index in the file; prompt; seed; path (the MP4 written);
+        frames: uint8 ``[F, H, W, 3]`` (NumPy); fps.
+    """
+
+    index: int
+    prompt: str
+    seed: int
+    path: Path
+    frames: np.ndarray
+    fps: int
+
+    def video_tensor(self) -> torch.Tensor:
+        """``[1, F, 3, H, W]`` uint8, the layout of ``SummaryWriter.add_video``."""
+        return torch.from_numpy(self.frames).permute(0, 3, 1, 2)[None]
+
+
+class TrainingSampler:
+    """Sample videos of the model being trained.
+
+    Args:
+        task: ``--task``.
+        sample_prompts: prompt file (same format as ``--from_file``, :mod:`wanlora.prompts`).
+        vae_path, t5_path, t5_tokenizer: ``--vae``, ``--t5``, ``--t5_tokenizer``.
+        output_dir, output_name: files go to ``output_dir/sample/{output_name}_{step:06d}_{index:02d}_{seed}.mp4``.
+        device: where sampling runs (default: CUDA when available).
+        width, height, frames, steps, seed, guidance_scale, guidance_scale_high_noise, flow_shift:
+            defaults for prompts without ``--w --h --f --s --d --g --fs`` (``None``: the task's
+            value; size 256x256, 17 frames and 20 steps keep samples cheap).
+        negative_prompt: default negative prompt (``None``: the task's official one).
+        solver, cfg_batched: see :mod:`wanlora.sampling`.
+        text_encoder_dtype: dtype for encoding the prompts (default bf16 on CUDA, float32 on CPU).
+        text_encoder_device: where the prompts are encoded (default ``device``; ``"cpu"`` keeps
+            the 11 GB umT5-XXL off a GPU that already holds the DiT, at the cost of speed).
+        fps: MP4 frame rate (default: the task's).
+
+    Raises:
+        FileNotFoundError / PromptFileError: the prompt file; ValueError: an image-to-video task
+        with a prompt lacking ``--i``.
+    """
+
+    def __init__(self, task, sample_prompts, vae_path, t5_path, t5_tokenizer=None, output_dir=".",
+                 output_name="lora", device=None, width: int = 256, height: int = 256, frames: int = 17,
+                 steps: int = 20, seed: int = 42, guidance_scale: float | None = None,
+                 guidance_scale_high_noise: float | None = None, flow_shift: float | None = None,
+                 negative_prompt: str | None = None, solver: str = "unipc", cfg_batched: bool = True,
+                 text_encoder_dtype: torch.dtype | None = None, text_encoder_device=None,
+                 fps: int | None = None):
+        from .models import load_text_encoder, load_vae
+        from .video_io import read_image
+
+        self.task = get_task(task)
+        self.output_dir = Path(output_dir) / "sample"
+        self.output_name = output_name
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.fps = fps or self.task.fps
+        self.solver, self.cfg_batched = solver, cfg_batched
+        specs = read_prompt_file(sample_prompts) if not isinstance(sample_prompts, (list, tuple)) else list(sample_prompts)
+        defaults = dict(width=width, height=height, frames=frames, steps=steps, seed=seed,
+                        guidance_scale=guidance_scale, flow_shift=flow_shift,
+                        negative_prompt=negative_prompt or self.task.negative_prompt)
+        self.specs: list[PromptSpec] = [s.with_defaults(**defaults) for s in specs]
+        self.guidance_scale_high_noise = guidance_scale_high_noise
+        self.images = []
+        for s in self.specs:
+            if self.task.conditioning == "i2v" and not s.image_path:
+                raise ValueError(f"{sample_prompts}:{s.line}: {self.task.name} needs a first frame: add --i IMAGE")
+            self.images.append(read_image(s.image_path) if s.image_path else None)
+
+        dtype = text_encoder_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        te = load_text_encoder(t5_path, t5_tokenizer, dtype=dtype, device=text_encoder_device or self.device)
+        with torch.no_grad():
+            embs = te.encode([s.prompt for s in self.specs] + [s.negative_prompt for s in self.specs])
+        n = len(self.specs)
+        self.contexts = [e.detach().float().cpu() for e in embs[:n]]
+        self.contexts_null = [e.detach().float().cpu() for e in embs[n:]]
+        del te, embs
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.vae = load_vae(vae_path, dtype=torch.float32, device="cpu")
+        logger.info("training samples: %d prompts encoded; text encoder freed", n)
+
+    def requests(self) -> list[GenerationRequest]:
+        """The generation request of each prompt (fixed seeds: the same noise at every sampling)."""
+        out = []
+        for s, img in zip(self.specs, self.images):
+            out.append(GenerationRequest(
+                prompt=s.prompt, negative_prompt=s.negative_prompt, height=s.height, width=s.width,
+                frames=s.frames, seed=s.seed, steps=s.steps, guidance_scale=s.guidance_scale,
+                guidance_scale_high_noise=self.guidance_scale_high_noise if s.guidance_scale is None else None,
+                flow_shift=s.flow_shift, solver=self.solver, image=img, image_path=s.image_path,
+                cfg_batched=self.cfg_batched))
+        return out
+
+    def sample(self, step: int, dits, epoch: int | None = None,
+               networks: Sequence[torch.nn.Module] = (), offload: bool = False) -> list[Sample]:
+        """Generate every prompt with the current weights and write the MP4s.
+
+        Args:
+            step: global step (file name ``{output_name}_{step:06d}_{index:02d}_{seed}.mp4``).
+            dits: ``{"high_noise": dit, "low_noise": dit}`` (A14B; both needed) or the one DiT,
+                with the LoRA being trained applied. Left on their devices.
+            epoch: recorded in the logs only.
+            networks: LoRA networks (or other modules) to put in eval mode while sampling.
+            offload: bring each expert onto the sampler's device while it is used and park the
+                other one on the CPU (for a frozen expert kept on the CPU during training); every
+                model goes back to the device it came from afterwards. Default: models stay put and
+                the inputs follow them.
+
+        Returns:
+            the :class:`Sample` list (frames for TensorBoard).
+        """
+        from .video_io import to_uint8_frames, write_video
+
+        mods = list(dits.values()) if isinstance(dits, Mapping) else [dits]
+        mods += list(networks)
+        modes = [m.training for m in mods]
+        homes = [module_device(m) for m in mods]
+        samples = []
+        with preserve_rng_state(), torch.no_grad():
+            try:
+                for m in mods:
+                    m.eval()
+                self.vae.to(self.device)
+                pipe = WanPipeline(self.task, dits, vae=self.vae, device=self.device, offload=offload)
+                for i, req in enumerate(self.requests()):
+                    latent, video, r = pipe.generate(req, [self.contexts[i]], [self.contexts_null[i]])
+                    path = self.output_dir / f"{self.output_name}_{step:06d}_{i:02d}_{r.seed}.mp4"
+                    meta = {"prompt": r.prompt, "seed": str(r.seed), "step": str(step),
+                            "epoch": "" if epoch is None else str(epoch)}
+                    write_video(path, video, self.fps, metadata=meta)
+                    samples.append(Sample(i, r.prompt, r.seed, path, to_uint8_frames(video), self.fps))
+                    logger.info("sample %d (step %d, epoch %s): %s", i, step, epoch, path)
+            finally:
+                self.vae.to("cpu")
+                for m, was, home in zip(mods, modes, homes):
+                    m.train(was)
+                    if offload and module_device(m) != home:
+                        m.to(home)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return samples

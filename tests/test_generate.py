@@ -1,0 +1,179 @@
+"""wanlora-generate end to end on tiny models and real media; LoRA routing; the training sampler."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wanlora.generate import main, parse_args
+from wanlora.io_utils import save_safetensors
+
+torch.set_num_threads(1)
+
+
+def _flags(tiny_dir, task) -> list[str]:
+    flags = json.loads((tiny_dir(task) / "manifest.json").read_text())["flags"]
+    out = []
+    for k, v in flags.items():
+        out += [k, v]
+    return out
+
+
+def _decode(path: Path):
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+        return np.stack(frames), float(s.average_rate), dict(c.metadata)
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _random_lora(path: Path, dit, expert: str | None, rank: int = 2, seed: int = 0) -> Path:
+    """A random nonzero LoRA on every q/k/v/o/ffn layer of ``dit`` (default layout)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in dit.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("blocks."):
+            key = "lora_unet_" + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.5
+            sd[f"{key}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.5
+            sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    save_safetensors(sd, path, metadata={"wan.expert": expert} if expert else None)
+    return path
+
+
+def test_aliases_and_errors():
+    base = ["--task", "t2v-1.3B", "--dit", "d", "--vae", "v", "--t5", "t", "--prompt", "p"]
+    a = parse_args(base + ["--size", "832*480", "--frame_num", "9", "--sample_steps", "7",
+                           "--sample_guide_scale", "2.5", "--sample_shift", "3"])
+    assert a.video_size == [480, 832] and a.video_length == 9 and a.infer_steps == 7
+    assert a.guidance_scale == 2.5 and a.flow_shift == 3.0
+    assert parse_args(base + ["--image", "x.png", "--base_seed", "4"]).image_path == "x.png"
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--size", "832x"])
+    with pytest.raises(SystemExit):  # A14B needs the second expert
+        parse_args(["--task", "t2v-A14B", "--dit", "d", "--vae", "v", "--t5", "t", "--prompt", "p"])
+    with pytest.raises(SystemExit):  # exactly one prompt source
+        parse_args(base + ["--interactive"])
+
+
+def test_i2v_real_image_portrait_mp4_seed_and_lora(tiny_dir, media_dir, tmp_path):
+    """I2V from a real portrait photo: portrait size, an MP4 with the asked frames and fps, the same
+    video for the same seed, the base video for LoRA multiplier 0, another one for a real LoRA."""
+    from wanlora.models import load_dit
+
+    task = "i2v-A14B"
+    flags = _flags(tiny_dir, task)
+    image = media_dir / "cat_sunglasses.jpg"  # 832x1104, portrait
+    common = flags + ["--prompt", "a cat wearing sunglasses", "--image_path", str(image),
+                      "--video_size", "64", "64", "--video_length", "9", "--infer_steps", "3",
+                      "--fps", "12", "--seed", "123"]
+
+    def run(name, extra=()):
+        out = tmp_path / name
+        assert main(common + ["--save_path", str(out), *extra]) == 0
+        return _decode(_only(out, "*.mp4")), json.loads(_only(out, "*.json").read_text())
+
+    (frames, fps, meta), side = run("a")
+    assert frames.shape == (9, 64, 48, 3)  # H > W: the image's portrait aspect at a 64*64 area
+    assert fps == 12
+    assert meta.get("prompt") == "a cat wearing sunglasses" and meta.get("seed") == "123"
+    assert side["seed"] == 123 and side["height"] == 64 and side["width"] == 48
+    (again, _, _), _ = run("b")
+    assert np.array_equal(frames, again)
+
+    dit = load_dit(json.loads((tiny_dir(task) / "manifest.json").read_text())["flags"]["--dit"], task)
+    lora = _random_lora(tmp_path / "lora.safetensors", dit, "both")
+    (zero, _, _), side0 = run("c", ["--lora_weight", str(lora), "--lora_multiplier", "0"])
+    assert np.array_equal(frames, zero)
+    assert {e["expert"] for e in side0["loras"]} == {"high_noise", "low_noise"}
+    (withlora, _, _), _ = run("d", ["--lora_weight", str(lora), "--lora_multiplier", "1.0"])
+    assert np.abs(withlora.astype(int) - frames.astype(int)).mean() > 1.0
+    (dyn, _, _), _ = run("e", ["--lora_weight", str(lora), "--lora_multiplier", "1.0", "--lora_dynamic"])
+    assert np.abs(dyn.astype(int) - withlora.astype(int)).max() <= 2  # merged == hooked up to rounding
+
+
+def test_from_file_latent_and_image_outputs(tiny_dir, tmp_path):
+    from safetensors import safe_open
+
+    flags = _flags(tiny_dir, "t2v-1.3B")
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("# two prompts\nfirst --w 32 --h 48 --f 5 --d 1 --s 2\nsecond --f 1 --d 2 --s 2 --g 1\n",
+                  encoding="utf-8")
+    out = tmp_path / "o"
+    assert main(flags + ["--from_file", str(pf), "--video_size", "32", "32", "--save_path", str(out),
+                         "--output_type", "both"]) == 0
+    lat = _only(out, "*_000_1.safetensors")
+    with safe_open(str(lat), "pt") as f:
+        assert f.get_tensor("latent").shape == (16, 2, 6, 4)  # 48x32 pixels, 5 frames
+    assert _decode(_only(out, "*_000_1.mp4"))[0].shape == (5, 48, 32, 3)
+    assert _only(out, "*_001_2.png").exists()  # one frame: text-to-image
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("ok\nnot ok --zz 3\n", encoding="utf-8")
+    from wanlora.prompts import PromptFileError
+
+    with pytest.raises(PromptFileError, match=r"bad\.txt:2"):
+        main(flags + ["--from_file", str(bad), "--save_path", str(out)])
+
+
+def test_lora_metadata_routes_expert(tiny_dir, tmp_path, caplog):
+    from wanlora.lora_apply import filter_lora_state_dict, plan_loras
+    from wanlora.models import load_dit
+    from wanlora.tasks import get_task
+
+    task = "t2v-A14B"
+    dit = load_dit(json.loads((tiny_dir(task) / "manifest.json").read_text())["flags"]["--dit"], task)
+    hi = _random_lora(tmp_path / "hi.safetensors", dit, "high_noise")
+    plain = _random_lora(tmp_path / "plain.safetensors", dit, None)
+    with caplog.at_level("INFO"):
+        plans = plan_loras(get_task(task), [str(hi), str(plain)], [0.5], [str(plain)], [])
+    assert [p.experts for p in plans] == [("high_noise",), ("low_noise",), ("high_noise",)]
+    assert [p.multiplier for p in plans] == [0.5, 0.5, 1.0]
+    assert "goes to the high_noise expert" in caplog.text
+    sd = plans[0].state_dict
+    kept = filter_lora_state_dict(sd, "cross_attn", "blocks_0_")
+    names = {k.split(".")[0] for k in kept}
+    assert names and all("cross_attn" in n and "blocks_0_" not in n for n in names)
+    with pytest.raises(ValueError, match="--lora_multiplier"):
+        plan_loras(get_task(task), [str(hi), str(plain)], [1.0, 2.0, 3.0])
+
+
+def test_training_sampler_files_rng_and_modes(tiny_dir, tmp_path):
+    from wanlora.models import load_dit
+    from wanlora.training_sampler import TrainingSampler
+
+    task = "t2v-A14B"
+    flags = json.loads((tiny_dir(task) / "manifest.json").read_text())["flags"]
+    pf = tmp_path / "sample_prompts.txt"
+    pf.write_text("a red ball --d 7 --s 2\na blue cube --w 48 --s 2\n", encoding="utf-8")
+    sampler = TrainingSampler(task, pf, flags["--vae"], flags["--t5"], flags["--t5_tokenizer"],
+                              output_dir=tmp_path, output_name="mylora", width=32, height=32, frames=5,
+                              device="cpu")
+    dits = {"low_noise": load_dit(flags["--dit"], task), "high_noise": load_dit(flags["--dit_high_noise"], task)}
+    for d in dits.values():
+        d.train()
+    torch.manual_seed(0)
+    random.seed(0)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(0)
+    random.seed(0)
+    samples = sampler.sample(250, dits, epoch=3)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert all(d.training for d in dits.values())
+    names = sorted(p.name for p in (tmp_path / "sample").glob("*.mp4"))
+    assert names[:2] == ["mylora_000250_00_7.mp4", "mylora_000250_01_42.mp4"]
+    assert samples[1].frames.shape == (5, 32, 48, 3) and samples[1].video_tensor().shape == (1, 5, 3, 32, 48)
+    again = sampler.sample(251, dits)
+    assert np.array_equal(again[0].frames, samples[0].frames)  # fixed seeds: comparable over training

@@ -1,0 +1,331 @@
+"""The generation pipeline: sizes, noise, conditioning, and end-to-end parity with diffusers' WanPipeline."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wanlora.pipeline import (
+    GenerationRequest,
+    WanPipeline,
+    best_output_size,
+    i2v_mask,
+    i2v_size,
+    initial_noise,
+    ti2v_image,
+)
+from wanlora.sampling import make_schedule
+
+torch.set_num_threads(1)
+
+
+# --- sizes ---------------------------------------------------------------------------------------
+
+
+def test_i2v_size_official_examples():
+    # 1280*720 area: a 16:9 landscape image gives 720x1280, a 9:16 portrait one 1280x720 (H, W)
+    assert i2v_size(1920, 1080, 1280 * 720) == (720, 1280)
+    assert i2v_size(1080, 1920, 1280 * 720) == (1280, 720)
+    # a 3:4 portrait at 832*480: lat = 2*floor(floor(sqrt(A*ar)/8)/2)
+    h, w = i2v_size(600, 800, 832 * 480)
+    assert (h, w) == (720, 544) and h % 16 == 0 and w % 16 == 0
+
+
+def test_ti2v_best_output_size():
+    assert best_output_size(1280, 704, 32, 32, 1280 * 704) == (1280, 704)
+    ow, oh = best_output_size(704, 1280, 32, 32, 1280 * 704)
+    assert (ow, oh) == (704, 1280)
+    # square image: both candidates (928x960, 960x928) are equally far; the tie goes to height-first
+    assert best_output_size(1000, 1000, 32, 32, 1280 * 704) == (960, 928)
+
+
+def test_ti2v_image_resize_and_center_crop():
+    img = Image.new("RGB", (300, 100), (255, 0, 0))
+    x, (oh, ow) = ti2v_image(img, 64 * 64, 32)
+    assert x.shape == (3, oh, ow) and (ow, oh) == best_output_size(300, 100, 32, 32, 64 * 64)
+    assert x[0].min() == 1.0 and x[1].max() == -1.0  # red in [-1, 1]
+
+
+def test_i2v_mask_layout():
+    m = i2v_mask(9, 2, 3)
+    assert m.shape == (4, 3, 2, 3)
+    assert (m[:, 0] == 1).all() and (m[:, 1:] == 0).all()
+
+
+def test_initial_noise_is_one_randn_call():
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(16, 2, 4, 6, generator=g, dtype=torch.float32)
+    assert torch.equal(initial_noise((16, 2, 4, 6), 7), ref)
+    assert torch.equal(initial_noise((16, 2, 4, 6), 7, cpu_noise=True), ref)
+
+
+# --- pipeline on tiny models ---------------------------------------------------------------------
+
+
+def _tiny_models(tiny_dir, task):
+    from wanlora.models import load_dit, load_vae
+
+    d = tiny_dir(task)
+    flags = json.loads((d / "manifest.json").read_text())["flags"]
+    if "--dit_high_noise" in flags:
+        dits = {"low_noise": load_dit(flags["--dit"], task), "high_noise": load_dit(flags["--dit_high_noise"], task)}
+    else:
+        dits = {None: load_dit(flags["--dit"], task)}
+    return dits, load_vae(flags["--vae"]), flags
+
+
+def _ctx(d, seed, rows):
+    return [torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))]
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.timesteps = inner, []
+
+    def forward(self, x, timestep, context, y=None):
+        self.timesteps.append(timestep.flatten()[-1].item())
+        return self.inner(x, timestep, context, y=y)
+
+
+def test_two_expert_switch_and_batched_cfg(tiny_dir):
+    dits, _, _ = _tiny_models(tiny_dir, "t2v-A14B")
+    d = dits["low_noise"].config.text_dim
+    wrapped = {k: _Counting(v) for k, v in dits.items()}
+    pipe = WanPipeline("t2v-A14B", wrapped)
+    req = GenerationRequest("x", height=32, width=32, frames=5, steps=8, seed=1)
+    p = pipe.prepare(req, _ctx(d, 0, 5), _ctx(d, 1, 9))
+    a = pipe.denoise(p)
+    sched = make_schedule(8, 12.0)
+    high = [int(t) for t in sched.timesteps if t >= 875]
+    assert wrapped["high_noise"].timesteps == high and len(high) == 6
+    assert wrapped["low_noise"].timesteps == [int(t) for t in sched.timesteps if t < 875]
+    p.request.cfg_batched = False
+    b = pipe.denoise(p)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_ti2v_first_frame_kept_and_timestep_zero(tiny_dir):
+    dits, vae, _ = _tiny_models(tiny_dir, "ti2v-5B")
+    inner = dits[None]
+    seen = []
+
+    def model(x, timestep, context, y=None):
+        seen.append(timestep.clone())
+        return inner(x, timestep, context, y=y)
+
+    pipe = WanPipeline("ti2v-5B", model, vae=vae)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 50, 3), dtype=np.uint8))
+    d = inner.config.text_dim
+    p = pipe.prepare(GenerationRequest("x", height=64, width=64, frames=5, steps=3, image=img),
+                     _ctx(d, 0, 4), _ctx(d, 1, 4))
+    lat = pipe.denoise(p)
+    assert torch.equal(lat[:, :1], p.first_latent)
+    assert all(t.shape == (2, 2) and (t[:, 0] == 0).all() and (t[:, 1] > 0).all() for t in seen)
+
+
+def test_i2v_conditioning(tiny_dir):
+    dits, vae, _ = _tiny_models(tiny_dir, "i2v-A14B")
+    pipe = WanPipeline("i2v-A14B", dits, vae=vae)
+    img = Image.new("RGB", (30, 40), (10, 200, 30))
+    d = dits["low_noise"].config.text_dim
+    p = pipe.prepare(GenerationRequest("x", height=64, width=64, frames=5, steps=2, image=img),
+                     _ctx(d, 0, 4), _ctx(d, 1, 4))
+    r = p.request
+    assert (r.height, r.width) == i2v_size(30, 40, 64 * 64)
+    assert p.y.shape == (20, 2, r.height // 8, r.width // 8)
+    assert torch.equal(p.y[:4], i2v_mask(5, r.height // 8, r.width // 8))
+    with pytest.raises(ValueError, match="image_path"):
+        pipe.prepare(GenerationRequest("x", frames=5), _ctx(d, 0, 4), _ctx(d, 1, 4))
+
+
+# --- end to end against diffusers ---------------------------------------------------------------
+
+
+class _Float64Sinusoid(torch.nn.Module):
+    """The official float64 timestep sinusoid (cos first) for diffusers' transformer (its own
+    float32 one moves the angles at t≈1000 by ~1e-4; see tests/test_dit.py)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        half = self.dim // 2
+        omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+        a = t.double()[:, None] * omega
+        return torch.cat([a.cos(), a.sin()], 1).float()
+
+
+def _diffusers_transformer(dit):
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    c = dit.config
+    m = WanTransformer3DModel(
+        patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.dim // c.num_heads,
+        in_channels=c.in_channels, out_channels=c.out_channels, text_dim=c.text_dim, freq_dim=c.freq_dim,
+        ffn_dim=c.ffn_dim, num_layers=c.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=c.eps,
+    )
+    sd = {k: v.clone() for k, v in dit.state_dict().items()}
+    m.load_state_dict(convert_wan_transformer_to_diffusers(sd), strict=True)
+    m.condition_embedder.timesteps_proj = _Float64Sinusoid(c.freq_dim)
+    return m.eval()
+
+
+def test_t2v_a14b_matches_diffusers_wan_pipeline(tiny_dir):
+    """Two-expert T2V against diffusers' WanPipeline on the same tiny weights, text embeddings and
+    initial latents.
+
+    diffusers' pipeline follows the official loop (int64 timesteps to the model, float32 sigmas in
+    the UniPC update, ``t >= boundary·1000`` picks ``transformer`` = high noise with
+    ``guidance_scale``). What differs, and is aligned here:
+    * its default flow schedule is ``linspace(1, 1/1000)`` (σ_0 = 1 − 1e-6) instead of the
+      official ``linspace(0.999, 0)``: its scheduler is given the official base sigmas;
+    * its prompt embeddings are used as given (no zero padding to 512): they are padded here as
+      the official text encoder pads them;
+    * its transformer's float32 timestep sinusoid: replaced by the official float64 one.
+    With those aligned the two loops agree bit for bit on the development machine (relative
+    difference 0.0 after 8 steps with the switch after step 6); the assertion allows 1e-6 for the
+    two DiT implementations' float32 rounding on other BLAS builds.
+    """
+    from diffusers import UniPCMultistepScheduler
+    from diffusers import WanPipeline as DiffusersWanPipeline
+
+    dits, _, _ = _tiny_models(tiny_dir, "t2v-A14B")
+    steps, shift, frames, size = 8, 12.0, 5, 32
+
+    class OfficialSigmas(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            base = np.linspace(float(np.float32(0.999)), 0.0, num_inference_steps + 1)[:-1].copy()
+            return super().set_timesteps(device=device, sigmas=base)
+
+    sched = OfficialSigmas(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
+                           use_flow_sigmas=True, flow_shift=shift, final_sigmas_type="zero")
+    ref_pipe = DiffusersWanPipeline(
+        tokenizer=None, text_encoder=None, vae=None, scheduler=sched,
+        transformer=_diffusers_transformer(dits["high_noise"]),
+        transformer_2=_diffusers_transformer(dits["low_noise"]), boundary_ratio=0.875,
+    )
+    d = dits["low_noise"].config.text_dim
+    ctx, null = _ctx(d, 0, 6), _ctx(d, 1, 11)
+    pad = lambda c: torch.nn.functional.pad(c[0], (0, 0, 0, 512 - c[0].shape[0]))[None]  # noqa: E731
+    ours = WanPipeline("t2v-A14B", dits)
+    p = ours.prepare(GenerationRequest("x", height=size, width=size, frames=frames, steps=steps,
+                                       flow_shift=shift, seed=5, cfg_batched=False), ctx, null)
+    with torch.no_grad():
+        ref = ref_pipe(prompt_embeds=pad(ctx), negative_prompt_embeds=pad(null), height=size, width=size,
+                       num_frames=frames, num_inference_steps=steps, guidance_scale=4.0, guidance_scale_2=3.0,
+                       latents=p.noise[None].clone(), output_type="latent").frames[0]
+    assert torch.equal(ref_pipe.scheduler.timesteps, make_schedule(steps, shift).timesteps)
+    got = ours.denoise(p)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 1e-6, rel
+    # and the guidance really differs per expert: a single scale gives another result
+    p.request.guidance_scale_high_noise = 3.0
+    assert ((ours.denoise(p) - ref).norm() / ref.norm()).item() > 1e-3
+
+
+def test_same_seed_same_latent_and_cpu_noise(tiny_dir):
+    dits, _, _ = _tiny_models(tiny_dir, "t2v-A14B")
+    d = dits["low_noise"].config.text_dim
+    pipe = WanPipeline("t2v-A14B", dits)
+    req = GenerationRequest("x", height=32, width=32, frames=5, steps=3, seed=11)
+    a = pipe.denoise(pipe.prepare(req, _ctx(d, 0, 3), _ctx(d, 1, 3)))
+    state = torch.get_rng_state()
+    random.random()
+    b = pipe.denoise(pipe.prepare(req, _ctx(d, 0, 3), _ctx(d, 1, 3)))
+    assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)  # the pipeline draws nothing from the global RNG
+
+
+def test_i2v_a14b_matches_diffusers_i2v_pipeline(tiny_dir):
+    """I2V-A14B against diffusers' WanImageToVideoPipeline (boundary 0.9, no CLIP) on the same tiny
+    DiT and VAE weights, embeddings, initial latents and first frame.
+
+    Aligned as in the T2V test (official base sigmas, 512-row padded embeddings, float64 timestep
+    sinusoid). The first frame is given to diffusers already resized by the official rule (bicubic
+    tensor interpolation, §5.2) because its own preprocessing resizes with PIL. What remains: the
+    two VAE implementations (diffusers' posterior mean normalized with ``·(1/std)``, ours with
+    ``/std``) and the two DiTs, float32 rounding -- measured 6e-7 relative on the final latents (6
+    steps, switch included); asserted below 1e-5."""
+    import diffusers
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from wanlora.pipeline import i2v_image
+
+    dits, vae, _ = _tiny_models(tiny_dir, "i2v-A14B")
+    steps, shift, frames = 6, 5.0, 5
+    cfg = vae.model.config
+    dvae = diffusers.AutoencoderKLWan(base_dim=cfg["dim"], z_dim=cfg["z_dim"])
+    dvae.load_state_dict(convert_wan_vae_to_diffusers(vae.model.state_dict()), strict=True)
+
+    class OfficialSigmas(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            base = np.linspace(float(np.float32(0.999)), 0.0, num_inference_steps + 1)[:-1].copy()
+            return super().set_timesteps(device=device, sigmas=base)
+
+    sched = OfficialSigmas(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
+                           use_flow_sigmas=True, flow_shift=shift, final_sigmas_type="zero")
+    ref_pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=dvae.eval(), scheduler=sched, image_processor=None,
+        image_encoder=None, transformer=_diffusers_transformer(dits["high_noise"]),
+        transformer_2=_diffusers_transformer(dits["low_noise"]), boundary_ratio=0.9,
+    )
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 40, 3), dtype=np.uint8))
+    d = dits["low_noise"].config.text_dim
+    ctx, null = _ctx(d, 2, 5), _ctx(d, 3, 8)
+    pad = lambda c: torch.nn.functional.pad(c[0], (0, 0, 0, 512 - c[0].shape[0]))[None]  # noqa: E731
+    ours = WanPipeline("i2v-A14B", dits, vae=vae)
+    p = ours.prepare(GenerationRequest("x", height=64, width=64, frames=frames, steps=steps, flow_shift=shift,
+                                       guidance_scale=3.5, seed=9, image=img, cfg_batched=False), ctx, null)
+    H, W = p.request.height, p.request.width
+    with torch.no_grad():
+        ref = ref_pipe(image=i2v_image(img, H, W)[None], prompt_embeds=pad(ctx), negative_prompt_embeds=pad(null),
+                       height=H, width=W, num_frames=frames, num_inference_steps=steps, guidance_scale=3.5,
+                       guidance_scale_2=3.5, latents=p.noise[None].clone(), output_type="latent").frames[0]
+    got = ours.denoise(p)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 1e-5, rel
+
+
+def test_ti2v_text_to_video_matches_diffusers(tiny_dir):
+    """TI2V-5B text-to-video (per-token timesteps, ``expand_timesteps``) against diffusers'
+    WanPipeline on the same tiny weights, aligned as in the T2V test. Our ``[1, T]`` per-frame
+    timestep equals diffusers' ``[1, seq_len]`` per-token one here (all tokens at t)."""
+    from diffusers import UniPCMultistepScheduler
+    from diffusers import WanPipeline as DiffusersWanPipeline
+
+    dits, _, _ = _tiny_models(tiny_dir, "ti2v-5B")
+    dit = dits[None]
+    steps, shift = 4, 5.0
+
+    class OfficialSigmas(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            base = np.linspace(float(np.float32(0.999)), 0.0, num_inference_steps + 1)[:-1].copy()
+            return super().set_timesteps(device=device, sigmas=base)
+
+    sched = OfficialSigmas(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
+                           use_flow_sigmas=True, flow_shift=shift, final_sigmas_type="zero")
+    ref_pipe = DiffusersWanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sched,
+                                    transformer=_diffusers_transformer(dit), expand_timesteps=True)
+    ref_pipe.vae_scale_factor_spatial = 16
+    d = dit.config.text_dim
+    ctx, null = _ctx(d, 4, 5), _ctx(d, 5, 6)
+    pad = lambda c: torch.nn.functional.pad(c[0], (0, 0, 0, 512 - c[0].shape[0]))[None]  # noqa: E731
+    ours = WanPipeline("ti2v-5B", dit)
+    p = ours.prepare(GenerationRequest("x", height=64, width=64, frames=5, steps=steps, seed=2, cfg_batched=False),
+                     ctx, null)
+    with torch.no_grad():
+        ref = ref_pipe(prompt_embeds=pad(ctx), negative_prompt_embeds=pad(null), height=64, width=64,
+                       num_frames=5, num_inference_steps=steps, guidance_scale=5.0,
+                       latents=p.noise[None].clone(), output_type="latent").frames[0]
+    got = ours.denoise(p)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-6
