@@ -1,0 +1,587 @@
+"""The umT5-XXL text encoder and its tokenizer, as the official Wan pipelines run them.
+
+The network is transformers' :class:`~transformers.UMT5EncoderModel`, which computes exactly what
+the official ``wan/modules/t5.py: T5Encoder`` computes (no ``1/sqrt(d)`` attention scaling, one
+relative-position table per layer, gated tanh-GELU FFN, T5 RMS norm; ``wan_numerics.md`` §1.4-1.5).
+This module only reads the weights into it and reproduces the official calling convention
+(``wan/modules/t5.py: T5EncoderModel.__call__`` and ``wan/modules/tokenizers.py``):
+
+1. clean each prompt: ``ftfy.fix_text``, ``html.unescape`` twice, strip, collapse every
+   whitespace run to one space, strip (:func:`clean_text`);
+2. tokenize to exactly 512 ids, right-padded with ``<pad>`` (0), ``</s>`` (1) appended,
+   truncated to 511 content tokens + ``</s>`` (:func:`tokenize`);
+3. run the encoder on all 512 positions with the attention mask;
+4. trim each output to its real length ``n_i = mask_i.sum()`` (``</s>`` included).
+
+Accepted weight files (:func:`load_text_encoder`):
+
+* the official ``models_t5_umt5-xxl-enc-bf16.pth`` (keys ``token_embedding.weight``,
+  ``blocks.N.attn.q.weight``, ...), renamed with :func:`official_to_hf_key`;
+* a transformers-layout ``.safetensors`` such as ComfyUI's ``umt5_xxl_fp16.safetensors`` or
+  ``umt5_xxl_fp8_e4m3fn_scaled.safetensors`` (keys ``encoder.block.N.layer.0.SelfAttention.q.weight``
+  or the same without ``encoder.``, ``shared.weight``). Entries that are not weights
+  (``spiece_model``, ``scaled_fp8``, ``*.scale_input``, ``*.comfy_quant``) are ignored; the
+  per-tensor scales of scaled-fp8 files (``*.scale_weight`` / ``*.weight_scale``) are applied
+  (``weight * scale``).
+
+With transformers' ``"eager"`` attention (the default here) the outputs are bit-identical to the
+official ``T5Encoder`` + ``HuggingfaceTokenizer`` on CPU, in float32 and in bfloat16 (checked on
+random tiny weights); ``"sdpa"`` differs by float rounding only.
+
+The architecture (``d_model``, heads, ``d_kv``, ``d_ff``, layers, vocabulary, buckets) is read from
+the weight shapes; the model is built on the meta device and its parameters are assigned from the
+memory-mapped checkpoint, so no second copy of the 11 GB encoder is ever made in RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wanlora.models.loading import CheckpointError, load_state_dict
+
+__all__ = [
+    "TextEncoder",
+    "TokenizerNotFoundError",
+    "load_text_encoder",
+    "load_tokenizer",
+    "clean_text",
+    "tokenize",
+    "official_to_hf_key",
+    "umt5_config_from_state_dict",
+    "TEXT_LEN",
+    "T5_CHECKPOINT_NAME",
+    "TOKENIZER_NAME",
+]
+
+#: Token count every prompt is padded/truncated to (``wan_shared_cfg.text_len``).
+TEXT_LEN = 512
+#: File name of the official encoder weights in every Wan release folder.
+T5_CHECKPOINT_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
+#: Hub id of the tokenizer, and the sub-folder of the official release that holds it.
+TOKENIZER_NAME = "google/umt5-xxl"
+_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Official (wan/modules/t5.py T5Encoder) key -> key relative to transformers' UMT5 encoder stack.
+_OFFICIAL_TO_HF = [
+    (re.compile(r"^token_embedding\.weight$"), "embed_tokens.weight"),
+    (re.compile(r"^norm\.weight$"), "final_layer_norm.weight"),
+    (re.compile(r"^blocks\.(\d+)\.norm1\.weight$"), r"block.\1.layer.0.layer_norm.weight"),
+    (re.compile(r"^blocks\.(\d+)\.attn\.([qkvo])\.weight$"), r"block.\1.layer.0.SelfAttention.\2.weight"),
+    (
+        re.compile(r"^blocks\.(\d+)\.pos_embedding\.embedding\.weight$"),
+        r"block.\1.layer.0.SelfAttention.relative_attention_bias.weight",
+    ),
+    (re.compile(r"^blocks\.(\d+)\.norm2\.weight$"), r"block.\1.layer.1.layer_norm.weight"),
+    (re.compile(r"^blocks\.(\d+)\.ffn\.gate\.0\.weight$"), r"block.\1.layer.1.DenseReluDense.wi_0.weight"),
+    (re.compile(r"^blocks\.(\d+)\.ffn\.fc1\.weight$"), r"block.\1.layer.1.DenseReluDense.wi_1.weight"),
+    (re.compile(r"^blocks\.(\d+)\.ffn\.fc2\.weight$"), r"block.\1.layer.1.DenseReluDense.wo.weight"),
+]
+# A transformers-layout key, with any prefix (``encoder.``, ``text_encoders.t5xxl.transformer.encoder.``).
+_HF_KEY = re.compile(
+    r"^(?:(?P<prefix>.*)\.)?(?P<name>block\.\d+\.layer\.[01]\..+|final_layer_norm\.weight|"
+    r"embed_tokens\.weight|shared\.weight)$"
+)
+# Entries of ComfyUI files that are not encoder weights.
+_IGNORED = re.compile(r"(^|\.)(spiece_model|scaled_fp8|scale_input|input_scale|comfy_quant)$")
+# Per-tensor scales of scaled-fp8 files (``<layer>.scale_weight``, newer ``<layer>.weight_scale``).
+_SCALES = ("scale_weight", "weight_scale")
+
+# The Linear layers of one block (stored in float8 with fp8=True).
+_LINEARS = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
+            "DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo")
+
+
+class TokenizerNotFoundError(CheckpointError):
+    """No umT5 tokenizer files where they were looked for (the message says where to put them)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def clean_text(text: str) -> str:
+    """Clean a prompt as the official pipeline does before tokenizing.
+
+    ``wan/modules/tokenizers.py: HuggingfaceTokenizer._clean`` with ``clean='whitespace'``:
+    ``ftfy.fix_text``, ``html.unescape`` twice, strip, every whitespace run -> one space, strip.
+    Case and punctuation are kept.
+    """
+    import ftfy
+    import regex  # the official code uses `regex`, whose \\s is Unicode White_Space
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip()
+
+
+def _tokenizer_folder_ok(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _from_folder(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        if not (folder / "spiece.model").is_file():
+            raise
+    # A bare folder with only spiece.model (no tokenizer_config.json): it is a T5 tokenizer.
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(str(folder), extra_ids=0, local_files_only=True)
+
+
+def load_tokenizer(source: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None):
+    """Find and load the umT5 tokenizer, offline.
+
+    Args:
+        source: a folder holding ``spiece.model`` and/or ``tokenizer.json`` (the official
+            release's ``google/umt5-xxl/``), one of those files, or a hub id (``google/umt5-xxl``)
+            resolved from the local Hugging Face cache only (never downloaded).
+        checkpoint: the encoder weights' path; with ``source=None`` the tokenizer is looked for
+            beside it (``<folder>/google/umt5-xxl/``, then ``<folder>/``), then in the HF cache.
+
+    Returns:
+        a transformers tokenizer (``<pad>`` 0, ``</s>`` 1 as umT5).
+
+    Raises:
+        TokenizerNotFoundError: nothing found; the message lists the places tried and the files
+            to put there.
+    """
+    tried: list[str] = []
+    if source is not None:
+        p = Path(source)
+        if p.is_file():
+            p = p.parent
+        if p.exists() or not _HUB_ID.match(str(source)):
+            if _tokenizer_folder_ok(p):
+                return _from_folder(p)
+            tried.append(f"{p} ({'no spiece.model or tokenizer.json there' if p.exists() else 'does not exist'})")
+            candidates: list = []
+        else:
+            candidates = [str(source)]  # a hub id
+    else:
+        candidates = []
+        if checkpoint is not None:
+            base = Path(checkpoint)
+            base = base if base.is_dir() else base.parent
+            candidates += [base / TOKENIZER_NAME, base]
+        candidates.append(TOKENIZER_NAME)
+    for c in candidates:
+        if isinstance(c, Path):
+            if _tokenizer_folder_ok(c):
+                return _from_folder(c)
+            tried.append(f"{c} ({'no spiece.model or tokenizer.json there' if c.exists() else 'does not exist'})")
+            continue
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(c, local_files_only=True)
+        except Exception as e:  # not in the local cache (offline): OSError and relatives
+            tried.append(f"hub id {c!r} in the local Hugging Face cache ({type(e).__name__})")
+    base = Path(checkpoint) if checkpoint is not None else Path(".")
+    where = (base if base.is_dir() else base.parent) / TOKENIZER_NAME
+    raise TokenizerNotFoundError(
+        "umT5 tokenizer not found; tried: " + "; ".join(tried) + ". "
+        f"Fix: copy the official release's `{TOKENIZER_NAME}/` folder (files `spiece.model`, and when "
+        "present `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`) to "
+        f"`{where}` or any folder you pass as --t5_tokenizer FOLDER; or, with network access, fill the "
+        f"cache with `huggingface-cli download {TOKENIZER_NAME} spiece.model tokenizer.json "
+        "tokenizer_config.json special_tokens_map.json`."
+    )
+
+
+def tokenize(tokenizer, texts: list[str], text_len: int = TEXT_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean and tokenize prompts as ``T5EncoderModel.__call__`` does.
+
+    Returns:
+        ``(ids, mask)``, both ``[B, text_len]`` int64: ids right-padded with ``<pad>``, ``</s>``
+        appended after at most ``text_len - 1`` content tokens; mask 1 on real tokens (``</s>``
+        included), 0 on padding.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    out = tokenizer(
+        [clean_text(t) for t in texts],
+        padding="max_length",
+        truncation=True,
+        max_length=text_len,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    return out.input_ids.long(), out.attention_mask.long()
+
+
+def _tokenizer_identity(tokenizer) -> str:
+    probe = "A cat, 一只猫 <b>&amp; 123 …</b> Zürich"
+    ids = tokenizer(probe, add_special_tokens=True).input_ids
+    return f"{len(tokenizer)}:" + ",".join(map(str, ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights
+
+
+def official_to_hf_key(key: str) -> str | None:
+    """The transformers encoder-stack name (``block.0.layer.0.SelfAttention.q.weight``) of an
+    official ``T5Encoder`` key (``blocks.0.attn.q.weight``), or ``None`` for an unknown key.
+    Table: ``wan_numerics.md`` §1.5."""
+    for pattern, repl in _OFFICIAL_TO_HF:
+        if pattern.match(key):
+            return pattern.sub(repl, key)
+    return None
+
+
+def _find_scale(sd: dict[str, torch.Tensor], key: str, t: torch.Tensor, path) -> torch.Tensor | None:
+    """The per-tensor (or per-row) scale of a scaled-fp8 weight, ``None`` for a plain weight."""
+    if not key.endswith("weight"):
+        return None
+    base = key[: -len("weight")]
+    scale = next((sd[base + s] for s in _SCALES if base + s in sd), None)
+    if scale is None:
+        return None
+    if scale.numel() != 1 and not (scale.dim() == 2 and tuple(scale.shape) == (t.shape[0], 1)):
+        raise CheckpointError(
+            f"{path}: {key} has a block-wise scale {tuple(scale.shape)}; only per-tensor or per-row "
+            "scaled fp8 is supported — use the fp16/bf16 umT5 file instead"
+        )
+    return scale.to(torch.float32).reshape(-1, 1) if scale.numel() > 1 else scale.to(torch.float32).reshape(())
+
+
+def _dequantize(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``weight * scale`` in float32 (scaled-fp8 files); the tensor itself when unscaled."""
+    if scale is None:
+        return t
+    return t.to(torch.float32) * (scale[: t.shape[0]] if scale.dim() else scale)
+
+
+def _normalize_state_dict(raw: dict[str, torch.Tensor], path):
+    """Map a raw checkpoint to transformers encoder-stack names (``embed_tokens.weight``, ``block.N...``).
+
+    Returns:
+        ``(tensors, scales)``: the stored tensors (still memory-mapped) and, for scaled-fp8
+        weights, their scales (applied one tensor at a time while loading, never all at once).
+
+    Raises:
+        CheckpointError: unknown weight keys, or neither layout recognized.
+    """
+    out: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    official = "token_embedding.weight" in raw or any(k.startswith("blocks.") for k in raw)
+    for key, t in raw.items():
+        if _IGNORED.search(key) or key.endswith(tuple("." + x for x in _SCALES)):
+            continue
+        if official:
+            name = official_to_hf_key(key)
+        else:
+            m = _HF_KEY.match(key)
+            prefix = m.group("prefix") if m else None
+            if m is None:
+                name = None
+            elif prefix is not None and prefix.split(".")[-1] == "decoder":
+                continue  # a full encoder-decoder checkpoint: the decoder is not needed
+            elif m.group("name") in ("shared.weight", "embed_tokens.weight"):
+                if "embed_tokens.weight" in out:
+                    continue  # shared and encoder.embed_tokens are the same tied table
+                name = "embed_tokens.weight"
+            else:
+                name = m.group("name")
+        if name is None:
+            unknown.append(key)
+            continue
+        out[name] = t
+        scale = _find_scale(raw, key, t, path)
+        if scale is not None:
+            scales[name] = scale
+    if unknown:
+        raise CheckpointError(
+            f"{path}: {len(unknown)} keys are not umT5 encoder weights (e.g. {unknown[:4]}); "
+            f"expected the official {T5_CHECKPOINT_NAME} layout (token_embedding.weight, "
+            "blocks.N.attn.q.weight, ...) or the transformers layout "
+            "(encoder.block.N.layer.0.SelfAttention.q.weight, shared.weight, ...)"
+        )
+    if "embed_tokens.weight" not in out:
+        raise CheckpointError(
+            f"{path}: no token embedding (token_embedding.weight / shared.weight) — not a umT5 "
+            "encoder checkpoint"
+        )
+    return out, scales
+
+
+def umt5_config_from_state_dict(sd: dict[str, torch.Tensor], path="checkpoint"):
+    """A ``transformers.UMT5Config`` read from weight shapes (transformers encoder-stack names).
+
+    vocab and ``d_model`` from the embedding ``[V, D]``; layers from the block indices; heads
+    from the relative-attention table ``[buckets, heads]``; ``d_kv = q.rows / heads``; ``d_ff``
+    from ``wi_0`` ``[d_ff, D]``. Max distance 128, eps 1e-6, gated-gelu (official ``umt5_xxl``).
+
+    Raises:
+        CheckpointError: missing tables, or a plain-T5 checkpoint (one shared position table).
+    """
+    from transformers import UMT5Config
+
+    vocab, d_model = sd["embed_tokens.weight"].shape
+    layers = sorted({int(k.split(".")[1]) for k in sd if k.startswith("block.")})
+    if not layers or layers != list(range(len(layers))):
+        raise CheckpointError(f"{path}: encoder blocks missing or not numbered 0..N-1 ({layers[:5]}...)")
+    bias_key = "block.{}.layer.0.SelfAttention.relative_attention_bias.weight"
+    no_table = [i for i in layers if bias_key.format(i) not in sd]
+    if no_table:
+        raise CheckpointError(
+            f"{path}: layers {no_table[:5]} have no relative-position table; umT5 has one per layer "
+            "(plain T5 shares layer 0's) — this is not the umT5-XXL encoder Wan uses"
+        )
+    buckets, heads = sd[bias_key.format(0)].shape
+    q_rows = sd["block.0.layer.0.SelfAttention.q.weight"].shape[0]
+    d_ff = sd["block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0]
+    if q_rows % heads:
+        raise CheckpointError(f"{path}: q has {q_rows} rows, not a multiple of {heads} heads")
+    cfg = UMT5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=q_rows // heads,
+        d_ff=d_ff,
+        num_layers=len(layers),
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return cfg
+
+
+class _Fp8Linear(nn.Linear):
+    """A Linear whose weight is stored in float8_e4m3fn and upcast to the input dtype per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype))
+
+
+def _fp8_gated_ffn_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    # transformers' forward casts the activations to wo's weight dtype (float8 here); keep them
+    # in the compute dtype instead. Same formula: wo(gelu_tanh(wi_0 x) * wi_1 x).
+    h = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+    return self.wo(self.dropout(h))
+
+
+def _identity(sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], cfg) -> str:
+    """``umt5-<d_model>x<layers>-<12 hex>``: sizes plus a hash of a few weight slices."""
+    h = hashlib.sha256()
+    last = cfg.num_layers - 1
+    for key in ("embed_tokens.weight", "block.0.layer.0.SelfAttention.q.weight",
+                f"block.{last}.layer.1.DenseReluDense.wo.weight", "final_layer_norm.weight"):
+        rows = -(-8192 // max(1, sd[key][0].numel())) if sd[key].dim() > 1 else None
+        t = _dequantize(sd[key][:rows], scales.get(key)).reshape(-1)[:8192]
+        if t.dtype == torch.float8_e4m3fn:
+            t = t.to(torch.float32)
+        # rounded to bfloat16: the official bf16 .pth and an fp16 copy of it share an identity
+        t = t.to(torch.bfloat16).contiguous().view(torch.int16)
+        h.update(key.encode())
+        h.update(t.numpy().tobytes())
+    return f"umt5-{cfg.d_model}x{cfg.num_layers}-{h.hexdigest()[:12]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The encoder
+
+
+class TextEncoder:
+    """umT5 encoder + tokenizer with the official calling convention.
+
+    Attributes:
+        model: the ``transformers.UMT5EncoderModel`` (eval mode, no grad).
+        tokenizer: the umT5 tokenizer.
+        text_len: 512.
+        identity: short string naming the weights (``umt5-<d_model>x<layers>-<hash>``, plus the
+            tokenizer's hash and ``-fp8`` when stored in float8); a text cache made with another
+            identity is stale.
+        fp8: Linear weights stored in float8_e4m3fn, computed in :attr:`dtype`.
+    """
+
+    def __init__(self, model, tokenizer, identity: str, fp8: bool = False, text_len: int = TEXT_LEN):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.fp8 = fp8
+        self.text_len = text_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.shared.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the embedding's dtype; float8 Linear weights are upcast to it)."""
+        return self.model.shared.weight.dtype
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.d_model
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "TextEncoder":
+        """Move (and, without fp8, cast) the model in place; returns ``self``."""
+        if dtype is not None and self.fp8:
+            for p in self.model.parameters():
+                if p.dtype != torch.float8_e4m3fn:
+                    p.data = p.data.to(dtype)
+        elif dtype is not None:
+            self.model.to(dtype=dtype)
+        if device is not None:
+            self.model.to(device=device)
+        return self
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, mask)`` ``[B, 512]`` (see :func:`tokenize`)."""
+        return tokenize(self.tokenizer, texts, self.text_len)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        """Encode prompts; ``T5EncoderModel.__call__`` of the official code.
+
+        Args:
+            texts: prompts (a single string is accepted as a list of one).
+
+        Returns:
+            one ``[L_i, d_model]`` tensor per prompt in the model's dtype and on its device,
+            ``L_i`` = the prompt's real token count including ``</s>`` (<= 512). The encoder runs
+            on all 512 padded positions with the mask; padding outputs are dropped.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            return []
+        ids, mask = self.tokenize(texts)
+        vocab = self.model.config.vocab_size
+        if int(ids.max()) >= vocab:
+            raise ValueError(
+                f"token id {int(ids.max())} is outside the encoder's {vocab}-row embedding table: the "
+                f"tokenizer does not belong to these weights (use the release's {TOKENIZER_NAME}/ folder)"
+            )
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        lens = mask.sum(dim=1).tolist()
+        return [h[:n].clone() for h, n in zip(hidden, lens)]  # own storage: padding rows freed
+
+    __call__ = encode
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return (f"TextEncoder(d_model={c.d_model}, layers={c.num_layers}, heads={c.num_heads}, "
+                f"vocab={c.vocab_size}, dtype={self.dtype}, fp8={self.fp8}, device={self.device}, "
+                f"identity={self.identity!r})")
+
+
+def load_text_encoder(
+    path: str | os.PathLike,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    fp8: bool = False,
+    attn_implementation: str = "eager",
+) -> TextEncoder:
+    """Load the umT5 encoder from an official ``.pth`` or a transformers-layout ``.safetensors``.
+
+    Args:
+        path: ``models_t5_umt5-xxl-enc-bf16.pth``, or a ``.safetensors`` file / shard set in the
+            transformers layout (ComfyUI ``umt5_xxl_fp16.safetensors``, ...).
+        tokenizer: a tokenizer object, a folder with ``spiece.model`` / ``tokenizer.json``, a hub
+            id from the local cache, or ``None`` to look beside ``path`` (``google/umt5-xxl/``)
+            and then in the HF cache (:func:`load_tokenizer`).
+        dtype: compute dtype; default float32, or bfloat16 with ``fp8`` (the official
+            inference dtype is bfloat16).
+        device: where the model lives.
+        fp8: store the Linear weights in float8_e4m3fn (half of bf16's memory), upcast to
+            ``dtype`` at each call (the ``--fp8_t5`` option). Embedding, norms and position tables
+            stay in ``dtype``.
+        attn_implementation: transformers attention backend. ``"eager"`` (default) is
+            bit-identical to the official ``T5Attention`` on CPU in float32 and bfloat16
+            (``q·k + bias``, softmax, ``·v``); ``"sdpa"`` is faster and differs by float rounding.
+
+    Returns:
+        a :class:`TextEncoder` in eval mode with gradients off.
+
+    Raises:
+        CheckpointError: unreadable file, unknown keys, missing or misshapen weights, a
+            tokenizer larger than the embedding table.
+        TokenizerNotFoundError: no tokenizer found (the message says which files to put where).
+    """
+    from transformers import UMT5EncoderModel
+
+    if dtype is None:
+        dtype = torch.bfloat16 if fp8 else torch.float32
+    if fp8 and dtype == torch.float8_e4m3fn:
+        raise ValueError("dtype is the compute dtype with fp8=True; pass torch.bfloat16")
+    raw = load_state_dict(path)
+    sd, scales = _normalize_state_dict(raw, path)
+    cfg = umt5_config_from_state_dict(sd, path)
+    identity = _identity(sd, scales, cfg)
+
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer, checkpoint=path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding table only "
+            f"{cfg.vocab_size} rows; the tokenizer belongs to another model — use the release's "
+            f"{TOKENIZER_NAME}/ folder"
+        )
+
+    cfg._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    if fp8:
+        for block in model.encoder.block:
+            for name in _LINEARS:
+                parent, attr = name.split(".")
+                lin = getattr(block.layer[0 if parent == "SelfAttention" else 1], parent)
+                getattr(lin, attr).__class__ = _Fp8Linear
+            ffn = block.layer[1].DenseReluDense
+            ffn.forward = _fp8_gated_ffn_forward.__get__(ffn)
+
+    expected = {k[len("encoder."):]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    missing = sorted(expected.keys() - sd.keys())
+    if missing:
+        raise CheckpointError(f"{path}: umT5 weights missing: {missing[:5]} ({len(missing)} in all)")
+    extra = sorted(sd.keys() - expected.keys())
+    if extra:
+        raise CheckpointError(f"{path}: weights that the umT5 encoder does not have: {extra[:5]}")
+    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(sd[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(f"{path}: umT5 weights of unexpected shape: {wrong[:3]}")
+
+    def convert(key: str, t: torch.Tensor) -> nn.Parameter:
+        t = _dequantize(t, scales.get(key))
+        fp8_here = fp8 and any(f".{n}." in f".{key}" for n in _LINEARS)
+        target = torch.float8_e4m3fn if fp8_here else dtype
+        if t.dtype == torch.float8_e4m3fn and target != torch.float8_e4m3fn:
+            t = t.to(torch.float32)  # float8 casts to other floats go through float32
+        elif target == torch.float8_e4m3fn and t.dtype != target:
+            fmax = torch.finfo(target).max
+            t = t.clamp(-fmax, fmax)  # saturate explicitly: out-of-range casts are not guaranteed
+        return nn.Parameter(t.to(device=device, dtype=target), requires_grad=False)
+
+    for key in expected:
+        module_path, _, attr = key.rpartition(".")
+        module = model.encoder.get_submodule(module_path)
+        setattr(module, attr, convert(key, sd[key]))
+    model.shared.weight = model.encoder.embed_tokens.weight  # the tied table, one tensor
+    del raw, sd
+    model.eval().requires_grad_(False)
+
+    identity = identity + "-tok" + hashlib.sha256(_tokenizer_identity(tokenizer).encode()).hexdigest()[:8]
+    if fp8:
+        identity += "-fp8"
+    return TextEncoder(model, tokenizer, identity, fp8=fp8)
