@@ -10,11 +10,17 @@ Accepted ``path`` forms:
 * a sharded set: its index ``*.safetensors.index.json`` or the folder holding the shards (the
   official ``high_noise_model/`` and ``low_noise_model/`` folders, with ``config.json`` beside);
 * a ``.pth`` / ``.pt`` / ``.bin`` file (``torch.load(weights_only=True)``).
+
+The second half builds the Wan DiT from such a checkpoint (:func:`load_dit`): architecture from
+the weight shapes, checked against the ``--task``, constructed on the meta device and assigned
+from the memory-mapped tensors so that peak RAM stays near one copy of the weights.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from pathlib import Path
 
@@ -23,12 +29,19 @@ from safetensors import safe_open
 
 __all__ = [
     "CheckpointError",
+    "check_dit_task",
     "checkpoint_files",
+    "describe_checkpoint",
+    "dit_config_from_state_dict",
+    "keeps_float32",
+    "load_dit",
     "load_state_dict",
     "read_metadata",
     "read_config_json",
     "strip_prefix",
 ]
+
+logger = logging.getLogger(__name__)
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -158,3 +171,314 @@ def read_config_json(path: str | os.PathLike) -> dict:
         except json.JSONDecodeError:
             return {}
     return {}
+
+
+# ============================================================================================
+# The DiT: architecture from weight shapes, checked against the task, meta-device assignment.
+
+_DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+#: Parameters kept in float32 whatever ``dtype`` is asked: the official inference keeps fp32
+#: weights under bf16 autocast and runs these in fp32 (modulation, time embedding, norms, head).
+_FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
+
+
+def keeps_float32(key: str) -> bool:
+    """Whether :func:`load_dit` keeps the parameter ``key`` in float32 (the fp32 islands)."""
+    return key.startswith(_FP32_PREFIXES) or key.endswith("modulation") or ".norm" in key
+
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    d = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if d not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"load_dit: dtype {dtype!r} is not one of float32, bfloat16, float16")
+    return d
+
+
+def describe_checkpoint(sd: dict[str, torch.Tensor]) -> str | None:
+    """Name what a state dict holds when it is not an official-layout Wan DiT, else ``None``.
+
+    Recognizes the Wan VAEs, the umT5 encoder (official and Hugging Face layouts), the CLIP
+    image encoder of Wan2.1 I2V, LoRA files, diffusers-layout transformers and Wan2.1 I2V/FLF2V
+    DiTs (CLIP ``img_emb``), each with the flag or task that takes it.
+    """
+    keys = sd.keys()
+
+    def has(*parts):
+        return any(all(p in k for p in parts) for k in keys)
+
+    if has("lora_down") or has("lora_A") or has("lora_up") or has("lora_B"):
+        return ("a LoRA file, not a base model; pass the base DiT as --dit and the LoRA with "
+                "--lora_weight / --network_weights")
+    if has("decoder.") and (has("encoder.") or has("conv2.")) and "patch_embedding.weight" not in keys:
+        z = sd["decoder.conv1.weight"].shape[1] if "decoder.conv1.weight" in keys else None
+        kind = {16: "Wan2.1 VAE (Wan2.1_VAE.pth)", 48: "Wan2.2 VAE (Wan2.2_VAE.pth)"}.get(
+            z, "Wan VAE (Wan2.1_VAE.pth or Wan2.2_VAE.pth)")
+        return f"a {kind}, not a diffusion model; pass it as --vae"
+    if "token_embedding.weight" in keys or "shared.weight" in keys or has("encoder.block."):
+        return "the umT5 text encoder (models_t5_umt5-xxl-enc-bf16.pth), not a diffusion model; pass it as --t5"
+    if has("visual.transformer") or "log_scale" in keys:
+        return "the CLIP image encoder of Wan2.1 I2V, which Wan2.2 does not use; it is not a DiT"
+    if has("condition_embedder.") or has("attn1.to_q"):
+        return ("a diffusers-layout Wan transformer (WanTransformer3DModel); pass the official "
+                "checkpoint (high_noise_model/, low_noise_model/ or a diffusion_pytorch_model*.safetensors "
+                "set) or a ComfyUI repackaged single file instead")
+    if has("img_emb.") or has("k_img"):
+        return ("a Wan2.1 I2V / FLF2V DiT (CLIP img_emb, k_img/v_img); no task of this trainer uses "
+                "it — for image-to-video use the Wan2.2 I2V-A14B experts with --task i2v-A14B")
+    if "patch_embedding.weight" not in keys or "head.head.weight" not in keys:
+        return "not a Wan DiT (no patch_embedding.weight / head.head.weight keys)"
+    return None
+
+
+def _official_name(task) -> str:
+    return {
+        "t2v-A14B": "Wan2.2 T2V-A14B expert / Wan2.1 T2V-14B DiT",
+        "t2v-14B": "Wan2.1 T2V-14B / Wan2.2 T2V-A14B expert DiT",
+        "i2v-A14B": "Wan2.2 I2V-A14B expert DiT",
+        "ti2v-5B": "Wan2.2 TI2V-5B DiT",
+        "t2v-1.3B": "Wan2.1 T2V-1.3B DiT",
+    }.get(task.name, f"{task.name} DiT")
+
+
+def _split_fp8_scales(sd: dict[str, torch.Tensor]):
+    """ComfyUI "fp8 scaled" files store ``X.weight`` (float8) and ``X.scale_weight``; the real
+    weight is their product. Returns the state dict without the ``scaled_fp8`` marker and the
+    ``scale_weight`` / ``scale_input`` entries, and ``{"X.weight": scale}``."""
+    if "scaled_fp8" not in sd and not any(k.endswith(".scale_weight") for k in sd):
+        return sd, {}
+    scales = {k[: -len("scale_weight")] + "weight": v for k, v in sd.items() if k.endswith(".scale_weight")}
+    rest = {k: v for k, v in sd.items()
+            if k != "scaled_fp8" and not k.endswith((".scale_weight", ".scale_input"))}
+    return rest, scales
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _safetensors_entries(path) -> dict[str, tuple]:
+    """``{key: (file, dtype, shape, begin, end)}`` from the headers of a checkpoint's
+    safetensors files (absolute byte offsets), for reading single tensors with plain file reads."""
+    entries = {}
+    for f in checkpoint_files(path):
+        if f.suffix != ".safetensors":
+            continue
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for k, info in header.items():
+            if k != "__metadata__" and info["dtype"] in _ST_DTYPES:
+                b, e = info["data_offsets"]
+                entries[k] = (f, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, 8 + n + e)
+    return entries
+
+
+def _read_entry(entry) -> torch.Tensor:
+    """One tensor read into fresh memory (no mmap: the page cache is not charged to the
+    process, so converting a checkpoint tensor by tensor costs one converted copy, not two)."""
+    f, dtype, shape, begin, end = entry
+    buf = bytearray(end - begin)
+    with open(f, "rb") as fh:
+        fh.seek(begin)
+        fh.readinto(buf)
+    if not buf:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def dit_config_from_state_dict(
+    sd: dict[str, torch.Tensor], num_heads: int | None = None, text_len: int = 512
+):
+    """The :class:`~wanlora.models.dit.WanDiTConfig` that a state dict's weight shapes imply.
+
+    Args:
+        sd: official-key state dict (prefix already stripped).
+        num_heads: from config.json / metadata; ``None`` uses ``dim // 128`` (the head dim of
+            every released Wan DiT).
+
+    Raises:
+        CheckpointError: the state dict is not a Wan DiT (the message says what it is), or the
+            head count cannot be derived.
+    """
+    from wanlora.models.dit import WanDiTConfig
+
+    what = describe_checkpoint(sd)
+    if what is not None:
+        raise CheckpointError(f"this checkpoint is {what}")
+    pe = sd["patch_embedding.weight"]
+    dim, in_channels, patch = pe.shape[0], pe.shape[1], tuple(pe.shape[2:])
+    try:
+        ffn_dim = sd["blocks.0.ffn.0.weight"].shape[0]
+        text_dim = sd["text_embedding.0.weight"].shape[1]
+        freq_dim = sd["time_embedding.0.weight"].shape[1]
+    except KeyError as e:
+        raise CheckpointError(
+            f"the checkpoint lacks {e.args[0]!r}; it is incomplete (a shard missing or cut short) "
+            "or not a Wan DiT"
+        ) from None
+    num_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    out_channels = sd["head.head.weight"].shape[0] // math.prod(patch)
+    if num_heads is None:
+        if dim % 128:
+            raise CheckpointError(
+                f"cannot tell the head count of a DiT with dim {dim} (not a multiple of 128): put "
+                "'num_heads' in the config.json beside the weights or in the safetensors metadata"
+            )
+        num_heads = dim // 128
+    return WanDiTConfig(
+        dim=dim, ffn_dim=ffn_dim, num_heads=int(num_heads), num_layers=num_layers,
+        in_channels=in_channels, out_channels=out_channels, text_dim=text_dim,
+        freq_dim=freq_dim, patch_size=patch, text_len=text_len,
+    )
+
+
+def _num_heads(path, dim: int) -> int | None:
+    cfg = read_config_json(path)
+    if cfg.get("num_heads") and cfg.get("dim", dim) == dim:
+        return int(cfg["num_heads"])
+    meta = read_metadata(path)
+    if meta.get("num_heads"):
+        try:
+            return int(meta["num_heads"])
+        except ValueError:
+            raise CheckpointError(
+                f"{path}: safetensors metadata num_heads={meta['num_heads']!r} is not an integer"
+            ) from None
+    return None
+
+
+def check_dit_task(config, task, path="checkpoint") -> None:
+    """Check a DiT architecture against a task; log a notice for a smaller model of the family.
+
+    Raises:
+        CheckpointError: channels that belong to another task (the message names the task that
+            fits), or sizes that equal another official model's.
+    """
+    from wanlora.tasks import TASKS, get_task
+
+    task = get_task(task)
+    sizes = (config.dim, config.ffn_dim, config.num_layers)
+    official = [t for t in TASKS.values()
+                if (t.in_channels, t.out_channels, t.dim, t.ffn_dim, t.num_layers)
+                == (config.in_channels, config.out_channels, *sizes)]
+    what = (_official_name(official[0]) if official else
+            f"a DiT with dim {config.dim}, ffn_dim {config.ffn_dim}, {config.num_layers} layers")
+    what += f" ({config.in_channels} input / {config.out_channels} output channels)"
+    if task in official:
+        return
+    channels_fit = (config.in_channels, config.out_channels) == (task.in_channels, task.out_channels)
+    if official or not channels_fit:
+        fits = official or [t for t in TASKS.values()
+                            if (t.in_channels, t.out_channels) == (config.in_channels, config.out_channels)]
+        fix = (f"pass --task {' or --task '.join(t.name for t in fits)}" if fits
+               else "no task of this trainer takes it")
+        raise CheckpointError(
+            f"{path}: this is {what}, but --task {task.name} needs a {_official_name(task)} "
+            f"({task.in_channels} input / {task.out_channels} output channels); {fix}, or give "
+            f"the {task.name} checkpoint"
+        )
+    if sizes != (task.dim, task.ffn_dim, task.num_layers) or config.text_dim != task.text_dim:
+        logger.warning(
+            "%s: %s is %s than the official %s (dim %d, ffn_dim %d, %d layers); loading it as "
+            "a model of the same family (e.g. a tiny test model)",
+            path, what, "smaller" if config.dim <= task.dim else "larger", task.name,
+            task.dim, task.ffn_dim, task.num_layers,
+        )
+
+
+def load_dit(
+    path: str | os.PathLike,
+    task,
+    dtype=torch.float32,
+    device: str | torch.device = "cpu",
+    attn_mode: str = "sdpa",
+):
+    """Load a Wan DiT from an official, ComfyUI or tiny checkpoint.
+
+    Args:
+        path: a ``.safetensors`` file, a shard index ``.json``, a folder of shards (the official
+            ``high_noise_model/``, with ``config.json``) or a ``.pth``. A ``model.diffusion_model.``
+            or ``diffusion_model.`` key prefix is stripped; bf16 / fp16 / fp8_e4m3fn (also
+            ComfyUI's scaled fp8) stored weights are cast.
+        task: the ``--task`` name (or :class:`~wanlora.tasks.Task`) the model must fit.
+        dtype: compute dtype of the Linear / conv weights (float32, bfloat16, float16; strings
+            such as ``"bf16"`` work). Modulation, time embedding, norms and head stay float32.
+        device: where the weights go. On CPU, weights already in the target dtype stay memory-
+            mapped from the file (no copy).
+        attn_mode: attention backend (:mod:`wanlora.models.attention`).
+
+    Returns:
+        :class:`~wanlora.models.dit.WanDiT` in eval mode, ``requires_grad`` False on every
+        parameter (LoRA adds the trainable ones).
+
+    Architecture comes from the weight shapes; ``num_heads`` from the folder's ``config.json``,
+    else the safetensors metadata ``num_heads``, else ``dim // 128``.
+
+    Raises:
+        CheckpointError: unreadable/truncated files, a file that is not a Wan DiT (VAE, T5, LoRA,
+            ...), a DiT of another task, missing or unexpected keys — each message says what the
+            file is and what to pass instead.
+    """
+    from wanlora.models.dit import WanDiT
+    from wanlora.tasks import get_task
+
+    task = get_task(task)
+    dtype = _as_dtype(dtype)
+    # Memory-mapped: nothing is read until a tensor's data is touched.
+    sd, scales = _split_fp8_scales(load_state_dict(path, prefixes=_DIT_PREFIXES))
+    try:
+        pe = sd.get("patch_embedding.weight")
+        heads = _num_heads(path, pe.shape[0]) if pe is not None else None
+        config = dit_config_from_state_dict(sd, num_heads=heads)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e} (given as the DiT for --task {task.name})") from None
+    check_dit_task(config, task, path)
+
+    with torch.device("meta"):
+        model = WanDiT(config, attn_mode=attn_mode)
+    expected = model.state_dict().keys()
+    missing = sorted(expected - sd.keys())
+    unexpected = sorted(sd.keys() - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
+        raise CheckpointError(
+            f"{path}: {' and '.join(parts)} for a Wan DiT with {config.num_layers} layers; the "
+            "checkpoint is incomplete (a shard missing or cut short) or not an official-layout Wan DiT"
+        )
+    # Tensors already in the target dtype on the CPU are assigned as they are (memory-mapped,
+    # no copy); the others are read with plain file reads and converted one at a time.
+    raw = strip_prefix(_safetensors_entries(path), _DIT_PREFIXES)
+    on_cpu = torch.device(device).type == "cpu"
+    for key in list(expected):
+        t = sd.pop(key)
+        want = torch.float32 if keeps_float32(key) else dtype
+        if key in scales:
+            t = (_read_entry(raw[key]) if key in raw else t).float() * scales[key].float()
+        elif not (t.dtype == want and on_cpu) and key in raw:
+            t = _read_entry(raw[key])
+        sd[key] = t.to(device=device, dtype=want)
+        del t
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:  # inconsistent shapes between blocks: a damaged or mixed checkpoint
+        raise CheckpointError(f"{path}: weight shapes do not fit one Wan DiT ({e})") from None
+    del sd
+    model.requires_grad_(False)
+    model.eval()
+    logger.info("loaded %s: %s on %s (%s)", path, config, device, dtype)
+    return model

@@ -1,0 +1,463 @@
+"""The Wan diffusion transformer (DiT): one implementation for every Wan2.1/Wan2.2 task.
+
+Matches the official ``wan/modules/model.py: WanModel`` (Wan-Video/Wan2.2) formula by formula;
+``reference/wan_numerics.md`` §2–§4 lists the facts. The module tree *is* the checkpoint: attribute
+names equal the official key names (``blocks.N.self_attn.q.weight``, ``head.modulation``, ...), so
+official shards and ComfyUI's repackaged files load without renaming.
+
+Differences from the official code, none of which changes a number (float32, same inputs):
+
+* a batch shares one latent grid, so tokens are never padded and self-attention needs no mask;
+* the time embedding and modulation are computed once per sample (``timestep [B]``) or once per
+  latent frame (``timestep [B, F]``, TI2V-5B with frame 0 at t=0) and broadcast to the frame's
+  tokens, instead of the official per-token ``[B, L, 6, D]`` tensor (numerically identical, a
+  fraction of the memory);
+* a 1-D timestep works for B > 1 (the official ``t.expand(B, seq_len)`` only works for B == 1);
+* RoPE cos/sin tables are computed in float64, cached per grid, and applied in float32 (the
+  official rotates in complex128 and casts to float32; the two differ by about one float32 ulp);
+* attention goes through :mod:`wanlora.models.attention` (SDPA by default, no hard flash-attn).
+
+Precision policy (the official inference keeps fp32 weights and runs under bf16 autocast): the
+residual stream, norms, modulation, time embedding, RoPE and the head run in float32; the Linear
+layers of attention and FFN, the text embedding and the patch embedding run in the dtype of the
+weights (:attr:`WanDiT.dtype`, e.g. bfloat16). The output is float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from wanlora.models.attention import attention, check_attn_mode
+
+__all__ = ["WanDiTConfig", "WanDiT", "sinusoidal_embedding", "rope_tables", "apply_rope"]
+
+
+@dataclass
+class WanDiTConfig:
+    """Architecture of one Wan DiT (``wan/modules/model.py: WanModel.__init__`` arguments).
+
+    Attributes:
+        dim: model width D (5120 for A14B/14B, 3072 for TI2V-5B, 1536 for 1.3B).
+        ffn_dim: FFN hidden width.
+        num_heads: attention heads; head dim ``dim // num_heads`` must be even (128 in releases).
+        num_layers: transformer blocks.
+        in_channels: input channels (16 T2V, 36 I2V-A14B = 16 latent + 20 conditioning, 48 TI2V).
+        out_channels: output channels (16, or 48 for TI2V-5B).
+        text_dim: umT5 width (4096).
+        freq_dim: sinusoidal timestep width (256).
+        patch_size: (time, height, width) patch, (1, 2, 2) in every release.
+        text_len: text rows after zero padding (512).
+        eps: epsilon of every LayerNorm / RMSNorm (1e-6).
+    """
+
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_channels: int
+    out_channels: int
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(
+                f"WanDiTConfig: dim {self.dim} / num_heads {self.num_heads} must give an even "
+                "head dim (128 in every released Wan model)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# embeddings and RoPE
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[cos(t·ω_i), sin(t·ω_i)]`` with ``ω_i = 10000^(-i/(dim/2))``, computed in float64.
+
+    Matches ``model.py: sinusoidal_embedding_1d`` (cos first; t on the 0..1000 scale, not divided).
+
+    Args:
+        t: timesteps of any shape ``[...]``, 0..1000.
+        dim: embedding width (even).
+
+    Returns:
+        ``[..., dim]`` float32.
+    """
+    half = dim // 2
+    t = t.to(torch.float64)
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t[..., None] * omega
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).float()
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Real dims of the (time, height, width) RoPE parts: ``d − 4⌊d/6⌋, 2⌊d/6⌋, 2⌊d/6⌋``
+    (44/42/42 for d=128; ``model.py: WanModel.__init__`` freqs)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int, device=None, theta: float = 10000.0):
+    """cos/sin of the 3-axis rotary embedding for a ``(F, H, W)`` token grid.
+
+    Each axis has its own frequency ladder ``θ_j = theta^(−2j/part)`` over its part of the head
+    dim (``model.py: rope_params``); token ``(f, h, w)`` (row-major order) gets angles
+    ``f·θ^t``, ``h·θ^h``, ``w·θ^w`` concatenated. Angles are computed in float64.
+
+    Returns:
+        ``(cos, sin)``, each ``[F·H·W, 1, head_dim/2]`` float32 (the 1 broadcasts over heads).
+
+    Raises:
+        ValueError: an axis longer than 1024 (the official table's limit).
+    """
+    if max(grid) > 1024:
+        raise ValueError(f"token grid {tuple(grid)} exceeds the RoPE table's 1024 positions per axis")
+    angles = []
+    for n, part in zip(grid, rope_split(head_dim)):
+        theta_j = 1.0 / torch.pow(theta, torch.arange(0, part, 2, dtype=torch.float64) / part)
+        angles.append(torch.outer(torch.arange(n, dtype=torch.float64), theta_j))
+    f, h, w = grid
+    a = torch.cat(
+        [
+            angles[0][:, None, None].expand(f, h, w, -1),
+            angles[1][None, :, None].expand(f, h, w, -1),
+            angles[2][None, None, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, -1)
+    return torch.cos(a).float().to(device), torch.sin(a).float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs ``(x[2i], x[2i+1])`` as complex numbers (``model.py: rope_apply``).
+
+    Args:
+        x: ``[B, L, N, d]``.
+        cos, sin: ``[L, 1, d/2]`` from :func:`rope_tables`.
+
+    Returns:
+        ``[B, L, N, d]`` float32.
+    """
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2)
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+
+
+def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear evaluated in float32 whatever its weights' dtype or an enclosing autocast (the
+    official code's fp32 autocast regions)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), layer.weight.float(), bias)
+
+
+class RMSNorm(nn.Module):
+    """``w · x / sqrt(mean(x²) + eps)`` over the last dim, in float32 (``model.py: WanRMSNorm``).
+    Returns float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm in float32, returns float32 (``model.py: WanLayerNorm``; affine only for norm3)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+def _modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x·(1+scale) + shift`` with per-sample or per-frame modulation broadcast to tokens.
+
+    x: ``[B, L, D]`` float32; scale, shift: ``[B, T', D]`` with T' = 1 or the latent frame count
+    (tokens are frame-major, so frame f owns the contiguous rows ``f·L/T' ..``)."""
+    b, n, d = x.shape
+    g = scale.shape[1]
+    x = x.view(b, g, n // g, d) * (1 + scale[:, :, None]) + shift[:, :, None]
+    return x.view(b, n, d)
+
+
+def _gate(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``y · gate`` in float32, gate ``[B, T', D]`` broadcast to the frame's tokens."""
+    b, n, d = y.shape
+    g = gate.shape[1]
+    return (y.float().view(b, g, n // g, d) * gate[:, :, None]).view(b, n, d)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with full-width q/k RMSNorm and 3-axis RoPE (``model.py: WanSelfAttention``).
+
+    ``q, k, v, o`` are plain ``nn.Linear`` (with bias) called through their forward: the LoRA
+    targets."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x, rope, dtype, mode):
+        """x: ``[B, L, D]``; rope: ``(cos, sin)`` for the grid. Returns ``[B, L, D]`` in ``dtype``."""
+        b, n = x.shape[:2]
+        shape = (b, n, self.num_heads, self.head_dim)
+        x = x.to(dtype)
+        q = apply_rope(self.norm_q(self.q(x)).view(shape), *rope)
+        k = apply_rope(self.norm_k(self.k(x)).view(shape), *rope)
+        v = self.v(x).view(shape)
+        out = attention(q, k, v, mode).flatten(2)
+        return self.o(out.to(dtype))
+
+
+class CrossAttention(SelfAttention):
+    """Text cross-attention, no RoPE, no mask (``model.py: WanCrossAttention``, §2.2)."""
+
+    def forward(self, x, context, dtype, mode):
+        """x: ``[B, L, D]``; context: ``[B, 512, D]`` (embedded). Returns ``[B, L, D]`` in ``dtype``."""
+        b = x.shape[0]
+        x = x.to(dtype)
+        q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, self.head_dim)
+        k = self.norm_k(self.k(context)).view(b, -1, self.num_heads, self.head_dim)
+        v = self.v(context).view(b, -1, self.num_heads, self.head_dim)
+        out = attention(q, k, v, mode).flatten(2)
+        return self.o(out.to(dtype))
+
+
+class WanBlock(nn.Module):
+    """One transformer block (``model.py: WanAttentionBlock``), with ``(c0..c5) = modulation + e0``:
+
+    ``x += SelfAttn(LN(x)(1+c1)+c0)·c2``; ``x += CrossAttn(norm3(x), ctx)``;
+    ``x += FFN(LN(x)(1+c4)+c3)·c5``.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = LayerNorm32(dim, eps)
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.norm3 = LayerNorm32(dim, eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm2 = LayerNorm32(dim, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e0, context, rope, dtype, mode):
+        """x: ``[B, L, D]`` float32 residual stream; e0: ``[B, T', 6, D]`` float32 (T' = 1 or
+        frames); context: ``[B, 512, D]``. Returns ``[B, L, D]`` float32."""
+        c = (self.modulation.float().unsqueeze(0) + e0).unbind(2)
+        x = x + _gate(self.self_attn(_modulate(self.norm1(x), c[1], c[0]), rope, dtype, mode), c[2])
+        x = x + self.cross_attn(self.norm3(x), context, dtype, mode).float()
+        y = self.ffn(_modulate(self.norm2(x), c[4], c[3]).to(dtype))
+        return x + _gate(y, c[5])
+
+
+class Head(nn.Module):
+    """Output head (``model.py: Head``): ``Linear(LN(x)(1+scale) + shift)`` with
+    ``(shift, scale) = modulation + e`` (e: the time embedding before ``time_projection``)."""
+
+    def __init__(self, dim: int, out_channels: int, patch_size, eps: float = 1e-6):
+        super().__init__()
+        self.norm = LayerNorm32(dim, eps)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_channels)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x, e):
+        """x: ``[B, L, D]``; e: ``[B, T', D]``. Returns ``[B, L, prod(patch)·C_out]`` float32."""
+        shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
+        return _linear32(self.head, _modulate(self.norm(x), scale, shift))
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class WanDiT(nn.Module):
+    """The Wan DiT (``wan/modules/model.py: WanModel``) for T2V, I2V-A14B and TI2V-5B.
+
+    Args:
+        config: the architecture (:class:`WanDiTConfig`).
+        attn_mode: attention backend (``"sdpa"``, ``"flash"``, ``"sage"``, ``"xformers"``).
+
+    Raises:
+        ImportError: the attention backend's package is missing (names the pip package).
+    """
+
+    def __init__(self, config: WanDiTConfig, attn_mode: str = "sdpa"):
+        super().__init__()
+        check_attn_mode(attn_mode)
+        self.config = config
+        self.attn_mode = attn_mode
+        self.gradient_checkpointing = False
+        d = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_channels, d, config.patch_size, config.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(
+            WanBlock(d, config.ffn_dim, config.num_heads, config.eps) for _ in range(config.num_layers)
+        )
+        self.head = Head(d, config.out_channels, config.patch_size, config.eps)
+        self._rope_cache: dict = {}
+
+    # ---- switches
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in the backward pass (saves activation memory)."""
+        self.gradient_checkpointing = bool(enabled)
+
+    def set_attn_mode(self, mode: str) -> None:
+        """Switch the attention backend. Raises ValueError/ImportError as :func:`check_attn_mode`."""
+        check_attn_mode(mode)
+        self.attn_mode = mode
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the Linear layers (the patch embedding's weight dtype)."""
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    # ---- pieces of forward
+
+    def _rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 16:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_tables(grid, self.config.head_dim, device)
+        return self._rope_cache[key]
+
+    def _context(self, context, batch: int) -> torch.Tensor:
+        """Zero-pad each text context to ``text_len`` rows, stack, cast: ``[B, 512, text_dim]``."""
+        cfg = self.config
+        rows = list(context) if isinstance(context, (list, tuple)) else list(context.unbind(0))
+        if len(rows) != batch:
+            raise ValueError(f"WanDiT: {len(rows)} text contexts for a batch of {batch} latents")
+        out = []
+        for u in rows:
+            if u.ndim != 2 or u.shape[-1] != cfg.text_dim:
+                raise ValueError(
+                    f"WanDiT: a text context has shape {tuple(u.shape)}; expected [L, {cfg.text_dim}] "
+                    "(umT5 output of the matching text encoder)"
+                )
+            if u.shape[0] > cfg.text_len:
+                raise ValueError(f"WanDiT: text context of {u.shape[0]} rows exceeds text_len {cfg.text_len}")
+            out.append(F.pad(u, (0, 0, 0, cfg.text_len - u.shape[0])))
+        return torch.stack(out).to(self.device, self.dtype)
+
+    def _time(self, timestep: torch.Tensor, batch: int, frames: int):
+        """Time embedding ``e [B, T', D]`` and projection ``e0 [B, T', 6, D]`` (float32), T' = 1 for
+        a ``[B]`` timestep, T' = latent frames for ``[B, F]``."""
+        t = torch.as_tensor(timestep, device=self.device)
+        given = tuple(t.shape)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1:
+            t = t[:, None]
+        if t.ndim != 2 or t.shape[0] != batch or t.shape[1] not in (1, frames):
+            raise ValueError(
+                f"WanDiT: timestep of shape {given}; expected [B]={batch} or "
+                f"[B, F]=[{batch}, {frames}] (one timestep per latent frame)"
+            )
+        s = sinusoidal_embedding(t, self.config.freq_dim)
+        e = _linear32(self.time_embedding[2], F.silu(_linear32(self.time_embedding[0], s)))
+        e0 = _linear32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, self.config.dim))
+        return e, e0
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow velocity (``noise − x0``).
+
+        Args:
+            x: ``[B, C_x, F, H, W]`` latents (latent units; H, W divisible by the patch).
+            timestep: ``[B]`` or ``[B, F]`` on 0..1000 (float or int); ``[B, F]`` gives each latent
+                frame its own timestep (TI2V-5B: frame 0 at t=0).
+            context: ``[B, L, text_dim]`` (L <= 512) or a list of B ``[L_i, text_dim]``; zero-padded
+                to 512 rows inside, never masked.
+            y: ``[B, C_y, F, H, W]`` I2V conditioning (mask 4 + image latent 16), concatenated
+                after x on channels; ``C_x + C_y`` must equal ``config.in_channels``.
+
+        Returns:
+            ``[B, C_out, F, H, W]`` float32.
+
+        Raises:
+            ValueError: channel count, grid, timestep or context shapes that do not fit.
+        """
+        cfg = self.config
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            hint = ""
+            if y is None and cfg.in_channels == 36:
+                hint = " — I2V models need y (4 mask + 16 image-latent channels)"
+            raise ValueError(
+                f"WanDiT: input has shape {tuple(x.shape)} (x and y concatenated on channels); this "
+                f"model takes [B, {cfg.in_channels}, F, H, W]{hint}"
+            )
+        b, _, f, h, w = x.shape
+        pt, ph, pw = cfg.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"WanDiT: latent size {(f, h, w)} is not divisible by the patch {cfg.patch_size}")
+        grid = (f // pt, h // ph, w // pw)
+        dtype, mode = self.dtype, self.attn_mode
+
+        tokens = self.patch_embedding(x.to(self.device, dtype)).flatten(2).transpose(1, 2).float()
+        e, e0 = self._time(timestep, b, grid[0])
+        ctx = self.text_embedding(self._context(context, b))
+        rope = self._rope(grid, tokens.device)
+
+        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                tokens = checkpoint(block, tokens, e0, ctx, rope, dtype, mode, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, ctx, rope, dtype, mode)
+
+        out = self.head(tokens, e)
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``[B, L, pt·ph·pw·C]`` (per token ordered (pt, ph, pw, c), c fastest) to
+        ``[B, C, F, H, W]`` (``model.py: WanModel.unpatchify``)."""
+        b = out.shape[0]
+        pt, ph, pw = self.config.patch_size
+        c = self.config.out_channels
+        u = out.view(b, *grid, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return u.reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)

@@ -1,0 +1,321 @@
+"""The Wan DiT: parity with diffusers' WanTransformer3DModel, and the contracts of WanDiT.
+
+The oracle is diffusers' independent implementation (``WanTransformer3DModel``), loaded from the
+very same official-key state dict through diffusers' own in-memory converter
+(``convert_wan_transformer_to_diffusers``). Every tensor is random — modulation and
+``head.head.weight`` included (the official init zeroes the latter, which would hide head bugs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wanlora.models.dit import WanDiT, WanDiTConfig, apply_rope, rope_split, rope_tables
+
+torch.set_num_threads(1)
+
+TEXT_DIM = 32
+
+
+def _config(in_ch=16, out_ch=16, layers=2):
+    return WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=layers, in_channels=in_ch,
+                        out_channels=out_ch, text_dim=TEXT_DIM)
+
+
+def random_state_dict(cfg: WanDiTConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor random, in official key names, scaled to keep activations O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanDiT(cfg).state_dict().items()}
+    sd = {}
+    for k, shape in shapes.items():
+        r = torch.randn(shape, generator=g)
+        if k.endswith("modulation"):
+            sd[k] = 0.3 * r
+        elif len(shape) >= 2:
+            sd[k] = r / math.sqrt(math.prod(shape[1:]))
+        elif "norm" in k and k.endswith("weight"):
+            sd[k] = 1.0 + 0.2 * r
+        else:
+            sd[k] = 0.2 * r
+    return sd
+
+
+def _ours(cfg, sd):
+    m = WanDiT(cfg)
+    m.load_state_dict(sd, strict=True)
+    return m
+
+
+def _diffusers(cfg, sd):
+    pytest.importorskip("diffusers")
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    m = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=cfg.eps,
+    )
+    m.load_state_dict(convert_wan_transformer_to_diffusers(dict(sd)), strict=True)
+    m.condition_embedder.timesteps_proj = _Float64Sinusoid(cfg.freq_dim)
+    return m
+
+
+class _Float64Sinusoid(torch.nn.Module):
+    """The official timestep sinusoid (``model.py: sinusoidal_embedding_1d``: float64, cos first,
+    ``ω_i = 10000^(-i/half)``) for the oracle. diffusers' ``Timesteps`` computes the same formula
+    in float32, which at t≈1000 moves the angles by ~1e-4 and hides everything else below that
+    noise; ``test_diffusers_float32_sinusoid_is_the_only_difference`` measures it unpatched."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        half = self.dim // 2
+        omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+        a = t.double()[:, None] * omega
+        return torch.cat([a.cos(), a.sin()], 1).float()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# official key -> diffusers key of parameters whose gradients are compared
+GRAD_PARAMS = {
+    "blocks.0.self_attn.q.weight": "blocks.0.attn1.to_q.weight",
+    "blocks.1.cross_attn.v.weight": "blocks.1.attn2.to_v.weight",
+    "blocks.1.ffn.0.weight": "blocks.1.ffn.net.0.proj.weight",
+    "blocks.0.modulation": "blocks.0.scale_shift_table",
+    "blocks.0.norm3.weight": "blocks.0.norm2.weight",
+    "blocks.0.self_attn.norm_k.weight": "blocks.0.attn1.norm_k.weight",
+    "head.head.weight": "proj_out.weight",
+    "head.modulation": "scale_shift_table",
+    "time_embedding.0.weight": "condition_embedder.time_embedder.linear_1.weight",
+    "patch_embedding.weight": "patch_embedding.weight",
+}
+
+
+def _parity(cfg, shape, timestep, y_channels=0, seed=0, float32_sinusoid=False, ctx_rows=7):
+    """Forward + backward of both models on the same inputs; returns the relative errors."""
+    sd = random_state_dict(cfg, seed)
+    ours, ref = _ours(cfg, sd), _diffusers(cfg, sd)
+    if float32_sinusoid:
+        from diffusers.models.embeddings import Timesteps
+
+        ref.condition_embedder.timesteps_proj = Timesteps(cfg.freq_dim, True, 0)
+    g = torch.Generator().manual_seed(seed + 1)
+    b, _, f, h, w = shape
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    y = torch.randn(b, y_channels, f, h, w, generator=g, requires_grad=True) if y_channels else None
+    ctx = torch.randn(b, ctx_rows, cfg.text_dim, generator=g, requires_grad=True)  # padded inside
+    out = ours(x, timestep, ctx, y=y)
+
+    # diffusers: inputs concatenated on channels, context zero-padded to 512 rows by hand,
+    # per-frame timesteps expanded per token (its Wan2.2 TI2V `[B, seq_len]` path).
+    hidden = torch.cat([x, y], 1) if y is not None else x
+    ctx_ref = F.pad(ctx, (0, 0, 0, cfg.text_len - ctx.shape[1]))
+    t_ref = timestep
+    if timestep.ndim == 2:
+        t_ref = timestep.repeat_interleave((h // 2) * (w // 2), dim=1)
+    expected = ref(hidden, t_ref, ctx_ref, return_dict=False)[0]
+
+    errs = {"out": _rel(out, expected)}
+    probe = torch.randn(out.shape, generator=g)
+    leaves = [x, ctx] + ([y] if y is not None else [])
+    ours_params = dict(ours.named_parameters())
+    ref_params = dict(ref.named_parameters())
+    pa = [ours_params[k] for k in GRAD_PARAMS]
+    pb = [ref_params[v] for v in GRAD_PARAMS.values()]
+    ga = torch.autograd.grad((out * probe).sum(), leaves + pa)
+    gb = torch.autograd.grad((expected * probe).sum(), leaves + pb)
+    for name, a, bb in zip(["x", "context", "y"][: len(leaves)] + list(GRAD_PARAMS), ga, gb):
+        errs[name] = _rel(a, bb)
+    return errs
+
+
+def _assert_small(errs, tol=1e-5):
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 3, 4, 6), (2, 16, 5, 6, 4)])
+def test_t2v_parity_with_diffusers(shape):
+    t = torch.tensor([937.0, 12.5][: shape[0]])
+    _assert_small(_parity(_config(), shape, t))
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 3, 6, 4), (2, 16, 1, 4, 8)])
+def test_i2v_parity_with_diffusers(shape):
+    # Wan2.2 I2V-A14B layout: 36 input channels (x 16 + y 20), no CLIP img_emb.
+    t = torch.tensor([901.0, 450.0][: shape[0]])
+    _assert_small(_parity(_config(in_ch=36), shape, t, y_channels=20))
+
+
+@pytest.mark.parametrize("shape", [(1, 48, 3, 4, 6), (2, 48, 5, 2, 4)])
+def test_ti2v_per_frame_timestep_parity_with_diffusers(shape):
+    # TI2V-5B layout: 48 -> 48 channels; per latent frame timesteps with frame 0 at t = 0.
+    b, f = shape[0], shape[2]
+    t = torch.tensor([[700.0], [300.0]][:b]).repeat(1, f)
+    t[:, 0] = 0.0
+    # diffusers takes the per-token [B, L] form, so the time MLP runs on other matrix shapes
+    # and rounds differently (~1e-7). With 7 real text rows, 505 identical padded keys make the
+    # gradient through cross-attention's query (norm3.weight) a difference of nearly equal terms
+    # that amplifies that rounding to ~2e-5; a full 512-row context keeps it well conditioned.
+    _assert_small(_parity(_config(in_ch=48, out_ch=48), shape, t, ctx_rows=512))
+
+
+def test_diffusers_float32_sinusoid_is_the_only_difference():
+    # Unpatched oracle: at t = 0 the sinusoid is exact in any precision and the two models agree
+    # bit for bit; at t = 937 diffusers' float32 sinusoid leaves a few 1e-6 on the output.
+    shape, cfg = (1, 16, 3, 4, 6), _config()
+    exact = _parity(cfg, shape, torch.tensor([0.0]), float32_sinusoid=True)
+    assert max(exact.values()) == 0.0, exact
+    assert _parity(cfg, shape, torch.tensor([937.0]), float32_sinusoid=True)["out"] < 1e-5
+
+
+def _tiny_model(seed=0, **kw):
+    cfg = _config(**kw)
+    return _ours(cfg, random_state_dict(cfg, seed))
+
+
+def test_batch_with_1d_timestep_equals_single_samples():
+    # Regression: the official `t.expand(B, seq_len)` fails (or mixes samples) for B > 1.
+    m = _tiny_model()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 16, 3, 4, 4, generator=g)
+    ctx = [torch.randn(n, TEXT_DIM, generator=g) for n in (5, 9, 1)]
+    t = torch.tensor([999.0, 500.0, 3.0])
+    with torch.no_grad():
+        batched = m(x, t, ctx)
+        single = torch.cat([m(x[i : i + 1], t[i : i + 1], [ctx[i]]) for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(batched[0], batched[1])
+
+
+def test_constant_per_frame_timestep_equals_1d():
+    m = _tiny_model(in_ch=48, out_ch=48)
+    x = torch.randn(2, 48, 3, 4, 2)
+    ctx = torch.randn(2, 6, TEXT_DIM)
+    t = torch.tensor([640.0, 20.0])
+    with torch.no_grad():
+        a = m(x, t, ctx)
+        b = m(x, t[:, None].repeat(1, 3), ctx)
+    # equal up to float32 rounding (the time MLP runs on [B, 3] instead of [B, 1] rows)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_context_padding_list_tensor_and_explicit_zeros_agree():
+    # §2: zero-padding to 512 rows happens before text_embedding and is not masked, so explicit
+    # zero rows are a no-op while the padded slots still take part in attention.
+    m = _tiny_model()
+    x = torch.randn(2, 16, 1, 4, 4)
+    t = torch.tensor([500.0, 500.0])
+    c = torch.randn(2, 5, TEXT_DIM)
+    with torch.no_grad():
+        a = m(x, t, c)
+        b = m(x, t, [c[0], c[1]])
+        c512 = m(x, t, F.pad(c, (0, 0, 0, 507)))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c512, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exceeds text_len"):
+        m(x, t, torch.randn(2, 513, TEXT_DIM))
+
+
+def test_rope_split_and_adjacent_pair_rotation_match_complex_reference():
+    assert rope_split(128) == (44, 42, 42)
+    assert rope_split(32) == (12, 10, 10)
+    d, grid = 128, (3, 2, 5)
+    cos, sin = rope_tables(grid, d)
+    x = torch.randn(1, math.prod(grid), 2, d, dtype=torch.float64)
+    # reference: complex128 polar tables per axis, adjacent pairs as (real, imaginary)
+    parts = [torch.polar(torch.ones(n, p // 2, dtype=torch.float64),
+                         torch.outer(torch.arange(n, dtype=torch.float64),
+                                     10000.0 ** (-torch.arange(0, p, 2, dtype=torch.float64) / p)))
+             for n, p in zip(grid, rope_split(d))]
+    f, h, w = grid
+    table = torch.cat([parts[0][:, None, None].expand(f, h, w, -1), parts[1][None, :, None].expand(f, h, w, -1),
+                       parts[2][None, None, :].expand(f, h, w, -1)], -1).reshape(-1, 1, d // 2)
+    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * table).flatten(-2)
+    out = apply_rope(x, cos, sin)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_same_outputs_and_grads():
+    m = _tiny_model()
+    x = torch.randn(1, 16, 2, 4, 4)
+    ctx = torch.randn(1, 4, TEXT_DIM)
+    t = torch.tensor([321.0])
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.set_gradient_checkpointing(ckpt)
+        m(x, t, ctx).square().mean().backward()
+        grads.append(m.blocks[0].self_attn.q.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
+
+def test_lora_targets_are_plain_linear_called_through_forward():
+    m = _tiny_model()
+    names = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+             "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
+    calls = []
+    for n in names:
+        mod = m.blocks[1].get_submodule(n)
+        assert type(mod) is torch.nn.Linear, n
+        orig = mod.forward
+        mod.forward = lambda inp, _o=orig, _n=n: (calls.append(_n), _o(inp))[1]  # LoRA-style patch
+    with torch.no_grad():
+        m(torch.randn(1, 16, 1, 2, 2), torch.tensor([1.0]), torch.randn(1, 3, TEXT_DIM))
+    assert sorted(set(calls)) == sorted(names)
+
+
+def test_bfloat16_weights_run_and_stay_close_to_float32():
+    m = _tiny_model()
+    x = torch.randn(1, 16, 2, 4, 4)
+    ctx = torch.randn(1, 4, TEXT_DIM)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        ref = m(x, t, ctx)
+        out = m.to(torch.bfloat16)(x, t, ctx)
+    assert out.dtype == torch.float32
+    assert _rel(out, ref) < 3e-2
+
+
+def test_time_embedding_and_head_stay_float32_under_autocast():
+    m = _tiny_model()
+    t = torch.tensor([[250.0, 0.0]])
+    e, e0 = m._time(t, 1, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ea, e0a = m._time(t, 1, 2)
+    assert ea.dtype == e0a.dtype == torch.float32
+    torch.testing.assert_close(e0a, e0, rtol=0, atol=0)
+
+
+def test_shape_errors_are_clear():
+    m = _tiny_model(in_ch=36)
+    with pytest.raises(ValueError, match="I2V models need y"):
+        m(torch.randn(1, 16, 1, 2, 2), torch.tensor([1.0]), torch.randn(1, 3, TEXT_DIM))
+    m = _tiny_model()
+    with pytest.raises(ValueError, match="timestep"):
+        m(torch.randn(1, 16, 3, 2, 2), torch.ones(1, 2), torch.randn(1, 3, TEXT_DIM))
+
+
+def test_missing_attention_backend_names_the_pip_package():
+    from wanlora.models.attention import check_attn_mode
+
+    with pytest.raises(ValueError, match="sdpa"):
+        check_attn_mode("nope")
+    for mode, package in [("flash", "flash-attn"), ("sage", "sageattention"), ("xformers", "xformers")]:
+        try:
+            check_attn_mode(mode)
+        except ImportError as e:
+            assert f"pip install {package}" in str(e)
