@@ -1,0 +1,393 @@
+"""The dataset TOML: parse, validate and resolve it into :class:`DatasetConfig` entries.
+
+The schema is the one musubi-tuner users know (see ``docs/dataset.md``)::
+
+    [general]                      # defaults for every [[datasets]] entry
+    resolution = [960, 544]        # [W, H]
+    caption_extension = ".txt"
+    batch_size = 1
+    enable_bucket = true
+
+    [[datasets]]
+    video_directory = "clips"      # or image_directory / image_jsonl_file / video_jsonl_file
+    cache_directory = "cache/clips"
+    target_frames = [1, 17, 33]
+    frame_extraction = "head"      # head | chunk | slide | uniform | full
+
+Validation reports every problem at once (file, entry, key, expected type or range); unknown keys
+are errors with the closest known key suggested. Relative paths resolve against the TOML file's
+folder. Frame counts are rounded down to 4n+1 (the VAE's temporal stride) with a warning, and
+the resolution down to the task's ``pixel_unit`` with a warning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wanlora.dataset.frames import round_frames
+from wanlora.tasks import Task, get_task
+
+__all__ = [
+    "DatasetConfig",
+    "DatasetGroupConfig",
+    "DatasetConfigError",
+    "DatasetConfigWarning",
+    "FRAME_EXTRACTIONS",
+    "load_dataset_config",
+    "parse_dataset_config",
+    "round_frames",
+]
+
+FRAME_EXTRACTIONS = ("head", "chunk", "slide", "uniform", "full")
+SOURCE_KEYS = ("image_directory", "image_jsonl_file", "video_directory", "video_jsonl_file")
+VIDEO_KEYS = ("target_frames", "frame_extraction", "frame_stride", "frame_sample", "max_frames", "source_fps")
+COMMON_KEYS = (
+    "resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket",
+    "bucket_no_upscale", "default_caption",
+)
+GENERAL_KEYS = COMMON_KEYS + VIDEO_KEYS
+DATASET_KEYS = COMMON_KEYS + VIDEO_KEYS + SOURCE_KEYS + ("cache_directory",)
+#: musubi-tuner keys for features wanlora does not have: a clear error instead of "unknown key".
+UNSUPPORTED_KEYS = {
+    "control_directory": "control videos/images (Fun-Control, Kontext) are not supported",
+    "control_resolution": "control images are not supported",
+    "no_resize_control": "control images are not supported",
+    "multiple_target": "layered (multiple target) images are not supported",
+    "fp_latent_window_size": "FramePack options do not apply to Wan",
+    "fp_1f_clean_indices": "FramePack options do not apply to Wan",
+    "fp_1f_target_index": "FramePack options do not apply to Wan",
+    "fp_1f_no_post": "FramePack options do not apply to Wan",
+    "image_lance_dataset": "lance datasets are not supported",
+}
+
+DEFAULTS: dict[str, Any] = {
+    "resolution": (960, 544),
+    "caption_extension": ".txt",
+    "batch_size": 1,
+    "num_repeats": 1,
+    "enable_bucket": False,
+    "bucket_no_upscale": False,
+    "default_caption": None,
+    "target_frames": (1,),
+    "frame_extraction": "head",
+    "frame_stride": 1,
+    "frame_sample": 1,
+    "max_frames": 129,
+    "source_fps": None,
+}
+
+
+class DatasetConfigError(ValueError):
+    """The dataset TOML has problems; ``problems`` lists each one (file, entry, key, fix)."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = Path(path)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{self.path}: {len(self.problems)} problem(s) in the dataset config:\n{lines}")
+
+
+class DatasetConfigWarning(UserWarning):
+    """A value was adjusted (frame count to 4n+1, resolution to the pixel unit)."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One resolved ``[[datasets]]`` entry (``[general]`` defaults applied, paths absolute).
+
+    Attributes:
+        index: position in the TOML (0-based); ``name`` is ``datasets[index]``.
+        kind: ``"image"`` or ``"video"``.
+        source: the media folder or JSONL file; ``source_key`` says which TOML key gave it.
+        resolution: (W, H) in pixels, multiples of the task's ``pixel_unit``.
+        cache_directory: where this entry's latent and text caches live (one folder per entry).
+        target_frames / frame_extraction / frame_stride / frame_sample / max_frames / source_fps:
+            the video frame-window options (images: one frame).
+        default_caption: used when an item has no caption; ``None`` makes that an error.
+        config_path: the TOML file.
+    """
+
+    index: int
+    kind: str
+    source: Path
+    source_key: str
+    cache_directory: Path
+    resolution: tuple[int, int]
+    caption_extension: str
+    batch_size: int
+    num_repeats: int
+    enable_bucket: bool
+    bucket_no_upscale: bool
+    default_caption: str | None
+    target_frames: tuple[int, ...]
+    frame_extraction: str
+    frame_stride: int
+    frame_sample: int
+    max_frames: int
+    source_fps: float | None
+    config_path: Path
+
+    @property
+    def name(self) -> str:
+        return f"datasets[{self.index}]"
+
+    @property
+    def is_jsonl(self) -> bool:
+        return self.source_key.endswith("_jsonl_file")
+
+    def shaping_options(self) -> dict[str, Any]:
+        """The options that shape a latent cache (recorded in its metadata)."""
+        d = {k: v for k, v in asdict(self).items() if k in (
+            "resolution", "enable_bucket", "bucket_no_upscale", "frame_extraction", "target_frames",
+            "frame_stride", "frame_sample", "max_frames", "source_fps")}
+        d["resolution"] = list(d["resolution"])
+        d["target_frames"] = list(d["target_frames"])
+        return d
+
+
+@dataclass
+class DatasetGroupConfig:
+    """All entries of one dataset TOML, for one task."""
+
+    path: Path
+    task: Task
+    datasets: list[DatasetConfig]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(v), type(v).__name__)
+
+
+class _Checker:
+    def __init__(self, path: Path):
+        self.path = path
+        self.problems: list[str] = []
+
+    def add(self, where: str, key: str | None, msg: str) -> None:
+        self.problems.append(f"{where}{'.' + key if key else ''}: {msg}")
+
+    def unknown_keys(self, where: str, table: dict, allowed: tuple[str, ...], hint: str = "") -> None:
+        for key in table:
+            if key in allowed:
+                continue
+            if key in UNSUPPORTED_KEYS:
+                self.add(where, key, f"not supported by wanlora ({UNSUPPORTED_KEYS[key]}); remove it")
+                continue
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            fix = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(allowed)}"
+            self.add(where, key, f"unknown key{hint}; {fix}")
+
+    def integer(self, where, key, v, minimum=1):
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.add(where, key, f"expected an integer >= {minimum}, got {_type_name(v)} {v!r}")
+            return None
+        if v < minimum:
+            self.add(where, key, f"expected an integer >= {minimum}, got {v}")
+            return None
+        return v
+
+    def boolean(self, where, key, v):
+        if not isinstance(v, bool):
+            self.add(where, key, f"expected true or false, got {_type_name(v)} {v!r}")
+            return None
+        return v
+
+    def string(self, where, key, v):
+        if not isinstance(v, str):
+            self.add(where, key, f"expected a string, got {_type_name(v)} {v!r}")
+            return None
+        return v
+
+
+def _check_value(c: _Checker, where: str, key: str, v: Any, task: Task, notes: list[str]) -> Any:
+    """Validate one value; returns the normalized value or None (problem recorded)."""
+    if key == "resolution":
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = [v, v]
+        if (not isinstance(v, list) or len(v) != 2
+                or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in v)):
+            c.add(where, key, f"expected [width, height], two positive integers, got {v!r}")
+            return None
+        unit = task.pixel_unit
+        w, h = (x // unit * unit for x in v)
+        if w < unit or h < unit:
+            c.add(where, key, f"expected sizes of at least {unit} px (the {task.name} pixel unit), got {v!r}")
+            return None
+        if (w, h) != tuple(v):
+            notes.append(f"{where}.resolution {v} rounded down to [{w}, {h}] (multiples of {unit} px for {task.name})")
+        return (w, h)
+    if key == "caption_extension":
+        v = c.string(where, key, v)
+        if v is not None and not v.startswith("."):
+            c.add(where, key, f"expected an extension starting with '.', e.g. \".txt\", got {v!r}")
+            return None
+        return v
+    if key in ("batch_size", "num_repeats", "frame_stride", "frame_sample"):
+        return c.integer(where, key, v)
+    if key == "max_frames":
+        v = c.integer(where, key, v)
+        if v is not None and round_frames(v) != v:
+            notes.append(f"{where}.max_frames {v} rounded down to {round_frames(v)} (frame counts are 4n+1)")
+            v = round_frames(v)
+        return v
+    if key in ("enable_bucket", "bucket_no_upscale"):
+        return c.boolean(where, key, v)
+    if key == "default_caption":
+        return c.string(where, key, v)
+    if key == "target_frames":
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = [v]
+        if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+            c.add(where, key, f"expected a non-empty list of positive integers (4n+1: 1, 5, 9, 13, 17, ...), got {v!r}")
+            return None
+        out = []
+        for x in v:
+            r = round_frames(x)
+            if r != x:
+                notes.append(f"{where}.target_frames {x} rounded down to {r} (frame counts are 4n+1)")
+            if r not in out:
+                out.append(r)
+        return tuple(sorted(out))
+    if key == "frame_extraction":
+        if v not in FRAME_EXTRACTIONS:
+            c.add(where, key, f"expected one of {', '.join(repr(x) for x in FRAME_EXTRACTIONS)}, got {v!r}")
+            return None
+        return v
+    if key == "source_fps":
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            c.add(where, key, f"expected a positive number (frames per second of the source), got {v!r}")
+            return None
+        return float(v)
+    if key in ("cache_directory",) + SOURCE_KEYS:
+        v = c.string(where, key, v)
+        if v is not None and not v.strip():
+            c.add(where, key, "expected a path, got an empty string")
+            return None
+        return v
+    raise AssertionError(key)
+
+
+def parse_dataset_config(data: dict, path: str | Path, task: str | Task) -> DatasetGroupConfig:
+    """Validate a parsed TOML table; see :func:`load_dataset_config`."""
+    path = Path(path).resolve()
+    task = get_task(task)
+    base = path.parent
+    c = _Checker(path)
+    notes: list[str] = []
+    c.unknown_keys("", data, ("general", "datasets"), " (top level takes [general] and [[datasets]])")
+
+    general_raw = data.get("general", {})
+    general: dict[str, Any] = {}
+    if not isinstance(general_raw, dict):
+        c.add("general", None, "expected a table [general]")
+        general_raw = {}
+    c.unknown_keys("general", general_raw, GENERAL_KEYS, " in [general]")
+    for key, v in general_raw.items():
+        if key in GENERAL_KEYS:
+            general[key] = _check_value(c, "general", key, v, task, notes)
+
+    entries = data.get("datasets")
+    if entries is None:
+        c.add("datasets", None, "no [[datasets]] entry; add at least one with image_directory, "
+              "image_jsonl_file, video_directory or video_jsonl_file")
+        entries = []
+    elif not isinstance(entries, list) or any(not isinstance(e, dict) for e in entries):
+        c.add("datasets", None, "expected an array of tables [[datasets]]")
+        entries = []
+
+    datasets: list[DatasetConfig] = []
+    caches: dict[Path, str] = {}
+    for i, entry in enumerate(entries):
+        where = f"datasets[{i}]"
+        c.unknown_keys(where, entry, DATASET_KEYS)
+        values = {}
+        for key, v in entry.items():
+            if key in DATASET_KEYS:
+                values[key] = _check_value(c, where, key, v, task, notes)
+        sources = [k for k in SOURCE_KEYS if k in entry]
+        if len(sources) != 1:
+            c.add(where, None, "expected exactly one of " + ", ".join(SOURCE_KEYS)
+                  + (f", got {', '.join(sources)}" if sources else ", got none"))
+            continue
+        source_key = sources[0]
+        kind = "image" if source_key.startswith("image") else "video"
+        if kind == "image":
+            for key in VIDEO_KEYS:
+                if key in entry:
+                    c.add(where, key, "applies to video datasets only (this entry has " + source_key + ")")
+        if None in values.values():
+            continue
+        merged = dict(DEFAULTS)
+        merged.update({k: v for k, v in general.items() if v is not None})
+        merged.update(values)
+        source = (base / values[source_key]).resolve()
+        if source_key.endswith("_directory"):
+            if not source.is_dir():
+                c.add(where, source_key, f"folder not found: {source}")
+        elif not source.is_file():
+            c.add(where, source_key, f"file not found: {source}")
+        if "cache_directory" in values:
+            cache = (base / values["cache_directory"]).resolve()
+        elif source_key.endswith("_directory"):
+            cache = source
+        else:
+            c.add(where, "cache_directory", f"required with {source_key} (a folder for this entry's caches)")
+            continue
+        if cache in caches:
+            c.add(where, "cache_directory", f"{cache} is also used by {caches[cache]}; each [[datasets]] "
+                  "entry needs its own cache_directory")
+        caches[cache] = where
+        if kind == "image":
+            merged.update(target_frames=(1,), frame_extraction="head", frame_stride=1, frame_sample=1,
+                          max_frames=1, source_fps=None)
+        elif merged["frame_extraction"] == "chunk" and 1 in merged["target_frames"]:
+            notes.append(f"{where}.target_frames contains 1 with frame_extraction = \"chunk\": every frame "
+                         "becomes its own 1-frame window")
+        datasets.append(DatasetConfig(
+            index=i, kind=kind, source=source, source_key=source_key, cache_directory=cache,
+            resolution=tuple(merged["resolution"]), caption_extension=merged["caption_extension"],
+            batch_size=merged["batch_size"], num_repeats=merged["num_repeats"],
+            enable_bucket=merged["enable_bucket"], bucket_no_upscale=merged["bucket_no_upscale"],
+            default_caption=merged["default_caption"], target_frames=tuple(merged["target_frames"]),
+            frame_extraction=merged["frame_extraction"], frame_stride=merged["frame_stride"],
+            frame_sample=merged["frame_sample"], max_frames=merged["max_frames"],
+            source_fps=merged["source_fps"], config_path=path,
+        ))
+    if c.problems:
+        raise DatasetConfigError(path, c.problems)
+    for note in notes:
+        warnings.warn(f"{path}: {note}", DatasetConfigWarning, stacklevel=3)
+    return DatasetGroupConfig(path=path, task=task, datasets=datasets, warnings=notes)
+
+
+def load_dataset_config(path: str | Path, task: str | Task) -> DatasetGroupConfig:
+    """Read and validate a dataset TOML for ``task``.
+
+    Args:
+        path: the TOML file; relative paths inside it resolve against its folder.
+        task: a ``--task`` name or :class:`~wanlora.tasks.Task` (gives the pixel unit).
+
+    Returns:
+        :class:`DatasetGroupConfig` with one :class:`DatasetConfig` per ``[[datasets]]`` entry.
+
+    Raises:
+        DatasetConfigError: every problem at once (TOML syntax, unknown keys with the closest known
+            key, wrong types and ranges, missing folders or files), each naming the entry and key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetConfigError(path, ["file not found; pass --dataset_config path/to/dataset.toml"])
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except tomllib.TOMLDecodeError as e:
+        raise DatasetConfigError(path, [f"not valid TOML: {e}"]) from None
+    except UnicodeDecodeError as e:
+        raise DatasetConfigError(path, [f"not UTF-8 text: {e}"]) from None
+    return parse_dataset_config(data, path, task)

@@ -1,0 +1,361 @@
+"""Latent caching: plan every item's frame windows, decode them in workers, encode with the VAE.
+
+:func:`plan_latent_caches` probes each item (no pixel decoding), picks its bucket and windows and
+checks the caches already on disk (:mod:`wanlora.dataset.caches`); :func:`cache_latents` decodes
+the items that need work in ``num_workers`` processes (a ``DataLoader``) ahead of the VAE, encodes
+windows of equal shape in batches and writes one ``.safetensors`` per window. A failing item is
+recorded with its reason and never stops the others.
+
+I2V conditioning (``wan/image2video.py: WanI2V.generate``, ``wan_numerics.md`` §5): the window's
+first frame followed by ``F-1`` zero frames goes through the VAE (16 channels), and the mask has
+4 channels per latent frame, ``m'[4τ + c]`` of the pixel mask ``m`` (``m[0] = 1``, others 0) with
+frame 0 repeated four times; ``y = concat(mask, image_latent)``, 20 channels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+import torch
+
+from wanlora.dataset import caches as C
+from wanlora.dataset.buckets import bucket_size
+from wanlora.dataset.config import DatasetConfig, DatasetGroupConfig
+from wanlora.dataset.frames import FrameWindow, frame_windows, resample_indices, window_source_indices
+from wanlora.dataset.items import MediaItem, list_items
+from wanlora.io_utils import save_safetensors
+from wanlora.tasks import Task
+from wanlora.video_io import MediaError, image_size, probe_video, read_image, read_video_frames, resize_cover_crop
+
+__all__ = [
+    "WindowJob", "ItemJob", "CachePlan", "CacheReport", "plan_latent_caches", "cache_latents",
+    "decode_item", "i2v_mask", "i2v_condition", "frames_to_video",
+]
+
+log = logging.getLogger("wanlora.cache_latents")
+
+
+@dataclass
+class WindowJob:
+    """One cache file to write: the window, the file's frame numbers and the metadata."""
+
+    window: FrameWindow
+    indices: list[int]
+    path: Path
+    metadata: dict[str, str]
+
+
+@dataclass
+class ItemJob:
+    """One item with the windows that need (re)building."""
+
+    item: MediaItem
+    kind: str  # "image" or "video"
+    size: tuple[int, int]
+    windows: list[WindowJob]
+    info: object = None  # VideoInfo for videos
+    stale: list[Path] = field(default_factory=list)  # old caches of this item to remove once done
+
+
+@dataclass
+class CachePlan:
+    jobs: list[ItemJob]
+    up_to_date: int  # windows already cached and current
+    failed: list[tuple[str, str]]  # (item path, reason)
+    items: int
+
+
+@dataclass
+class CacheReport:
+    """What a caching run did: windows written / skipped, items failed (with reasons)."""
+
+    cached: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    items: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        lines = [f"{self.items} item(s): {self.cached} cache file(s) written, {self.skipped} skipped as up to date, "
+                 f"{len(self.failed)} item(s) failed ({self.seconds:.1f} s)"]
+        lines += [f"  FAILED {src}: {why}" for src, why in self.failed]
+        return "\n".join(lines)
+
+
+def _frame_sequence(ds: DatasetConfig, info, task: Task) -> tuple[list[int] | None, str]:
+    """File frame numbers of the clip's frame sequence (None = all frames) and a description."""
+    if ds.source_fps is None:
+        return None, f"{info.frame_count} frames"
+    if info.is_folder:
+        times = [i / ds.source_fps for i in range(info.frame_count)]
+        seq = resample_indices(times, task.fps)
+    else:
+        scale = (info.fps / ds.source_fps) if info.fps else 1.0
+        seq = resample_indices(info.timestamps, task.fps, time_scale=scale)
+    return seq, f"{len(seq)} frames after resampling {info.frame_count} frames at {ds.source_fps:g} fps to {task.fps} fps"
+
+
+def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str, vae_kind: str,
+              force: bool = False) -> tuple[ItemJob | None, int, str | None]:
+    """Plan one item: ``(job or None, windows up to date, failure reason or None)``."""
+    if item.problem:
+        return None, 0, item.problem
+    try:
+        if ds.kind == "image":
+            w, h = image_size(item.path)
+            info, seq, windows, desc = None, None, [FrameWindow(0, 1)], "image"
+        else:
+            info = probe_video(item.path)
+            w, h = info.width, info.height
+            seq, desc = _frame_sequence(ds, info, task)
+            count = info.frame_count if seq is None else len(seq)
+            windows = frame_windows(count, ds.frame_extraction, ds.target_frames, ds.frame_stride,
+                                    ds.frame_sample, ds.max_frames)
+            if not windows:
+                want = f"max_frames {ds.max_frames}" if ds.frame_extraction == "full" else f"target_frames {list(ds.target_frames)}"
+                return None, 0, (f"{item.path}: clip has {desc}, shorter than every {want} "
+                                 f"({ds.name}); lower target_frames or drop the clip")
+    except MediaError as e:
+        return None, 0, str(e)
+    size = bucket_size(w, h, ds.resolution, task.pixel_unit, ds.enable_bucket, ds.bucket_no_upscale)
+    ident = C.source_identity(item.path)
+    has_y = task.conditioning == "i2v"
+    common = {
+        "format": C.LATENT_FORMAT, **ident, "source_fps": "" if ds.source_fps is None else f"{ds.source_fps:g}",
+        "width": str(size[0]), "height": str(size[1]), "vae": vae_identity, "vae_kind": vae_kind,
+        "task": task.name, "conditioning": task.conditioning, "has_y": "1" if has_y else "0",
+        "dataset": ds.name, "config": str(ds.config_path), "options": C.dumps(ds.shaping_options()),
+    }
+    jobs, current = [], 0
+    planned = set()
+    for win in windows:
+        indices = window_source_indices(win, seq)
+        path = ds.cache_directory / C.latent_cache_name(item.stem, win.start, win.frames, size[0], size[1], vae_kind)
+        planned.add(path.name)
+        meta = {**common, "window_start": str(win.start), "window_frames": str(win.frames),
+                "frame_indices": C.dumps(indices)}
+        if not force and C.stale_reason(path, meta, C.LATENT_CONTENT_KEYS) is None:
+            current += 1
+            continue
+        jobs.append(WindowJob(win, indices, path, meta))
+    stale = [p for p in C.latent_caches_in(ds.cache_directory, vae_kind).get(item.stem, []) if p.name not in planned]
+    job = ItemJob(item, ds.kind, size, jobs, info, stale) if (jobs or stale) else None
+    return job, current, None
+
+
+def plan_latent_caches(config: DatasetGroupConfig, vae_identity: str, vae_kind: str, force: bool = False) -> CachePlan:
+    """Plan every item of every entry (probing only; nothing decoded). See :func:`plan_item`."""
+    jobs, failed, current, n = [], [], 0, 0
+    for ds in config.datasets:
+        for item in list_items(ds):
+            n += 1
+            job, cur, why = plan_item(ds, item, config.task, vae_identity, vae_kind, force)
+            current += cur
+            if why:
+                failed.append((str(item.path), why))
+            elif job:
+                jobs.append(job)
+    return CachePlan(jobs, current, failed, n)
+
+
+def decode_item(job: ItemJob) -> list[np.ndarray]:
+    """Pixels of each window of ``job``: uint8 ``[F, H, W, 3]`` per window, in bucket size.
+
+    Raises:
+        MediaError: the file cannot be decoded.
+    """
+    if job.kind == "image":
+        arr = np.asarray(resize_cover_crop(read_image(job.item.path), job.size))[None]
+        return [arr for _ in job.windows]
+    union = sorted({i for w in job.windows for i in w.indices})
+    frames = read_video_frames(job.item.path, union, size=job.size, info=job.info)
+    pos = {i: k for k, i in enumerate(union)}
+    return [frames[[pos[i] for i in w.indices]] for w in job.windows]
+
+
+def frames_to_video(frames: np.ndarray) -> torch.Tensor:
+    """uint8 ``[F, H, W, 3]`` -> float32 ``[3, F, H, W]`` in [-1, 1]."""
+    x = torch.from_numpy(np.array(frames, dtype=np.uint8)).permute(3, 0, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def i2v_mask(frames: int, h: int, w: int, conditioned: int = 1) -> torch.Tensor:
+    """The I2V mask ``[4, T, h, w]`` (``wan/image2video.py``; ``wan_numerics.md`` §5.4).
+
+    Pixel mask ``m[0..F-1]`` is 1 for the first ``conditioned`` frames, else 0; frame 0 is repeated
+    four times (length ``F + 3 = 4T``), reshaped to ``[T, 4]`` and transposed: channel ``c`` of
+    latent frame ``τ`` is ``m'[4τ + c]``.
+    """
+    m = torch.zeros(frames)
+    m[:conditioned] = 1
+    m = torch.cat([m[:1].repeat(4), m[1:]])
+    t = (frames - 1) // 4 + 1
+    return m.view(t, 4).transpose(0, 1)[:, :, None, None].expand(4, t, h, w).contiguous()
+
+
+def i2v_condition(vae, videos: torch.Tensor) -> torch.Tensor:
+    """``y`` ``[B, 20, T, h, w]`` for videos ``[B, 3, F, H, W]`` in [-1, 1].
+
+    The first frame plus ``F-1`` zero frames go through the VAE (16-channel image latent), the
+    4-channel mask goes first: ``concat([mask, image_latent])``.
+    """
+    cond = torch.zeros_like(videos)
+    cond[:, :, :1] = videos[:, :, :1]
+    lat = vae.encode(cond).float()
+    b, _, t, h, w = lat.shape
+    mask = i2v_mask(videos.shape[2], h, w).to(lat)
+    return torch.cat([mask.unsqueeze(0).expand(b, -1, -1, -1, -1), lat], dim=1)
+
+
+class _DecodeSet(torch.utils.data.Dataset):
+    def __init__(self, jobs: list[ItemJob]):
+        self.jobs = jobs
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, decode_item(self.jobs[i]), None
+        except MediaError as e:
+            return i, None, str(e)
+        except Exception as e:  # noqa: BLE001 - a broken file must not stop the run
+            return i, None, f"{self.jobs[i].item.path}: {type(e).__name__}: {e}"
+
+
+def _collate(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def iter_decoded(jobs: list[ItemJob], num_workers: int):
+    """Yield ``(job_index, frames per window or None, error or None)``, decoded ahead in workers."""
+    ds = _DecodeSet(jobs)
+    if num_workers <= 0:
+        for i in range(len(ds)):
+            yield ds[i]
+        return
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         collate_fn=_collate, worker_init_fn=_worker_init,
+                                         prefetch_factor=2, persistent_workers=False)
+    yield from loader
+
+
+def cache_latents(
+    config: DatasetGroupConfig,
+    vae,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    force: bool = False,
+    debug_mode: str | None = None,
+    progress: bool = True,
+) -> CacheReport:
+    """Build every missing or stale latent cache of ``config``.
+
+    Args:
+        vae: a :class:`wanlora.models.vae.WanVAE` (``encode``, ``identity``, ``kind``); may be
+            ``None`` with ``debug_mode``.
+        batch_size: windows of equal shape encoded together.
+        num_workers: decoding processes (0 decodes in this process).
+        force: rebuild caches that are up to date.
+        debug_mode: ``"video"`` or ``"image"``: write the exact frames that would be trained to
+            ``{cache_directory}/debug/`` (an MP4, or a folder of PNGs, per window) and encode nothing.
+        progress: show a tqdm bar (items/s).
+
+    Returns:
+        :class:`CacheReport`; a failed item is listed with its reason, the others are still cached.
+    """
+    from tqdm import tqdm
+
+    from wanlora.video_io import write_images, write_video
+
+    t0 = time.perf_counter()
+    task = config.task
+    vae_kind = vae.kind if vae is not None else task.vae
+    identity = vae.identity if vae is not None else "debug"
+    if vae is not None and vae.kind != task.vae:
+        raise ValueError(f"--vae is the {vae.kind} VAE but task {task.name} uses the {task.vae} VAE; "
+                         f"pass the {'Wan2.1_VAE.pth' if task.vae == 'wan2.1' else 'Wan2.2_VAE.pth'} file")
+    plan = plan_latent_caches(config, identity, vae_kind, force=force or bool(debug_mode))
+    report = CacheReport(skipped=0 if debug_mode else plan.up_to_date, failed=list(plan.failed), items=plan.items)
+    for src, why in plan.failed:
+        log.warning("skipping %s", why)
+    for job in plan.jobs:  # up to date, only old windows to drop (e.g. fewer target_frames)
+        if not job.windows and not debug_mode:
+            for p in job.stale:
+                p.unlink(missing_ok=True)
+    jobs = [job for job in plan.jobs if job.windows]
+    pending: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    done_windows: dict[int, int] = {}
+    failed_jobs: set[int] = set()
+
+    def finish_item(j: int) -> None:
+        job = jobs[j]
+        if j in failed_jobs or done_windows.get(j, 0) < len(job.windows) or debug_mode:
+            return
+        for p in job.stale:
+            p.unlink(missing_ok=True)
+
+    def flush(key) -> None:
+        entries = pending.pop(key, [])
+        if not entries:
+            return
+        videos = torch.stack([v for _, _, v in entries])
+        try:
+            lat = vae.encode(videos).float().cpu()
+            y = i2v_condition(vae, videos).cpu() if task.conditioning == "i2v" else None
+        except Exception as e:  # noqa: BLE001
+            for j, _, _ in entries:
+                if j not in failed_jobs:
+                    failed_jobs.add(j)
+                    report.failed.append((str(jobs[j].item.path), f"VAE encoding failed: {type(e).__name__}: {e}"))
+            return
+        for b, (j, k, _) in enumerate(entries):
+            if j in failed_jobs:
+                continue
+            wj = jobs[j].windows[k]
+            tensors = {"latents": lat[b].clone()}
+            if y is not None:
+                tensors["y"] = y[b].clone()
+            save_safetensors(tensors, wj.path, metadata=wj.metadata)
+            report.cached += 1
+            done_windows[j] = done_windows.get(j, 0) + 1
+            finish_item(j)
+
+    bar = tqdm(total=len(jobs), unit="item", disable=not progress, desc="caching latents", dynamic_ncols=True)
+    for j, windows, error in iter_decoded(jobs, num_workers):
+        bar.update(1)
+        job = jobs[j]
+        if error is not None:
+            failed_jobs.add(j)
+            report.failed.append((str(job.item.path), error))
+            continue
+        for k, (wj, frames) in enumerate(zip(job.windows, windows)):
+            if debug_mode:
+                out = wj.path.parent / "debug" / wj.path.name.replace(".safetensors", "")
+                if debug_mode == "video":
+                    write_video(out.with_suffix(".mp4"), frames, fps=task.fps)
+                else:
+                    write_images(out, frames)
+                report.cached += 1
+                continue
+            video = frames_to_video(frames)
+            key = tuple(video.shape)
+            pending.setdefault(key, []).append((j, k, video))
+            if len(pending[key]) >= batch_size:
+                flush(key)
+    for key in list(pending):
+        flush(key)
+    bar.close()
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,267 @@
+"""The training dataset: cached latents and text contexts, batched by bucket, resumable.
+
+::
+
+    ds = TrainingDataset("dataset.toml", task="i2v-A14B", seed=42)
+    ds.load_state_dict(saved)                  # resume: {"epoch": 3, "index": 17, ...}
+    for batch in ds.iterate(num_workers=2, max_epochs=10):
+        batch["latents"]   # float32 [B, C, T, h, w]
+        batch["context"]   # list of B float32 [L_i, d_model]
+        batch["y"]         # float32 [B, 20, T, h, w]   (i2v tasks only)
+        batch["keys"]      # list of B cache names (latent file stems)
+        state = ds.state_dict()                # position of the next batch
+
+An *epoch* is every latent cache of every entry, repeated ``num_repeats`` times. Samples are
+grouped by bucket (entry, frame count, width, height) so a batch has one shape; batches hold the
+entry's ``batch_size`` samples (the last batch of a bucket may be smaller). Shuffling inside the
+buckets and of the batch order depends only on ``(seed, epoch)``, so every process and every
+DataLoader worker sees the same order, and a resumed run continues exactly where it stopped.
+
+``ds[position]`` is the batch at global position ``epoch * len(ds) + index``: workers need no
+state, which is what makes the order reproducible with any ``num_workers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from wanlora.dataset import caches as C
+from wanlora.dataset.config import DatasetGroupConfig, load_dataset_config
+from wanlora.dataset.items import list_items
+from wanlora.tasks import Task, get_task
+
+__all__ = ["TrainingDataset", "MissingCachesError", "Sample"]
+
+
+class MissingCachesError(FileNotFoundError):
+    """Caches needed for training are missing or stale; ``problems`` lists each, the message ends
+    with the commands that create them."""
+
+    def __init__(self, problems: list[str], commands: list[str]):
+        self.problems = problems
+        self.commands = commands
+        lines = "\n".join(f"  - {p}" for p in problems)
+        cmds = "\n".join(f"  {c}" for c in commands)
+        super().__init__(f"{len(problems)} cache problem(s):\n{lines}\ncreate the caches with:\n{cmds}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample: a latent cache (one item window) and its text cache."""
+
+    latent: Path
+    text: Path
+    bucket: tuple[int, int, int, int]  # (entry index, frames, width, height)
+    batch_size: int
+
+    @property
+    def key(self) -> str:
+        return self.latent.name[: -len(".safetensors")]
+
+
+def _collate(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class _Positions(torch.utils.data.Sampler):
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    """Batches of cached latents and contexts (see the module docstring).
+
+    Args:
+        config: a :class:`DatasetGroupConfig` or the path of the dataset TOML.
+        task: the ``--task`` (needed with a path; checked against a config's task).
+        seed: shuffling seed.
+        shuffle: False keeps sorted order (buckets in order, samples by name).
+
+    Raises:
+        MissingCachesError: any item without its latent or text cache, or with caches from another
+            VAE kind or without the ``y`` the task needs; all are listed at once, with the
+            ``wanlora-cache-latents`` / ``wanlora-cache-text`` commands that create them.
+    """
+
+    def __init__(self, config: DatasetGroupConfig | str | Path, task: str | Task | None = None,
+                 seed: int = 0, shuffle: bool = True):
+        if not isinstance(config, DatasetGroupConfig):
+            if task is None:
+                raise ValueError("TrainingDataset(path, task=...): the task is needed to read a dataset TOML")
+            config = load_dataset_config(config, task)
+        self.config = config
+        self.task = get_task(task) if task is not None else config.task
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.samples = self._find_samples()
+        self.epoch = 0
+        self.index = 0
+        self._order_cache: dict[int, list[list[int]]] = {}
+        self._n_batches = len(self._batches_of(0))
+
+    # -- discovery --------------------------------------------------------------------------------
+    def _find_samples(self) -> list[Sample]:
+        task = self.task
+        need_y = task.conditioning == "i2v"
+        samples, problems = [], []
+        latent_missing = text_missing = False
+        for ds in self.config.datasets:
+            by_stem = C.latent_caches_in(ds.cache_directory, task.vae)
+            for item in list_items(ds):
+                if item.problem:
+                    problems.append(item.problem)
+                    continue
+                text = ds.cache_directory / C.text_cache_name(item.stem)
+                if not text.is_file():
+                    problems.append(f"{item.path}: no text cache {text.name} in {ds.cache_directory}")
+                    text_missing = True
+                latents = by_stem.get(item.stem, [])
+                if not latents:
+                    problems.append(f"{item.path}: no latent cache {item.stem}_*_{C.vae_tag(task.vae)}.safetensors "
+                                    f"in {ds.cache_directory}")
+                    latent_missing = True
+                    continue
+                for p in latents:
+                    meta = C.read_cache_metadata(p) or {}
+                    if meta.get("format") != C.LATENT_FORMAT:
+                        problems.append(f"{p}: not a wanlora latent cache (unreadable or old format)")
+                        latent_missing = True
+                        continue
+                    if need_y and meta.get("has_y") != "1":
+                        problems.append(f"{p}: made for task {meta.get('task')} without the I2V conditioning 'y' "
+                                        f"that {task.name} needs")
+                        latent_missing = True
+                        continue
+                    info = C.parse_latent_cache_name(p.name)
+                    samples.append(Sample(p, text, (ds.index, info["frames"], info["width"], info["height"]),
+                                          ds.batch_size))
+        if problems:
+            cfg = self.config.path
+            commands = []
+            if latent_missing:
+                vae = "Wan2.1_VAE.pth" if task.vae == "wan2.1" else "Wan2.2_VAE.pth"
+                commands.append(f"wanlora-cache-latents --dataset_config {cfg} --task {task.name} --vae path/to/{vae}")
+            if text_missing:
+                commands.append(f"wanlora-cache-text --dataset_config {cfg} --t5 path/to/models_t5_umt5-xxl-enc-bf16.pth")
+            if not commands:
+                commands.append("fix the items above (captions, file names), then run wanlora-cache-latents and "
+                                "wanlora-cache-text again")
+            raise MissingCachesError(problems, commands)
+        if not samples:
+            raise MissingCachesError([f"{self.config.path}: the dataset has no items"],
+                                     ["add images or clips to the folders named in the dataset config"])
+        return samples
+
+    # -- order --------------------------------------------------------------------------------------
+    def _batches_of(self, epoch: int) -> list[list[int]]:
+        """Sample indices of each batch of ``epoch`` (deterministic in ``(seed, epoch)``)."""
+        if epoch in self._order_cache:
+            return self._order_cache[epoch]
+        rng = np.random.default_rng([self.seed, epoch])
+        repeats = {d.index: d.num_repeats for d in self.config.datasets}
+        buckets: dict[tuple, list[int]] = {}
+        for i, s in enumerate(self.samples):
+            buckets.setdefault(s.bucket, []).extend([i] * repeats[s.bucket[0]])
+        batches: list[list[int]] = []
+        for key in sorted(buckets):
+            idx = np.asarray(buckets[key])
+            if self.shuffle:
+                idx = idx[rng.permutation(len(idx))]
+            bs = self.samples[idx[0]].batch_size
+            batches += [idx[k : k + bs].tolist() for k in range(0, len(idx), bs)]
+        if self.shuffle:
+            batches = [batches[k] for k in rng.permutation(len(batches))]
+        if len(self._order_cache) > 4:
+            self._order_cache.clear()
+        self._order_cache[epoch] = batches
+        return batches
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return self._n_batches
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch (repeats counted)."""
+        return sum(len(b) for b in self._batches_of(0))
+
+    def __getitem__(self, position: int) -> dict:
+        """The batch at global position ``epoch * len(self) + index``."""
+        epoch, index = divmod(int(position), self._n_batches)
+        return self.load_batch([self.samples[i] for i in self._batches_of(epoch)[index]])
+
+    def load_batch(self, samples: list[Sample]) -> dict:
+        """Read and stack the caches of ``samples`` (one bucket)."""
+        lat, ys, ctx = [], [], []
+        for s in samples:
+            t = load_file(str(s.latent))
+            lat.append(t["latents"].float())
+            if self.task.conditioning == "i2v":
+                ys.append(t["y"].float())
+            ctx.append(load_file(str(s.text))["context"].float())
+        batch = {"latents": torch.stack(lat), "context": ctx, "keys": [s.key for s in samples]}
+        if ys:
+            batch["y"] = torch.stack(ys)
+        return batch
+
+    # -- position -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Position of the next batch: ``{"epoch", "index", "seed", "batches_per_epoch"}``."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batches_per_epoch": self._n_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position.
+
+        Raises:
+            ValueError: the saved position does not fit this dataset (index past the epoch's end).
+        """
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if index < 0 or index > self._n_batches or epoch < 0:
+            raise ValueError(f"dataset position epoch={epoch} index={index} does not fit a dataset of "
+                             f"{self._n_batches} batches per epoch (did the dataset change?)")
+        if state.get("batches_per_epoch", self._n_batches) != self._n_batches:
+            import warnings
+
+            warnings.warn(f"the dataset had {state['batches_per_epoch']} batches per epoch when saved, now "
+                          f"{self._n_batches}; resuming at the same epoch and index", stacklevel=2)
+        if index == self._n_batches:
+            epoch, index = epoch + 1, 0
+        self.epoch, self.index = epoch, index
+
+    def epoch_batches(self, num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
+        """Yield the rest of the current epoch's batches; the position advances as each is yielded
+        (so :meth:`state_dict` taken after a step points at the next batch)."""
+        start = self.epoch * self._n_batches + self.index
+        stop = (self.epoch + 1) * self._n_batches
+        if num_workers > 0:
+            loader = torch.utils.data.DataLoader(
+                self, batch_size=None, sampler=_Positions(start, stop), num_workers=num_workers,
+                collate_fn=_collate, worker_init_fn=_worker_init, pin_memory=pin_memory)
+        else:
+            loader = (self[p] for p in range(start, stop))
+        for batch in loader:
+            self.index += 1
+            if self.index >= self._n_batches:
+                self.epoch, self.index = self.epoch + 1, 0
+            yield batch
+
+    def iterate(self, num_workers: int = 0, max_epochs: int | None = None, pin_memory: bool = False) -> Iterator[dict]:
+        """Yield batches from the current position through epoch ``max_epochs - 1`` (forever if None)."""
+        while max_epochs is None or self.epoch < max_epochs:
+            yield from self.epoch_batches(num_workers, pin_memory)
