@@ -52,7 +52,7 @@ def test_docs_show_the_tested_commands():
     for doc in {r.doc for r in RECIPES.values()}:
         assert missing_blocks(ROOT / doc) == [], (
             f"{doc} no longer shows the tested commands; paste the output of "
-            "`python -m wanlora.quickstart`")
+            "`python -m wanlora.quickstart --sync .`")
 
 
 @pytest.mark.slow

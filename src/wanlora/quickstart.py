@@ -10,13 +10,14 @@ by ``python -m wanlora.tiny``, or your downloaded checkpoints laid out the same 
 (a work folder holding ``dataset.toml`` and ``prompts.txt``).
 
 ``python -m wanlora.quickstart`` prints every recipe as Markdown; ``--check FILE`` exits non-zero
-when FILE lacks one of the blocks it should hold.
+when FILE lacks one of the blocks it should hold; ``--sync ROOT`` rewrites the blocks in place
+(after a recipe changed).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ I2V_ONE_EXPERT = Recipe(
         "--lora_weight $WORK/output/myi2v.safetensors "
         "--image_path $WORK/first_frame.png "
         '--prompt "the cat turns its head towards the sea" '
-        "--video_length 17 --infer_steps 8 --seed 42 --save_path $WORK/generated",
+        "--video_size 64 48 --video_length 17 --infer_steps 8 --seed 42 "
+        "--save_path $WORK/generated",
         "wanlora-convert-lora --input $WORK/output/myi2v.safetensors "
         "--output $WORK/comfy/myi2v.safetensors --target comfy",
     ),
@@ -153,16 +155,41 @@ def missing_blocks(path: Path) -> list[str]:
     return [r.name for r in RECIPES.values() if r.doc == rel and render_block(r) not in text]
 
 
+def sync_docs(root: Path) -> list[Path]:
+    """Rewrite each recipe's block (marker line up to the closing fence) in its Markdown file.
+
+    Returns the files that changed. Raises ``ValueError`` when a file lacks a recipe's marker.
+    """
+    changed = []
+    for recipe in RECIPES.values():
+        path = root / recipe.doc
+        text = path.read_text(encoding="utf-8")
+        pattern = re.escape(recipe.marker()) + r"\n```bash\n.*?```"
+        new, n = re.subn(pattern, lambda m: render_block(recipe), text, flags=re.S)
+        if n != 1:
+            raise ValueError(f"{path}: needs exactly one '{recipe.marker()}' followed by a bash block")
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            changed.append(path)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", type=Path, nargs="*", help="Markdown files to check")
+    parser.add_argument("--sync", type=Path, metavar="ROOT",
+                        help="rewrite the recipe blocks of the docs under this repository root")
     args = parser.parse_args(argv)
+    if args.sync:
+        for path in sync_docs(args.sync):
+            print(f"updated {path}")
+        return 0
     if args.check:
         bad = {str(p): missing_blocks(p) for p in args.check}
         bad = {k: v for k, v in bad.items() if v}
         for path, names in bad.items():
-            print(f"{path}: out of date for {', '.join(names)}; paste the blocks printed by "
-                  "`python -m wanlora.quickstart`", file=sys.stderr)
+            print(f"{path}: out of date for {', '.join(names)}; run "
+                  "`python -m wanlora.quickstart --sync .`", file=sys.stderr)
         return 1 if bad else 0
     for r in RECIPES.values():
         print(f"### {r.title}  ({r.doc})\n\n{render_block(r)}\n")
