@@ -1,0 +1,274 @@
+"""Wan2.2 A14B experts in training: which LoRAs train, on which timesteps, and weight swapping.
+
+The A14B models are two DiTs of identical shape: the high-noise expert serves timesteps
+``t >= boundary·1000`` and the low-noise expert the rest (T2V boundary 0.875, I2V 0.9;
+``reference/wan_numerics.md`` §9.4). A run trains one of these layouts (:func:`plan_experts`):
+
+=============  ===================================  ===============================================
+mode           flags                                what trains
+=============  ===================================  ===============================================
+``single``     TI2V-5B / Wan2.1 ``--dit``           one LoRA, all timesteps of the configured law
+``one``        A14B ``--dit`` + ``--expert``        one LoRA inside that expert's range
+               (or a path naming the expert)
+``separate``   ``--dit LOW --dit_high_noise HIGH``  two LoRAs, one per expert (the default)
+``shared``     ... ``--expert_lora shared``         one LoRA used by both experts
+=============  ===================================  ===============================================
+
+With both experts each optimizer step (or each ``--expert_switch_every`` group of steps) draws
+one expert with probability equal to the configured timestep law's mass on its side of the
+boundary, then samples the batch's timesteps inside that expert's range, so over the run the
+timesteps follow exactly the configured law (:class:`ExpertSchedule`). The draw depends only
+on the seed and the group index, so every process draws the same expert and a resumed run
+draws what the uninterrupted one would have.
+
+Both experts share one ``WanDiT`` module on the accelerator; :class:`ExpertWeights` swaps the
+base weights in place (rebinding on the device, or copying in from pinned CPU memory with
+``--offload_inactive_dit``). The LoRA adapters hook the module's Linear layers; the inactive
+expert's LoRA is disabled, so it neither changes the output nor receives gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .tasks import EXPERTS, Task
+
+__all__ = [
+    "ExpertPlan",
+    "plan_experts",
+    "expert_from_path",
+    "normalize_expert",
+    "boundary_timestep",
+    "ExpertSchedule",
+    "ExpertWeights",
+    "ExpertView",
+]
+
+log = logging.getLogger(__name__)
+
+
+def normalize_expert(name: str | None) -> str | None:
+    """``high``/``high_noise`` -> ``high_noise``, ``low``/``low_noise`` -> ``low_noise``, None -> None.
+
+    Raises:
+        ValueError: any other name.
+    """
+    if name is None:
+        return None
+    key = name.lower().replace("-", "_")
+    if key in ("high", "high_noise"):
+        return "high_noise"
+    if key in ("low", "low_noise"):
+        return "low_noise"
+    raise ValueError(f"--expert {name!r}: use high or low")
+
+
+def expert_from_path(path: str | Path) -> str | None:
+    """The expert a checkpoint path names: ``high_noise``/``low_noise`` (also ``high-noise``)
+    anywhere in the path, or None when it names neither or both."""
+    s = str(path).lower().replace("-", "_")
+    found = [e for e in EXPERTS if e in s]
+    return found[0] if len(found) == 1 else None
+
+
+def boundary_timestep(task: Task, override: float | None) -> float | None:
+    """The expert boundary on 0..1000: ``--timestep_boundary`` (0..1 as a fraction, above 1 as
+    a timestep) or the task's (875 / 900); None for single-model tasks.
+
+    Raises:
+        ValueError: an override for a single-model task, or outside (0, 1000).
+    """
+    if override is None:
+        return task.boundary_timestep
+    if not task.has_experts:
+        raise ValueError(f"--timestep_boundary: task {task.name} has no experts; leave it out")
+    b = float(override) * 1000.0 if float(override) <= 1.0 else float(override)
+    if not 0.0 < b < 1000.0:
+        raise ValueError(f"--timestep_boundary {override}: give 0..1 (0.875) or 0..1000 (875), inside the ends")
+    return b
+
+
+@dataclass
+class ExpertPlan:
+    """What a run trains (module docstring table).
+
+    Attributes:
+        mode: ``single`` | ``one`` | ``separate`` | ``shared``.
+        dit_paths: ``{expert: checkpoint}`` of the DiTs to load (key None for ``single``).
+        loras: the trained LoRAs as ``{lora_key: experts it serves}``; lora_key is an expert
+            name (``one``/``separate``) or None (``single``/``shared``).
+        ranges: ``{expert: (lo, hi)}`` timesteps on 0..1000 each expert trains on (key None
+            for ``single``: the whole law).
+        boundary: the boundary timestep (None for single-model tasks).
+    """
+
+    mode: str
+    dit_paths: dict
+    loras: dict
+    ranges: dict
+    boundary: float | None = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def experts(self) -> list:
+        """The experts (DiT keys) this run uses, in the sampler's order."""
+        return list(self.dit_paths)
+
+    def lora_for(self, expert: str | None):
+        """The LoRA key trained when ``expert`` is active."""
+        for key, served in self.loras.items():
+            if expert in served:
+                return key
+        raise KeyError(expert)
+
+    def file_suffix(self, lora_key) -> str:
+        """``_high_noise`` / ``_low_noise`` for the two-LoRA layout, else ``""``."""
+        return f"_{lora_key}" if self.mode == "separate" else ""
+
+    def metadata_expert(self, lora_key) -> str | None:
+        """``wan.expert`` for a LoRA: its expert, ``both`` (shared), None (single-model task)."""
+        if self.mode in ("one", "separate"):
+            return lora_key
+        return "both" if self.mode == "shared" else None
+
+
+def plan_experts(task: Task, dit: str, dit_high_noise: str | None = None, expert: str | None = None,
+                 expert_lora: str = "separate", timestep_boundary: float | None = None) -> ExpertPlan:
+    """Decide the layout of a run from the flags (module docstring).
+
+    Raises:
+        ValueError: expert flags on a single-model task; an A14B ``--dit`` alone whose expert is
+            neither given nor in its path; ``--expert`` together with ``--dit_high_noise``.
+    """
+    b = boundary_timestep(task, timestep_boundary)
+    if not task.has_experts:
+        if dit_high_noise or expert:
+            raise ValueError(f"task {task.name} is a single model: leave out --dit_high_noise and --expert")
+        return ExpertPlan("single", {None: dit}, {None: (None,)}, {None: (0.0, 1000.0)})
+    ranges = {"high_noise": (b, 1000.0), "low_noise": (0.0, b)}
+    if dit_high_noise:
+        if expert:
+            raise ValueError("--expert picks one expert; with --dit_high_noise both train. Drop one of them")
+        paths = {"high_noise": dit_high_noise, "low_noise": dit}
+        if expert_lora == "shared":
+            return ExpertPlan("shared", paths, {None: tuple(EXPERTS)}, ranges, b)
+        return ExpertPlan("separate", paths, {e: (e,) for e in EXPERTS}, ranges, b)
+    notes = []
+    e = normalize_expert(expert)
+    if e is None:
+        e = expert_from_path(dit)
+        if e is None:
+            raise ValueError(
+                f"task {task.name} has two experts and --dit {dit} names neither: add --expert high "
+                "or --expert low (or --dit_high_noise HIGH to train both)")
+        notes.append(f"expert {e} detected from the --dit path {dit}")
+    elif expert_from_path(dit) not in (None, e):
+        notes.append(f"warning: --expert {e} but the --dit path {dit} names {expert_from_path(dit)}")
+    return ExpertPlan("one", {e: dit}, {e: (e,)}, {e: ranges[e]}, b, notes)
+
+
+class ExpertSchedule:
+    """Which expert trains on each optimizer step (both-experts runs).
+
+    The expert of step ``s`` is drawn once per group ``s // switch_every`` with
+    ``P(high_noise) = p_high``, from a generator seeded with ``(seed, group)`` — stateless, the
+    same on every process and after a resume.
+
+    Args:
+        p_high: probability of the high-noise expert (``sampler.mass(boundary, 1000)``).
+        switch_every: optimizer steps per draw (>= 1).
+        seed: the run's seed.
+    """
+
+    def __init__(self, p_high: float, switch_every: int = 1, seed: int = 0):
+        if switch_every < 1:
+            raise ValueError(f"--expert_switch_every must be >= 1, got {switch_every}")
+        self.p_high = float(p_high)
+        self.switch_every = int(switch_every)
+        self.seed = int(seed)
+
+    def expert_at(self, step: int) -> str:
+        """The expert of optimizer step ``step`` (0-based)."""
+        group = step // self.switch_every
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + group * 7919 + 17) % (2**63))
+        return "high_noise" if torch.rand((), generator=g).item() < self.p_high else "low_noise"
+
+
+class ExpertWeights:
+    """Several experts' frozen base weights behind one ``WanDiT`` module.
+
+    Args:
+        module: the DiT (its parameters currently hold ``first``'s weights, on ``device``).
+        first: the expert whose weights the module holds.
+        others: ``{expert: state_dict}`` of the other experts (same keys and shapes).
+        offload: keep every expert's weights in (pinned, when CUDA is available) CPU memory and
+            copy the active one into the module; otherwise every expert stays on the device and
+            swapping only rebinds tensors.
+
+    :meth:`activate` swaps in place: parameter objects (and the LoRA hooks on their modules)
+    stay the same, only their data changes.
+
+    Raises:
+        ValueError: a state dict with missing/extra keys or other shapes (listed).
+    """
+
+    def __init__(self, module: torch.nn.Module, first: str | None, others: dict, offload: bool = False):
+        self.module = module
+        self.active = first
+        self.offload = offload
+        own = dict(module.named_parameters())
+        self.device = next(iter(own.values())).device
+        pin = torch.cuda.is_available()
+        self.store: dict = {}
+        for name, sd in others.items():
+            bad = sorted(set(sd) ^ set(own)) + [k for k in own if k in sd and sd[k].shape != own[k].shape]
+            if bad:
+                raise ValueError(f"expert {name}: its DiT does not match the other expert's "
+                                 f"({len(bad)} keys differ, e.g. {bad[:3]}); both must be the same task")
+            self.store[name] = {k: self._park(sd[k].to(own[k].dtype), pin) for k in own}
+        if len(others) and first is not None:
+            self.store[first] = ({k: self._park(p.data, pin) for k, p in own.items()}
+                                 if offload else {k: p.data for k, p in own.items()})
+
+    def _park(self, t: torch.Tensor, pin: bool) -> torch.Tensor:
+        if not self.offload:
+            return t.to(self.device)
+        t = t.detach()
+        return t.to("cpu").pin_memory() if pin else t.to("cpu", copy=True).contiguous()
+
+    def activate(self, expert: str | None) -> bool:
+        """Make ``expert``'s weights the module's; returns True when weights were swapped."""
+        if expert == self.active or expert not in self.store:
+            return False
+        src = self.store[expert]
+        for k, p in self.module.named_parameters():
+            if self.offload:
+                p.data.copy_(src[k], non_blocking=True)
+            else:
+                p.data = src[k]
+        if self.offload and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.active = expert
+        return True
+
+
+class ExpertView(torch.nn.Module):
+    """One expert of a shared DiT module as a callable model (for the sampling pipeline).
+
+    ``view(x, timestep, context, y)`` first calls ``activate(expert)`` (swap in the expert's
+    weights, enable its LoRA), then runs the module. Holds no parameters of its own.
+    """
+
+    def __init__(self, module: torch.nn.Module, expert: str | None, activate):
+        super().__init__()
+        self._module = [module]  # not a submodule: eval()/train() on the view leave the DiT alone
+        self.expert = expert
+        self._activate = activate
+
+    def forward(self, x, timestep, context, y=None):
+        self._activate(self.expert)
+        return self._module[0](x, timestep, context, y)

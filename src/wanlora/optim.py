@@ -1,0 +1,158 @@
+"""Optimizers and learning-rate schedules, by the names users pass on the command line.
+
+``--optimizer_type``: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes), ``adafactor``
+(transformers), or any importable ``module.Class`` taking ``(params, lr=..., **kwargs)``;
+``--optimizer_args key=value ...`` become keyword arguments (values read as Python literals:
+``weight_decay=0.01``, ``betas=(0.9,0.99)``, ``relative_step=False``).
+
+``--lr_scheduler``: the usual schedules as a multiplier ``f(step)`` of the base learning rate
+(``torch.optim.lr_scheduler.LambdaLR``), with ``W`` warm-up steps and ``N`` total steps:
+
+* ``constant``: 1 (warm-up ignored); ``constant_with_warmup``: ``step/W`` then 1;
+* ``linear``: warm-up, then ``(N - step)/(N - W)`` down to 0;
+* ``cosine``: warm-up, then ``0.5·(1 + cos(π·p))`` with ``p = (step - W)/(N - W)``;
+* ``cosine_with_restarts``: warm-up, then cosine restarted ``num_cycles`` times;
+* ``polynomial``: warm-up, then ``(1 - p)^power`` (to 0).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import logging
+import math
+from typing import Callable, Iterable
+
+import torch
+
+__all__ = ["parse_kv_args", "build_optimizer", "build_lr_scheduler", "lr_lambda", "SCHEDULERS"]
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def parse_kv_args(items: Iterable[str] | None, flag: str = "--optimizer_args") -> dict:
+    """``["weight_decay=0.01", "betas=(0.9,0.99)"]`` -> ``{"weight_decay": 0.01, "betas": (0.9, 0.99)}``.
+
+    A value that is not a Python literal stays a string (``foo=bar`` -> ``"bar"``).
+
+    Raises:
+        ValueError: an item without ``=`` (names the flag and the item).
+    """
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{flag}: '{item}' is not key=value (e.g. {flag} weight_decay=0.01)")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _resolve_optimizer_class(name: str):
+    key = name.lower()
+    if key in ("adamw", "adam_w"):
+        return torch.optim.AdamW
+    if key in ("adamw8bit", "adamw_8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError(
+                "--optimizer_type adamw8bit needs bitsandbytes: pip install 'wanlora[bnb]' "
+                "(or pip install bitsandbytes), or use --optimizer_type adamw"
+            ) from None
+        return bnb.optim.AdamW8bit
+    if key == "adafactor":
+        try:
+            from transformers.optimization import Adafactor
+        except ImportError:
+            raise ImportError("--optimizer_type adafactor needs transformers: pip install transformers") from None
+        return Adafactor
+    if "." in name:
+        module, _, cls = name.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--optimizer_type {name}: cannot import {cls} from {module} ({e})") from None
+    raise ValueError(
+        f"--optimizer_type {name!r}: use adamw, adamw8bit, adafactor, or a module.Class such as "
+        "torch.optim.SGD"
+    )
+
+
+def build_optimizer(name: str, params, lr: float, optimizer_args: Iterable[str] | dict | None = None):
+    """The optimizer ``name`` over ``params`` (tensors or param-group dicts with their own ``lr``).
+
+    Adafactor with a fixed learning rate gets ``relative_step=False, scale_parameter=False``
+    unless ``--optimizer_args`` says otherwise (otherwise it ignores ``lr``).
+
+    Raises:
+        ImportError: the optimizer's package is missing (names the pip command).
+        ValueError: an unknown name, or arguments the optimizer rejects (named).
+    """
+    kwargs = optimizer_args if isinstance(optimizer_args, dict) else parse_kv_args(optimizer_args)
+    cls = _resolve_optimizer_class(name)
+    if name.lower() == "adafactor":
+        kwargs.setdefault("relative_step", False)
+        kwargs.setdefault("scale_parameter", False)
+        kwargs.setdefault("warmup_init", False)
+    try:
+        opt = cls(params, lr=lr, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"--optimizer_type {name} with --optimizer_args {kwargs}: {e}") from None
+    log.info("optimizer: %s(lr=%g%s)", cls.__name__, lr, "".join(f", {k}={v}" for k, v in kwargs.items()))
+    return opt
+
+
+def lr_lambda(name: str, warmup_steps: int, total_steps: int, num_cycles: int = 1,
+              power: float = 1.0) -> Callable[[int], float]:
+    """The learning-rate multiplier ``f(step)`` of schedule ``name`` (module docstring).
+
+    Raises:
+        ValueError: an unknown schedule name (lists the valid ones).
+    """
+    W, N = int(warmup_steps), max(int(total_steps), 1)
+
+    def warm(step: int) -> float | None:
+        return step / W if step < W else None
+
+    def progress(step: int) -> float:
+        return min(max((step - W) / max(N - W, 1), 0.0), 1.0)
+
+    if name == "constant":
+        return lambda step: 1.0
+    if name == "constant_with_warmup":
+        return lambda step: warm(step) if step < W else 1.0
+    if name == "linear":
+        return lambda step: warm(step) if step < W else 1.0 - progress(step)
+    if name == "cosine":
+        return lambda step: warm(step) if step < W else 0.5 * (1.0 + math.cos(math.pi * progress(step)))
+    if name == "cosine_with_restarts":
+        def f(step: int) -> float:
+            if step < W:
+                return warm(step)
+            p = progress(step)
+            if p >= 1.0:
+                return 0.0
+            return 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * p) % 1.0)))
+        return f
+    if name == "polynomial":
+        return lambda step: warm(step) if step < W else (1.0 - progress(step)) ** power
+    raise ValueError(f"--lr_scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+
+
+def build_lr_scheduler(name: str, optimizer, warmup_steps: float, total_steps: int,
+                       num_cycles: int = 1, power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` for ``optimizer``; ``warmup_steps`` below 1 is a fraction of ``total_steps``.
+
+    The schedule counts optimizer steps of *this* optimizer's owner as the trainer steps it
+    (the trainer steps every expert's schedule on every global step, so learning rates follow
+    the global step whichever expert was active).
+    """
+    if 0 < warmup_steps < 1:
+        warmup_steps = int(round(warmup_steps * total_steps))
+    f = lr_lambda(name, int(warmup_steps), total_steps, num_cycles, power)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)

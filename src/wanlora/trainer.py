@@ -1,0 +1,712 @@
+"""The training loop: LoRA on a Wan DiT with flow matching, on Accelerate.
+
+Read :func:`train` top to bottom: setup (accelerator, experts, data, model, LoRAs, optimizers),
+then the loop — per optimizer step pick the expert, per batch sample timesteps and noise,
+predict the velocity, regress ``noise - x0``, step, log, save, sample — then the final save.
+
+Facts the loop relies on:
+
+* Flow matching (``reference/wan_numerics.md`` §9.10, :mod:`wanlora.flow`):
+  ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``, the DiT is fed ``t = 1000·σ``. The loss is the
+  mean squared error in float32, per sample weighted by ``--weighting_scheme``.
+* I2V-A14B feeds the cached ``y`` (mask + image latent, §5), the same for every timestep.
+  TI2V-5B image-to-video (``--ti2v_first_frame``): latent frame 0 of ``x_t`` is the clean latent,
+  its timestep is 0 (a per-frame timestep ``[B, F]``, §6.3) and it is left out of the loss.
+* Experts (:mod:`wanlora.experts`): each optimizer step trains one expert's LoRA on timesteps
+  of that expert's range; the other LoRA is disabled and its optimizer does not step, so its
+  weights and optimizer state stay exactly as they were.
+* Randomness is derived from ``(seed, step, micro-batch, process)`` at each use, so a resumed run
+  draws the same noise, timesteps and experts as an uninterrupted one; ``--save_state`` writes
+  optimizer, scheduler, RNG and data position (``accelerator.save_state`` plus
+  ``train_state.json``), always to a temporary folder renamed into place.
+* Multi-process (``accelerate launch --multi_gpu`` or ``torchrun``, gloo on CPU): each LoRA is
+  wrapped in a small module whose forward calls the DiT, and that wrapper is what Accelerate
+  prepares (DDP over the LoRA parameters only; the frozen DiT is never wrapped).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import flow
+from .experts import ExpertPlan, ExpertSchedule, ExpertView, ExpertWeights, plan_experts
+from .io_utils import write_json
+from .optim import build_lr_scheduler, build_optimizer, parse_kv_args
+from .tasks import Task, get_task
+
+__all__ = ["train", "TrainState", "LoRAForward", "flow_matching_loss", "NonFiniteLossError",
+           "DTYPES", "step_generator"]
+
+log = logging.getLogger("wanlora.train")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; the state was saved (path in the message)."""
+
+
+@dataclass
+class TrainState:
+    """The loop's position, saved as ``train_state.json`` in every state folder.
+
+    ``global_step`` counts optimizer steps taken; ``epoch`` is 0-based; ``batch_in_epoch`` is the
+    number of this process's batches already consumed in that epoch.
+    """
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    seed: int = 0
+    nonfinite_in_row: int = 0
+    losses: list = field(default_factory=list)  # (step, expert, loss of all processes, this process's)
+
+
+class LoRAForward(nn.Module):
+    """What Accelerate prepares: one LoRA network plus a forward that runs the (frozen) DiT.
+
+    ``forward(dit, x, timestep, context, y)`` simply calls ``dit(x, timestep, context, y)``: the
+    LoRA hooks inside the DiT add the adapters' deltas. Passing the DiT as an argument keeps it
+    out of this module, so DDP synchronizes only the LoRA parameters and never copies the base.
+    """
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, dit, x, timestep, context, y=None):
+        return dit(x, timestep, context, y)
+
+
+def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
+    """The CPU generator of one micro-batch: seeded from (seed, optimizer step, micro-batch index,
+    process index), so draws never depend on how the run got there (resume-exact)."""
+    s = (seed * 1_000_003 + step * 10_007 + micro * 101 + process * 7 + 1) % (2**63)
+    return torch.Generator().manual_seed(s)
+
+
+def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepSampler, lo: float, hi: float,
+                       generator: torch.Generator, device, weighting_scheme: str = "none",
+                       first_frame_prob: float = 0.0):
+    """One batch's flow-matching loss (module docstring).
+
+    Args:
+        model_fn: ``(x_t, timestep, context, y) -> v`` — the DiT with LoRA.
+        batch: ``latents [B, C, F, h, w]``, ``context`` (list of ``[L_i, d]``), optional ``y``.
+        sampler: the timestep law; ``lo``/``hi`` restrict it to the active expert's range.
+        generator: CPU generator for noise, timesteps and the first-frame draw (in that order).
+        first_frame_prob: TI2V image-to-video — probability per sample that latent frame 0 is
+            clean at timestep 0 and masked out of the loss.
+    Returns:
+        ``(loss scalar float32, timesteps [B] float32 on CPU)``.
+    """
+    x0 = batch["latents"].to(device=device, dtype=torch.float32)
+    b, _, f, h, w = x0.shape
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    if sampler.method == "flux_shift":
+        sampler = sampler.with_latent_size(h, w)
+    t = sampler.sample(b, generator, lo, hi)  # [B] on 0..1000, float32, CPU
+    sigma = flow.timestep_to_sigma(t).to(device)
+    x_t = flow.add_noise(x0, noise, sigma)
+    target = flow.flow_target(x0, noise)
+    timestep = t.to(device)
+    keep = None  # [B, 1, F, 1, 1] loss mask, or None
+    if first_frame_prob > 0 and f > 1:  # a single-frame item (an image) trains as text-to-image
+        cond = (torch.rand(b, generator=generator) < first_frame_prob).to(device)
+        if bool(cond.any()):
+            x_t[cond, :, 0] = x0[cond, :, 0]
+            timestep = timestep[:, None].repeat(1, f)
+            timestep[cond, 0] = 0.0
+            keep = torch.ones(b, 1, f, 1, 1, device=device)
+            keep[cond, :, 0] = 0.0
+    y = batch.get("y")
+    if y is not None:
+        y = y.to(device=device, dtype=torch.float32)
+    pred = model_fn(x_t, timestep, batch["context"], y)
+    err = (pred.float() - target) ** 2
+    if keep is None:
+        per_sample = err.mean(dim=(1, 2, 3, 4))
+    else:
+        per_sample = (err * keep).sum(dim=(1, 2, 3, 4)) / (keep.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel())
+    weights = flow.loss_weighting(weighting_scheme, sigma)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean(), t
+
+
+# ------------------------------------------------------------------------------------------
+# setup helpers (each used once, in train())
+
+
+def _dit_dtype(args, mixed_precision: str) -> torch.dtype:
+    if args.dit_dtype:
+        return DTYPES[args.dit_dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+class EpochPositions(torch.utils.data.Sampler):
+    """The positions of one epoch's batches: ``epoch * n + i`` for ``i < n`` (the training
+    dataset's global positions, ``wanlora.dataset.TrainingDataset.__getitem__``). The sampler
+    runs in the main process, so setting :attr:`epoch` also works with persistent workers."""
+
+    def __init__(self, n: int):
+        self.n, self.epoch = n, 0
+
+    def __iter__(self):
+        return iter(range(self.epoch * self.n, (self.epoch + 1) * self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _build_dataloader(args, task: Task, dataset=None):
+    """The batch dataset in a DataLoader of batch size 1 (its items are already batches).
+
+    ``dataset`` defaults to ``wanlora.dataset.TrainingDataset(--dataset_config)``; any other
+    must follow its contract: ``len(ds)`` batches per epoch and ``ds[epoch * len(ds) + i]`` =
+    batch ``i`` of epoch ``epoch``, deterministic.
+    """
+    if dataset is None:
+        from .dataset import TrainingDataset
+
+        dataset = TrainingDataset(args.dataset_config, task=task, seed=args.seed)
+    positions = EpochPositions(len(dataset))
+    workers = args.max_data_loader_n_workers or 0
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=1, sampler=positions, collate_fn=_unbatch, num_workers=workers,
+        persistent_workers=bool(args.persistent_data_loader_workers and workers > 0),
+    )
+    return positions, loader
+
+
+def _unbatch(items):
+    return items[0]
+
+
+def _load_dit_and_experts(args, task: Task, plan: ExpertPlan, device, dtype, load_dit=None):
+    """One DiT module (first expert's weights, on ``device``) and the expert weight store."""
+    if load_dit is None:
+        from .models import load_dit
+    experts = plan.experts
+    first = "low_noise" if "low_noise" in experts else experts[0]
+    t0 = time.perf_counter()
+    dit = load_dit(plan.dit_paths[first], task=task.name, dtype=dtype, device=device, attn_mode=args.attn_mode)
+    others = {}
+    for e in experts:
+        if e != first:
+            other = load_dit(plan.dit_paths[e], task=task.name, dtype=dtype, device="cpu",
+                             attn_mode=args.attn_mode)
+            others[e] = {k: v.detach() for k, v in other.named_parameters()}
+            del other
+    weights = ExpertWeights(dit, first, others, offload=args.offload_inactive_dit)
+    dit.requires_grad_(False)
+    dit.set_gradient_checkpointing(bool(args.gradient_checkpointing))
+    dit.train()  # no dropout in Wan; train() for checkpointing
+    log.info("DiT loaded in %.1fs (%s, %s)%s", time.perf_counter() - t0, dtype, ", ".join(
+        f"{e or 'model'}: {plan.dit_paths[e]}" for e in experts),
+        " — inactive expert offloaded to CPU" if others and args.offload_inactive_dit else "")
+    return dit, weights
+
+
+def _build_network(args, module, lora_key, dit):
+    """Create one LoRA network on the DiT (per-expert rank/alpha for the high-noise LoRA)."""
+    net_kwargs = parse_kv_args(args.network_args, "--network_args")
+    net_kwargs = {k: (v if isinstance(v, str) else str(v)) for k, v in net_kwargs.items()}
+    high = lora_key == "high_noise"
+    weights_file = args.network_weights_high_noise if high else args.network_weights
+    dim = args.network_dim_high_noise if high and args.network_dim_high_noise else args.network_dim
+    alpha = args.network_alpha_high_noise if high and args.network_alpha_high_noise is not None else args.network_alpha
+    if weights_file and args.dim_from_weights:
+        network, sd = module.create_network_from_weights(1.0, weights_file, None, None, dit, **net_kwargs)
+    else:
+        network = module.create_network(1.0, dim, alpha, None, None, dit,
+                                        neuron_dropout=args.network_dropout, **net_kwargs)
+    network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
+    if weights_file:
+        network.load_weights(weights_file)
+        log.info("LoRA %s: starting from %s", lora_key or "", weights_file)
+    if hasattr(network, "prepare_network"):
+        network.prepare_network(args)
+    return network
+
+
+def _lora_rank_alpha(network, args, lora_key) -> tuple[int, float]:
+    mods = getattr(network, "unet_loras", None)
+    if mods:
+        return int(mods[0].lora_dim), float(mods[0].alpha.item())
+    high = lora_key == "high_noise"
+    return (args.network_dim_high_noise or args.network_dim if high else args.network_dim,
+            args.network_alpha_high_noise if high and args.network_alpha_high_noise is not None else args.network_alpha)
+
+
+def _set_active(networks: dict, active) -> None:
+    for key, net in networks.items():
+        if hasattr(net, "set_enabled"):
+            net.set_enabled(key == active)
+        else:
+            net.set_multiplier(1.0 if key == active else 0.0)
+
+
+def _atomic_state_dir(accelerator, final: Path, train_state: TrainState) -> Path:
+    """``accelerator.save_state`` into ``final`` via a temporary folder renamed into place."""
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        write_json(tmp / "train_state.json", asdict(train_state))
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(output_dir: Path, pattern: str, keep) -> None:
+    """Remove saves (files or state folders) whose name matches ``pattern`` (one int group) and
+    whose number fails ``keep(number)``."""
+    rx = re.compile(pattern)
+    for p in sorted(output_dir.iterdir()):
+        m = rx.fullmatch(p.name)
+        if m and not keep(int(m.group(1))):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            log.info("removed old save %s", p.name)
+
+
+def _show_timesteps(args, task, sampler, plan) -> None:
+    """``--show_timesteps``: print or plot the distribution (per expert) and return."""
+    b = plan.boundary if plan.mode in ("separate", "shared") else None
+    if args.show_timesteps == "image":
+        out = Path(args.output_dir or ".") / f"{args.output_name}_timesteps.png"
+        flow.plot_timestep_distribution(sampler, out, boundary=b)
+        print(f"timestep distribution written to {out}")
+        return
+    g = torch.Generator().manual_seed(0)
+    lines = [f"timestep distribution: {sampler.describe()}"]
+    for e, (lo, hi) in plan.ranges.items():
+        lines.append(f"  {e or 'model'}: range {lo:g}..{hi:g}, probability {sampler.mass(lo, hi):.4f}")
+    ts = torch.cat([sampler.sample(int(20000 * max(sampler.mass(lo, hi), 1e-9)) or 1, g, lo, hi)
+                    for lo, hi in plan.ranges.values() if sampler.mass(lo, hi) > 0])
+    hist = torch.histc(ts, bins=20, min=0, max=1000)
+    for i, c in enumerate(hist.tolist()):
+        lines.append(f"  {i * 50:4d}-{i * 50 + 50:4d} {'#' * int(60 * c / max(hist.max().item(), 1))}")
+    print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
+    """Train as the parsed ``args`` say (:mod:`wanlora.train_args`); returns the final state.
+
+    Args:
+        args: the namespace of :func:`wanlora.train_args.parse_args`.
+        dataset: a batch dataset to use instead of ``--dataset_config`` (tests, benchmarks),
+            with the contract of :func:`_build_dataloader`.
+        load_dit: a replacement for :func:`wanlora.models.load_dit` (same signature).
+        sample_fn: ``sample_fn(step, epoch, networks)`` replacing the samples of
+            ``--sample_prompts`` (default: :func:`_make_sampler`).
+    Raises:
+        NonFiniteLossError: ``--max_nonfinite_steps`` non-finite losses in a row (state saved).
+        ValueError: inconsistent flags (named).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+    task = get_task(args.task)
+    plan = plan_experts(task, args.dit, args.dit_high_noise, args.expert, args.expert_lora,
+                        args.timestep_boundary)
+    if args.ti2v_first_frame and task.conditioning != "ti2v":
+        raise ValueError(f"--ti2v_first_frame is for --task ti2v-5B; {task.name} "
+                         + ("takes its first frame from the cached y" if task.conditioning == "i2v"
+                            else "is text-to-video"))
+    if not 0.0 <= args.ti2v_first_frame <= 1.0:
+        raise ValueError(f"--ti2v_first_frame {args.ti2v_first_frame}: a probability in [0, 1]")
+    sampler = flow.TimestepSampler.from_args(args)
+    if args.show_timesteps:
+        _show_timesteps(args, task, sampler, plan)
+        return TrainState()
+
+    # ---- accelerator, seed, logging
+    log_with = "tensorboard" if args.logging_dir and args.log_with == "tensorboard" else None
+    # torchrun / mpirun without GPUs: Accelerate runs several CPU processes (gloo) only when told
+    # cpu=True; `accelerate launch --cpu` says so through ACCELERATE_USE_CPU.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # module dropout skips whole adapters on a step, which DDP must be told about
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=any(
+        a.startswith("module_dropout") for a in args.network_args or []))
+    accelerator = Accelerator(
+        cpu=multi_cpu,
+        kwargs_handlers=[ddp],
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(args.output_dir),
+                                            logging_dir=str(args.logging_dir) if args.logging_dir else None),
+    )
+    saved = None
+    if args.resume:
+        state_file = Path(args.resume) / "train_state.json"
+        if not state_file.is_file():
+            raise ValueError(f"--resume {args.resume}: no train_state.json there; give a folder written "
+                             "by --save_state (OUTPUT_DIR/NAME-stepXXXXXXXX-state)")
+        saved = json.loads(state_file.read_text())
+        args.seed = saved["seed"]
+    if args.seed is None:
+        args.seed = random.randint(0, 2**31 - 1)
+        log.info("no --seed given; using %d", args.seed)
+    set_seed(args.seed)
+    device, rank = accelerator.device, accelerator.process_index
+    main = accelerator.is_main_process
+    if not main:  # one process speaks; the others only warn
+        logging.getLogger("wanlora").setLevel(logging.WARNING)
+    output_dir = Path(args.output_dir)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    for note in plan.notes:
+        log.info(note)
+    log.info("task %s, %s: %s", task.name, plan.mode, ", ".join(
+        f"{e or 'model'} t in [{lo:g}, {hi:g})" for e, (lo, hi) in plan.ranges.items()))
+
+    # ---- data
+    positions, loader = _build_dataloader(args, task, dataset)
+    loader = accelerator.prepare(loader)
+    accum = args.gradient_accumulation_steps
+    steps_per_epoch = max(math.ceil(len(loader) / accum), 1)
+    max_steps = args.max_train_steps
+    if args.max_train_epochs:
+        max_steps = args.max_train_epochs * steps_per_epoch
+    log.info("%d batches per epoch per process, %d optimizer steps per epoch, %d steps (%d epochs)",
+             len(loader), steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch))
+
+    # ---- model and experts
+    dit_dtype = _dit_dtype(args, accelerator.mixed_precision)
+    dit, expert_weights = _load_dit_and_experts(args, task, plan, device, dit_dtype, load_dit)
+
+    # ---- LoRA networks, optimizers, schedulers (one set per trained LoRA)
+    from .networks import resolve_network_module
+
+    module = resolve_network_module(args.network_module)
+    networks, wrappers, optimizers, schedulers = {}, {}, {}, {}
+    for key in plan.loras:
+        net = _build_network(args, module, key, dit).to(device)
+        lr = args.learning_rate_high_noise if key == "high_noise" and args.learning_rate_high_noise else args.learning_rate
+        groups, _ = net.prepare_optimizer_params(unet_lr=lr)
+        opt = build_optimizer(args.optimizer_type, groups, lr, args.optimizer_args)
+        sched = build_lr_scheduler(args.lr_scheduler, opt, args.lr_warmup_steps, max_steps,
+                                   args.lr_scheduler_num_cycles, args.lr_scheduler_power)
+        wrapper, opt = accelerator.prepare(LoRAForward(net), opt)
+        accelerator.register_for_checkpointing(sched)
+        networks[key], wrappers[key], optimizers[key], schedulers[key] = net, wrapper, opt, sched
+    weighting = args.weighting_scheme
+
+    # ---- expert schedule
+    if plan.mode in ("separate", "shared"):
+        p_high = sampler.mass(plan.boundary, 1000.0) / max(sampler.mass(0.0, 1000.0), 1e-12)
+        schedule = ExpertSchedule(p_high, args.expert_switch_every, args.seed)
+        log.info("experts: high_noise with probability %.4f, low_noise %.4f (%s), drawn every %d step(s)",
+                 p_high, 1 - p_high, sampler.describe(), args.expert_switch_every)
+    else:
+        schedule = None
+    only_expert = plan.experts[0]
+
+    # ---- resume
+    state = TrainState(seed=args.seed)
+    if saved is not None:
+        accelerator.load_state(str(args.resume))
+        state = TrainState(**saved)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, state.global_step,
+                 state.epoch + 1, state.batch_in_epoch)
+
+    if log_with:
+        accelerator.init_trackers(args.log_prefix + args.log_tracker_name)
+
+    # ---- saving
+    save_dtype = DTYPES[args.save_precision]
+    stem = args.output_name
+
+    def lora_files(tag: str) -> dict:
+        return {key: output_dir / f"{tag}{plan.file_suffix(key)}.safetensors" for key in plan.loras}
+
+    base_hashes: dict = {}
+
+    def save_loras(tag: str) -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            from .lora_metadata import build_lora_metadata, checkpoint_quick_hash
+
+            files = lora_files(tag)
+            for key, file in files.items():
+                net = accelerator.unwrap_model(wrappers[key]).network
+                rank_, alpha_ = _lora_rank_alpha(net, args, key)
+                served = plan.loras[key]
+                lo = min(plan.ranges[e][0] for e in served)
+                hi = max(plan.ranges[e][1] for e in served)
+                a, b = sampler.range
+                dit_path = plan.dit_paths[served[0]]
+                if dit_path not in base_hashes:
+                    base_hashes[dit_path] = _quick_hash(checkpoint_quick_hash, dit_path)
+                other = [f.name for k, f in files.items() if k != key]
+                md = build_lora_metadata(
+                    task, network_dim=rank_, network_alpha=alpha_, expert=plan.metadata_expert(key),
+                    network_module=args.network_module,
+                    network_args=parse_kv_args(args.network_args, "--network_args"),
+                    title=stem, base_model=dit_path, base_model_hash=base_hashes[dit_path],
+                    timestep_range=(max(lo, a), min(hi, b)), pair_file=other[0] if other else None,
+                    extra={
+                        "ss_output_name": stem, "ss_learning_rate": optimizers[key].param_groups[0]["initial_lr"],
+                        "ss_optimizer": args.optimizer_type, "ss_lr_scheduler": args.lr_scheduler,
+                        "ss_lr_warmup_steps": args.lr_warmup_steps, "ss_max_train_steps": max_steps,
+                        "ss_steps": state.global_step, "ss_epoch": state.epoch,
+                        "ss_gradient_accumulation_steps": accum,
+                        "ss_gradient_checkpointing": bool(args.gradient_checkpointing),
+                        "ss_max_grad_norm": args.max_grad_norm, "ss_mixed_precision": accelerator.mixed_precision,
+                        "ss_seed": args.seed, "ss_timestep_sampling": args.timestep_sampling,
+                        "ss_sigmoid_scale": args.sigmoid_scale, "ss_discrete_flow_shift": args.discrete_flow_shift,
+                        "ss_weighting_scheme": weighting, "ss_logit_mean": args.logit_mean,
+                        "ss_logit_std": args.logit_std, "ss_network_dropout": args.network_dropout,
+                        "ss_training_comment": args.training_comment or "",
+                        "wan.expert_lora": plan.mode,
+                    },
+                )
+                net.save_weights(str(file), save_dtype, md)
+                log.info("saved %s", file)
+        accelerator.wait_for_everyone()
+
+    def save_state(tag: str) -> Path:
+        return _atomic_state_dir(accelerator, output_dir / f"{tag}-state", state)
+
+    def after_step_saves() -> None:
+        s = state.global_step
+        if args.save_every_n_steps and s % args.save_every_n_steps == 0 and s < max_steps:
+            tag = f"{stem}-step{s:08d}"
+            save_loras(tag)
+            if args.save_state:
+                save_state(tag)
+            if main and args.save_last_n_steps:
+                n = args.save_last_n_steps
+                _prune(output_dir, rf"{re.escape(stem)}-step(\d+)(_high_noise|_low_noise)?\.safetensors",
+                       lambda k: k > s - n)
+            if main and (args.save_last_n_steps_state or args.save_last_n_steps):
+                n = args.save_last_n_steps_state or args.save_last_n_steps
+                _prune(output_dir, rf"{re.escape(stem)}-step(\d+)-state", lambda k: k > s - n)
+
+    def after_epoch_saves(epoch_done: int) -> None:
+        if args.save_every_n_epochs and epoch_done % args.save_every_n_epochs == 0 and state.global_step < max_steps:
+            tag = f"{stem}-{epoch_done:06d}"
+            save_loras(tag)
+            if args.save_state:
+                save_state(tag)
+            if main and args.save_last_n_epochs:
+                n = args.save_last_n_epochs * args.save_every_n_epochs
+                _prune(output_dir, rf"{re.escape(stem)}-(\d{{6}})(_high_noise|_low_noise)?\.safetensors",
+                       lambda k: k > epoch_done - n)
+            if main and (args.save_last_n_epochs_state or args.save_last_n_epochs):
+                n = (args.save_last_n_epochs_state or args.save_last_n_epochs) * args.save_every_n_epochs
+                _prune(output_dir, rf"{re.escape(stem)}-(\d{{6}})-state", lambda k: k > epoch_done - n)
+
+    # ---- samples during training
+    if sample_fn is None:
+        sample_fn = _make_sampler(args, task, plan, dit, expert_weights, accelerator)
+
+    def maybe_sample(step: int, epoch: int | None, first: bool = False) -> None:
+        if sample_fn is None:
+            return
+        due = first or (epoch is None and args.sample_every_n_steps and step % args.sample_every_n_steps == 0) \
+            or (epoch is not None and args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0)
+        if due:
+            sample_fn(step, epoch, networks)
+            _set_active(networks, None)  # the loop re-activates its expert on the next step
+
+    if args.sample_at_first and state.global_step == 0:
+        maybe_sample(0, None, first=True)
+
+    # ---- the loop
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_steps, initial=state.global_step, disable=not main, desc="steps")
+    window_open = False
+    active_lora = expert = None
+    window_losses, window_local, window_t = [], [], []
+    window_bad = False
+    micro = 0
+    t_last = time.perf_counter()
+    while state.global_step < max_steps:
+        positions.epoch = state.epoch
+        epoch_loader = loader
+        if state.batch_in_epoch:
+            epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+        for batch in epoch_loader:
+            # -- a new optimizer step: choose its expert, swap weights, seed dropout
+            if not window_open:
+                expert = schedule.expert_at(state.global_step) if schedule else only_expert
+                active_lora = plan.lora_for(expert)
+                if expert_weights.activate(expert):
+                    log.debug("step %d: swapped in the %s expert", state.global_step, expert)
+                _set_active(networks, active_lora)
+                torch.manual_seed(step_generator(args.seed, state.global_step, 0, rank).initial_seed())
+                window_open, window_losses, window_local, window_t, window_bad, micro = True, [], [], [], False, 0
+
+            wrapper, opt = wrappers[active_lora], optimizers[active_lora]
+            lo, hi = plan.ranges[expert]
+            with accelerator.accumulate(wrapper):
+                g = step_generator(args.seed, state.global_step, micro, rank)
+                loss, t = flow_matching_loss(
+                    lambda x, ts, c, y: wrapper(dit, x, ts, c, y), batch, sampler, lo, hi, g, device,
+                    weighting, args.ti2v_first_frame)
+                loss_all = accelerator.reduce(loss.detach().clone(), reduction="mean")
+                finite = bool(torch.isfinite(loss_all))
+                window_bad |= not finite
+                accelerator.backward(loss if finite else torch.nan_to_num(loss) * 0.0)
+                grad_norm = None
+                if accelerator.sync_gradients and not window_bad:
+                    params = [p for p in networks[active_lora].parameters() if p.requires_grad]
+                    if args.max_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    else:
+                        grad_norm = torch.linalg.vector_norm(torch.stack(
+                            [p.grad.detach().float().norm() for p in params if p.grad is not None]))
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            micro += 1
+            state.batch_in_epoch += 1
+            window_losses.append(loss_all.item())
+            window_local.append(loss.item())
+            window_t.append(t)
+
+            if not accelerator.sync_gradients:
+                continue
+            # -- the optimizer step is complete
+            window_open = False
+            if window_bad:
+                state.nonfinite_in_row += 1
+                log.warning("step %d: non-finite loss (%s expert) — step skipped (%d in a row)",
+                            state.global_step + 1, expert, state.nonfinite_in_row)
+                if state.nonfinite_in_row >= args.max_nonfinite_steps:
+                    where = save_state(f"{stem}-nonfinite")
+                    raise NonFiniteLossError(
+                        f"{state.nonfinite_in_row} non-finite losses in a row at step {state.global_step}; "
+                        f"state saved to {where}. Lower --learning_rate, use --max_grad_norm 1.0 or "
+                        f"--mixed_precision bf16, then --resume {where}")
+                continue
+            state.nonfinite_in_row = 0
+            with warnings.catch_warnings():  # the inactive expert's optimizer did not step, by design
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                for sched in schedulers.values():
+                    sched.step()
+            state.global_step += 1
+            step_loss = sum(window_losses) / len(window_losses)
+            state.losses.append((state.global_step, expert, step_loss, sum(window_local) / len(window_local)))
+            now = time.perf_counter()
+            it_s = 1.0 / max(now - t_last, 1e-9)
+            t_last = now
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", expert=expert or "-", its=f"{it_s:.2f}")
+            if log_with:
+                ts = torch.cat(window_t)
+                logs = {"loss/average": step_loss, f"loss/{expert or 'model'}": step_loss,
+                        "timestep/mean": ts.mean().item(), "timestep/min": ts.min().item(),
+                        "timestep/max": ts.max().item(), "it_per_s": it_s}
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                for key, sched in schedulers.items():
+                    logs[f"lr/{key or 'lora'}"] = sched.get_last_lr()[0]
+                accelerator.log(logs, step=state.global_step)
+
+            after_step_saves()
+            maybe_sample(state.global_step, None)
+            if state.global_step >= max_steps:
+                if state.batch_in_epoch == len(loader):  # it was the epoch's last batch
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                break
+        else:  # the epoch's batches are used up (accelerate stepped a partial accumulation window)
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            after_epoch_saves(state.epoch)
+            maybe_sample(state.global_step, state.epoch)
+    progress.close()
+
+    # ---- final save
+    save_loras(stem)
+    if args.save_state or args.save_state_on_train_end:
+        save_state(stem)
+    if log_with:
+        accelerator.end_training()
+    if main:
+        log.info("done: %d steps; LoRA %s", state.global_step,
+                 ", ".join(str(f) for f in lora_files(stem).values()))
+    return state
+
+
+def _quick_hash(fn, path) -> str:
+    try:
+        return fn(path)
+    except (OSError, ValueError) as e:  # a test double path, say
+        log.debug("no base-model hash for %s: %s", path, e)
+        return ""
+
+
+def _make_sampler(args, task, plan, dit, expert_weights, accelerator):
+    """The ``--sample_prompts`` hook ``fn(step, epoch, networks)``, or None without prompts.
+
+    Samples are made on the main process by :class:`wanlora.training_sampler.TrainingSampler`
+    (videos in ``OUTPUT_DIR/sample/``, also logged to TensorBoard); the other processes wait.
+    Each expert is shown to the pipeline as an :class:`~wanlora.experts.ExpertView` of the one
+    DiT module, which swaps in that expert's weights and LoRA when called.
+    """
+    if not args.sample_prompts:
+        return None
+    if not (args.vae and args.t5):
+        raise ValueError("--sample_prompts needs --vae and --t5 (and --t5_tokenizer) to make samples")
+    if task.has_experts and len(plan.dit_paths) == 1:
+        log.warning("samples: only the %s expert is loaded, so it denoises every step of the samples; "
+                    "they show the LoRA, not the two-expert result", plan.experts[0])
+    sampler = None
+    if accelerator.is_main_process:
+        from .training_sampler import TrainingSampler
+
+        sampler = TrainingSampler(task, args.sample_prompts, vae_path=args.vae, t5_path=args.t5,
+                                  t5_tokenizer=args.t5_tokenizer, output_dir=args.output_dir,
+                                  output_name=args.output_name, device=accelerator.device)
+
+    def sample(step, epoch, networks):
+        if sampler is not None:
+            def activate(expert):
+                expert_weights.activate(expert)
+                _set_active(networks, plan.lora_for(expert))
+
+            if task.has_experts:  # an expert this run does not have is stood in for by the one it has
+                dits = {e: ExpertView(dit, e if e in plan.dit_paths else plan.experts[0], activate)
+                        for e in task.experts}
+            else:
+                dits = ExpertView(dit, None, activate)
+            samples = sampler.sample(step, dits, epoch=epoch, networks=list(networks.values()))
+            if importlib.util.find_spec("moviepy") is not None:  # TensorBoard's add_video needs it
+                for tracker in accelerator.trackers:
+                    writer = getattr(tracker, "writer", None)
+                    for smp in samples if hasattr(writer, "add_video") else ():
+                        writer.add_video(f"sample/{smp.index:02d}", smp.video_tensor(), step, fps=smp.fps)
+        accelerator.wait_for_everyone()
+
+    return sample

@@ -1,0 +1,200 @@
+"""The training loop's parts: flags and --config_file, optimizers and schedules, expert planning
+and scheduling, weight swapping, and the flow-matching loss (TI2V first frame)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wanlora import flow
+from wanlora.experts import (
+    ExpertSchedule,
+    ExpertWeights,
+    boundary_timestep,
+    expert_from_path,
+    plan_experts,
+)
+from wanlora.optim import build_lr_scheduler, build_optimizer, lr_lambda, parse_kv_args
+from wanlora.tasks import get_task
+from wanlora.train_args import ConfigFileError, parse_args
+from wanlora.trainer import flow_matching_loss
+
+BASE = ["--task", "t2v-A14B", "--dit", "d", "--dataset_config", "ds.toml", "--output_dir", "out"]
+
+
+# ---- flags and --config_file ------------------------------------------------------------------
+
+
+def test_config_file_merges_and_command_line_wins(tmp_path):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(
+        'task = "i2v-A14B"\ndit = "models/low_noise_model"\ndataset_config = "ds.toml"\n'
+        'output_dir = "out"\nnetwork_dim = 16\nlearning_rate = 2e-4\ngradient_checkpointing = true\n'
+        '[network]\nnetwork_args = ["rank_dropout=0.1"]\nnetwork_alpha = 8\n'
+    )
+    a = parse_args(["--config_file", str(cfg)])
+    assert (a.task, a.network_dim, a.learning_rate, a.network_alpha) == ("i2v-A14B", 16, 2e-4, 8.0)
+    assert a.gradient_checkpointing is True and a.network_args == ["rank_dropout=0.1"]
+    assert str(a.dataset_config) == "ds.toml" and a.output_dir.name == "out"  # paths typed as flags
+    b = parse_args(["--config_file", str(cfg), "--network_dim", "4", "--task", "t2v-A14B"])
+    assert (b.task, b.network_dim, b.learning_rate) == ("t2v-A14B", 4, 2e-4)  # the command line wins
+
+
+def test_config_file_unknown_key_and_bad_values_are_named(tmp_path):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text("network_dimm = 16\n")
+    with pytest.raises(ConfigFileError, match=r"unknown key 'network_dimm'.*network_dim"):
+        parse_args(BASE + ["--config_file", str(cfg)])
+    cfg.write_text("gradient_checkpointing = 1\n")
+    with pytest.raises(ConfigFileError, match="gradient_checkpointing.*switch"):
+        parse_args(BASE + ["--config_file", str(cfg)])
+    cfg.write_text('mixed_precision = "fp8"\n')
+    with pytest.raises(ConfigFileError, match="mixed_precision.*bf16"):
+        parse_args(BASE + ["--config_file", str(cfg)])
+
+
+def test_missing_required_flags_are_listed():
+    with pytest.raises(SystemExit):
+        parse_args(["--task", "t2v-A14B"])
+
+
+# ---- optimizers and schedules -----------------------------------------------------------------
+
+
+def test_optimizer_args_and_class_path():
+    assert parse_kv_args(["weight_decay=0.01", "betas=(0.9,0.99)", "name=foo"]) == {
+        "weight_decay": 0.01, "betas": (0.9, 0.99), "name": "foo"}
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    opt = build_optimizer("torch.optim.SGD", p, 0.1, ["momentum=0.9"])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    opt = build_optimizer("adamw", p, 0.1, ["weight_decay=0.0"])
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="optimizer_type"):
+        build_optimizer("nosuch", p, 0.1)
+    with pytest.raises(ValueError, match="optimizer_args"):
+        build_optimizer("adamw", p, 0.1, ["bogus_arg=1"])
+
+
+def test_lr_schedules():
+    W, N = 10, 110
+    f = lr_lambda("cosine", W, N)
+    assert f(0) == 0 and f(5) == 0.5 and f(W) == 1.0 and f(60) == pytest.approx(0.5) and f(N) == pytest.approx(0)
+    assert lr_lambda("linear", W, N)(60) == pytest.approx(0.5)
+    assert lr_lambda("constant", W, N)(0) == 1.0
+    assert lr_lambda("constant_with_warmup", W, N)(5) == 0.5
+    assert lr_lambda("polynomial", 0, 100, power=2.0)(50) == pytest.approx(0.25)
+    r = lr_lambda("cosine_with_restarts", 0, 100, num_cycles=2)
+    assert r(0) == 1.0 and r(25) == pytest.approx(0.5) and r(50) == 1.0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = build_lr_scheduler("linear", opt, 0.1, 100)  # below 1: a fraction of the steps
+    assert s.get_last_lr()[0] == 0.0
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        lr_lambda("nosuch", 0, 10)
+
+
+# ---- experts ----------------------------------------------------------------------------------
+
+
+def test_expert_plans():
+    t2v, ti2v = get_task("t2v-A14B"), get_task("ti2v-5B")
+    assert expert_from_path("x/wan2.2_t2v_high_noise_14B_fp16.safetensors") == "high_noise"
+    assert expert_from_path("MODELS/low_noise_model") == "low_noise"
+    assert expert_from_path("dit.safetensors") is None
+    p = plan_experts(t2v, "m/low_noise_model")
+    assert p.mode == "one" and p.ranges == {"low_noise": (0.0, 875.0)} and "detected" in p.notes[0]
+    assert p.file_suffix("low_noise") == "" and p.metadata_expert("low_noise") == "low_noise"
+    p = plan_experts(t2v, "LOW", "HIGH")
+    assert p.mode == "separate" and p.ranges["high_noise"] == (875.0, 1000.0)
+    assert p.file_suffix("high_noise") == "_high_noise" and p.lora_for("low_noise") == "low_noise"
+    p = plan_experts(t2v, "LOW", "HIGH", expert_lora="shared")
+    assert p.lora_for("high_noise") is None and p.metadata_expert(None) == "both"
+    p = plan_experts(get_task("i2v-A14B"), "dit.safetensors", expert="high", timestep_boundary=0.8)
+    assert p.ranges == {"high_noise": (800.0, 1000.0)}
+    assert boundary_timestep(t2v, 900) == 900.0 and boundary_timestep(t2v, None) == 875.0
+    assert plan_experts(ti2v, "dit").mode == "single"
+    with pytest.raises(ValueError, match="--expert high"):
+        plan_experts(t2v, "dit.safetensors")
+    with pytest.raises(ValueError, match="single model"):
+        plan_experts(ti2v, "dit", expert="high")
+
+
+def test_expert_schedule_matches_the_timestep_law():
+    """P(high) = mass above the boundary, so expert draw + in-range sampling = the configured law."""
+    s = flow.TimestepSampler("shift", discrete_flow_shift=5.0)
+    p_high = s.mass(875, 1000)
+    sched = ExpertSchedule(p_high, switch_every=1, seed=3)
+    draws = [sched.expert_at(i) for i in range(4000)]
+    freq = draws.count("high_noise") / len(draws)
+    assert abs(freq - p_high) < 4 * math.sqrt(p_high * (1 - p_high) / len(draws))
+    assert draws[:50] == [ExpertSchedule(p_high, 1, 3).expert_at(i) for i in range(50)]  # stateless
+    grouped = ExpertSchedule(0.5, switch_every=4, seed=1)
+    seq = [grouped.expert_at(i) for i in range(40)]
+    assert all(len(set(seq[k:k + 4])) == 1 for k in range(0, 40, 4))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_expert_weights_swap_in_place(offload):
+    m = torch.nn.Linear(3, 2)
+    a = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    b = {k: torch.randn_like(v) for k, v in a.items()}
+    w = ExpertWeights(m, "low_noise", {"high_noise": b}, offload=offload)
+    param = m.weight
+    assert w.activate("high_noise") and torch.equal(m.weight, b["weight"]) and m.weight is param
+    assert not w.activate("high_noise")
+    assert w.activate("low_noise") and torch.equal(m.weight, a["weight"]) and torch.equal(m.bias, a["bias"])
+    with pytest.raises(ValueError, match="same task"):
+        ExpertWeights(m, "low_noise", {"high_noise": {"weight": b["weight"]}})
+
+
+# ---- the loss ---------------------------------------------------------------------------------
+
+
+def test_flow_matching_loss_relation_and_ti2v_first_frame():
+    x0 = torch.randn(2, 4, 3, 2, 2)
+    batch = {"latents": x0, "context": [torch.zeros(1, 8)] * 2}
+    sampler = flow.TimestepSampler("uniform")
+    seen = {}
+
+    def oracle(x_t, t, ctx, y):  # predicts the exact target for frames > 0, garbage on frame 0
+        seen["x_t"], seen["t"] = x_t, t
+        g = torch.Generator().manual_seed(5)
+        noise = torch.randn(x0.shape, generator=g)
+        v = noise - x0
+        v[:, :, 0] = 1e3
+        return v
+
+    loss, t = flow_matching_loss(oracle, batch, sampler, 0, 1000, torch.Generator().manual_seed(5), "cpu",
+                                 first_frame_prob=1.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)  # frame 0 is out of the loss
+    assert seen["t"].shape == (2, 3) and torch.all(seen["t"][:, 0] == 0)
+    assert torch.equal(seen["t"][:, 1], t) and torch.equal(seen["x_t"][:, :, 0], x0[:, :, 0])
+    # without the first frame: x_t = (1 - s) x0 + s eps with t = 1000 s, and frame 0 counts
+    loss, t = flow_matching_loss(oracle, batch, sampler, 0, 1000, torch.Generator().manual_seed(5), "cpu")
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    s = (t / 1000).view(-1, 1, 1, 1, 1)
+    assert torch.allclose(seen["x_t"], (1 - s) * x0 + s * noise, atol=1e-6)
+    assert seen["t"].shape == (2,) and loss.item() > 1e4
+    # timesteps stay inside the expert's range
+    _, t = flow_matching_loss(oracle, batch, sampler, 875, 1000, torch.Generator().manual_seed(1), "cpu")
+    assert torch.all((t >= 875) & (t < 1000))
+
+
+def test_main_reports_user_errors_without_traceback(tmp_path, capsys):
+    from wanlora.train import main
+
+    cfg = tmp_path / "train.toml"
+    cfg.write_text("learning_rat = 1e-4\n")
+    assert main(BASE + ["--config_file", str(cfg)]) == 2
+    assert "unknown key 'learning_rat'" in capsys.readouterr().err
+    assert main(BASE + ["--dit", str(tmp_path / "missing_low_noise_model"), "--output_dir", str(tmp_path)]) == 2
+
+
+def test_show_timesteps_prints_each_experts_share(capsys):
+    from wanlora.train import main
+
+    assert main(["--task", "t2v-A14B", "--dit", "LOW", "--dit_high_noise", "HIGH", "--show_timesteps", "console",
+                 "--timestep_sampling", "shift", "--discrete_flow_shift", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "high_noise: range 875..1000, probability 0.36" in out and "low_noise: range 0..875" in out

@@ -1,0 +1,184 @@
+"""docs/troubleshooting.md quotes the real error messages.
+
+Every message block in the doc preceded by ``<!-- check: ID -->`` is an excerpt of an error that a
+trigger below raises for real through the public functions; the test turns the excerpt into a
+pattern (``<placeholder>`` and ``...`` match any text, the rest literally) and searches the actual
+message for it. A reworded message, or a doc entry edited away from the code, fails here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from wanlora.io_utils import save_safetensors, write_text
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
+
+_BLOCK = re.compile(r"<!-- check: ([a-z0-9-]+) -->\n```text\n(.*?)\n```", re.S)
+_PLACEHOLDER = re.compile(r"<[a-z_ ]+>")
+
+
+def doc_excerpts() -> dict[str, str]:
+    """``{id: excerpt}`` of the checked message blocks of the doc."""
+    found: dict[str, str] = {}
+    for m in _BLOCK.finditer(DOC.read_text(encoding="utf-8")):
+        assert m.group(1) not in found, f"check id {m.group(1)} used twice in {DOC.name}"
+        found[m.group(1)] = m.group(2)
+    return found
+
+
+def excerpt_pattern(excerpt: str) -> re.Pattern:
+    """Literal text, with ``<placeholder>`` -> one or more characters on the line and
+    ``...`` -> anything (also across lines)."""
+    parts = [r"[^\n]+?".join(re.escape(p) for p in _PLACEHOLDER.split(chunk))
+             for chunk in excerpt.split("...")]
+    return re.compile(r"[\s\S]*?".join(parts))
+
+
+def error_of(fn) -> str:
+    """The message of the exception ``fn()`` raises (the test fails if it raises none)."""
+    with pytest.raises(Exception) as info:
+        fn()
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triggers: id -> fn(tmp_path, tiny_dir) -> the actual message
+
+
+def _unknown_task(tmp, tiny_dir):
+    from wanlora.tasks import get_task
+
+    return error_of(lambda: get_task("t2v-a14b"))
+
+
+def _dit_given_vae(tmp, tiny_dir):
+    from wanlora.models import load_dit
+
+    return error_of(lambda: load_dit(tiny_dir("t2v-A14B") / "Wan2.1_VAE.pth", "t2v-A14B"))
+
+
+def _vae_given_dit(tmp, tiny_dir):
+    from wanlora.models import load_vae
+
+    return error_of(lambda: load_vae(tiny_dir("t2v-A14B") / "low_noise_model"))
+
+
+def _dit_wrong_task(tmp, tiny_dir):
+    from wanlora.models import load_dit
+
+    return error_of(lambda: load_dit(tiny_dir("t2v-A14B") / "low_noise_model", "i2v-A14B"))
+
+
+def _dataset_typo(tmp, tiny_dir):
+    from wanlora.dataset import DatasetConfigError, load_dataset_config
+
+    (tmp / "clips").mkdir()
+    toml = tmp / "dataset.toml"
+    write_text(toml, '[general]\nresolution = [64, 64]\n\n[[datasets]]\nvideo_directory = "clips"\n'
+                     "target_frame = [17]\n")
+    with pytest.raises(DatasetConfigError) as info:
+        load_dataset_config(toml, "t2v-A14B")
+    return str(info.value)
+
+
+def _missing_caches(tmp, tiny_dir):
+    from PIL import Image
+
+    from wanlora.dataset import MissingCachesError, TrainingDataset
+
+    (tmp / "images").mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp / "images" / "red.png")
+    write_text(tmp / "images" / "red.txt", "a red square")
+    toml = tmp / "dataset.toml"
+    write_text(toml, '[general]\nresolution = [64, 64]\n\n[[datasets]]\nimage_directory = "images"\n')
+    with pytest.raises(MissingCachesError) as info:
+        TrainingDataset(toml, task="t2v-A14B")
+    return str(info.value)
+
+
+def _video_length(tmp, tiny_dir):
+    from wanlora.pipeline import check_video_size
+    from wanlora.tasks import get_task
+
+    return error_of(lambda: check_video_size(get_task("t2v-A14B"), 480, 832, 80))
+
+
+def _prompt_unknown_option(tmp, tiny_dir):
+    from wanlora.prompts import PromptFileError, read_prompt_file
+
+    prompts = tmp / "prompts.txt"
+    write_text(prompts, "# samples\na cat on a sofa --w 832 --x 3\n")
+    with pytest.raises(PromptFileError) as info:
+        read_prompt_file(prompts)
+    assert f"{prompts}:2:" in str(info.value)  # the file and the line are named
+    return str(info.value)
+
+
+def _loha(tmp, tiny_dir):
+    from wanlora.lora_formats import LoraFormatError, load_lora_file
+
+    name = "lora_unet_blocks_0_self_attn_q"
+    path = tmp / "style_loha.safetensors"
+    save_safetensors({f"{name}.hada_w1_a": torch.zeros(64, 4), f"{name}.hada_w1_b": torch.zeros(4, 64),
+                      f"{name}.hada_w2_a": torch.zeros(64, 4), f"{name}.hada_w2_b": torch.zeros(4, 64),
+                      f"{name}.alpha": torch.tensor(4.0)}, path)
+    with pytest.raises(LoraFormatError) as info:
+        load_lora_file(path)
+    return str(info.value)
+
+
+def _merge_wrong_expert(tmp, tiny_dir):
+    from wanlora.merge_lora import MergeError, merge_loras
+
+    dit = tiny_dir("t2v-A14B") / "low_noise_model"
+    lora = tmp / "style_high_noise.safetensors"
+    tensors = {}
+    for i in range(2):
+        tensors[f"lora_unet_blocks_{i}_self_attn_q.lora_down.weight"] = torch.zeros(4, 64)
+        tensors[f"lora_unet_blocks_{i}_self_attn_q.lora_up.weight"] = torch.zeros(64, 4)
+        tensors[f"lora_unet_blocks_{i}_self_attn_q.alpha"] = torch.tensor(4.0)
+    save_safetensors(tensors, lora, metadata={"wan.task": "t2v-A14B", "wan.expert": "high_noise"})
+    out = tmp / "merged.safetensors"
+    with pytest.raises(MergeError) as info:
+        merge_loras(dit, [(lora, 1.0)], out, "t2v-A14B")
+    assert not out.exists()
+    return str(info.value)
+
+
+TRIGGERS = {
+    "unknown-task": _unknown_task,
+    "dit-given-vae": _dit_given_vae,
+    "vae-given-dit": _vae_given_dit,
+    "dit-wrong-task": _dit_wrong_task,
+    "dataset-typo": _dataset_typo,
+    "missing-caches": _missing_caches,
+    "video-length": _video_length,
+    "prompt-unknown-option": _prompt_unknown_option,
+    "loha": _loha,
+    "merge-wrong-expert": _merge_wrong_expert,
+}
+
+
+def test_every_checked_block_has_a_trigger():
+    assert set(doc_excerpts()) == set(TRIGGERS)
+
+
+def test_placeholders_match_only_what_they_stand_for():
+    p = excerpt_pattern("unknown task '<name>'; --task must be one of: ...")
+    assert p.search("unknown task 'x'; --task must be one of: a, b")
+    assert not p.search("unknown task ''; --task must be one of: a")  # a placeholder is not empty
+    assert not p.search("unknown task 'x'; --task is one of: a")  # the literal text must match
+
+
+@pytest.mark.parametrize("check_id", sorted(TRIGGERS))
+def test_doc_quotes_the_actual_message(check_id, tmp_path, tiny_dir):
+    torch.set_num_threads(1)
+    excerpt = doc_excerpts()[check_id]
+    message = TRIGGERS[check_id](tmp_path, tiny_dir)
+    assert excerpt_pattern(excerpt).search(message), (
+        f"docs/troubleshooting.md ({check_id}) quotes\n{excerpt}\nbut the code says\n{message}")
