@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -361,3 +362,56 @@ def test_start_from_network_weights(tiny_dir, tmp_path):
     a, b = load_file(first), load_file(tmp_path / "b" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _meta(tmp_path / "b" / "lora.safetensors")["ss_network_dim"] == "4"
+
+
+def test_sampling_during_training_leaves_the_weights_bit_identical(setups, tmp_path):
+    """Samples at the first step and every 2 steps go to OUTPUT_DIR/sample/ named by step and
+    prompt index, and the LoRAs end bit-identical to a run without sampling (the samplers draw
+    from their own generator and restore every random state)."""
+    flags, toml = setups("t2v-A14B")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red ball --w 32 --h 32 --f 5 --s 2 --d 1\n"
+                       "a blue square --w 32 --h 32 --f 1 --s 2\n")
+    common = ("--dit_high_noise", flags["--dit_high_noise"], "--max_train_steps", "4",
+              "--timestep_boundary", "0.5", "--network_dropout", "0.1")
+    plain = tmp_path / "plain"
+    train(_args(flags, toml, plain, *common))
+    sampled = tmp_path / "sampled"
+    train(_args(flags, toml, sampled, *common, "--sample_prompts", str(prompts),
+                "--sample_every_n_steps", "2", "--sample_at_first", "--vae", flags["--vae"],
+                "--t5", flags["--t5"], "--t5_tokenizer", flags["--t5_tokenizer"]))
+    for expert in ("high_noise", "low_noise"):
+        a = load_file(plain / f"lora_{expert}.safetensors")
+        b = load_file(sampled / f"lora_{expert}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    samples = sorted(p.name for p in (sampled / "sample").iterdir() if p.suffix in (".mp4", ".png"))
+    steps = sorted({int(n.split("_")[1]) for n in samples})
+    assert steps == [0, 2, 4], samples
+    assert {n.split("_")[2] for n in samples} == {"00", "01"}
+    assert not (plain / "sample").exists()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("--network_module", "networks.lora_wna"), "--network_module networks.lora_wna"),
+    (("--optimizer_type", "adamww"), "--optimizer_type 'adamww'"),
+    (("--lr_scheduler", "cosin"), "--lr_scheduler 'cosin'"),
+    (("--network_args", "rank_dropout"), "--network_args: 'rank_dropout' is not key=value"),
+    (("--sample_prompts", "PROMPTS"), "--sample_prompts needs --vae and --t5"),
+    (("--sample_prompts", "PROMPTS", "--vae", "nope/Wan2.2_VAE.pth", "--t5", "T5"), "--vae nope/Wan2.2_VAE.pth: no such"),
+    (("--sample_prompts", "BAD", "--vae", "T5", "--t5", "T5"), "bad.txt:1: unknown inline option --zz"),
+])
+def test_flag_typos_fail_before_any_dit_loads(tmp_path, extra, match):
+    """Flags used only after the DiT load (minutes at 14B) are checked before it: no DiT, no dataset."""
+    (tmp_path / "p.txt").write_text("a cat --w 64 --h 64 --f 5\n")
+    (tmp_path / "bad.txt").write_text("a cat --zz 3\n")
+    (tmp_path / "t5.pth").write_bytes(b"")
+    extra = [{"PROMPTS": str(tmp_path / "p.txt"), "BAD": str(tmp_path / "bad.txt"),
+              "T5": str(tmp_path / "t5.pth")}.get(x, x) for x in extra]
+
+    def no_dit(*a, **k):
+        raise AssertionError("the DiT was loaded before the flags were checked")
+
+    args = _args({"--task": "ti2v-5B", "--dit": str(tmp_path / "dit.safetensors")}, tmp_path / "none.toml",
+                 tmp_path / "out", *extra)
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(match)):
+        train(args, dataset=object(), load_dit=no_dit)
