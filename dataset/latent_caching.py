@@ -85,7 +85,9 @@ class CacheReport:
     def summary(self) -> str:
         lines = [f"{self.items} item(s): {self.cached} cache file(s) written, {self.skipped} skipped as up to date, "
                  f"{len(self.failed)} item(s) failed ({self.seconds:.1f} s)"]
-        lines += [f"  FAILED {src}: {why}" for src, why in self.failed]
+        # a reason that already starts with the path (an item problem) is not prefixed again
+        lines += [f"  FAILED {why}" if why.startswith(f"{src}:") else f"  FAILED {src}: {why}"
+                  for src, why in self.failed]
         return "\n".join(lines)
 
 

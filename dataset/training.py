@@ -41,14 +41,14 @@ __all__ = ["TrainingDataset", "MissingCachesError", "Sample"]
 
 class MissingCachesError(FileNotFoundError):
     """Caches needed for training are missing or stale; ``problems`` lists each, the message ends
-    with the commands that create them."""
+    with ``heading`` and the commands that create them."""
 
-    def __init__(self, problems: list[str], commands: list[str]):
+    def __init__(self, problems: list[str], commands: list[str], heading: str = "create the caches with:"):
         self.problems = problems
         self.commands = commands
         lines = "\n".join(f"  - {p}" for p in problems)
         cmds = "\n".join(f"  {c}" for c in commands)
-        super().__init__(f"{len(problems)} cache problem(s):\n{lines}\ncreate the caches with:\n{cmds}")
+        super().__init__(f"{len(problems)} cache problem(s):\n{lines}\n{heading}\n{cmds}")
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,9 @@ class TrainingDataset(torch.utils.data.Dataset):
         shuffle: False keeps sorted order (buckets in order, samples by name).
 
     Raises:
-        MissingCachesError: any item without its latent or text cache, or with caches from another
-            VAE kind or without the ``y`` the task needs; all are listed at once, with the
+        MissingCachesError: any item without its latent or text cache, with caches from another
+            VAE kind or without the ``y`` the task needs, or whose text cache was made from another
+            caption (edited since caching: stale); all are listed at once, with the
             ``wanlora-cache-latents`` / ``wanlora-cache-text`` commands that create them.
     """
 
@@ -120,16 +121,18 @@ class TrainingDataset(torch.utils.data.Dataset):
         task = self.task
         need_y = task.conditioning == "i2v"
         samples, problems = [], []
-        latent_missing = text_missing = False
+        latent_missing = text_missing = item_problems = False
         for ds in self.config.datasets:
             by_stem = C.latent_caches_in(ds.cache_directory, task.vae)
             for item in list_items(ds):
                 if item.problem:
                     problems.append(item.problem)
+                    item_problems = True
                     continue
                 text = ds.cache_directory / C.text_cache_name(item.stem)
-                if not text.is_file():
-                    problems.append(f"{item.path}: no text cache {text.name} in {ds.cache_directory}")
+                text_problem = self._text_cache_problem(item, text)
+                if text_problem:
+                    problems.append(text_problem)
                     text_missing = True
                 latents = by_stem.get(item.stem, [])
                 if not latents:
@@ -154,19 +157,33 @@ class TrainingDataset(torch.utils.data.Dataset):
         if problems:
             cfg = self.config.path
             commands = []
-            if latent_missing:
+            if latent_missing or item_problems:
                 vae = "Wan2.1_VAE.pth" if task.vae == "wan2.1" else "Wan2.2_VAE.pth"
                 commands.append(f"wanlora-cache-latents --dataset_config {cfg} --task {task.name} --vae path/to/{vae}")
-            if text_missing:
+            if text_missing or item_problems:
                 commands.append(f"wanlora-cache-text --dataset_config {cfg} --t5 path/to/models_t5_umt5-xxl-enc-bf16.pth")
-            if not commands:
-                commands.append("fix the items above (captions, file names), then run wanlora-cache-latents and "
-                                "wanlora-cache-text again")
-            raise MissingCachesError(problems, commands)
+            heading = ("fix the items above (captions, file names), then create their caches with:" if item_problems
+                       else "create the caches with:")
+            raise MissingCachesError(problems, commands, heading)
         if not samples:
             raise MissingCachesError([f"{self.config.path}: the dataset has no items"],
                                      ["add images or clips to the folders named in the dataset config"])
         return samples
+
+    @staticmethod
+    def _text_cache_problem(item, text: Path) -> str | None:
+        """Why the text cache ``text`` of ``item`` cannot be used (missing, foreign, or made from
+        another caption: the caption was edited after ``wanlora-cache-text`` ran), else None. Reads
+        only the safetensors header."""
+        if not text.is_file():
+            return f"{item.path}: no text cache {text.name} in {text.parent}"
+        meta = C.read_cache_metadata(text) or {}
+        if meta.get("format") != C.TEXT_FORMAT:
+            return f"{text}: not a wanlora text cache (unreadable or old format)"
+        if meta.get("caption") != item.caption:
+            return (f"{item.path}: text cache {text.name} is stale: the caption changed since "
+                    "wanlora-cache-text ran (it rebuilds stale caches)")
+        return None
 
     # -- order --------------------------------------------------------------------------------------
     def _batches_of(self, epoch: int) -> list[list[int]]:

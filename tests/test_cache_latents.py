@@ -256,6 +256,7 @@ def test_bad_input_reported_rest_cached(tmp_path, media_dir, tiny_dir, capsys):
     assert "not a video" in fails["notes.mp4"] and "truncated" in fails["trunc.mp4"]
     assert "3 frames, shorter than every target_frames [5, 9]" in fails["short.mp4"]
     assert "no caption" in fails["uncaptioned.jpg"] and "uncaptioned.txt" in fails["uncaptioned.jpg"]
+    assert all(line.count(f"/{n}") == 1 for n, line in fails.items()), fails  # the path once per line
     assert "5 item(s) failed" in out
     assert sorted(p.name for p in (tmp_path / "cv").glob("*.safetensors")) == [
         "skeleton_dance_00000-005_32x32_wan21.safetensors", "skeleton_dance_00000-009_32x32_wan21.safetensors"]
@@ -273,6 +274,20 @@ def test_bad_toml_exit_2(tmp_path, capsys):
     rc = main(["--dataset_config", str(toml), "--task", "t2v-A14B", "--vae", "x.pth"])
     err = capsys.readouterr().err
     assert rc == 2 and "datasets[0].batch_size: expected an integer >= 1, got a string '4'" in err
+    assert err.startswith("wanlora-cache-latents: error: ")
+
+
+def test_wrong_vae_file_one_line_exit_2(t2v_set, tiny_dir, capsys, monkeypatch):
+    """A DiT / missing file given as --vae: one line naming the fix, exit 2, no traceback."""
+    monkeypatch.delenv("WANLORA_TRACEBACK", raising=False)
+    root, toml = t2v_set
+    f = flags(tiny_dir, "t2v-A14B")
+    for vae, expected in ((f["--t5"], "pass it as --t5"), (str(root / "nope.pth"), "nope.pth")):
+        rc = main(["--dataset_config", str(toml), "--task", "t2v-A14B", "--vae", vae, "--no_progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("wanlora-cache-latents: error: ") and expected in err, err
+        assert err.count("\n") == 1
+    assert not (root / "cache").exists()
 
 
 def test_debug_mode_writes_trained_frames(tmp_path, media_dir, capsys):

@@ -72,6 +72,20 @@ def test_identical_captions_encoded_once_and_changed_caption_rebuilt(setup):
     assert (report.cached, report.skipped, seen) == (1, 2, ["a new caption"])
 
 
+def test_wrong_t5_file_one_line_exit_2(setup, capsys, monkeypatch):
+    """The VAE given as --t5: one line that names it and the flag that takes it, exit 2, no traceback."""
+    monkeypatch.delenv("WANLORA_TRACEBACK", raising=False)
+    root, toml, flags = setup
+    rc = main(["--dataset_config", str(toml), "--t5", flags["--vae"], "--t5_tokenizer", flags["--t5_tokenizer"],
+               "--no_progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("wanlora-cache-text: error: ") and err.count("\n") == 1, err
+    assert "--t5 expects the umT5-XXL encoder" in err and "pass it as --vae" in err
+    monkeypatch.setenv("WANLORA_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="pass it as --vae"):
+        main(["--dataset_config", str(toml), "--t5", flags["--vae"], "--t5_tokenizer", flags["--t5_tokenizer"]])
+
+
 def test_missing_caption_fails_rest_cached(setup, capsys):
     root, toml, flags = setup
     (root / "imgs/cat_sunglasses.txt").unlink()
@@ -79,3 +93,5 @@ def test_missing_caption_fails_rest_cached(setup, capsys):
     assert main(argv) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "cat_sunglasses.jpg: no caption" in out and "2 text cache(s) written" in out
+    failed = [line for line in out.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and failed[0].count("cat_sunglasses.jpg") == 1, failed  # the path once

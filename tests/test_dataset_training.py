@@ -142,3 +142,57 @@ def test_t2v_cache_rejected_for_i2v(cached, tmp_path):
         assert "wanlora-cache-latents" in str(ei.value) and "--task i2v-A14B" in str(ei.value)
     finally:
         p.write_bytes(backup.read_bytes())
+
+
+def _replace_caption(cap, text):
+    """Swap the caption symlink (into ../shared/media) for a file with ``text`` (None: remove it);
+    returns the restore function. The shared media is never written."""
+    target = cap.resolve()
+    cap.unlink()
+    if text is not None:
+        cap.write_text(text)
+
+    def restore():
+        cap.unlink(missing_ok=True)
+        cap.symlink_to(target)
+
+    return restore
+
+
+def test_edited_caption_reported_stale_with_the_missing(cached):
+    """A caption edited after wanlora-cache-text is a stale text cache (from its header's caption),
+    listed with the missing caches and the command that rebuilds it."""
+    imgs = cached.parent / "imgs"
+    restore = _replace_caption(imgs / "elf_portrait.txt", "an elf, edited after caching")
+    moved = [(p, p.with_name("away-" + p.name)) for p in (cached.parent / "cv").glob("studio_host_*")]
+    for p, q in moved:
+        p.rename(q)
+    try:
+        with pytest.raises(MissingCachesError) as ei:
+            TrainingDataset(cached, task="i2v-A14B")
+        msg = str(ei.value)
+        assert any(p.endswith("elf_portrait.jpg: text cache elf_portrait_wan_te.safetensors is stale: the caption "
+                              "changed since wanlora-cache-text ran (it rebuilds stale caches)") for p in ei.value.problems)
+        assert any("studio_host.mp4: no latent cache" in p for p in ei.value.problems)
+        assert "\ncreate the caches with:\n" in msg and "wanlora-cache-text --dataset_config" in msg
+        assert "wanlora-cache-latents --dataset_config" in msg
+    finally:
+        restore()
+        for p, q in moved:
+            q.rename(p)
+    TrainingDataset(cached, task="i2v-A14B")  # the original caption matches its cache again
+
+
+def test_item_problems_heading(cached):
+    """Items with problems (no caption) are followed by one clean instruction and both commands."""
+    restore = _replace_caption(cached.parent / "imgs" / "cat_sunglasses.txt", None)
+    try:
+        with pytest.raises(MissingCachesError) as ei:
+            TrainingDataset(cached, task="i2v-A14B")
+        msg = str(ei.value)
+        assert len(ei.value.problems) == 1 and "cat_sunglasses.jpg: no caption" in msg
+        assert "\nfix the items above (captions, file names), then create their caches with:\n" in msg
+        assert "create the caches with:" not in msg and "again" not in msg
+        assert [c.split()[0] for c in ei.value.commands] == ["wanlora-cache-latents", "wanlora-cache-text"]
+    finally:
+        restore()

@@ -319,3 +319,15 @@ def test_missing_attention_backend_names_the_pip_package():
             check_attn_mode(mode)
         except ImportError as e:
             assert f"pip install {package}" in str(e)
+
+
+def test_torch_is_an_alias_of_sdpa():
+    """``--attn_mode torch`` (the name other Wan tools use, and the one the --help mentions) is sdpa."""
+    from wanlora.models.attention import attention, check_attn_mode
+
+    assert check_attn_mode("torch") is None
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 2, 8, generator=g) for _ in range(3))
+    assert torch.equal(attention(q, k, v, "torch"), attention(q, k, v, "sdpa"))
+    m = _tiny_model()
+    m.set_attn_mode("torch")

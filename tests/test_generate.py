@@ -104,7 +104,7 @@ def test_i2v_real_image_portrait_mp4_seed_and_lora(tiny_dir, media_dir, tmp_path
     assert np.abs(dyn.astype(int) - withlora.astype(int)).max() <= 2  # merged == hooked up to rounding
 
 
-def test_from_file_latent_and_image_outputs(tiny_dir, tmp_path):
+def test_from_file_latent_and_image_outputs(tiny_dir, tmp_path, capsys, monkeypatch):
     from safetensors import safe_open
 
     flags = _flags(tiny_dir, "t2v-1.3B")
@@ -122,10 +122,10 @@ def test_from_file_latent_and_image_outputs(tiny_dir, tmp_path):
 
     bad = tmp_path / "bad.txt"
     bad.write_text("ok\nnot ok --zz 3\n", encoding="utf-8")
-    from wanlora.prompts import PromptFileError
-
-    with pytest.raises(PromptFileError, match=r"bad\.txt:2"):
-        main(flags + ["--from_file", str(bad), "--save_path", str(out)])
+    capsys.readouterr()
+    monkeypatch.delenv("WANLORA_TRACEBACK", raising=False)
+    assert main(flags + ["--from_file", str(bad), "--save_path", str(out)]) == 2  # before any model loads
+    assert f"wanlora-generate: error: {bad}:2: unknown inline option --zz" in capsys.readouterr().err
 
 
 def test_lora_metadata_routes_expert(tiny_dir, tmp_path, caplog):
@@ -177,3 +177,25 @@ def test_training_sampler_files_rng_and_modes(tiny_dir, tmp_path):
     assert samples[1].frames.shape == (5, 32, 48, 3) and samples[1].video_tensor().shape == (1, 5, 3, 32, 48)
     again = sampler.sample(251, dits)
     assert np.array_equal(again[0].frames, samples[0].frames)  # fixed seeds: comparable over training
+
+
+def test_user_errors_one_line_exit_2(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A bad prompt line or a file given to the wrong flag: one line ``wanlora-generate: error: ...``,
+    exit 2, no traceback (``WANLORA_TRACEBACK=1`` raises instead)."""
+    monkeypatch.delenv("WANLORA_TRACEBACK", raising=False)
+    flags = json.loads((tiny_dir("ti2v-5B") / "manifest.json").read_text())["flags"]
+    base = ["--task", "ti2v-5B", "--vae", flags["--vae"], "--t5", flags["--t5"],
+            "--t5_tokenizer", flags["--t5_tokenizer"], "--save_path", str(tmp_path), "--attn_mode", "torch"]
+    bad = tmp_path / "prompts.txt"
+    bad.write_text("a cat --zz 3\n")
+    assert main(base + ["--dit", flags["--dit"], "--from_file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"wanlora-generate: error: {bad}:1: unknown inline option --zz; the options are: " \
+                  "--w --h --f --d --s --g --l --fs --i --n\n"
+    assert main(base + ["--dit", flags["--vae"], "--prompt", "a cat"]) == 2  # the VAE given as the DiT
+    err = capsys.readouterr().err
+    assert err.startswith("wanlora-generate: error: ") and "pass it as --vae" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+    monkeypatch.setenv("WANLORA_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="unknown inline option"):
+        main(base + ["--dit", flags["--dit"], "--from_file", str(bad)])

@@ -305,3 +305,22 @@ def test_bad_checkpoints_are_named(ref, tok_dir, tokenizer, tmp_path):
     torch.save(small, tmp_path / "small_vocab.pth")
     with pytest.raises(CheckpointError, match="tokenizer has"):
         load_text_encoder(tmp_path / "small_vocab.pth", tokenizer=tok_dir)
+
+
+@pytest.mark.parametrize("kind, keys, flag", [
+    ("dit", {"patch_embedding.weight": (4, 16, 1, 2, 2), "blocks.0.self_attn.q.weight": (4, 4),
+             "head.head.weight": (64, 4)}, "pass it as --dit"),
+    ("vae", {"encoder.conv1.weight": (4, 3, 3, 3, 3), "decoder.conv1.weight": (4, 16, 3, 3, 3),
+             "conv2.weight": (16, 16, 1, 1, 1)}, "Wan2.1 VAE (Wan2.1_VAE.pth); pass it as --vae"),
+    ("lora", {"lora_unet_blocks_0_self_attn_q.lora_down.weight": (2, 4),
+              "lora_unet_blocks_0_self_attn_q.lora_up.weight": (4, 2)}, "--lora_weight"),
+])
+def test_other_model_given_as_t5_is_named(kind, keys, flag, tok_dir, tmp_path):
+    """A DiT / VAE / LoRA passed as --t5 is named with the flag that takes it, not as N unknown keys."""
+    f = tmp_path / f"{kind}.safetensors"
+    save_safetensors({k: torch.zeros(s) for k, s in keys.items()}, f)
+    with pytest.raises(CheckpointError) as info:
+        load_text_encoder(f, tokenizer=tok_dir)
+    msg = str(info.value)
+    assert msg.startswith(f"{f}: --t5 expects the umT5-XXL encoder") and flag in msg, msg
+    assert "keys are not umT5" not in msg and "not a diffusion model" not in msg

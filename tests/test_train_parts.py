@@ -112,6 +112,10 @@ def test_expert_plans():
     assert p.lora_for("high_noise") is None and p.metadata_expert(None) == "both"
     p = plan_experts(get_task("i2v-A14B"), "dit.safetensors", expert="high", timestep_boundary=0.8)
     assert p.ranges == {"high_noise": (800.0, 1000.0)}
+    p = plan_experts(t2v, "m/low_noise_model", expert="high")  # flag and path disagree: a warning
+    assert p.dit_paths == {"high_noise": "m/low_noise_model"} and not p.notes
+    assert p.warnings == ["--expert high_noise but the --dit path m/low_noise_model names low_noise: "
+                          "the flag wins; check that the file is the high_noise expert"]
     assert boundary_timestep(t2v, 900) == 900.0 and boundary_timestep(t2v, None) == 875.0
     assert plan_experts(ti2v, "dit").mode == "single"
     with pytest.raises(ValueError, match="--expert high"):
@@ -181,14 +185,22 @@ def test_flow_matching_loss_relation_and_ti2v_first_frame():
     assert torch.all((t >= 875) & (t < 1000))
 
 
-def test_main_reports_user_errors_without_traceback(tmp_path, capsys):
+def test_main_reports_user_errors_without_traceback(tmp_path, capsys, monkeypatch):
     from wanlora.train import main
 
+    monkeypatch.delenv("WANLORA_TRACEBACK", raising=False)
     cfg = tmp_path / "train.toml"
     cfg.write_text("learning_rat = 1e-4\n")
     assert main(BASE + ["--config_file", str(cfg)]) == 2
-    assert "unknown key 'learning_rat'" in capsys.readouterr().err
-    assert main(BASE + ["--dit", str(tmp_path / "missing_low_noise_model"), "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wanlora-train: error: ") and "unknown key 'learning_rat'" in err
+    argv = BASE + ["--dit", str(tmp_path / "missing_low_noise_model"), "--output_dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wanlora-train: error: ") and err.count("\n") >= 1 and "Traceback" not in err
+    monkeypatch.setenv("WANLORA_TRACEBACK", "1")  # the traceback on request
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main(argv)
 
 
 def test_show_timesteps_prints_each_experts_share(capsys):
@@ -198,3 +210,37 @@ def test_show_timesteps_prints_each_experts_share(capsys):
                  "--timestep_sampling", "shift", "--discrete_flow_shift", "5"]) == 0
     out = capsys.readouterr().out
     assert "high_noise: range 875..1000, probability 0.36" in out and "low_noise: range 0..875" in out
+
+
+# ---- LoRA module checks (once, before training) -------------------------------------------------
+
+
+def test_partial_lora_warned_once_and_clip_modules_refused(caplog):
+    """exclude_patterns that leave a partial LoRA get diffusers' coverage warning when the network is
+    built; Wan2.1-I2V-only modules (k_img) are refused for a Wan2.2 task."""
+    from wanlora.models.dit import WanDiT, WanDiTConfig
+    from wanlora.networks import lora_wan
+    from wanlora.trainer import _check_lora_modules
+
+    torch.manual_seed(0)
+    dit = WanDiT(WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=16, out_channels=16,
+                              text_dim=32))
+    task = get_task("t2v-A14B")
+    full = lora_wan.create_network(1.0, 4, 4, None, None, dit)
+    assert _check_lora_modules(full, task, 2) == []
+    part = lora_wan.create_network(1.0, 4, 4, None, None, dit, exclude_patterns="['.*ffn.*']")
+    with caplog.at_level("WARNING", logger="wanlora.trainer"):
+        found = _check_lora_modules(part, task, 2, "high_noise")
+    assert len(found) == 1 and "layers missing in 2 block(s): ffn.0, ffn.2" in found[0]
+    assert "LoRA high_noise: " in caplog.text and "diffusers' loader refuses" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wanlora.trainer"):
+        _check_lora_modules(part, task, 2, warn=False)  # other processes: no duplicate warning
+    assert caplog.text == ""
+
+    class ClipLoRA:
+        def state_dict(self):
+            return {f"lora_unet_blocks_0_cross_attn_k_img.lora_{n}.weight": torch.zeros(4, 4) for n in ("down", "up")}
+
+    with pytest.raises(ValueError, match="Wan2.1-I2V-only modules .*k_img.* exclude them"):
+        _check_lora_modules(ClipLoRA(), task, 2)

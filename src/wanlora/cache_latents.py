@@ -6,7 +6,7 @@ One ``.safetensors`` per item and frame window in each entry's ``cache_directory
 layout: :mod:`wanlora.dataset.caches`; user guide: ``docs/caching.md``). Caches that are up to
 date are skipped (always; ``--skip_existing`` is accepted for musubi-tuner users), stale ones
 (changed size, frames, source file or VAE) are rebuilt, ``--recache`` rebuilds everything.
-Exit status: 0 when every item is cached, 1 when any item failed, 2 for a bad dataset config.
+Exit status: 0 when every item is cached, 1 when any item failed, 2 for a bad dataset config, flag or ``--vae`` file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from wanlora.cli import run_cli
 from wanlora.tasks import task_names
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -41,37 +42,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, cache, return the exit status; user errors (a bad dataset TOML or flag, a wrong
+    ``--vae`` file) print ``wanlora-cache-latents: error: <message>`` and return 2
+    (:func:`wanlora.cli.run_cli`)."""
+    return run_cli("wanlora-cache-latents", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from wanlora.dataset.config import DatasetConfigError, load_dataset_config
+    from wanlora.dataset.config import load_dataset_config
     from wanlora.dataset.latent_caching import cache_latents
 
-    try:
-        config = load_dataset_config(args.dataset_config, args.task)
-    except DatasetConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_dataset_config(args.dataset_config, args.task)
     if args.batch_size < 1 or args.num_workers < 0:
-        print("error: --batch_size must be >= 1 and --num_workers >= 0", file=sys.stderr)
-        return 2
+        raise ValueError("--batch_size must be >= 1 and --num_workers >= 0")
     vae = None
     if args.debug_mode is None:
         if not args.vae:
-            print("error: --vae is required (Wan2.1_VAE.pth or Wan2.2_VAE.pth) unless --debug_mode is set",
-                  file=sys.stderr)
-            return 2
+            raise ValueError("--vae is required (Wan2.1_VAE.pth or Wan2.2_VAE.pth) unless --debug_mode is set")
         from wanlora.models import load_vae
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         vae = load_vae(args.vae, dtype=getattr(torch, DTYPES[args.vae_dtype]), device=device)
-    try:
-        report = cache_latents(config, vae, batch_size=args.batch_size, num_workers=args.num_workers,
-                               force=args.recache, debug_mode=args.debug_mode, progress=not args.no_progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = cache_latents(config, vae, batch_size=args.batch_size, num_workers=args.num_workers,
+                           force=args.recache, debug_mode=args.debug_mode, progress=not args.no_progress)
     print(report.summary())
     return 0 if report.ok else 1
 

@@ -5,7 +5,7 @@
 One ``{stem}_wan_te.safetensors`` per item (``context`` ``[L, 4096]``) in each entry's
 ``cache_directory``; identical captions are encoded once; caches whose caption or text encoder
 changed are rebuilt, up-to-date ones skipped. Exit status: 0 ok, 1 when any item failed, 2 for a
-bad dataset config or arguments.
+bad dataset config, arguments or ``--t5`` file.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+from wanlora.cli import run_cli
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -39,22 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, cache, return the exit status; user errors (a bad dataset TOML or flag, a wrong
+    ``--t5`` / ``--t5_tokenizer``) print ``wanlora-cache-text: error: <message>`` and return 2
+    (:func:`wanlora.cli.run_cli`)."""
+    return run_cli("wanlora-cache-text", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from wanlora.dataset.config import DatasetConfigError, load_dataset_config
+    from wanlora.dataset.config import load_dataset_config
     from wanlora.dataset.text_caching import cache_text
     from wanlora.models import load_text_encoder
 
-    try:
-        config = load_dataset_config(args.dataset_config, args.task)
-    except (DatasetConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_dataset_config(args.dataset_config, args.task)
     if args.batch_size < 1:
-        print("error: --batch_size must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError("--batch_size must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.t5_dtype]) if args.t5_dtype else None
     te = load_text_encoder(args.t5, tokenizer=args.t5_tokenizer, dtype=dtype, device=device, fp8=args.fp8_t5)

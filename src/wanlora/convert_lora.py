@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import run_cli
 from .io_utils import save_safetensors
 from .lora_formats import LAYOUTS, LoraFormatError, from_default, load_lora_file, lora_modules
 from .lora_metadata import (
@@ -185,20 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, convert, return the exit status (2 with a one-line message for a user error:
+    :func:`wanlora.cli.run_cli`)."""
+    return run_cli("wanlora-convert-lora", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        plan = plan_outputs(args.input, args.output, args.target, pair=not args.no_pair)
-        names = {src.resolve(): dst.name for src, dst in plan}
-        for src, dst in plan:
-            other = partner_path(src)
-            pair_file = names.get(other.resolve()) if other is not None and other.exists() else None
-            convert_lora_file(src, dst, args.target, dtype=DTYPES.get(args.dtype),
-                              fold_alpha=not args.keep_alpha, pair_file=pair_file)
-            print(dst)
-    except (LoraFormatError, ValueError, FileNotFoundError) as e:
-        print(f"wanlora-convert-lora: error: {e}", file=sys.stderr)
-        return 2
+    plan = plan_outputs(args.input, args.output, args.target, pair=not args.no_pair)
+    names = {src.resolve(): dst.name for src, dst in plan}
+    for src, dst in plan:
+        other = partner_path(src)
+        pair_file = names.get(other.resolve()) if other is not None and other.exists() else None
+        convert_lora_file(src, dst, args.target, dtype=DTYPES.get(args.dtype),
+                          fold_alpha=not args.keep_alpha, pair_file=pair_file)
+        print(dst)
     return 0
 
 

@@ -104,6 +104,8 @@ class ExpertPlan:
         ranges: ``{expert: (lo, hi)}`` timesteps on 0..1000 each expert trains on (key None
             for ``single``: the whole law).
         boundary: the boundary timestep (None for single-model tasks).
+        notes: messages for the log at INFO level (the expert detected from the path).
+        warnings: messages for the log at WARNING level (``--expert`` and the path disagree).
     """
 
     mode: str
@@ -112,6 +114,7 @@ class ExpertPlan:
     ranges: dict
     boundary: float | None = None
     notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
 
     @property
     def experts(self) -> list:
@@ -157,7 +160,7 @@ def plan_experts(task: Task, dit: str, dit_high_noise: str | None = None, expert
         if expert_lora == "shared":
             return ExpertPlan("shared", paths, {None: tuple(EXPERTS)}, ranges, b)
         return ExpertPlan("separate", paths, {e: (e,) for e in EXPERTS}, ranges, b)
-    notes = []
+    notes, warnings = [], []
     e = normalize_expert(expert)
     if e is None:
         e = expert_from_path(dit)
@@ -167,8 +170,9 @@ def plan_experts(task: Task, dit: str, dit_high_noise: str | None = None, expert
                 "or --expert low (or --dit_high_noise HIGH to train both)")
         notes.append(f"expert {e} detected from the --dit path {dit}")
     elif expert_from_path(dit) not in (None, e):
-        notes.append(f"warning: --expert {e} but the --dit path {dit} names {expert_from_path(dit)}")
-    return ExpertPlan("one", {e: dit}, {e: (e,)}, {e: ranges[e]}, b, notes)
+        warnings.append(f"--expert {e} but the --dit path {dit} names {expert_from_path(dit)}: the flag "
+                        f"wins; check that the file is the {e} expert")
+    return ExpertPlan("one", {e: dit}, {e: (e,)}, {e: ranges[e]}, b, notes, warnings)
 
 
 class ExpertSchedule:

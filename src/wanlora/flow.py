@@ -421,14 +421,15 @@ def plot_timestep_distribution(sampler: TimestepSampler, path: str | Path, bound
     Returns:
         ``path``.
     Raises:
-        RuntimeError: matplotlib is not installed (install it, or ``pip install wanlora[dev]``).
+        ImportError: matplotlib is not installed (a wanlora dependency; the message names the
+            pip command, and the CLIs print it as one line).
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise RuntimeError("--show_timesteps needs matplotlib: pip install matplotlib "
-                           "(or install wanlora with the dev extra)") from e
+        raise ImportError("--show_timesteps image needs matplotlib: pip install matplotlib "
+                          "(or use --show_timesteps console)") from e
     from wanlora.io_utils import atomic_path
 
     parts, bt = _display_draw(sampler, n, seed, boundary)

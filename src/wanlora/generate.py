@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import run_cli
 from .tasks import TASKS, get_task
 
 logger = logging.getLogger("wanlora.generate")
@@ -246,6 +247,14 @@ def run_one(pipe, request, args, index: int | None, lora_log, context=None, cont
 
 
 def main(argv=None) -> int:
+    """Parse ``argv``, generate, return the exit status: 0 done, 2 a flag or user error (wrong checkpoint,
+    bad prompt line, LoRA that does not fit, missing attention package, ...), printed as one line
+    ``wanlora-generate: error: <message>`` (``WANLORA_TRACEBACK=1`` shows the traceback;
+    :func:`wanlora.cli.run_cli`)."""
+    return run_cli("wanlora-generate", _main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

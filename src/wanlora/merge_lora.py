@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from .lora_formats import LoraFormatError, load_lora_file, lora_modules
+from .cli import run_cli
+from .lora_formats import load_lora_file, lora_modules
 from .lora_metadata import read_lora_metadata
 from .models.loading import CheckpointError, checkpoint_files, read_config_json, read_metadata
 from .safetensors_stream import SafetensorsReader, SafetensorsStreamWriter
@@ -256,21 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, merge, return the exit status (2 with a one-line message for a user error:
+    :func:`wanlora.cli.run_cli`)."""
+    return run_cli("wanlora-merge-lora", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     mults = args.lora_multiplier or []
     if len(mults) > len(args.lora_weight):
-        print(f"wanlora-merge-lora: error: {len(mults)} --lora_multiplier values for "
-              f"{len(args.lora_weight)} --lora_weight files", file=sys.stderr)
-        return 2
+        raise MergeError(f"{len(mults)} --lora_multiplier values for {len(args.lora_weight)} --lora_weight files")
     mults = list(mults) + [1.0] * (len(args.lora_weight) - len(mults))
-    try:
-        summary = merge_loras(args.dit, list(zip(args.lora_weight, mults)), args.save_merged_model,
-                              args.task, expert=args.expert, save_dtype=_DTYPES.get(args.save_dtype),
-                              force=args.force)
-    except (MergeError, CheckpointError, LoraFormatError, FileNotFoundError) as e:
-        print(f"wanlora-merge-lora: error: {e}", file=sys.stderr)
-        return 2
+    summary = merge_loras(args.dit, list(zip(args.lora_weight, mults)), args.save_merged_model,
+                          args.task, expert=args.expert, save_dtype=_DTYPES.get(args.save_dtype),
+                          force=args.force)
     log.info("merged %d modules into %s (%d tensors)", summary["merged_modules"],
              args.save_merged_model, summary["tensors"])
     return 0

@@ -25,7 +25,8 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["parse_kv_args", "build_optimizer", "build_lr_scheduler", "lr_lambda", "SCHEDULERS"]
+__all__ = ["parse_kv_args", "build_optimizer", "build_lr_scheduler", "check_optimizer_type", "check_lr_scheduler",
+           "lr_lambda", "SCHEDULERS"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,12 @@ def _resolve_optimizer_class(name: str):
         f"--optimizer_type {name!r}: use adamw, adamw8bit, adafactor, or a module.Class such as "
         "torch.optim.SGD"
     )
+
+
+def check_optimizer_type(name: str) -> type:
+    """The optimizer class ``--optimizer_type name`` names, without building it (so a typo or a missing
+    package is reported before any model loads). Raises as :func:`build_optimizer`."""
+    return _resolve_optimizer_class(name)
 
 
 def build_optimizer(name: str, params, lr: float, optimizer_args: Iterable[str] | dict | None = None):
@@ -142,6 +149,11 @@ def lr_lambda(name: str, warmup_steps: int, total_steps: int, num_cycles: int = 
     if name == "polynomial":
         return lambda step: warm(step) if step < W else (1.0 - progress(step)) ** power
     raise ValueError(f"--lr_scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
+
+
+def check_lr_scheduler(name: str) -> None:
+    """Raise ``ValueError`` (naming the valid ones) when ``--lr_scheduler name`` is unknown."""
+    lr_lambda(name, 0, 1)
 
 
 def build_lr_scheduler(name: str, optimizer, warmup_steps: float, total_steps: int,

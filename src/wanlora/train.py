@@ -17,35 +17,32 @@ non-finite losses (state saved).
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from .cli import run_cli
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), train, return the exit status."""
-    from .train_args import ConfigFileError, parse_args
+    """Parse ``argv`` (default ``sys.argv[1:]``), train, return the exit status; user errors
+    (flags, ``--config_file``, files, caches, missing packages) print ``wanlora-train: error: <message>``
+    (:func:`wanlora.cli.run_cli`)."""
+    return run_cli("wanlora-train", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from .train_args import parse_args
     from .trainer import NonFiniteLossError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        args = parse_args(argv)
-    except ConfigFileError as e:
-        print(f"wanlora-train: {e}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
     try:
         train(args)
     except NonFiniteLossError as e:
         logging.getLogger("wanlora.train").error("%s", e)
         return 3
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        # user errors (flags, files, caches, missing packages) name the fix; no traceback unless asked
-        if os.environ.get("WANLORA_TRACEBACK"):
-            raise
-        logging.getLogger("wanlora.train").error("%s", e)
-        return 2
     return 0
 
 

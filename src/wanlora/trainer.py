@@ -45,7 +45,7 @@ import torch.nn as nn
 from . import flow
 from .experts import ExpertPlan, ExpertSchedule, ExpertView, ExpertWeights, plan_experts
 from .io_utils import write_json
-from .optim import build_lr_scheduler, build_optimizer, parse_kv_args
+from .optim import build_lr_scheduler, build_optimizer, check_lr_scheduler, check_optimizer_type, parse_kv_args
 from .tasks import Task, get_task
 
 __all__ = ["train", "TrainState", "LoRAForward", "flow_matching_loss", "NonFiniteLossError",
@@ -244,6 +244,34 @@ def _build_network(args, module, lora_key, dit):
     return network
 
 
+def _check_lora_modules(network, task: Task, num_layers: int, lora_key=None, warn: bool = True) -> list[str]:
+    """Check the modules a new network adapts, once before training (not at every save).
+
+    Refuses Wan2.1-I2V-only modules for the task (:func:`wanlora.lora_metadata.check_lora_for_task`)
+    and logs, when ``warn``, the coverage warnings of :func:`wanlora.lora_metadata.coverage_warnings`
+    (``exclude_patterns`` / ``include_patterns`` that leave a partial LoRA, which diffusers' loader
+    refuses in the default layout). A network whose state dict is not LoRA (LoHa/LoKr) is skipped.
+
+    Returns:
+        The coverage warnings (empty when every block has every layer).
+
+    Raises:
+        ValueError: modules the task does not have (named, with the exclude pattern that drops them).
+    """
+    from .lora_formats import LoraFormatError, lora_modules
+    from .lora_metadata import check_lora_for_task, coverage_warnings
+
+    try:
+        paths = set(lora_modules(network.state_dict()))
+    except LoraFormatError:
+        return []
+    check_lora_for_task(paths, task.name)
+    found = coverage_warnings(paths, num_layers, emit=False)
+    for w in found if warn else ():
+        log.warning("LoRA%s: %s", f" {lora_key}" if lora_key else "", w)
+    return found
+
+
 def _lora_rank_alpha(network, args, lora_key) -> tuple[int, float]:
     mods = getattr(network, "unet_loras", None)
     if mods:
@@ -291,6 +319,35 @@ def _prune(output_dir: Path, pattern: str, keep) -> None:
         if m and not keep(int(m.group(1))):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
             log.info("removed old save %s", p.name)
+
+
+def _check_before_loading(args):
+    """Check the flags that are otherwise used only after the DiT is loaded (minutes at 14B), so a
+    typo fails at once: import ``--network_module`` (returned), resolve ``--optimizer_type`` (and its
+    package), ``--lr_scheduler``, parse ``--network_args`` / ``--optimizer_args``, and for
+    ``--sample_prompts`` parse the prompt file and require ``--vae`` and ``--t5`` files.
+
+    Raises:
+        ValueError / ImportError / FileNotFoundError: the message names the flag and the fix.
+    """
+    from .networks import resolve_network_module
+
+    module = resolve_network_module(args.network_module)
+    check_optimizer_type(args.optimizer_type)
+    check_lr_scheduler(args.lr_scheduler)
+    parse_kv_args(args.network_args, "--network_args")
+    parse_kv_args(args.optimizer_args)
+    if args.sample_prompts:
+        if not (args.vae and args.t5):
+            raise ValueError("--sample_prompts needs --vae and --t5 (and --t5_tokenizer) to make samples")
+        for flag, path in (("--vae", args.vae), ("--t5", args.t5)):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{flag} {path}: no such file (needed by --sample_prompts)")
+        if isinstance(args.sample_prompts, (str, os.PathLike)):
+            from .prompts import read_prompt_file
+
+            read_prompt_file(args.sample_prompts)
+    return module
 
 
 def _show_timesteps(args, task, sampler, plan) -> None:
@@ -347,6 +404,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
     if args.show_timesteps:
         _show_timesteps(args, task, sampler, plan)
         return TrainState()
+    module = _check_before_loading(args)
 
     # ---- accelerator, seed, logging
     log_with = "tensorboard" if args.logging_dir and args.log_with == "tensorboard" else None
@@ -386,6 +444,8 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
         output_dir.mkdir(parents=True, exist_ok=True)
     for note in plan.notes:
         log.info(note)
+    for warning in plan.warnings:
+        log.warning(warning)
     log.info("task %s, %s: %s", task.name, plan.mode, ", ".join(
         f"{e or 'model'} t in [{lo:g}, {hi:g})" for e, (lo, hi) in plan.ranges.items()))
 
@@ -405,12 +465,10 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
     dit, expert_weights = _load_dit_and_experts(args, task, plan, device, dit_dtype, load_dit)
 
     # ---- LoRA networks, optimizers, schedulers (one set per trained LoRA)
-    from .networks import resolve_network_module
-
-    module = resolve_network_module(args.network_module)
     networks, wrappers, optimizers, schedulers = {}, {}, {}, {}
     for key in plan.loras:
         net = _build_network(args, module, key, dit).to(device)
+        _check_lora_modules(net, task, len(dit.blocks), key, warn=main)
         lr = args.learning_rate_high_noise if key == "high_noise" and args.learning_rate_high_noise else args.learning_rate
         groups, _ = net.prepare_optimizer_params(unet_lr=lr)
         opt = build_optimizer(args.optimizer_type, groups, lr, args.optimizer_args)
@@ -677,8 +735,6 @@ def _make_sampler(args, task, plan, dit, expert_weights, accelerator):
     """
     if not args.sample_prompts:
         return None
-    if not (args.vae and args.t5):
-        raise ValueError("--sample_prompts needs --vae and --t5 (and --t5_tokenizer) to make samples")
     if task.has_experts and len(plan.dit_paths) == 1:
         log.warning("samples: only the %s expert is loaded, so it denoises every step of the samples; "
                     "they show the LoRA, not the two-expert result", plan.experts[0])

@@ -9,6 +9,8 @@ The DiT calls :func:`attention` and never knows which backend runs. Backends:
 * ``"sage"``: ``sageattention.sageattn`` (pip package ``sageattention``); fp16/bf16, cast as above.
 * ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (pip package ``xformers``).
 
+``"torch"`` (the name other Wan tools use) is accepted everywhere as an alias of ``"sdpa"``.
+
 No mask, no dropout, softmax scale ``1/sqrt(d)``: Wan's self-attention sees only real tokens (no
 padding: a batch shares one grid) and its cross-attention does not mask the zero-padded text rows
 (``wan_numerics.md`` §2.2).
@@ -21,7 +23,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTN_MODES", "attention", "check_attn_mode"]
+__all__ = ["ATTN_ALIASES", "ATTN_MODES", "attention", "check_attn_mode"]
 
 #: backend name -> (module to import, pip package that provides it)
 _BACKENDS = {
@@ -31,15 +33,19 @@ _BACKENDS = {
     "xformers": ("xformers.ops", "xformers"),
 }
 ATTN_MODES = tuple(_BACKENDS)
+#: other names accepted for a backend (musubi-tuner and others call sdpa "torch")
+ATTN_ALIASES = {"torch": "sdpa"}
 
 
 def check_attn_mode(mode: str):
-    """Import the backend of ``mode`` and return its module (``None`` for ``"sdpa"``).
+    """Import the backend of ``mode`` (or an :data:`ATTN_ALIASES` name) and return its module
+    (``None`` for ``"sdpa"``).
 
     Raises:
         ValueError: an unknown mode (the message lists the valid ones).
         ImportError: the backend's package is not installed (the message names the pip package).
     """
+    mode = ATTN_ALIASES.get(mode, mode)
     if mode not in _BACKENDS:
         raise ValueError(f"unknown attention mode {mode!r}; use one of {', '.join(ATTN_MODES)}")
     module, package = _BACKENDS[mode]
@@ -65,7 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sd
     Args:
         q: ``[B, Lq, N, d]`` queries (N heads of width d).
         k, v: ``[B, Lk, N, d]`` keys and values.
-        mode: one of :data:`ATTN_MODES`.
+        mode: one of :data:`ATTN_MODES` or :data:`ATTN_ALIASES`.
 
     Returns:
         ``[B, Lq, N, d]`` in ``v``'s dtype. q and k are cast to ``v``'s dtype first (the DiT hands
@@ -73,6 +79,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sd
     """
     dtype = v.dtype
     q, k = q.to(dtype), k.to(dtype)
+    mode = ATTN_ALIASES.get(mode, mode)
     if mode == "sdpa":
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)

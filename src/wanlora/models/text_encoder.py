@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wanlora.models.loading import CheckpointError, load_state_dict
+from wanlora.models.loading import CheckpointError, describe_checkpoint, load_state_dict
 
 __all__ = [
     "TextEncoder",
@@ -263,6 +263,18 @@ def _dequantize(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return t.to(torch.float32) * (scale[: t.shape[0]] if scale.dim() else scale)
 
 
+def _other_model(raw: dict[str, torch.Tensor]) -> str | None:
+    """What a file given as ``--t5`` holds instead, with the flag that takes it (a Wan DiT, a VAE, a
+    LoRA, CLIP, a diffusers transformer: :func:`wanlora.models.loading.describe_checkpoint`), or
+    ``None`` when it looks like a T5 encoder or nothing known."""
+    what = describe_checkpoint(raw)
+    if what is None:
+        return "a Wan DiT (diffusion model) checkpoint; pass it as --dit (or --dit_high_noise)"
+    if "umT5" in what or what.startswith("not a Wan DiT"):
+        return None
+    return what.replace(", not a diffusion model;", ";")
+
+
 def _normalize_state_dict(raw: dict[str, torch.Tensor], path):
     """Map a raw checkpoint to transformers encoder-stack names (``embed_tokens.weight``, ``block.N...``).
 
@@ -271,7 +283,8 @@ def _normalize_state_dict(raw: dict[str, torch.Tensor], path):
         weights, their scales (applied one tensor at a time while loading, never all at once).
 
     Raises:
-        CheckpointError: unknown weight keys, or neither layout recognized.
+        CheckpointError: unknown weight keys (a DiT, VAE or LoRA file is named, with its flag), or
+            neither layout recognized.
     """
     out: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
@@ -303,6 +316,10 @@ def _normalize_state_dict(raw: dict[str, torch.Tensor], path):
         if scale is not None:
             scales[name] = scale
     if unknown:
+        other = _other_model(raw)
+        if other is not None:
+            raise CheckpointError(
+                f"{path}: --t5 expects the umT5-XXL encoder ({T5_CHECKPOINT_NAME}), but this file is {other}")
         raise CheckpointError(
             f"{path}: {len(unknown)} keys are not umT5 encoder weights (e.g. {unknown[:4]}); "
             f"expected the official {T5_CHECKPOINT_NAME} layout (token_embedding.weight, "
