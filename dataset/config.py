@@ -134,10 +134,12 @@ class DatasetConfig:
 
     @property
     def name(self) -> str:
+        """``datasets[i]``: how messages name this entry of the TOML."""
         return f"datasets[{self.index}]"
 
     @property
     def is_jsonl(self) -> bool:
+        """True when the items come from a JSONL metadata file rather than a folder."""
         return self.source_key.endswith("_jsonl_file")
 
     def shaping_options(self) -> dict[str, Any]:

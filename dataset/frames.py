@@ -41,6 +41,7 @@ class FrameWindow:
 
     @property
     def stop(self) -> int:
+        """One past the window's last position."""
         return self.start + self.frames
 
 

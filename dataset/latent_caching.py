@@ -62,6 +62,9 @@ class ItemJob:
 
 @dataclass
 class CachePlan:
+    """The work of one caching run, decided before any decoding: the items with windows to
+    encode, how many windows are already current, the items that failed planning, all items."""
+
     jobs: list[ItemJob]
     up_to_date: int  # windows already cached and current
     failed: list[tuple[str, str]]  # (item path, reason)
@@ -80,10 +83,12 @@ class CacheReport:
 
     @property
     def ok(self) -> bool:
+        """True when no item failed."""
         return not self.failed
 
-    def summary(self) -> str:
-        lines = [f"{self.items} item(s): {self.cached} cache file(s) written, {self.skipped} skipped as up to date, "
+    def summary(self, noun: str = "cache file(s)") -> str:
+        """The counts in one line (files called ``noun``), then one ``FAILED`` line per failed item."""
+        lines = [f"{self.items} item(s): {self.cached} {noun} written, {self.skipped} skipped as up to date, "
                  f"{len(self.failed)} item(s) failed ({self.seconds:.1f} s)"]
         # a reason that already starts with the path (an item problem) is not prefixed again
         lines += [f"  FAILED {why}" if why.startswith(f"{src}:") else f"  FAILED {src}: {why}"

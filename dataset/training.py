@@ -62,6 +62,7 @@ class Sample:
 
     @property
     def key(self) -> str:
+        """The latent cache's file stem (names the sample in batches' ``keys``)."""
         return self.latent.name[: -len(".safetensors")]
 
 

@@ -434,21 +434,25 @@ class LoRANetwork(nn.Module):
         """Called once after creation (kohya convention); nothing to do."""
 
     def prepare_grad_etc(self, unet=None) -> None:
+        """Make the adapters trainable (kohya convention)."""
         self.requires_grad_(True)
 
     def on_epoch_start(self, unet=None) -> None:
+        """Put the adapters in training mode (dropouts on; kohya convention)."""
         self.train()
 
     def on_step_start(self) -> None:
-        pass
+        """Called before each step (kohya convention); nothing to do."""
 
     def enable_gradient_checkpointing(self) -> None:
         """Adapters hold no activations of their own; checkpointing is the DiT's."""
 
     def get_trainable_params(self):
+        """Every adapter parameter (``lora_down``/``lora_up`` weights)."""
         return self.parameters()
 
     def set_loraplus_lr_ratio(self, ratio: float | None) -> None:
+        """Set the LoRA+ ratio used by :meth:`prepare_optimizer_params` (None: off)."""
         self.loraplus_lr_ratio = ratio
 
     def prepare_optimizer_params(self, unet_lr: float = 1e-4, loraplus_lr_ratio: float | None = None,

@@ -286,7 +286,7 @@ def test_two_cpu_processes_torchrun(setups, tmp_path):
     script.write_text(_DDP_SCRIPT)
     argv = ["--task", "t2v-A14B", "--dit", flags["--dit"], "--dit_high_noise", flags["--dit_high_noise"],
             "--dataset_config", str(toml), "--output_dir", str(out), "--output_name", "lora",
-            "--network_dim", "4", "--learning_rate", "5e-3", "--seed", "3", "--max_train_steps", "3",
+            "--network_dim", "4", "--learning_rate", "5e-3", "--max_train_steps", "3",  # no --seed: rank 0's
             "--timestep_sampling", "uniform", "--timestep_boundary", "0.5", "--sample_every_n_steps", "1",
             "--max_data_loader_n_workers", "0", "--save_every_n_steps", "2", "--save_state"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -326,6 +326,18 @@ def test_shared_lora_bf16_offload_and_switch_every(tiny_dir, tmp_path):
     assert f.name == "lora.safetensors" and _meta(f)["wan.expert"] == "both"
     w = load_file(f)
     assert all(v.dtype == torch.bfloat16 for k, v in w.items() if not k.endswith(".alpha"))
+
+
+def test_flux_shift_trains_both_experts(tiny_dir, tmp_path):
+    """flux_shift with both experts: each step's expert is drawn with the law's mass above the
+    boundary at that batch's latent size (it used to fail on a law without a latent size)."""
+    flags = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
+    st = train(_args(flags, "unused.toml", tmp_path, "--dit_high_noise", flags["--dit_high_noise"],
+                     "--timestep_sampling", "flux_shift", "--max_train_steps", "8"), dataset=_Batches())
+    p_high = flow.TimestepSampler("flux_shift").with_latent_size(4, 4).mass(875, 1000)
+    assert [x[1] for x in st.losses] == [ExpertSchedule(p_high, 1, 7).expert_at(i) for i in range(8)]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["lora_high_noise.safetensors",
+                                                                      "lora_low_noise.safetensors"]
 
 
 def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
@@ -396,6 +408,7 @@ def test_sampling_during_training_leaves_the_weights_bit_identical(setups, tmp_p
     (("--optimizer_type", "adamww"), "--optimizer_type 'adamww'"),
     (("--lr_scheduler", "cosin"), "--lr_scheduler 'cosin'"),
     (("--network_args", "rank_dropout"), "--network_args: 'rank_dropout' is not key=value"),
+    (("--weighting_scheme", "sigma_sqr"), "--weighting_scheme 'sigma_sqr'"),
     (("--sample_prompts", "PROMPTS"), "--sample_prompts needs --vae and --t5"),
     (("--sample_prompts", "PROMPTS", "--vae", "nope/Wan2.2_VAE.pth", "--t5", "T5"), "--vae nope/Wan2.2_VAE.pth: no such"),
     (("--sample_prompts", "BAD", "--vae", "T5", "--t5", "T5"), "bad.txt:1: unknown inline option --zz"),

@@ -4,6 +4,7 @@ and scheduling, weight swapping, and the flow-matching loss (TI2V first frame)."
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +139,66 @@ def test_expert_schedule_matches_the_timestep_law():
     assert all(len(set(seq[k:k + 4])) == 1 for k in range(0, 40, 4))
 
 
+def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
+    """flux_shift: P(high) comes from each step's latent size; a --min/--max_timestep range on one
+    side of the boundary is refused for two LoRAs (one would never train), a warning when shared."""
+    from wanlora.trainer import _expert_of_step, _expert_schedule
+
+    t2v = get_task("t2v-A14B")
+    sep = plan_experts(t2v, "LOW", "HIGH")
+    flux = flow.TimestepSampler("flux_shift")
+    sched = _expert_schedule(sep, flux, 1, 5)
+    assert sched.p_high is None
+    with pytest.raises(ValueError, match="give p_high"):
+        sched.expert_at(0)
+    small, large = {"latents": torch.zeros(1, 16, 2, 16, 16)}, {"latents": torch.zeros(1, 16, 2, 128, 128)}
+    p_small, p_large = (flux.with_latent_size(h, h).mass(875, 1000) for h in (16, 128))
+    assert p_small < p_large  # more tokens, more shift, more high-noise steps
+    for step in range(40):
+        assert _expert_of_step(sched, sep, flux, step, small) == ExpertSchedule(p_small, 1, 5).expert_at(step)
+        assert _expert_of_step(sched, sep, flux, step, large) == ExpertSchedule(p_large, 1, 5).expert_at(step)
+        # several processes (other buckets) agree on one P(high): the mean over processes
+        both = _expert_of_step(sched, sep, flux, step, small, lambda p: (p + p_large) / 2)
+        assert both == ExpertSchedule((p_small + p_large) / 2, 1, 5).expert_at(step)
+    assert ExpertSchedule(0.3, 1, 5).expert_at(7, p_high=1.0) == "high_noise"  # a per-step p_high wins
+    assert _expert_of_step(None, plan_experts(t2v, "m/low_noise_model"), flux, 0, small) == "low_noise"
+
+    low_only = flow.TimestepSampler("uniform", max_timestep=800)
+    with pytest.raises(ValueError, match="high_noise expert gets no timesteps and its LoRA would never train"):
+        _expert_schedule(sep, low_only, 1, 0)
+    with caplog.at_level("WARNING", logger="wanlora.train"):
+        shared = _expert_schedule(plan_experts(t2v, "LOW", "HIGH", expert_lora="shared"), low_only, 1, 0)
+    assert shared.p_high == 0.0 and "the shared LoRA trains on the other expert only" in caplog.text
+    with pytest.raises(ValueError, match="low_noise expert gets no timesteps"):
+        _expert_schedule(sep, flow.TimestepSampler("uniform", min_timestep=900), 1, 0)
+
+
+def test_state_folder_waits_for_every_process_before_the_rename(tmp_path):
+    """accelerate's save_state has no barrier at its end: the other processes may still be writing
+    their RNG files into the temporary folder, so it is renamed only after a barrier."""
+    from wanlora.trainer import TrainState, _atomic_state_dir
+
+    calls = []
+
+    class FakeAccelerator:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            calls.append("barrier")
+
+        def save_state(self, d):
+            Path(d).mkdir()
+            calls.append("save")
+
+    final = tmp_path / "lora-state"
+    final.mkdir()
+    (final / "old.bin").write_bytes(b"x")
+    assert _atomic_state_dir(FakeAccelerator(), final, TrainState(global_step=3)) == final
+    assert calls == ["barrier", "save", "barrier", "barrier"]
+    assert sorted(p.name for p in final.iterdir()) == ["train_state.json"]  # the old folder replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-state"]  # no .tmp / .old left
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_expert_weights_swap_in_place(offload):
     m = torch.nn.Linear(3, 2)
@@ -210,6 +271,14 @@ def test_show_timesteps_prints_each_experts_share(capsys):
                  "--timestep_sampling", "shift", "--discrete_flow_shift", "5"]) == 0
     out = capsys.readouterr().out
     assert "high_noise: range 875..1000, probability 0.36" in out and "low_noise: range 0..875" in out
+
+
+def test_show_timesteps_refuses_flux_shift_with_the_reason(capsys):
+    from wanlora.train import main
+
+    assert main(["--task", "t2v-A14B", "--dit", "LOW", "--dit_high_noise", "HIGH", "--show_timesteps", "console",
+                 "--timestep_sampling", "flux_shift"]) == 2
+    assert "flux_shift sampling depends on each batch's latent size" in capsys.readouterr().err
 
 
 # ---- LoRA module checks (once, before training) -------------------------------------------------

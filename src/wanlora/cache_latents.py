@@ -23,6 +23,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``wanlora-cache-latents``."""
     p = argparse.ArgumentParser(prog="wanlora-cache-latents", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset_config", required=True, help="dataset TOML (docs/dataset.md)")
     p.add_argument("--task", required=True, choices=task_names(), help="which Wan model the caches are for")

@@ -21,6 +21,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``wanlora-cache-text``."""
     p = argparse.ArgumentParser(prog="wanlora-cache-text", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset_config", required=True, help="dataset TOML (docs/dataset.md)")
     p.add_argument("--t5", required=True, help="models_t5_umt5-xxl-enc-bf16.pth (or a transformers-layout .safetensors)")
@@ -63,7 +64,7 @@ def _main(argv: list[str] | None) -> int:
     dtype = getattr(torch, DTYPES[args.t5_dtype]) if args.t5_dtype else None
     te = load_text_encoder(args.t5, tokenizer=args.t5_tokenizer, dtype=dtype, device=device, fp8=args.fp8_t5)
     report = cache_text(config, te, batch_size=args.batch_size, force=args.recache, progress=not args.no_progress)
-    print(report.summary().replace("cache file(s)", "text cache(s)"))
+    print(report.summary(noun="text cache(s)"))
     return 0 if report.ok else 1
 
 

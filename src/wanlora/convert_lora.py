@@ -163,6 +163,7 @@ def convert_lora_file(src: str | Path, dst: str | Path, target: str, dtype: torc
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``wanlora-convert-lora``."""
     p = argparse.ArgumentParser(
         prog="wanlora-convert-lora",
         description="Convert a Wan LoRA between the default (lora_unet_*), comfy (diffusion_model.*) "

@@ -18,7 +18,8 @@ With both experts each optimizer step (or each ``--expert_switch_every`` group o
 one expert with probability equal to the configured timestep law's mass on its side of the
 boundary, then samples the batch's timesteps inside that expert's range, so over the run the
 timesteps follow exactly the configured law (:class:`ExpertSchedule`). The draw depends only
-on the seed and the group index, so every process draws the same expert and a resumed run
+on the seed and the group index (and, under ``flux_shift``, whose law depends on the latent
+size, on the step's batch size), so every process draws the same expert and a resumed run
 draws what the uninterrupted one would have.
 
 Both experts share one ``WanDiT`` module on the accelerator; :class:`ExpertWeights` swaps the
@@ -178,28 +179,37 @@ def plan_experts(task: Task, dit: str, dit_high_noise: str | None = None, expert
 class ExpertSchedule:
     """Which expert trains on each optimizer step (both-experts runs).
 
-    The expert of step ``s`` is drawn once per group ``s // switch_every`` with
-    ``P(high_noise) = p_high``, from a generator seeded with ``(seed, group)`` — stateless, the
-    same on every process and after a resume.
+    The expert of step ``s`` is drawn once per group ``s // switch_every``: ``u ~ U(0, 1)`` from a
+    generator seeded with ``(seed, group)``, high-noise when ``u < p_high`` — stateless, the same
+    on every process and after a resume.
 
     Args:
-        p_high: probability of the high-noise expert (``sampler.mass(boundary, 1000)``).
+        p_high: probability of the high-noise expert in [0, 1] (``sampler.mass(boundary, 1000)``),
+            or None when it depends on the batch (``flux_shift``: the law depends on the latent
+            size) and is given to :meth:`expert_at` per step instead.
         switch_every: optimizer steps per draw (>= 1).
         seed: the run's seed.
+    Raises:
+        ValueError: ``switch_every < 1``.
     """
 
-    def __init__(self, p_high: float, switch_every: int = 1, seed: int = 0):
+    def __init__(self, p_high: float | None, switch_every: int = 1, seed: int = 0):
         if switch_every < 1:
             raise ValueError(f"--expert_switch_every must be >= 1, got {switch_every}")
-        self.p_high = float(p_high)
+        self.p_high = None if p_high is None else float(p_high)
         self.switch_every = int(switch_every)
         self.seed = int(seed)
 
-    def expert_at(self, step: int) -> str:
-        """The expert of optimizer step ``step`` (0-based)."""
+    def expert_at(self, step: int, p_high: float | None = None) -> str:
+        """The expert of optimizer step ``step`` (0-based); ``p_high`` overrides the schedule's
+        (required when it was built with None). A group keeps one ``u``, so with a per-step
+        ``p_high`` the expert can still change inside a group."""
+        p = self.p_high if p_high is None else p_high
+        if p is None:
+            raise ValueError("ExpertSchedule(p_high=None): give p_high for each step")
         group = step // self.switch_every
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + group * 7919 + 17) % (2**63))
-        return "high_noise" if torch.rand((), generator=g).item() < self.p_high else "low_noise"
+        return "high_noise" if torch.rand((), generator=g).item() < p else "low_noise"
 
 
 class ExpertWeights:
@@ -274,5 +284,8 @@ class ExpertView(torch.nn.Module):
         self._activate = activate
 
     def forward(self, x, timestep, context, y=None):
+        """Activate this view's expert, then ``module(x, timestep, context, y)`` (shapes as
+        :class:`wanlora.models.dit.WanDiT`: ``x [B, C_in, F, H, W]``, ``timestep [B]`` or
+        ``[B, F]`` on 0..1000, ``context`` list of ``[L_i, 4096]``); returns ``[B, C_out, F, H, W]``."""
         self._activate(self.expert)
         return self._module[0](x, timestep, context, y)

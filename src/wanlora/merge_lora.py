@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .cli import run_cli
+from .experts import expert_from_path
 from .lora_formats import load_lora_file, lora_modules
 from .lora_metadata import read_lora_metadata
 from .models.loading import CheckpointError, checkpoint_files, read_config_json, read_metadata
@@ -57,11 +58,10 @@ class MergeError(ValueError):
 
 
 def dit_expert_from_path(path: str | Path) -> str | None:
-    """``high_noise`` / ``low_noise`` when exactly one of them appears in the DiT path
-    (``.../high_noise_model/``, ``wan2.2_t2v_low_noise_14B_fp16.safetensors``), else None."""
-    s = str(Path(path).resolve()).lower()
-    found = [e for e in EXPERTS if e in s]
-    return found[0] if len(found) == 1 else None
+    """``high_noise`` / ``low_noise`` when exactly one of them appears in the DiT's absolute path
+    (``.../high_noise_model/``, ``wan2.2_t2v_low_noise_14B_fp16.safetensors``), else None; the
+    rule of :func:`wanlora.experts.expert_from_path` (which the trainer uses too)."""
+    return expert_from_path(Path(path).resolve())
 
 
 class _Source:
@@ -98,14 +98,17 @@ class _Source:
         self._info[k] = info
 
     def items(self):
+        """``(key, dtype, shape)`` of every base tensor, from the headers (no data read)."""
         for k, (dtype, shape) in self._info.items():
             yield k, dtype, shape
 
     def get(self, key: str) -> torch.Tensor:
+        """The base tensor ``key`` as a CPU tensor of its stored dtype (read from its shard)."""
         src = self._where[key]
         return src.get(key) if isinstance(src, SafetensorsReader) else src[key].clone()
 
     def close(self):
+        """Close every shard reader."""
         for r in self._readers:
             r.close()
 
@@ -237,6 +240,7 @@ def merge_loras(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``wanlora-merge-lora``."""
     p = argparse.ArgumentParser(
         prog="wanlora-merge-lora",
         description="Merge Wan LoRAs into a DiT checkpoint and write a new .safetensors (streamed).",

@@ -100,7 +100,7 @@ def build_optimizer(name: str, params, lr: float, optimizer_args: Iterable[str] 
         ImportError: the optimizer's package is missing (names the pip command).
         ValueError: an unknown name, or arguments the optimizer rejects (named).
     """
-    kwargs = optimizer_args if isinstance(optimizer_args, dict) else parse_kv_args(optimizer_args)
+    kwargs = dict(optimizer_args) if isinstance(optimizer_args, dict) else parse_kv_args(optimizer_args)
     cls = _resolve_optimizer_class(name)
     if name.lower() == "adafactor":
         kwargs.setdefault("relative_step", False)

@@ -68,13 +68,20 @@ class SafetensorsReader:
                 raise ValueError(f"{self.path}: truncated (tensor {k!r} runs past the end); download it again")
 
     def keys(self) -> list[str]:
+        """Tensor names in file (data offset) order."""
         return list(self._entries)
 
     def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """``(dtype, shape)`` of ``key`` from the header, reading no data. Raises KeyError."""
         e = self._entries[key]
         return SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"])
 
     def get(self, key: str) -> torch.Tensor:
+        """Read ``key`` into a fresh CPU tensor of its stored dtype and shape (a copy, no mmap).
+
+        Raises:
+            KeyError: no such tensor. ValueError: the file ends before the tensor does.
+        """
         e = self._entries[key]
         begin, end = e["data_offsets"]
         buf = bytearray(end - begin)
@@ -95,6 +102,7 @@ class SafetensorsReader:
         return iter(self._entries)
 
     def close(self) -> None:
+        """Close the file."""
         self._f.close()
 
     def __enter__(self):
@@ -144,6 +152,11 @@ class SafetensorsStreamWriter:
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (moved to CPU) as ``name``, the next entry of ``specs``.
+
+        Raises:
+            ValueError: ``name`` is not next, or its dtype/shape differ from the header's.
+        """
         if self._next >= len(self._specs) or self._specs[self._next][0] != name:
             expected = self._specs[self._next][0] if self._next < len(self._specs) else "nothing"
             raise ValueError(f"{self.path}: wrote {name!r} but {expected!r} is next")

@@ -102,13 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of sigmoid/shift sampling")
     g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal mean")
     g.add_argument("--logit_std", type=float, default=1.0, help="logit_normal std")
-    g.add_argument("--mode_scale", type=float, default=1.29, help="weighting scheme 'mode' scale")
+    g.add_argument("--mode_scale", type=float, default=1.29,
+                   help="accepted for musubi-tuner configs and unused: 'mode' weighting is uniform here")
     g.add_argument("--discrete_flow_shift", type=float, default=1.0, help="shift of 'shift' sampling")
     g.add_argument("--min_timestep", type=float, help="lowest timestep trained (0..1000)")
     g.add_argument("--max_timestep", type=float, help="highest timestep trained (0..1000)")
     g.add_argument("--preserve_distribution_shape", action="store_true",
                    help="min/max timestep cut the distribution instead of rescaling it into the range")
-    g.add_argument("--weighting_scheme", default="none", help="loss weighting over timesteps")
+    g.add_argument("--weighting_scheme", default="none",
+                   help="loss weighting over timesteps: none, sigma_sqrt, cosmap (logit_normal, mode: uniform)")
     g.add_argument("--timestep_boundary", type=float,
                    help="A14B expert boundary, 0..1 or 0..1000 (default: the task's, 0.875 / 0.9)")
     g.add_argument("--show_timesteps", choices=["image", "console"],

@@ -13,8 +13,10 @@ Facts the loop relies on:
   TI2V-5B image-to-video (``--ti2v_first_frame``): latent frame 0 of ``x_t`` is the clean latent,
   its timestep is 0 (a per-frame timestep ``[B, F]``, §6.3) and it is left out of the loss.
 * Experts (:mod:`wanlora.experts`): each optimizer step trains one expert's LoRA on timesteps
-  of that expert's range; the other LoRA is disabled and its optimizer does not step, so its
-  weights and optimizer state stay exactly as they were.
+  of that expert's range, the expert drawn with the law's mass above the boundary (under
+  ``flux_shift``, whose law depends on the latent size, at the step's first batch's size); the
+  other LoRA is disabled and its optimizer does not step, so its weights and optimizer state
+  stay exactly as they were. A window of ``--gradient_accumulation_steps`` batches is one expert.
 * Randomness is derived from ``(seed, step, micro-batch, process)`` at each use, so a resumed run
   draws the same noise, timesteps and experts as an uninterrupted one; ``--save_state`` writes
   optimizer, scheduler, RNG and data position (``accelerator.save_state`` plus
@@ -89,6 +91,9 @@ class LoRAForward(nn.Module):
         self.network = network
 
     def forward(self, dit, x, timestep, context, y=None):
+        """``dit(x, timestep, context, y)``: shapes as :meth:`wanlora.models.dit.WanDiT.forward`
+        (``x [B, C, F, H, W]``, ``timestep [B]`` or ``[B, F]`` on 0..1000); returns the velocity
+        ``[B, C_out, F, H, W]`` float32."""
         return dit(x, timestep, context, y)
 
 
@@ -153,6 +158,7 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepSampler, lo:
 
 
 def _dit_dtype(args, mixed_precision: str) -> torch.dtype:
+    """The frozen DiT's dtype: ``--dit_dtype``, else the autocast precision's, else float32."""
     if args.dit_dtype:
         return DTYPES[args.dit_dtype]
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
@@ -194,6 +200,7 @@ def _build_dataloader(args, task: Task, dataset=None):
 
 
 def _unbatch(items):
+    """collate_fn of the batch-size-1 DataLoader: the one item, already a batch."""
     return items[0]
 
 
@@ -222,14 +229,23 @@ def _load_dit_and_experts(args, task: Task, plan: ExpertPlan, device, dtype, loa
     return dit, weights
 
 
+def _lora_flags(args, lora_key) -> tuple[str | None, int, float, float]:
+    """``(weights file, rank, alpha, learning rate)`` of one LoRA: the ``--*_high_noise`` flag for
+    the high-noise LoRA where given, else the shared flag."""
+    if lora_key != "high_noise":
+        return args.network_weights, args.network_dim, args.network_alpha, args.learning_rate
+    return (args.network_weights_high_noise,
+            args.network_dim_high_noise or args.network_dim,
+            args.network_alpha if args.network_alpha_high_noise is None else args.network_alpha_high_noise,
+            args.learning_rate_high_noise or args.learning_rate)
+
+
 def _build_network(args, module, lora_key, dit):
-    """Create one LoRA network on the DiT (per-expert rank/alpha for the high-noise LoRA)."""
+    """Create one LoRA network (``module.create_network``, the kohya convention) on the DiT, hooked
+    in by ``apply_to``, started from ``--network_weights[_high_noise]`` when given."""
     net_kwargs = parse_kv_args(args.network_args, "--network_args")
     net_kwargs = {k: (v if isinstance(v, str) else str(v)) for k, v in net_kwargs.items()}
-    high = lora_key == "high_noise"
-    weights_file = args.network_weights_high_noise if high else args.network_weights
-    dim = args.network_dim_high_noise if high and args.network_dim_high_noise else args.network_dim
-    alpha = args.network_alpha_high_noise if high and args.network_alpha_high_noise is not None else args.network_alpha
+    weights_file, dim, alpha, _ = _lora_flags(args, lora_key)
     if weights_file and args.dim_from_weights:
         network, sd = module.create_network_from_weights(1.0, weights_file, None, None, dit, **net_kwargs)
     else:
@@ -273,15 +289,66 @@ def _check_lora_modules(network, task: Task, num_layers: int, lora_key=None, war
 
 
 def _lora_rank_alpha(network, args, lora_key) -> tuple[int, float]:
+    """The rank and alpha a network really has (``--dim_from_weights`` takes them from the file);
+    the flags' for a network module that does not expose ``unet_loras``."""
     mods = getattr(network, "unet_loras", None)
     if mods:
         return int(mods[0].lora_dim), float(mods[0].alpha.item())
-    high = lora_key == "high_noise"
-    return (args.network_dim_high_noise or args.network_dim if high else args.network_dim,
-            args.network_alpha_high_noise if high and args.network_alpha_high_noise is not None else args.network_alpha)
+    return _lora_flags(args, lora_key)[1:3]
+
+
+def _expert_schedule(plan: ExpertPlan, sampler: flow.TimestepSampler, switch_every: int,
+                     seed: int) -> ExpertSchedule | None:
+    """Both experts: the per-step expert draw with ``P(high) = sampler.mass(boundary, 1000)``, so
+    that sampling each step's timesteps inside its expert's range reproduces the law; None for
+    one expert or a single model. ``flux_shift`` (the law depends on the latent size) leaves
+    ``p_high`` to each step's batch (:func:`_expert_of_step`).
+
+    Raises:
+        ValueError: two LoRAs (``separate``) while ``--min_timestep``/``--max_timestep`` leave one
+            expert no timesteps, so its LoRA would never train.
+    """
+    if plan.mode not in ("separate", "shared"):
+        return None
+    lo, hi = sampler.range
+    starved = "high_noise" if hi <= plan.boundary else "low_noise" if lo >= plan.boundary else None
+    if starved:
+        msg = (f"--min_timestep/--max_timestep {lo:g}..{hi:g} lie on one side of the expert boundary "
+               f"{plan.boundary:g}: the {starved} expert gets no timesteps")
+        if plan.mode == "separate":
+            raise ValueError(f"{msg} and its LoRA would never train; train one expert (--expert, "
+                             "without --dit_high_noise) or widen the range")
+        log.warning("%s; the shared LoRA trains on the other expert only", msg)
+    if sampler.method == "flux_shift":
+        log.info("experts: high_noise with probability = the flux_shift law's mass above %g for each "
+                 "step's latent size, drawn every %d step(s)", plan.boundary, switch_every)
+        return ExpertSchedule(None, switch_every, seed)
+    p_high = sampler.mass(plan.boundary, 1000.0)
+    log.info("experts: high_noise with probability %.4f, low_noise %.4f (%s), drawn every %d step(s)",
+             p_high, 1 - p_high, sampler.describe(), switch_every)
+    return ExpertSchedule(p_high, switch_every, seed)
+
+
+def _expert_of_step(schedule: ExpertSchedule | None, plan: ExpertPlan, sampler: flow.TimestepSampler,
+                    step: int, batch: dict, mean_over_processes=None) -> str | None:
+    """The expert optimizer step ``step`` trains: the schedule's draw, or the run's only one.
+
+    Under ``flux_shift`` ``p_high`` is the law's mass above the boundary at the latent size of the
+    step's first batch (``latents [B, C, F, h, w]``), averaged by ``mean_over_processes``
+    (``float -> float``, the same on every process) so that all processes train the same expert.
+    """
+    if schedule is None:
+        return plan.experts[0]
+    if schedule.p_high is not None:
+        return schedule.expert_at(step)
+    h, w = batch["latents"].shape[-2:]
+    p = sampler.with_latent_size(h, w).mass(plan.boundary, 1000.0)
+    return schedule.expert_at(step, mean_over_processes(p) if mean_over_processes else p)
 
 
 def _set_active(networks: dict, active) -> None:
+    """Enable the LoRA ``active`` (a key of ``networks``, or None for none) and disable the others
+    (``set_enabled``, or multiplier 1/0 for network modules without it)."""
     for key, net in networks.items():
         if hasattr(net, "set_enabled"):
             net.set_enabled(key == active)
@@ -296,6 +363,7 @@ def _atomic_state_dir(accelerator, final: Path, train_state: TrainState) -> Path
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG file before the rename
     if accelerator.is_main_process:
         write_json(tmp / "train_state.json", asdict(train_state))
         if final.exists():
@@ -324,7 +392,7 @@ def _prune(output_dir: Path, pattern: str, keep) -> None:
 def _check_before_loading(args):
     """Check the flags that are otherwise used only after the DiT is loaded (minutes at 14B), so a
     typo fails at once: import ``--network_module`` (returned), resolve ``--optimizer_type`` (and its
-    package), ``--lr_scheduler``, parse ``--network_args`` / ``--optimizer_args``, and for
+    package), ``--lr_scheduler``, ``--weighting_scheme``, parse ``--network_args`` / ``--optimizer_args``, and for
     ``--sample_prompts`` parse the prompt file and require ``--vae`` and ``--t5`` files.
 
     Raises:
@@ -337,6 +405,7 @@ def _check_before_loading(args):
     check_lr_scheduler(args.lr_scheduler)
     parse_kv_args(args.network_args, "--network_args")
     parse_kv_args(args.optimizer_args)
+    flow.loss_weighting(args.weighting_scheme, torch.zeros(1))  # an unknown scheme raises here
     if args.sample_prompts:
         if not (args.vae and args.t5):
             raise ValueError("--sample_prompts needs --vae and --t5 (and --t5_tokenizer) to make samples")
@@ -351,22 +420,26 @@ def _check_before_loading(args):
 
 
 def _show_timesteps(args, task, sampler, plan) -> None:
-    """``--show_timesteps``: print or plot the distribution (per expert) and return."""
+    """``--show_timesteps``: print each expert's range and probability and a text histogram
+    (:func:`wanlora.flow.format_timestep_histogram`), or write the plot (``image``), then return.
+
+    Raises:
+        ValueError: ``flux_shift``, whose law depends on the latent size of each batch.
+    """
+    if sampler.method == "flux_shift":
+        raise ValueError("--show_timesteps: flux_shift sampling depends on each batch's latent size, so it "
+                         "has no one distribution to show; try --timestep_sampling shift with a "
+                         "--discrete_flow_shift near your resolution's")
     b = plan.boundary if plan.mode in ("separate", "shared") else None
     if args.show_timesteps == "image":
         out = Path(args.output_dir or ".") / f"{args.output_name}_timesteps.png"
         flow.plot_timestep_distribution(sampler, out, boundary=b)
         print(f"timestep distribution written to {out}")
         return
-    g = torch.Generator().manual_seed(0)
     lines = [f"timestep distribution: {sampler.describe()}"]
     for e, (lo, hi) in plan.ranges.items():
         lines.append(f"  {e or 'model'}: range {lo:g}..{hi:g}, probability {sampler.mass(lo, hi):.4f}")
-    ts = torch.cat([sampler.sample(int(20000 * max(sampler.mass(lo, hi), 1e-9)) or 1, g, lo, hi)
-                    for lo, hi in plan.ranges.values() if sampler.mass(lo, hi) > 0])
-    hist = torch.histc(ts, bins=20, min=0, max=1000)
-    for i, c in enumerate(hist.tolist()):
-        lines.append(f"  {i * 50:4d}-{i * 50 + 50:4d} {'#' * int(60 * c / max(hist.max().item(), 1))}")
+    lines.append(flow.format_timestep_histogram(sampler, boundary=b).split("\n", 1)[1])  # minus describe()
     print("\n".join(lines))
 
 
@@ -389,7 +462,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
         ValueError: inconsistent flags (named).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
     task = get_task(args.task)
     plan = plan_experts(task, args.dit, args.dit_high_noise, args.expert, args.expert_lora,
@@ -431,8 +504,8 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
                              "by --save_state (OUTPUT_DIR/NAME-stepXXXXXXXX-state)")
         saved = json.loads(state_file.read_text())
         args.seed = saved["seed"]
-    if args.seed is None:
-        args.seed = random.randint(0, 2**31 - 1)
+    if args.seed is None:  # one seed for all processes: they must draw the same experts
+        args.seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
         log.info("no --seed given; using %d", args.seed)
     set_seed(args.seed)
     device, rank = accelerator.device, accelerator.process_index
@@ -448,6 +521,10 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
         log.warning(warning)
     log.info("task %s, %s: %s", task.name, plan.mode, ", ".join(
         f"{e or 'model'} t in [{lo:g}, {hi:g})" for e, (lo, hi) in plan.ranges.items()))
+    schedule = _expert_schedule(plan, sampler, args.expert_switch_every, args.seed)  # which expert each step
+
+    def mean_p(p: float) -> float:  # flux_shift: processes with other bucket sizes agree on P(high)
+        return accelerator.reduce(torch.tensor([p], dtype=torch.float64, device=device), "mean").item()
 
     # ---- data
     positions, loader = _build_dataloader(args, task, dataset)
@@ -469,7 +546,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
     for key in plan.loras:
         net = _build_network(args, module, key, dit).to(device)
         _check_lora_modules(net, task, len(dit.blocks), key, warn=main)
-        lr = args.learning_rate_high_noise if key == "high_noise" and args.learning_rate_high_noise else args.learning_rate
+        lr = _lora_flags(args, key)[3]
         groups, _ = net.prepare_optimizer_params(unet_lr=lr)
         opt = build_optimizer(args.optimizer_type, groups, lr, args.optimizer_args)
         sched = build_lr_scheduler(args.lr_scheduler, opt, args.lr_warmup_steps, max_steps,
@@ -477,17 +554,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
         wrapper, opt = accelerator.prepare(LoRAForward(net), opt)
         accelerator.register_for_checkpointing(sched)
         networks[key], wrappers[key], optimizers[key], schedulers[key] = net, wrapper, opt, sched
-    weighting = args.weighting_scheme
-
-    # ---- expert schedule
-    if plan.mode in ("separate", "shared"):
-        p_high = sampler.mass(plan.boundary, 1000.0) / max(sampler.mass(0.0, 1000.0), 1e-12)
-        schedule = ExpertSchedule(p_high, args.expert_switch_every, args.seed)
-        log.info("experts: high_noise with probability %.4f, low_noise %.4f (%s), drawn every %d step(s)",
-                 p_high, 1 - p_high, sampler.describe(), args.expert_switch_every)
-    else:
-        schedule = None
-    only_expert = plan.experts[0]
+    trainable = {key: [p for p in net.parameters() if p.requires_grad] for key, net in networks.items()}
 
     # ---- resume
     state = TrainState(seed=args.seed)
@@ -507,6 +574,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
     def lora_files(tag: str) -> dict:
         return {key: output_dir / f"{tag}{plan.file_suffix(key)}.safetensors" for key in plan.loras}
 
+    run_metadata = _run_metadata(args, plan, max_steps, accelerator.mixed_precision)
     base_hashes: dict = {}
 
     def save_loras(tag: str) -> None:
@@ -518,11 +586,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
             for key, file in files.items():
                 net = accelerator.unwrap_model(wrappers[key]).network
                 rank_, alpha_ = _lora_rank_alpha(net, args, key)
-                served = plan.loras[key]
-                lo = min(plan.ranges[e][0] for e in served)
-                hi = max(plan.ranges[e][1] for e in served)
-                a, b = sampler.range
-                dit_path = plan.dit_paths[served[0]]
+                dit_path = plan.dit_paths[plan.loras[key][0]]
                 if dit_path not in base_hashes:
                     base_hashes[dit_path] = _quick_hash(checkpoint_quick_hash, dit_path)
                 other = [f.name for k, f in files.items() if k != key]
@@ -531,22 +595,10 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
                     network_module=args.network_module,
                     network_args=parse_kv_args(args.network_args, "--network_args"),
                     title=stem, base_model=dit_path, base_model_hash=base_hashes[dit_path],
-                    timestep_range=(max(lo, a), min(hi, b)), pair_file=other[0] if other else None,
-                    extra={
-                        "ss_output_name": stem, "ss_learning_rate": optimizers[key].param_groups[0]["initial_lr"],
-                        "ss_optimizer": args.optimizer_type, "ss_lr_scheduler": args.lr_scheduler,
-                        "ss_lr_warmup_steps": args.lr_warmup_steps, "ss_max_train_steps": max_steps,
-                        "ss_steps": state.global_step, "ss_epoch": state.epoch,
-                        "ss_gradient_accumulation_steps": accum,
-                        "ss_gradient_checkpointing": bool(args.gradient_checkpointing),
-                        "ss_max_grad_norm": args.max_grad_norm, "ss_mixed_precision": accelerator.mixed_precision,
-                        "ss_seed": args.seed, "ss_timestep_sampling": args.timestep_sampling,
-                        "ss_sigmoid_scale": args.sigmoid_scale, "ss_discrete_flow_shift": args.discrete_flow_shift,
-                        "ss_weighting_scheme": weighting, "ss_logit_mean": args.logit_mean,
-                        "ss_logit_std": args.logit_std, "ss_network_dropout": args.network_dropout,
-                        "ss_training_comment": args.training_comment or "",
-                        "wan.expert_lora": plan.mode,
-                    },
+                    timestep_range=_lora_timestep_range(plan, sampler, key),
+                    pair_file=other[0] if other else None,
+                    extra={**run_metadata, "ss_learning_rate": optimizers[key].param_groups[0]["initial_lr"],
+                           "ss_steps": state.global_step, "ss_epoch": state.epoch},
                 )
                 net.save_weights(str(file), save_dtype, md)
                 log.info("saved %s", file)
@@ -555,34 +607,29 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
     def save_state(tag: str) -> Path:
         return _atomic_state_dir(accelerator, output_dir / f"{tag}-state", state)
 
+    def save_and_prune(tag: str, number: int, numbered: str, keep: int | None, keep_state: int | None) -> None:
+        """Save the LoRAs (and with --save_state the state) as ``tag``; then remove the saves
+        named by the regex ``numbered`` (one int group) whose number is ``<= number - keep``."""
+        save_loras(tag)
+        if args.save_state:
+            save_state(tag)
+        if main and keep:
+            _prune(output_dir, numbered + r"(_high_noise|_low_noise)?\.safetensors", lambda k: k > number - keep)
+        if main and keep_state:
+            _prune(output_dir, numbered + "-state", lambda k: k > number - keep_state)
+
     def after_step_saves() -> None:
         s = state.global_step
         if args.save_every_n_steps and s % args.save_every_n_steps == 0 and s < max_steps:
-            tag = f"{stem}-step{s:08d}"
-            save_loras(tag)
-            if args.save_state:
-                save_state(tag)
-            if main and args.save_last_n_steps:
-                n = args.save_last_n_steps
-                _prune(output_dir, rf"{re.escape(stem)}-step(\d+)(_high_noise|_low_noise)?\.safetensors",
-                       lambda k: k > s - n)
-            if main and (args.save_last_n_steps_state or args.save_last_n_steps):
-                n = args.save_last_n_steps_state or args.save_last_n_steps
-                _prune(output_dir, rf"{re.escape(stem)}-step(\d+)-state", lambda k: k > s - n)
+            save_and_prune(f"{stem}-step{s:08d}", s, rf"{re.escape(stem)}-step(\d+)", args.save_last_n_steps,
+                           args.save_last_n_steps_state or args.save_last_n_steps)
 
     def after_epoch_saves(epoch_done: int) -> None:
-        if args.save_every_n_epochs and epoch_done % args.save_every_n_epochs == 0 and state.global_step < max_steps:
-            tag = f"{stem}-{epoch_done:06d}"
-            save_loras(tag)
-            if args.save_state:
-                save_state(tag)
-            if main and args.save_last_n_epochs:
-                n = args.save_last_n_epochs * args.save_every_n_epochs
-                _prune(output_dir, rf"{re.escape(stem)}-(\d{{6}})(_high_noise|_low_noise)?\.safetensors",
-                       lambda k: k > epoch_done - n)
-            if main and (args.save_last_n_epochs_state or args.save_last_n_epochs):
-                n = (args.save_last_n_epochs_state or args.save_last_n_epochs) * args.save_every_n_epochs
-                _prune(output_dir, rf"{re.escape(stem)}-(\d{{6}})-state", lambda k: k > epoch_done - n)
+        every = args.save_every_n_epochs
+        if every and epoch_done % every == 0 and state.global_step < max_steps:
+            save_and_prune(f"{stem}-{epoch_done:06d}", epoch_done, rf"{re.escape(stem)}-(\d{{6}})",
+                           (args.save_last_n_epochs or 0) * every,
+                           (args.save_last_n_epochs_state or args.save_last_n_epochs or 0) * every)
 
     # ---- samples during training
     if sample_fn is None:
@@ -618,7 +665,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
         for batch in epoch_loader:
             # -- a new optimizer step: choose its expert, swap weights, seed dropout
             if not window_open:
-                expert = schedule.expert_at(state.global_step) if schedule else only_expert
+                expert = _expert_of_step(schedule, plan, sampler, state.global_step, batch, mean_p)
                 active_lora = plan.lora_for(expert)
                 if expert_weights.activate(expert):
                     log.debug("step %d: swapped in the %s expert", state.global_step, expert)
@@ -632,14 +679,14 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
                 g = step_generator(args.seed, state.global_step, micro, rank)
                 loss, t = flow_matching_loss(
                     lambda x, ts, c, y: wrapper(dit, x, ts, c, y), batch, sampler, lo, hi, g, device,
-                    weighting, args.ti2v_first_frame)
+                    args.weighting_scheme, args.ti2v_first_frame)
                 loss_all = accelerator.reduce(loss.detach().clone(), reduction="mean")
                 finite = bool(torch.isfinite(loss_all))
                 window_bad |= not finite
                 accelerator.backward(loss if finite else torch.nan_to_num(loss) * 0.0)
                 grad_norm = None
                 if accelerator.sync_gradients and not window_bad:
-                    params = [p for p in networks[active_lora].parameters() if p.requires_grad]
+                    params = trainable[active_lora]
                     if args.max_grad_norm:
                         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
                     else:
@@ -715,6 +762,32 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
         log.info("done: %d steps; LoRA %s", state.global_step,
                  ", ".join(str(f) for f in lora_files(stem).values()))
     return state
+
+
+def _run_metadata(args, plan: ExpertPlan, max_steps: int, mixed_precision: str) -> dict:
+    """The training options every saved LoRA records (musubi's ``ss_*`` names,
+    ``reference/lora_formats.md`` §2, plus ``wan.expert_lora``), fixed for the run; the caller adds
+    the per-save ``ss_steps``, ``ss_epoch`` and per-LoRA ``ss_learning_rate``."""
+    return {
+        "ss_output_name": args.output_name, "ss_optimizer": args.optimizer_type,
+        "ss_lr_scheduler": args.lr_scheduler, "ss_lr_warmup_steps": args.lr_warmup_steps,
+        "ss_max_train_steps": max_steps, "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": bool(args.gradient_checkpointing),
+        "ss_max_grad_norm": args.max_grad_norm, "ss_mixed_precision": mixed_precision,
+        "ss_seed": args.seed, "ss_timestep_sampling": args.timestep_sampling,
+        "ss_sigmoid_scale": args.sigmoid_scale, "ss_discrete_flow_shift": args.discrete_flow_shift,
+        "ss_weighting_scheme": args.weighting_scheme, "ss_logit_mean": args.logit_mean,
+        "ss_logit_std": args.logit_std, "ss_network_dropout": args.network_dropout,
+        "ss_training_comment": args.training_comment or "",
+        "wan.expert_lora": plan.mode,
+    }
+
+
+def _lora_timestep_range(plan: ExpertPlan, sampler: flow.TimestepSampler, lora_key) -> tuple[float, float]:
+    """The timesteps (0..1000) a LoRA trained on: its experts' ranges cut to ``--min/max_timestep``."""
+    served = plan.loras[lora_key]
+    a, b = sampler.range
+    return max(min(plan.ranges[e][0] for e in served), a), min(max(plan.ranges[e][1] for e in served), b)
 
 
 def _quick_hash(fn, path) -> str:
