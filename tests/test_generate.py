@@ -60,6 +60,12 @@ def test_aliases_and_errors():
     assert a.video_size == [480, 832] and a.video_length == 9 and a.infer_steps == 7
     assert a.guidance_scale == 2.5 and a.flow_shift == 3.0
     assert parse_args(base + ["--image", "x.png", "--base_seed", "4"]).image_path == "x.png"
+    from wanlora.generate import _requests
+    from wanlora.prompts import PromptSpec
+
+    seeded = parse_args(base + ["--base_seed", "-1"])  # the official default: a random seed
+    reqs = _requests(seeded, [PromptSpec("a"), PromptSpec("b", seed=5), PromptSpec("c", seed=-1)])
+    assert 0 <= reqs[0].seed < 2**31 and reqs[1].seed == 5 and 0 <= reqs[2].seed < 2**31
     with pytest.raises(SystemExit):
         parse_args(base + ["--size", "832x"])
     with pytest.raises(SystemExit):  # A14B needs the second expert
@@ -126,6 +132,10 @@ def test_from_file_latent_and_image_outputs(tiny_dir, tmp_path, capsys, monkeypa
     monkeypatch.delenv("WANLORA_TRACEBACK", raising=False)
     assert main(flags + ["--from_file", str(bad), "--save_path", str(out)]) == 2  # before any model loads
     assert f"wanlora-generate: error: {bad}:2: unknown inline option --zz" in capsys.readouterr().err
+    bad.write_text("ok\nno image --i missing.png\n", encoding="utf-8")
+    monkeypatch.setattr("wanlora.generate.load_models", lambda *a: pytest.fail("loaded models first"))
+    assert main(flags + ["--from_file", str(bad), "--save_path", str(out)]) == 2  # images read before models
+    assert "missing.png: file not found" in capsys.readouterr().err
 
 
 def test_lora_metadata_routes_expert(tiny_dir, tmp_path, caplog):
@@ -148,6 +158,8 @@ def test_lora_metadata_routes_expert(tiny_dir, tmp_path, caplog):
     assert names and all("cross_attn" in n and "blocks_0_" not in n for n in names)
     with pytest.raises(ValueError, match="--lora_multiplier"):
         plan_loras(get_task(task), [str(hi), str(plain)], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="--exclude_patterns .* not a valid regular expression"):
+        plan_loras(get_task(task), [str(hi)], [], exclude=["blocks_(0"])
 
 
 def test_training_sampler_files_rng_and_modes(tiny_dir, tmp_path):

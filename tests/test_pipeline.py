@@ -44,6 +44,19 @@ def test_ti2v_best_output_size():
     assert best_output_size(1000, 1000, 32, 32, 1280 * 704) == (960, 928)
 
 
+def test_too_small_area_is_a_value_error():
+    """An area too small for the image's aspect ratio is a user error, not a ZeroDivisionError or an
+    empty latent; where only one of the two TI2V candidates is empty, the other one is used."""
+    with pytest.raises(ValueError, match="too small"):
+        i2v_size(100, 100, 8 * 8)
+    with pytest.raises(ValueError, match="too small"):
+        i2v_size(4000, 1, 480 * 832)  # 4000:1 -- the short side rounds to 0
+    with pytest.raises(ValueError, match="too small"):
+        best_output_size(100, 100, 32, 32, 16 * 16)
+    # A = 1500, ratio 2.646: the height-first candidate has height 0, the width-first one is 32x32
+    assert best_output_size(2646, 1000, 32, 32, 1500) == (32, 32)
+
+
 def test_ti2v_image_resize_and_center_crop():
     img = Image.new("RGB", (300, 100), (255, 0, 0))
     x, (oh, ow) = ti2v_image(img, 64 * 64, 32)
@@ -179,6 +192,25 @@ def _diffusers_transformer(dit):
     return m.eval()
 
 
+def _official_unipc(shift: float):
+    """diffusers' UniPC (bh2, order 2, flow sigmas, final sigma 0) on the official base schedule
+    ``linspace(float32(0.999), 0)`` instead of its own ``linspace(1, 1/1000)``."""
+    from diffusers import UniPCMultistepScheduler
+
+    class OfficialSigmas(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            base = np.linspace(float(np.float32(0.999)), 0.0, num_inference_steps + 1)[:-1].copy()
+            return super().set_timesteps(device=device, sigmas=base)
+
+    return OfficialSigmas(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
+                          use_flow_sigmas=True, flow_shift=shift, final_sigmas_type="zero")
+
+
+def _pad512(ctx):
+    """``[[L, d]]`` -> ``[1, 512, d]``, zero rows appended as the official text encoder pads."""
+    return torch.nn.functional.pad(ctx[0], (0, 0, 0, 512 - ctx[0].shape[0]))[None]
+
+
 def test_t2v_a14b_matches_diffusers_wan_pipeline(tiny_dir):
     """Two-expert T2V against diffusers' WanPipeline on the same tiny weights, text embeddings and
     initial latents.
@@ -195,19 +227,12 @@ def test_t2v_a14b_matches_diffusers_wan_pipeline(tiny_dir):
     difference 0.0 after 8 steps with the switch after step 6); the assertion allows 1e-6 for the
     two DiT implementations' float32 rounding on other BLAS builds.
     """
-    from diffusers import UniPCMultistepScheduler
     from diffusers import WanPipeline as DiffusersWanPipeline
 
     dits, _, _ = _tiny_models(tiny_dir, "t2v-A14B")
     steps, shift, frames, size = 8, 12.0, 5, 32
 
-    class OfficialSigmas(UniPCMultistepScheduler):
-        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
-            base = np.linspace(float(np.float32(0.999)), 0.0, num_inference_steps + 1)[:-1].copy()
-            return super().set_timesteps(device=device, sigmas=base)
-
-    sched = OfficialSigmas(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
-                           use_flow_sigmas=True, flow_shift=shift, final_sigmas_type="zero")
+    sched = _official_unipc(shift)
     ref_pipe = DiffusersWanPipeline(
         tokenizer=None, text_encoder=None, vae=None, scheduler=sched,
         transformer=_diffusers_transformer(dits["high_noise"]),
@@ -215,12 +240,11 @@ def test_t2v_a14b_matches_diffusers_wan_pipeline(tiny_dir):
     )
     d = dits["low_noise"].config.text_dim
     ctx, null = _ctx(d, 0, 6), _ctx(d, 1, 11)
-    pad = lambda c: torch.nn.functional.pad(c[0], (0, 0, 0, 512 - c[0].shape[0]))[None]  # noqa: E731
     ours = WanPipeline("t2v-A14B", dits)
     p = ours.prepare(GenerationRequest("x", height=size, width=size, frames=frames, steps=steps,
                                        flow_shift=shift, seed=5, cfg_batched=False), ctx, null)
     with torch.no_grad():
-        ref = ref_pipe(prompt_embeds=pad(ctx), negative_prompt_embeds=pad(null), height=size, width=size,
+        ref = ref_pipe(prompt_embeds=_pad512(ctx), negative_prompt_embeds=_pad512(null), height=size, width=size,
                        num_frames=frames, num_inference_steps=steps, guidance_scale=4.0, guidance_scale_2=3.0,
                        latents=p.noise[None].clone(), output_type="latent").frames[0]
     assert torch.equal(ref_pipe.scheduler.timesteps, make_schedule(steps, shift).timesteps)
@@ -256,7 +280,7 @@ def test_i2v_a14b_matches_diffusers_i2v_pipeline(tiny_dir):
     ``/std``) and the two DiTs, float32 rounding -- measured 6e-7 relative on the final latents (6
     steps, switch included); asserted below 1e-5."""
     import diffusers
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline
+    from diffusers import WanImageToVideoPipeline
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     from wanlora.pipeline import i2v_image
@@ -267,13 +291,7 @@ def test_i2v_a14b_matches_diffusers_i2v_pipeline(tiny_dir):
     dvae = diffusers.AutoencoderKLWan(base_dim=cfg["dim"], z_dim=cfg["z_dim"])
     dvae.load_state_dict(convert_wan_vae_to_diffusers(vae.model.state_dict()), strict=True)
 
-    class OfficialSigmas(UniPCMultistepScheduler):
-        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
-            base = np.linspace(float(np.float32(0.999)), 0.0, num_inference_steps + 1)[:-1].copy()
-            return super().set_timesteps(device=device, sigmas=base)
-
-    sched = OfficialSigmas(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
-                           use_flow_sigmas=True, flow_shift=shift, final_sigmas_type="zero")
+    sched = _official_unipc(shift)
     ref_pipe = WanImageToVideoPipeline(
         tokenizer=None, text_encoder=None, vae=dvae.eval(), scheduler=sched, image_processor=None,
         image_encoder=None, transformer=_diffusers_transformer(dits["high_noise"]),
@@ -282,13 +300,12 @@ def test_i2v_a14b_matches_diffusers_i2v_pipeline(tiny_dir):
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 40, 3), dtype=np.uint8))
     d = dits["low_noise"].config.text_dim
     ctx, null = _ctx(d, 2, 5), _ctx(d, 3, 8)
-    pad = lambda c: torch.nn.functional.pad(c[0], (0, 0, 0, 512 - c[0].shape[0]))[None]  # noqa: E731
     ours = WanPipeline("i2v-A14B", dits, vae=vae)
     p = ours.prepare(GenerationRequest("x", height=64, width=64, frames=frames, steps=steps, flow_shift=shift,
                                        guidance_scale=3.5, seed=9, image=img, cfg_batched=False), ctx, null)
     H, W = p.request.height, p.request.width
     with torch.no_grad():
-        ref = ref_pipe(image=i2v_image(img, H, W)[None], prompt_embeds=pad(ctx), negative_prompt_embeds=pad(null),
+        ref = ref_pipe(image=i2v_image(img, H, W)[None], prompt_embeds=_pad512(ctx), negative_prompt_embeds=_pad512(null),
                        height=H, width=W, num_frames=frames, num_inference_steps=steps, guidance_scale=3.5,
                        guidance_scale_2=3.5, latents=p.noise[None].clone(), output_type="latent").frames[0]
     got = ours.denoise(p)
@@ -300,31 +317,23 @@ def test_ti2v_text_to_video_matches_diffusers(tiny_dir):
     """TI2V-5B text-to-video (per-token timesteps, ``expand_timesteps``) against diffusers'
     WanPipeline on the same tiny weights, aligned as in the T2V test. Our ``[1, T]`` per-frame
     timestep equals diffusers' ``[1, seq_len]`` per-token one here (all tokens at t)."""
-    from diffusers import UniPCMultistepScheduler
     from diffusers import WanPipeline as DiffusersWanPipeline
 
     dits, _, _ = _tiny_models(tiny_dir, "ti2v-5B")
     dit = dits[None]
     steps, shift = 4, 5.0
 
-    class OfficialSigmas(UniPCMultistepScheduler):
-        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
-            base = np.linspace(float(np.float32(0.999)), 0.0, num_inference_steps + 1)[:-1].copy()
-            return super().set_timesteps(device=device, sigmas=base)
-
-    sched = OfficialSigmas(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
-                           use_flow_sigmas=True, flow_shift=shift, final_sigmas_type="zero")
+    sched = _official_unipc(shift)
     ref_pipe = DiffusersWanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=sched,
                                     transformer=_diffusers_transformer(dit), expand_timesteps=True)
     ref_pipe.vae_scale_factor_spatial = 16
     d = dit.config.text_dim
     ctx, null = _ctx(d, 4, 5), _ctx(d, 5, 6)
-    pad = lambda c: torch.nn.functional.pad(c[0], (0, 0, 0, 512 - c[0].shape[0]))[None]  # noqa: E731
     ours = WanPipeline("ti2v-5B", dit)
     p = ours.prepare(GenerationRequest("x", height=64, width=64, frames=5, steps=steps, seed=2, cfg_batched=False),
                      ctx, null)
     with torch.no_grad():
-        ref = ref_pipe(prompt_embeds=pad(ctx), negative_prompt_embeds=pad(null), height=64, width=64,
+        ref = ref_pipe(prompt_embeds=_pad512(ctx), negative_prompt_embeds=_pad512(null), height=64, width=64,
                        num_frames=5, num_inference_steps=steps, guidance_scale=5.0,
                        latents=p.noise[None].clone(), output_type="latent").frames[0]
     got = ours.denoise(p)

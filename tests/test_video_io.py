@@ -78,6 +78,22 @@ def test_rotation_metadata_honored(tmp_path):
     assert small.shape == (1, 32, 16, 3) and small[0, -4:].mean() > 200
 
 
+def test_frames_matched_by_nearest_timestamp(tmp_path):
+    """Frames whose pts are not exactly the probed ones (odd time bases) are matched to the nearest
+    timestamp, and decode to the same pixels: the nearest-index lookup must not touch the rotation."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (6, 32, 64, 3), dtype=np.uint8)
+    p = tmp_path / "v.mp4"
+    _write_raw(p, frames)
+    info = probe_video(p)
+    exact = read_video_frames(p, range(6), info=info)
+    shifted = dataclasses.replace(info, pts=tuple(t + 1 for t in info.pts))
+    near = read_video_frames(p, range(6), info=shifted)
+    assert near.shape == (6, 32, 64, 3) and np.array_equal(near, exact)
+
+
 def test_frame_folder_as_video(tmp_path):
     folder = tmp_path / "clip"
     folder.mkdir()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_cli
+from .cli import USER_ERRORS, run_cli
 from .tasks import TASKS, get_task
 
 logger = logging.getLogger("wanlora.generate")
@@ -38,6 +38,8 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``wanlora-generate`` argument parser (flag names of the official ``generate.py`` and of the
+    Wan LoRA tools; aliases ``--size``, ``--frame_num``, ``--sample_steps``, ... included)."""
     p = argparse.ArgumentParser(
         prog="wanlora-generate",
         description="Generate videos or images with Wan2.2 / Wan2.1 DiTs (and LoRAs).",
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance_scale_high_noise", type=float, default=None, help="CFG scale of the high-noise expert (A14B)")
     g.add_argument("--flow_shift", "--sample_shift", dest="flow_shift", type=float, default=None, help="sampling shift")
     g.add_argument("--sample_solver", default="unipc", choices=["unipc", "euler", "dpm++"], help="solver")
-    g.add_argument("--seed", "--base_seed", dest="seed", type=int, default=None, help="noise seed (default: random)")
+    g.add_argument("--seed", "--base_seed", dest="seed", type=int, default=None, help="noise seed (default or negative: random, as the official --base_seed -1)")
     g.add_argument("--cpu_noise", action="store_true", help="draw the initial noise on the CPU generator")
     g.add_argument("--cfg_skip_mode", default="none", choices=["none", "early", "late", "middle", "early_late", "alternate"],
                    help="skip the unconditional pass on some steps")
@@ -100,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and cross-check the flags; ``--size W*H`` becomes ``video_size = [H, W]``.
+
+    Raises:
+        SystemExit: (argparse, status 2) a malformed ``--size``, not exactly one prompt source, a
+            missing or superfluous expert checkpoint for the task, or no ``--vae`` where one is needed.
+    """
     p = build_parser()
     args = p.parse_args(argv)
     if args.size is not None:
@@ -137,7 +145,16 @@ def _device_dtype(args):
 
 
 def load_models(args, device, dtype):
-    """Load DiT(s), VAE and text encoder; apply the LoRAs. Returns (pipeline, lora_log)."""
+    """Load the DiT(s) (``dtype``), the VAE (float32) and the text encoder; apply the LoRAs.
+
+    With offloading (CUDA without ``--no_offload``) the A14B experts and the text encoder start on
+    the CPU and visit ``device`` when used.
+
+    Returns:
+        ``(WanPipeline, lora_log)``; ``lora_log`` is :func:`wanlora.lora_apply.apply_loras`'s list.
+    Raises:
+        ValueError / FileNotFoundError: a checkpoint or LoRA that does not load or fit the task.
+    """
     from .lora_apply import apply_loras, plan_loras
     from .models import load_dit, load_text_encoder, load_vae
     from .pipeline import WanPipeline
@@ -164,7 +181,9 @@ def load_models(args, device, dtype):
 
 
 def _requests(args, specs):
-    """GenerationRequests from the command line and prompt specs."""
+    """One :class:`GenerationRequest` per prompt spec; a spec's inline options win over the flags.
+    A missing or negative seed is drawn at random here (the official ``seed >= 0 else random``).
+    Raises MediaError (a ValueError) for an unreadable image."""
     from .pipeline import GenerationRequest
     from .video_io import read_image
 
@@ -172,7 +191,9 @@ def _requests(args, specs):
     out = []
     for spec in specs:
         image_path = spec.image_path or args.image_path
-        seed = spec.seed if spec.seed is not None else (args.seed if args.seed is not None else random.randint(0, 2**31 - 1))
+        seed = spec.seed if spec.seed is not None else args.seed
+        if seed is None or seed < 0:
+            seed = random.randint(0, 2**31 - 1)
         out.append(GenerationRequest(
             prompt=spec.prompt,
             negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else args.negative_prompt,
@@ -230,7 +251,15 @@ def _rename(paths, target: Path) -> list[Path]:
     return [target]
 
 
-def run_one(pipe, request, args, index: int | None, lora_log, context=None, context_null=None):
+def run_one(pipe, request, args, index: int | None, lora_log, context=None, context_null=None) -> list[Path]:
+    """Generate one request and write its files (:func:`save_outputs`); returns their paths.
+
+    ``context``/``context_null``: precomputed embeddings (``[[L, d]]``), else the pipeline's text
+    encoder runs. ``index`` numbers the file stem in a batch (``None`` for a single prompt).
+
+    Raises:
+        ValueError: a request the task rejects (size, frame count, missing image).
+    """
     task = pipe.task
     t0 = time.perf_counter()
     latent, video, resolved = pipe.generate(request, context, context_null, cpu_noise=args.cpu_noise,
@@ -258,7 +287,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .prompts import PromptFileError, PromptSpec, parse_prompt_line, read_prompt_file
+    from .prompts import PromptSpec, read_prompt_file
 
     if args.from_file:
         specs = read_prompt_file(args.from_file)  # parse before loading anything
@@ -266,12 +295,12 @@ def _main(argv=None) -> int:
         specs = [PromptSpec(args.prompt)]
     else:
         specs = []
+    requests = _requests(args, specs)  # reads the images: a bad --i fails before the models load
     device, dtype = _device_dtype(args)
     pipe, lora_log = load_models(args, device, dtype)
     written = []
     with torch.no_grad():
-        if specs:
-            requests = _requests(args, specs)
+        if requests:
             resolved = [pipe.resolve(r) for r in requests]
             # encode every prompt once, then free the text encoder
             embs = pipe.encode_text([r.prompt for r in resolved] + [r.negative_prompt for r in resolved])
@@ -282,19 +311,34 @@ def _main(argv=None) -> int:
             for i, req in enumerate(requests):
                 written += run_one(pipe, req, args, i if n > 1 else None, lora_log, [embs[i]], [embs[n + i]])
         else:
-            print("Enter a prompt (inline --w --h --f --d --s --g --fs --i --n); Ctrl+D to quit.", flush=True)
-            k = 0
-            for line in sys.stdin:
-                try:
-                    spec = parse_prompt_line(line, 0, "<interactive>")
-                except PromptFileError as e:
-                    print(e, flush=True)
-                    continue
-                if spec is None:
-                    continue
-                written += run_one(pipe, _requests(args, [spec])[0], args, k, lora_log)
-                k += 1
+            written += _interactive(pipe, args, lora_log)
     return 0
+
+
+def _interactive(pipe, args, lora_log) -> list[Path]:
+    """``--interactive``: generate each prompt line read from stdin until EOF; returns the files.
+
+    A user error on a line (:data:`wanlora.cli.USER_ERRORS`: a bad inline option, an image that
+    cannot be read, a size or frame count the task rejects, ...) is printed as one line
+    ``wanlora-generate: error: <message>`` on stderr (``--verbose`` adds its traceback) and the
+    session goes on with the next line. Other exceptions (a bug, out of memory) end the session.
+    """
+    from .prompts import parse_prompt_line
+
+    print("Enter a prompt (inline --w --h --f --d --s --g --fs --i --n); Ctrl+D to quit.", flush=True)
+    written, k = [], 0
+    for line in sys.stdin:
+        try:
+            spec = parse_prompt_line(line, 0, "<interactive>")
+            if spec is None:
+                continue
+            written += run_one(pipe, _requests(args, [spec])[0], args, k, lora_log)
+        except USER_ERRORS as e:
+            print(f"wanlora-generate: error: {e}", file=sys.stderr, flush=True)
+            logger.debug("the line's traceback", exc_info=True)  # shown with --verbose
+            continue
+        k += 1
+    return written
 
 
 if __name__ == "__main__":

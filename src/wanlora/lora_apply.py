@@ -28,7 +28,15 @@ EXPERT_KEY = "wan.expert"
 
 @dataclass
 class LoraPlan:
-    """One LoRA file and where it goes."""
+    """One LoRA file and where it goes.
+
+    Attributes:
+        path: the ``.safetensors`` file; multiplier: its strength (``--lora_multiplier``).
+        experts: ``("high_noise",)``, ``("low_noise",)``, both, or ``(None,)`` for a single model.
+        include / exclude: the regular expressions of ``--include_patterns`` / ``--exclude_patterns``.
+        reason: why it goes to those experts (metadata, flag, single model), for the log.
+        state_dict / metadata: the file's tensors (wanlora's default key layout) and metadata.
+    """
 
     path: str
     multiplier: float
@@ -53,9 +61,19 @@ def _expand(values: list, n: int, default, name: str) -> list:
 def plan_loras(task, weights, multipliers, weights_high=(), multipliers_high=(), include=None, exclude=None):
     """Read every LoRA file and decide its expert(s) and multiplier.
 
+    Args:
+        task: the :class:`wanlora.tasks.Task`.
+        weights / multipliers: ``--lora_weight`` files (low-noise expert or the only model) and
+            their multipliers (none: 1.0 each; one: for all).
+        weights_high / multipliers_high: the same for ``--lora_weight_high_noise``.
+        include / exclude: one pattern per file (in the order low then high), or one for all.
+
+    Returns:
+        one :class:`LoraPlan` per file, in that order.
+
     Raises:
-        ValueError: multiplier or pattern counts that do not match the files; a ``wan.expert`` with an
-            unknown value.
+        ValueError: multiplier or pattern counts that do not match the files; an invalid pattern; a
+            ``wan.expert`` with an unknown value.
         FileNotFoundError / LoraFormatError: unreadable files (from :mod:`wanlora.lora_formats`).
     """
     from .lora_formats import load_lora_file
@@ -66,6 +84,10 @@ def plan_loras(task, weights, multipliers, weights_high=(), multipliers_high=(),
     n = len(weights) + len(weights_high)
     inc = _expand(list(include or []), n, None, "--include_patterns")
     exc = _expand(list(exclude or []), n, None, "--exclude_patterns")
+    for pattern in inc:  # fail before reading any file
+        _compile(pattern, "--include_patterns")
+    for pattern in exc:
+        _compile(pattern, "--exclude_patterns")
     plans = []
     items = [(p, m, "low_noise") for p, m in zip(weights, mults)] + [(p, m, "high_noise") for p, m in zip(weights_high, mults_h)]
     for k, (path, mult, flag_expert) in enumerate(items):
@@ -91,11 +113,18 @@ def plan_loras(task, weights, multipliers, weights_high=(), multipliers_high=(),
 
 
 def filter_lora_state_dict(sd: dict, include: str | None, exclude: str | None) -> dict:
-    """Keep the modules whose name matches ``include`` (if given) and not ``exclude`` (if given)."""
+    """Keep the modules whose name matches ``include`` (if given) and not ``exclude`` (if given).
+
+    ``sd`` keys are ``<module>.<tensor>`` (``lora_unet_blocks_0_self_attn_q.lora_down.weight``);
+    the patterns are searched (``re.search``) in ``<module>``. Returns a new dict.
+
+    Raises:
+        ValueError: an invalid regular expression.
+    """
     if include is None and exclude is None:
         return dict(sd)
-    ri = re.compile(include) if include else None
-    rx = re.compile(exclude) if exclude else None
+    ri = _compile(include, "--include_patterns")
+    rx = _compile(exclude, "--exclude_patterns")
     out = {}
     for k, v in sd.items():
         name = k.split(".", 1)[0]
@@ -105,6 +134,16 @@ def filter_lora_state_dict(sd: dict, include: str | None, exclude: str | None) -
             continue
         out[k] = v
     return out
+
+
+def _compile(pattern: str | None, flag: str):
+    """``re.compile(pattern)`` (``None`` for no pattern); a bad pattern is a ValueError naming ``flag``."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
 
 
 def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict]:

@@ -36,6 +36,7 @@ __all__ = [
     "ti2v_image",
     "i2v_mask",
     "initial_noise",
+    "check_frames",
     "check_video_size",
     "module_device",
 ]
@@ -47,16 +48,27 @@ logger = logging.getLogger(__name__)
 # sizes and images
 
 
+def check_frames(task: Task, frames: int) -> int:
+    """Validate a pixel frame count: ``4n+1`` (the VAE's temporal stride 4; 1 = an image).
+
+    Raises:
+        ValueError: frames not ``4n+1``; the message names the nearest valid count.
+    """
+    st = task.vae_stride[0]
+    if frames < 1 or (frames - 1) % st:
+        n = max(0, round((frames - 1) / st))
+        raise ValueError(f"--video_length {frames} is not 4n+1 (the VAE's frame rule); use {st * n + 1}")
+    return frames
+
+
 def check_video_size(task: Task, height: int, width: int, frames: int) -> tuple[int, int, int]:
-    """Validate a text-to-video size: frames ``4n+1``; height/width rounded down to the task's
-    pixel unit (16, or 32 for TI2V-5B) with a warning.
+    """Validate a text-to-video size ``(H, W, F)`` in pixels: frames ``4n+1``; height/width rounded
+    down to the task's pixel unit (16, or 32 for TI2V-5B) with a warning.
 
     Raises:
         ValueError: frames not ``4n+1``, or a size smaller than one unit.
     """
-    if frames < 1 or (frames - 1) % task.vae_stride[0]:
-        n = max(0, round((frames - 1) / 4))
-        raise ValueError(f"--video_length {frames} is not 4n+1 (the VAE's frame rule); use {4 * n + 1}")
+    check_frames(task, frames)
     u = task.pixel_unit
     h, w = height // u * u, width // u * u
     if h < u or w < u:
@@ -68,29 +80,49 @@ def check_video_size(task: Task, height: int, width: int, frames: int) -> tuple[
 
 
 def i2v_size(image_w: int, image_h: int, max_area: int, vae_stride: int = 8, patch: int = 2) -> tuple[int, int]:
-    """I2V-A14B output size ``(H, W)`` for an image (``WanI2V.generate``, §5.1): the image's aspect
-    ratio at ``max_area`` pixels, each latent side floored to a multiple of the patch."""
+    """I2V-A14B output size ``(H, W)`` in pixels for an image of ``image_w x image_h``
+    (``wan/image2video.py: WanI2V.generate``, §5.1): the image's aspect ratio at ``max_area`` pixels,
+    each latent side floored to a multiple of the patch (so ``H, W`` are multiples of 16).
+
+    Raises:
+        ValueError: ``max_area`` too small for the image's aspect ratio (a side under one patch;
+            the official code would go on with an empty latent).
+    """
     aspect = image_h / image_w
     lat_h = round(np.sqrt(max_area * aspect) // vae_stride // patch * patch)
     lat_w = round(np.sqrt(max_area / aspect) // vae_stride // patch * patch)
+    if lat_h < 1 or lat_w < 1:
+        raise ValueError(f"the area {max_area} px (--video_size / --w --h) is too small for a {image_w}x{image_h} "
+                         f"image: a side would be under {vae_stride * patch} pixels")
     return int(lat_h * vae_stride), int(lat_w * vae_stride)
 
 
 def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
-    """TI2V-5B output size ``(W, H)`` (``wan/utils/utils.py: best_output_size``, §6.1): of the
-    width-first and the height-first rounding to multiples of ``(dw, dh)`` within the area, the one
-    whose aspect ratio is closer to the image's."""
+    """TI2V-5B output size ``(W, H)`` in pixels for an image of ``w x h`` (``wan/utils/utils.py:
+    best_output_size``, §6.1): of the width-first and the height-first rounding to multiples of
+    ``(dw, dh)`` within ``expected_area``, the one whose aspect ratio is closer to the image's
+    (height-first on a tie, as the official comparison is strict).
+
+    A candidate with a zero side is skipped (the official function divides by zero there).
+
+    Raises:
+        ValueError: both candidates have a zero side (the area is too small for the aspect ratio).
+    """
     ratio = w / h
     ow = (expected_area * ratio) ** 0.5
     oh = expected_area / ow
-    ow1 = int(ow // dw * dw)
-    oh1 = int(expected_area / ow1 // dh * dh)
+    candidates = []  # height-first first: min() keeps the first of equals, the official tie-break
     oh2 = int(oh // dh * dh)
-    ow2 = int(expected_area / oh2 // dw * dw)
-    r1, r2 = ow1 / oh1, ow2 / oh2
-    if max(ratio / r1, r1 / ratio) < max(ratio / r2, r2 / ratio):
-        return ow1, oh1
-    return ow2, oh2
+    if oh2 > 0:
+        candidates.append((int(expected_area / oh2 // dw * dw), oh2))
+    ow1 = int(ow // dw * dw)
+    if ow1 > 0:
+        candidates.append((ow1, int(expected_area / ow1 // dh * dh)))
+    candidates = [(cw, ch) for cw, ch in candidates if cw > 0 and ch > 0]
+    if not candidates:
+        raise ValueError(f"the area {expected_area} px (--video_size / --w --h) is too small for a {w}x{h} "
+                         f"image: a side would be under {min(dw, dh)} pixels")
+    return min(candidates, key=lambda c: max(ratio / (c[0] / c[1]), (c[0] / c[1]) / ratio))
 
 
 def image_to_tensor(image) -> torch.Tensor:
@@ -107,7 +139,12 @@ def i2v_image(image, height: int, width: int) -> torch.Tensor:
 
 def ti2v_image(image, max_area: int, unit: int = 32):
     """The TI2V-5B first frame ``[3, oh, ow]`` and its size ``(oh, ow)``: best_output_size, PIL
-    LANCZOS resize by ``max(ow/iw, oh/ih)`` with rounded sizes, center crop (§6.1)."""
+    LANCZOS resize by ``max(ow/iw, oh/ih)`` with rounded sizes, center crop (§6.1;
+    ``wan/textimage2video.py: WanTI2V.i2v``). Values in [-1, 1] from ``to_tensor``.
+
+    Raises:
+        ValueError: ``max_area`` too small for the image (see :func:`best_output_size`).
+    """
     from PIL import Image
 
     iw, ih = image.width, image.height
@@ -120,8 +157,9 @@ def ti2v_image(image, max_area: int, unit: int = 32):
 
 
 def i2v_mask(frames: int, lat_h: int, lat_w: int, device=None) -> torch.Tensor:
-    """The 4-channel I2V mask ``[4, T, h, w]`` (§5.4): pixel frame 0 known, repeated 4 times, then
-    grouped by 4 per latent frame (latent frame 0 all ones, the rest zeros)."""
+    """The 4-channel I2V mask ``[4, T, h, w]`` float32, ``T = (frames−1)/4 + 1`` (§5.4, ``msk`` of
+    ``wan/image2video.py: WanI2V.generate``): pixel frame 0 known, repeated 4 times, then grouped by
+    4 per latent frame (latent frame 0 all ones, the rest zeros). ``frames`` must be ``4n+1``."""
     m = torch.ones(1, frames, lat_h, lat_w, device=device)
     m[:, 1:] = 0
     m = torch.cat([m[:, :1].repeat_interleave(4, dim=1), m[:, 1:]], dim=1)
@@ -155,7 +193,8 @@ class GenerationRequest:
         frames: pixel frames ``4n+1`` (1 = an image).
         seed: noise seed. steps, guidance_scale (low-noise / only model),
         guidance_scale_high_noise (A14B), flow_shift, solver (``unipc``/``euler``/``dpm++``).
-        image: PIL RGB first frame (``i2v-A14B`` needs one; ``ti2v-5B`` optional).
+        image: PIL RGB first frame (``i2v-A14B`` needs one; ``ti2v-5B`` optional; ignored by the
+            text-to-video tasks). image_path: where it came from (recorded in the settings only).
         cfg_skip_mode / cfg_apply_ratio: see :func:`wanlora.sampling.cfg_apply_pattern`.
         cfg_batched: run the conditional and unconditional passes as one batch of 2.
     """
@@ -191,6 +230,8 @@ class Prepared:
         noise: float32 ``[C, T, h, w]``.
         y: I2V conditioning ``[20, T, h, w]`` (mask 4 + image latent 16) or ``None``.
         first_latent: TI2V clean image latent ``[C, 1, h, w]`` or ``None``.
+        context / context_null: the prompt's and the negative prompt's umT5 embeddings, each a list
+            of one ``[L, d]`` tensor (unpadded; the DiT pads to 512).
     """
 
     request: GenerationRequest
@@ -217,7 +258,8 @@ class WanPipeline:
             given to :meth:`prepare`.
         device: where the denoising runs.
         offload: move the inactive expert and the text encoder off ``device`` to the CPU (and the
-            active one onto it). Without it models stay where they are and inputs follow them.
+            active one onto it). Without it models stay where they are: they must be on ``device``
+            (the inputs are not moved to them; only the velocity is brought back to ``device``).
         progress: show a tqdm bar over the steps.
     """
 
@@ -278,7 +320,9 @@ class WanPipeline:
 
     # -- preparation -----------------------------------------------------------------------
     def resolve(self, req: GenerationRequest) -> GenerationRequest:
-        """Fill ``None`` fields from the task defaults (a copy)."""
+        """Fill ``None`` fields from the task defaults (a copy). An empty negative prompt becomes
+        the task's official one (never an empty-string encoding, §9.6); a single guidance scale
+        sets both A14B experts (the official float ``guide_scale``, §9.4)."""
         t = self.task
         r = replace(req)
         if r.negative_prompt is None or r.negative_prompt == "":
@@ -300,15 +344,16 @@ class WanPipeline:
         """Resolve sizes, draw the initial noise and build the image conditioning.
 
         ``context``/``context_null``: precomputed ``[L, d]`` embeddings (else the text encoder runs).
+        Sizes: T2V as given (rounded down to the pixel unit); I2V-A14B :func:`i2v_size` from the
+        image and the area ``height·width``; TI2V-5B with an image :func:`best_output_size`. The
+        noise is drawn once, ``[C, T, h, w]`` (:func:`initial_noise`), before any conditioning.
 
         Raises:
-            ValueError: an I2V task without an image, a bad frame count or size.
+            ValueError: an I2V task without an image, a bad frame count or size, no VAE for an image.
         """
         t = self.task
         r = self.resolve(req)
-        frames = r.frames
-        if frames < 1 or (frames - 1) % t.vae_stride[0]:
-            check_video_size(t, r.height, r.width, frames)  # raises with the fix
+        frames = check_frames(t, r.frames)
         st, sh, sw = t.vae_stride
         T = (frames - 1) // st + 1
         y = first = None
@@ -331,6 +376,8 @@ class WanPipeline:
             self._need_vae()
             first = self.vae.encode(img[:, None][None])[0].to(self.device, torch.float32)
         else:
+            if r.image is not None and t.conditioning == "none":
+                logger.warning("%s is text-to-video: the image %s is ignored", t.name, r.image_path or "")
             H, W, _ = check_video_size(t, r.height, r.width, frames)
             r.height, r.width = H, W
             noise = initial_noise((t.latent_channels, T, H // sh, W // sw), r.seed, self.device, cpu_noise)
@@ -352,9 +399,11 @@ class WanPipeline:
 
         Per step ``i`` with integer timestep ``t_i``: pick the expert (``t_i >= boundary·1000`` ->
         high noise) and its guidance scale, build the model timestep (``[1]``, or ``[1, T]`` for
-        TI2V-5B with frame 0 at 0 when an image is given), take the guided velocity and step the
-        solver; TI2V re-imposes the clean first frame after every step.
-        ``callback(i, t, latent)`` is called after each step.
+        TI2V-5B with frame 0 at 0 when an image is given: the official per-token ``[1, seq_len]``
+        tensor is constant within a latent frame), take the guided velocity and step the solver;
+        TI2V puts the clean first-frame latent back after every step (``textimage2video.py: i2v``;
+        the official ``(1 − mask2)·z + mask2·x`` with 0/1 masks is exactly that assignment).
+        ``callback(i, t, latent)`` (``latent`` ``[C, T, h, w]``) is called after each step.
         """
         r = p.request
         t = self.task
@@ -368,13 +417,9 @@ class WanPipeline:
         ctx = [c.to(self.device) for c in p.context]
         null = [c.to(self.device) for c in p.context_null]
         x = p.noise[None].to(self.device)
-        keep = None
-        if p.first_latent is not None:
-            # mask2 of masks_like(zero=True): 0 on latent frame 0, 1 elsewhere (same arithmetic)
-            keep = torch.ones_like(x)
-            keep[:, :, 0] = 0
-            z = p.first_latent[None].to(self.device)
-            x = (1.0 - keep) * z + keep * x
+        z = None if p.first_latent is None else p.first_latent[None].to(self.device)
+        if z is not None:
+            x = torch.cat([z, x[:, :, 1:]], dim=2)
         y = None if p.y is None else p.y[None].to(self.device)
         steps = sched.timesteps
         it = enumerate(steps)
@@ -392,15 +437,15 @@ class WanPipeline:
                 last_expert = expert
             if t.conditioning == "ti2v":
                 tt = torch.full((1, x.shape[2]), float(ts), device=self.device)
-                if keep is not None:
+                if z is not None:
                     tt[:, 0] = 0.0
             else:
                 tt = ts.view(1).to(self.device)
             v = guided_velocity(model, x, tt, ctx, null, guidance[expert], y=y,
                                 apply_cfg=apply[i], batched=r.cfg_batched)
             x = solver.step(v.to(x.device), x)
-            if keep is not None:
-                x = (1.0 - keep) * z + keep * x
+            if z is not None:
+                x = torch.cat([z, x[:, :, 1:]], dim=2)
             if callback is not None:
                 callback(i, int(ts), x[0])
         return x[0]
@@ -418,8 +463,12 @@ class WanPipeline:
 
     def generate(self, req: GenerationRequest, context=None, context_null=None, cpu_noise: bool = False,
                  decode: bool = True):
-        """prepare + denoise (+ decode). Returns ``(latent [C,T,h,w] CPU, video [3,F,H,W] or None,
-        resolved request)``."""
+        """prepare + denoise (+ decode). Returns ``(latent [C,T,h,w] CPU, video [3,F,H,W] in [-1, 1]
+        or None, resolved request)``.
+
+        Raises:
+            ValueError: what :meth:`prepare` rejects, or decoding without a VAE.
+        """
         p = self.prepare(req, context, context_null, cpu_noise=cpu_noise)
         latent = self.denoise(p)
         video = self.decode(latent) if decode else None

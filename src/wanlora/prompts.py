@@ -79,6 +79,7 @@ class PromptSpec:
     line: int = 0
 
     def to_dict(self) -> dict:
+        """The fields as a plain (JSON-able) dict."""
         return asdict(self)
 
     def with_defaults(self, **defaults) -> "PromptSpec":

@@ -76,6 +76,9 @@ def _unipc_sigma_max() -> float:
     return torch.from_numpy(1.0 - alphas).to(torch.float32)[0].item()
 
 
+_UNIPC_SIGMA_MAX = _unipc_sigma_max()
+
+
 def make_schedule(steps: int, shift: float, solver: str = "unipc") -> Schedule:
     """The official sampling schedule for ``steps`` steps and flow ``shift``.
 
@@ -95,7 +98,7 @@ def make_schedule(steps: int, shift: float, solver: str = "unipc") -> Schedule:
         raise ValueError(f"--flow_shift must be positive, got {shift}")
     if solver not in SOLVERS:
         raise ValueError(f"unknown --sample_solver {solver!r}; use one of {', '.join(SOLVERS)}")
-    start = 1.0 if solver == "dpm++" else _unipc_sigma_max()
+    start = 1.0 if solver == "dpm++" else _UNIPC_SIGMA_MAX
     sig = shift_sigmas(np.linspace(start, 0.0, steps + 1)[:-1].copy(), shift)
     timesteps = torch.from_numpy(sig * NUM_TRAIN_TIMESTEPS).to(torch.int64)
     sigmas = torch.from_numpy(np.concatenate([sig, [0.0]]).astype(np.float32))
@@ -117,6 +120,7 @@ class _Solver:
 
     @property
     def num_steps(self) -> int:
+        """``N``, the number of model evaluations of the schedule."""
         return len(self.schedule)
 
     def x0(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +128,7 @@ class _Solver:
         return x - self.sigmas[self.index] * v
 
     def step(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Velocity ``v`` at the current sample ``x`` -> the sample at ``σ_{i+1}``; advances ``index``."""
         raise NotImplementedError
 
 
@@ -135,6 +140,7 @@ class EulerSolver(_Solver):
     """
 
     def step(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Velocity ``v`` at ``x`` (same shape, ``[B, ...]``) -> sample at ``σ_{i+1}`` (``v``'s dtype)."""
         i = self.index
         dt = self.sigmas[i + 1] - self.sigmas[i]
         out = x.float() + dt * v.float()
@@ -166,23 +172,26 @@ class UniPCSolver(_Solver):
         self.lower_order_nums = 0
         self.this_order = 1
 
-    def _coeffs(self, sigma_t, sigma_s0):
+    @staticmethod
+    def _coeffs(sigma_t, sigma_s0):
+        """``α_t``, ``h = λ_t − λ_s0``, ``hh = −h`` (predict-x0), ``h·φ_1 = expm1(hh)`` and the bh2
+        ``B(h) = expm1(hh)`` of ``multistep_uni_{p,c}_bh_update`` (0-d float32)."""
         alpha_t = 1 - sigma_t
         h = _lam(sigma_t) - _lam(sigma_s0)
-        hh = -h  # predict-x0 form
+        hh = -h
         h_phi_1 = torch.expm1(hh)
-        B_h = torch.expm1(hh)  # bh2
+        B_h = torch.expm1(hh)
         return alpha_t, h, hh, h_phi_1, B_h
 
     def _predict(self, x: torch.Tensor, order: int) -> torch.Tensor:
-        """UniP-``order``: from ``x`` at ``σ_i`` to ``σ_{i+1}``."""
+        """UniP-``order`` (``multistep_uni_p_bh_update``): from ``x`` at ``σ_i`` to ``σ_{i+1}``."""
         i = self.index
         sigma_t, sigma_s0 = self.sigmas[i + 1], self.sigmas[i]
         m0 = self.history[-1]
-        alpha_t, h, hh, h_phi_1, B_h = self._coeffs(sigma_t, sigma_s0)
+        alpha_t, h, _, h_phi_1, B_h = self._coeffs(sigma_t, sigma_s0)
         base = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
-        if order == 1:
-            return (base - alpha_t * B_h * 0).to(x.dtype)
+        if order == 1:  # the official ``base − α_t·B(h)·0``; also the exact x0̂ when σ_{i+1} = 0
+            return base.to(x.dtype)
         r = (_lam(self.sigmas[i - 1]) - _lam(sigma_s0)) / h
         d1 = (self.history[-2] - m0) / r
         rho = torch.tensor([0.5], dtype=x.dtype, device=x.device)
@@ -190,35 +199,32 @@ class UniPCSolver(_Solver):
         return (base - alpha_t * B_h * res).to(x.dtype)
 
     def _correct(self, x0_new: torch.Tensor, x: torch.Tensor, order: int) -> torch.Tensor:
-        """UniC-``order``: refine ``x`` (at ``σ_i``, predicted from ``last_sample`` at ``σ_{i−1}``)."""
+        """UniC-``order`` (``multistep_uni_c_bh_update``): refine ``x`` (at ``σ_i``, predicted from
+        ``last_sample`` at ``σ_{i−1}``) with the new estimate ``x0_new``."""
         i = self.index
         sigma_t, sigma_s0 = self.sigmas[i], self.sigmas[i - 1]
         m0 = self.history[-1]
         prev = self.last_sample
         alpha_t, h, hh, h_phi_1, B_h = self._coeffs(sigma_t, sigma_s0)
-        rks: list = []
-        d1s = []
-        if order == 2:
-            r = (_lam(self.sigmas[i - 2]) - _lam(sigma_s0)) / h
-            rks.append(r)
-            d1s.append((self.history[-2] - m0) / r)
-        rks.append(1.0)
-        rks_t = torch.tensor(rks, device=x.device)
-        # b_k = h·φ_k(h)·k! / B(h), with φ built by the recurrence φ_{k+1} = φ_k/hh − 1/(k+1)!
-        h_phi_k = h_phi_1 / hh - 1
-        fact = 1
-        R, b = [], []
-        for k in range(1, order + 1):
-            R.append(torch.pow(rks_t, k - 1))
-            b.append(h_phi_k * fact / B_h)
-            fact *= k + 1
-            h_phi_k = h_phi_k / hh - 1 / fact
+        base = sigma_t / sigma_s0 * prev - alpha_t * h_phi_1 * m0
         if order == 1:
             rhos = torch.tensor([0.5], dtype=x.dtype, device=x.device)
-        else:
+            corr = 0
+        else:  # order 2: solve R·ρ = b with R = [[1, 1], [r, 1]], b_k = h·φ_k(h)·k!/B(h)
+            r = (_lam(self.sigmas[i - 2]) - _lam(sigma_s0)) / h
+            d1 = (self.history[-2] - m0) / r
+            rks = torch.tensor([r, 1.0], device=x.device)
+            # φ by the recurrence φ_{k+1} = φ_k/hh − 1/(k+1)!
+            h_phi_k = h_phi_1 / hh - 1
+            fact = 1
+            R, b = [], []
+            for k in range(1, order + 1):
+                R.append(torch.pow(rks, k - 1))
+                b.append(h_phi_k * fact / B_h)
+                fact *= k + 1
+                h_phi_k = h_phi_k / hh - 1 / fact
             rhos = torch.linalg.solve(torch.stack(R), torch.tensor(b, device=x.device)).to(x.dtype)
-        base = sigma_t / sigma_s0 * prev - alpha_t * h_phi_1 * m0
-        corr = torch.einsum("k,bkc...->bc...", rhos[:-1], torch.stack(d1s, dim=1)) if d1s else 0
+            corr = torch.einsum("k,bkc...->bc...", rhos[:-1], d1.unsqueeze(1))
         out = base - alpha_t * B_h * (corr + rhos[-1] * (x0_new - m0))
         return out.to(prev.dtype)
 
@@ -255,6 +261,9 @@ class DPMPP2MSolver(_Solver):
         self.lower_order_nums = 0
 
     def step(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Velocity ``v`` at ``x`` (same shape, ``[B, ...]``) -> sample at ``σ_{i+1}``: first order
+        (``dpm_solver_first_order_update``) at the first and last step, else 2M midpoint
+        (``multistep_dpm_solver_second_order_update``)."""
         i = self.index
         m0 = self.x0(v, x)
         self.history = (self.history + [m0])[-2:]
@@ -280,7 +289,12 @@ class DPMPP2MSolver(_Solver):
 
 
 def make_solver(name: str, schedule: Schedule) -> _Solver:
-    """A fresh solver by ``--sample_solver`` name (``unipc``, ``euler``, ``dpm++``)."""
+    """A fresh solver by ``--sample_solver`` name (``unipc``, ``euler``, ``dpm++``; ``dpmpp`` is an
+    alias) for ``schedule``; each solver is stateful and runs one sampling once.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     table = {"unipc": UniPCSolver, "euler": EulerSolver, "dpm++": DPMPP2MSolver, "dpmpp": DPMPP2MSolver}
     if name not in table:
         raise ValueError(f"unknown --sample_solver {name!r}; use one of {', '.join(SOLVERS)}")
@@ -292,6 +306,8 @@ def make_solver(name: str, schedule: Schedule) -> _Solver:
 
 
 def _cat_context(a, b):
+    """Conditional then unconditional context as one batch of ``2B``: a ``[2B, L, d]`` tensor when
+    both are tensors of one shape, else a list of ``2B`` ``[L_i, d]`` tensors."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape[1:] == b.shape[1:]:
         return torch.cat([a, b])
     la = list(a) if not isinstance(a, torch.Tensor) else list(a.unbind(0))

@@ -167,7 +167,7 @@ class TrainingSampler:
             offload: bring each expert onto the sampler's device while it is used and park the
                 other one on the CPU (for a frozen expert kept on the CPU during training); every
                 model goes back to the device it came from afterwards. Default: models stay put and
-                the inputs follow them.
+                must already be on the sampler's ``device``.
 
         Returns:
             the :class:`Sample` list (frames for TensorBoard).

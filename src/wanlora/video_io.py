@@ -295,8 +295,8 @@ def read_video_frames(
 
     first, last = min(wanted), max(wanted)
     rw, rh, left, top = cover_geometry(info.width, info.height, out_w, out_h)
-    k = info.rotation // 90
-    coded_w, coded_h = (rh, rw) if k % 2 else (rw, rh)
+    quarter_turns = info.rotation // 90
+    coded_w, coded_h = (rh, rw) if quarter_turns % 2 else (rw, rh)
     shrink = rw * rh < info.width * info.height
     interpolation = "AREA" if shrink else "BICUBIC"
 
@@ -304,8 +304,8 @@ def read_video_frames(
         if (frame.width, frame.height) != (coded_w, coded_h):
             frame = frame.reformat(coded_w, coded_h, "rgb24", interpolation=interpolation)
         arr = frame.to_ndarray(format="rgb24")
-        if k:
-            arr = np.rot90(arr, k)
+        if quarter_turns:
+            arr = np.rot90(arr, quarter_turns)
         return arr[top : top + out_h, left : left + out_w]
 
     with _open(path) as container:
@@ -325,8 +325,8 @@ def read_video_frames(
                     i = index_of[frame.pts]
                 elif frame.pts is not None:
                     # Nearest timestamp (rounding of odd time bases).
-                    k = int(np.searchsorted(pts_sorted, frame.pts))
-                    near = [c for c in (k - 1, k) if 0 <= c < len(pts_sorted)]
+                    j = int(np.searchsorted(pts_sorted, frame.pts))
+                    near = [c for c in (j - 1, j) if 0 <= c < len(pts_sorted)]
                     i = min(near, key=lambda c: abs(pts_sorted[c] - frame.pts))
                 else:
                     counter = 0 if counter is None else counter + 1
