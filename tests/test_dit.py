@@ -186,6 +186,11 @@ def _tiny_model(seed=0, **kw):
     return _ours(cfg, random_state_dict(cfg, seed))
 
 
+def _small_inputs(timestep: float):
+    """``(x [1, 16, 2, 4, 4], t [1], context [1, 4, TEXT_DIM])`` for the T2V tiny model."""
+    return torch.randn(1, 16, 2, 4, 4), torch.tensor([timestep]), torch.randn(1, 4, TEXT_DIM)
+
+
 def test_batch_with_1d_timestep_equals_single_samples():
     # Regression: the official `t.expand(B, seq_len)` fails (or mixes samples) for B > 1.
     m = _tiny_model()
@@ -251,9 +256,7 @@ def test_rope_split_and_adjacent_pair_rotation_match_complex_reference():
 
 def test_gradient_checkpointing_gives_same_outputs_and_grads():
     m = _tiny_model()
-    x = torch.randn(1, 16, 2, 4, 4)
-    ctx = torch.randn(1, 4, TEXT_DIM)
-    t = torch.tensor([321.0])
+    x, t, ctx = _small_inputs(321.0)
     grads = []
     for ckpt in (False, True):
         m.zero_grad()
@@ -261,6 +264,21 @@ def test_gradient_checkpointing_gives_same_outputs_and_grads():
         m(x, t, ctx).square().mean().backward()
         grads.append(m.blocks[0].self_attn.q.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
+
+def test_sampling_under_inference_mode_then_training_on_the_same_grid():
+    # Regression: the RoPE tables are cached per grid; built under inference_mode they were
+    # inference tensors, and the next training step on that grid failed in backward.
+    m = _tiny_model()
+    x, t, ctx = _small_inputs(300.0)
+    with torch.inference_mode():
+        ref = m(x, t, ctx)
+    w = m.blocks[0].self_attn.q.weight
+    w.requires_grad_(True)
+    out = m(x, t, ctx)
+    out.square().mean().backward()
+    assert w.grad is not None
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=0)
 
 
 def test_lora_targets_are_plain_linear_called_through_forward():
@@ -280,9 +298,7 @@ def test_lora_targets_are_plain_linear_called_through_forward():
 
 def test_bfloat16_weights_run_and_stay_close_to_float32():
     m = _tiny_model()
-    x = torch.randn(1, 16, 2, 4, 4)
-    ctx = torch.randn(1, 4, TEXT_DIM)
-    t = torch.tensor([500.0])
+    x, t, ctx = _small_inputs(500.0)
     with torch.no_grad():
         ref = m(x, t, ctx)
         out = m.to(torch.bfloat16)(x, t, ctx)

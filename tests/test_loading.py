@@ -16,7 +16,7 @@ import torch
 from wanlora.io_utils import save_safetensors, write_json
 from wanlora.models import load_dit
 from wanlora.models.dit import WanDiT, WanDiTConfig
-from wanlora.models.loading import CheckpointError, check_dit_task
+from wanlora.models.loading import CheckpointError, check_dit_task, read_config_json
 
 torch.set_num_threads(1)
 
@@ -114,9 +114,21 @@ def test_num_heads_from_config_json_then_metadata(tmp_path):
         load_dit(folder, "t2v-A14B")  # dim 64: dim // 128 does not work, nothing says the heads
     write_json(folder / "config.json", {"dim": 64, "num_heads": 4})
     assert load_dit(folder, "t2v-A14B").config.num_heads == 4
+    assert read_config_json(folder) == {"dim": 64, "num_heads": 4}
     single = tmp_path / "one.safetensors"
     save_safetensors(sd, single, metadata={"num_heads": "1"})
     assert load_dit(single, "t2v-A14B").config.num_heads == 1
+
+
+def test_broken_config_json_is_named_and_ignored(tmp_path, caplog):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"num_heads": 4,', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="wanlora.models.loading"):
+        assert read_config_json(folder / "x.safetensors") == {}
+    assert "config.json: ignored" in caplog.text and "fix or delete it" in caplog.text
+    (folder / "config.json").write_text("[64, 4]", encoding="utf-8")
+    assert read_config_json(folder) == {}  # valid JSON, but not the object of an official config
 
 
 def test_pth(tmp_path):
@@ -226,6 +238,9 @@ def test_tiny_i2v_file_given_as_t2v(tmp_path):
         ({"encoder.conv1.weight": (160, 12, 3, 3, 3), "decoder.conv1.weight": (1024, 48, 3, 3, 3),
           "conv2.weight": (48, 48, 1, 1, 1)}, r"Wan2\.2 VAE.*--vae"),
         ({"token_embedding.weight": (10, 4), "blocks.0.attn.q.weight": (4, 4)}, r"umT5.*--t5"),
+        # a full encoder-decoder T5 (encoder.* and decoder.* keys) is not taken for a VAE
+        ({"shared.weight": (10, 4), "encoder.block.0.layer.0.SelfAttention.q.weight": (4, 4),
+          "decoder.block.0.layer.2.DenseReluDense.wo.weight": (4, 4)}, r"umT5.*--t5"),
         ({"lora_unet_blocks_0_self_attn_q.lora_down.weight": (4, 64)}, r"LoRA file"),
         ({"blocks.0.attn1.to_q.weight": (4, 4), "condition_embedder.time_proj.weight": (4, 4)}, r"diffusers-layout"),
     ],

@@ -189,7 +189,14 @@ def test_safetensors_layouts_and_extras(ref, tokenizer, tok_dir, tmp_path, te):
     # bare: no encoder. prefix, only embed_tokens
     bare = {k.removeprefix("encoder."): v for k, v in hf.items() if k != "shared.weight"}
     save_safetensors(bare, tmp_path / "bare.safetensors")
-    for name in ("umt5_xxl_fp32.safetensors", "bare.safetensors"):
+    # a full encoder-decoder checkpoint (transformers UMT5Model): decoder (its FFN is layer.2)
+    # and LM head are skipped
+    d = hf["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"]
+    full = hf | {"decoder.block.0.layer.2.DenseReluDense.wi_0.weight": d.clone(),
+                 "decoder.final_layer_norm.weight": hf["encoder.final_layer_norm.weight"].clone(),
+                 "lm_head.weight": hf["shared.weight"].clone()}
+    save_safetensors(full, tmp_path / "full.safetensors")
+    for name in ("umt5_xxl_fp32.safetensors", "bare.safetensors", "full.safetensors"):
         enc = load_text_encoder(tmp_path / name, tokenizer=tok_dir)
         assert_parity(enc.encode(PROMPTS[:2]), want)
         assert enc.identity == te.identity  # same weights, same tokenizer -> same identity

@@ -98,18 +98,13 @@ def diffusers_22_key(k: str) -> str:
         if i == "1":
             return f"{part}.mid_block.attentions.0.{rest}"
         return f"{part}.mid_block.resnets.{int(i) // 2}.{resnet(rest)}"
-    m = re.match(r"encoder\.downsamples\.(\d+)\.downsamples\.(\d+)\.(.*)", k)
+    # encoder.downsamples.I.downsamples.J.* / decoder.upsamples.I.upsamples.J.*
+    m = re.match(r"(encoder\.down|decoder\.up)samples\.(\d+)\.(?:down|up)samples\.(\d+)\.(.*)", k)
     if m:
-        i, j, rest = m.groups()
+        stage, i, j, rest = m.groups()
         if rest.startswith(("resample.", "time_conv.")):
-            return f"encoder.down_blocks.{i}.downsampler.{rest}"
-        return f"encoder.down_blocks.{i}.resnets.{j}.{resnet(rest)}"
-    m = re.match(r"decoder\.upsamples\.(\d+)\.upsamples\.(\d+)\.(.*)", k)
-    if m:
-        i, j, rest = m.groups()
-        if rest.startswith(("resample.", "time_conv.")):
-            return f"decoder.up_blocks.{i}.upsampler.{rest}"
-        return f"decoder.up_blocks.{i}.resnets.{j}.{resnet(rest)}"
+            return f"{stage}_blocks.{i}.{stage.split('.')[1]}sampler.{rest}"
+        return f"{stage}_blocks.{i}.resnets.{j}.{resnet(rest)}"
     raise KeyError(k)
 
 
@@ -167,6 +162,21 @@ def test_latent_constants_match_reference():
     assert LATENT_MEAN["wan2.1"] == defaults["latents_mean"].default
     assert LATENT_STD["wan2.1"] == defaults["latents_std"].default
     assert len(LATENT_MEAN["wan2.2"]) == len(LATENT_STD["wan2.2"]) == 48
+
+
+def test_normalization_multiplies_by_float32_reciprocal_std_as_official():
+    # Official wrappers: scale = [mean, 1.0 / std] (float32); encode (mu - mean) * scale[1],
+    # decode z / scale[1] + mean (wan_numerics.md §7.3, §8.5) — bit for bit, not just close.
+    vae = tiny_vae("wan2.2")
+    _, h, w = TINY["wan2.2"]
+    x = video(5, h, w)
+    shape = (1, -1, 1, 1, 1)
+    mean = torch.tensor(LATENT_MEAN["wan2.2"]).view(shape)
+    inv_std = (1.0 / torch.tensor(LATENT_STD["wan2.2"])).view(shape)
+    with torch.no_grad():
+        z = vae.encode(x)
+        assert torch.equal(z, (vae.model.encode_raw(x) - mean) * inv_std)
+        assert torch.equal(vae.decode(z), vae.model.decode_raw(z / inv_std + mean).clamp(-1, 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from wanlora.io_utils import atomic_path, save_safetensors, write_json
+from wanlora.models.text_encoder import T5_CHECKPOINT_NAME, TOKENIZER_NAME
 from wanlora.tasks import TASKS, get_task
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "tiny_dit_state_dict",
     "tiny_vae_state_dict",
     "write_dit_folder",
+    "dit_config_json",
     "TINY_DIT",
     "TINY_T5",
     "TINY_VAE",
@@ -63,8 +65,8 @@ TINY_VAE = {"wan2.1": {"dim": 8}, "wan2.2": {"dim": 8, "dec_dim": 8}}
 TINY_VOCAB = 600
 
 CORPUS = Path(__file__).resolve().parent / "data" / "tiny_tokenizer_corpus.txt"
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-TOKENIZER_DIR = "google/umt5-xxl"
+T5_FILE = T5_CHECKPOINT_NAME  # the official release's names, where load_text_encoder looks
+TOKENIZER_DIR = TOKENIZER_NAME
 VAE_FILE = {"wan2.1": "Wan2.1_VAE.pth", "wan2.2": "Wan2.2_VAE.pth"}
 DIT_SHARDS = 2
 _DIFFUSERS_VERSION = "0.33.0"
@@ -266,19 +268,17 @@ def write_dit_folder(folder: str | os.PathLike, sd: dict[str, torch.Tensor], con
 # VAE
 
 
-def _vae_model(kind: str):
-    from wanlora.models import vae as vae_mod
-
-    if hasattr(vae_mod, "build_vae"):
-        return vae_mod.build_vae(kind, **TINY_VAE[kind])
-    raise ImportError("wanlora.models.vae has no build_vae(kind, ...)")
-
-
 def tiny_vae_state_dict(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random VAE weights (official ``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth`` key names, float32)
-    at :data:`TINY_VAE` widths; shapes from :func:`wanlora.models.vae.build_vae` on meta."""
+    at :data:`TINY_VAE` widths; shapes from :func:`wanlora.models.vae.build_vae` on meta.
+
+    Raises:
+        KeyError: ``kind`` is not ``"wan2.1"`` or ``"wan2.2"``.
+    """
+    from wanlora.models.vae import build_vae
+
     with torch.device("meta"):
-        model = _vae_model(kind)
+        model = build_vae(kind, **TINY_VAE[kind])
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     return {k: _random_like(k, shape, f"{seed}:vae:{kind}") for k, shape in shapes.items()}
 
@@ -314,7 +314,7 @@ def make_tiny(task: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
         high-noise one (the convention of the Wan LoRA tools).
 
     Raises:
-        KeyError: unknown task (the message lists the tasks).
+        ValueError: unknown task (the message lists the tasks; :func:`wanlora.tasks.get_task`).
     """
     t = get_task(task)
     out = Path(out_dir).resolve()
@@ -358,6 +358,7 @@ def make_tiny(task: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m wanlora.tiny --task T --out DIR [--seed N]``: write one set, print its flags."""
     p = argparse.ArgumentParser(
         prog="python -m wanlora.tiny",
         description="Write a tiny random-weight model set (official file formats) for one task.",

@@ -75,7 +75,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sd
 
     Returns:
         ``[B, Lq, N, d]`` in ``v``'s dtype. q and k are cast to ``v``'s dtype first (the DiT hands
-        over fp32 q/k after RoPE and v in the compute dtype).
+        over fp32 q/k after RoPE and v in the compute dtype). Matches ``wan/modules/attention.py:
+        flash_attention`` with ``k_lens=None`` (Wan's attention call sites never mask here).
+
+    Raises:
+        ValueError, ImportError: as :func:`check_attn_mode` (unknown mode, package missing).
     """
     dtype = v.dtype
     q, k = q.to(dtype), k.to(dtype)

@@ -78,9 +78,11 @@ class WanDiTConfig:
 
     @property
     def head_dim(self) -> int:
+        """Per-head width ``d = dim // num_heads`` (128 in every release, 32 in the tiny sets)."""
         return self.dim // self.num_heads
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (``patch_size`` as a tuple)."""
         return asdict(self)
 
 
@@ -120,6 +122,12 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, device=None, theta: f
     Each axis has its own frequency ladder ``θ_j = theta^(−2j/part)`` over its part of the head
     dim (``model.py: rope_params``); token ``(f, h, w)`` (row-major order) gets angles
     ``f·θ^t``, ``h·θ^h``, ``w·θ^w`` concatenated. Angles are computed in float64.
+
+    Args:
+        grid: ``(F, H, W)`` token grid (latent frames, latent height / 2, latent width / 2).
+        head_dim: ``d``, split by :func:`rope_split`.
+        device: where the tables go (built on the CPU).
+        theta: base of the frequency ladders (10000 in every release).
 
     Returns:
         ``(cos, sin)``, each ``[F·H·W, 1, head_dim/2]`` float32 (the 1 broadcasts over heads).
@@ -219,7 +227,7 @@ class SelfAttention(nn.Module):
     """Self-attention with full-width q/k RMSNorm and 3-axis RoPE (``model.py: WanSelfAttention``).
 
     ``q, k, v, o`` are plain ``nn.Linear`` (with bias) called through their forward: the LoRA
-    targets."""
+    targets. q/k are normalized over the full width D before the split into heads."""
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
         super().__init__()
@@ -232,16 +240,20 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, L, D] -> [B, L, N, d]``."""
+        return t.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def _attend(self, q, k, v, dtype, mode) -> torch.Tensor:
+        """Attention over heads, then the output projection ``o``: ``[B, L, D]`` in ``dtype``."""
+        return self.o(attention(q, k, v, mode).flatten(2).to(dtype))
+
     def forward(self, x, rope, dtype, mode):
         """x: ``[B, L, D]``; rope: ``(cos, sin)`` for the grid. Returns ``[B, L, D]`` in ``dtype``."""
-        b, n = x.shape[:2]
-        shape = (b, n, self.num_heads, self.head_dim)
         x = x.to(dtype)
-        q = apply_rope(self.norm_q(self.q(x)).view(shape), *rope)
-        k = apply_rope(self.norm_k(self.k(x)).view(shape), *rope)
-        v = self.v(x).view(shape)
-        out = attention(q, k, v, mode).flatten(2)
-        return self.o(out.to(dtype))
+        q = apply_rope(self._heads(self.norm_q(self.q(x))), *rope)
+        k = apply_rope(self._heads(self.norm_k(self.k(x))), *rope)
+        return self._attend(q, k, self._heads(self.v(x)), dtype, mode)
 
 
 class CrossAttention(SelfAttention):
@@ -249,13 +261,10 @@ class CrossAttention(SelfAttention):
 
     def forward(self, x, context, dtype, mode):
         """x: ``[B, L, D]``; context: ``[B, 512, D]`` (embedded). Returns ``[B, L, D]`` in ``dtype``."""
-        b = x.shape[0]
         x = x.to(dtype)
-        q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, self.head_dim)
-        k = self.norm_k(self.k(context)).view(b, -1, self.num_heads, self.head_dim)
-        v = self.v(context).view(b, -1, self.num_heads, self.head_dim)
-        out = attention(q, k, v, mode).flatten(2)
-        return self.o(out.to(dtype))
+        q = self._heads(self.norm_q(self.q(x)))
+        k = self._heads(self.norm_k(self.k(context)))
+        return self._attend(q, k, self._heads(self.v(context)), dtype, mode)
 
 
 class WanBlock(nn.Module):
@@ -353,24 +362,37 @@ class WanDiT(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Device of the weights (the patch embedding's)."""
         return self.patch_embedding.weight.device
 
     # ---- pieces of forward
 
     def _rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`rope_tables` of ``grid``, built once per (grid, device) and kept (16 at most):
+        a training run sees a handful of bucket grids, so the tables are not rebuilt per step."""
         key = (grid, str(device))
         if key not in self._rope_cache:
             if len(self._rope_cache) >= 16:
                 self._rope_cache.clear()
-            self._rope_cache[key] = rope_tables(grid, self.config.head_dim, device)
+            # Normal tensors even when the first call runs under torch.inference_mode (sampling):
+            # inference tensors in the cache would break a later training step on the same grid.
+            with torch.inference_mode(False):
+                self._rope_cache[key] = rope_tables(grid, self.config.head_dim, device)
         return self._rope_cache[key]
 
     def _context(self, context, batch: int) -> torch.Tensor:
-        """Zero-pad each text context to ``text_len`` rows, stack, cast: ``[B, 512, text_dim]``."""
+        """Zero-pad each text context to ``text_len`` rows, stack, cast: ``[B, 512, text_dim]``
+        (``model.py: WanModel.forward``, block "# context"; exact zeros, never masked, §2).
+
+        Raises:
+            ValueError: a context count other than ``batch``, a row width other than
+                ``text_dim``, or more than ``text_len`` rows.
+        """
         cfg = self.config
         rows = list(context) if isinstance(context, (list, tuple)) else list(context.unbind(0))
         if len(rows) != batch:
-            raise ValueError(f"WanDiT: {len(rows)} text contexts for a batch of {batch} latents")
+            raise ValueError(f"WanDiT: {len(rows)} text contexts for a batch of {batch} latents; "
+                             "pass one context per sample (a list of [L_i, text_dim] or [B, L, text_dim])")
         out = []
         for u in rows:
             if u.ndim != 2 or u.shape[-1] != cfg.text_dim:
@@ -379,13 +401,21 @@ class WanDiT(nn.Module):
                     "(umT5 output of the matching text encoder)"
                 )
             if u.shape[0] > cfg.text_len:
-                raise ValueError(f"WanDiT: text context of {u.shape[0]} rows exceeds text_len {cfg.text_len}")
+                raise ValueError(
+                    f"WanDiT: text context of {u.shape[0]} rows exceeds text_len {cfg.text_len}; pass "
+                    "the trimmed umT5 output (TextEncoder.encode gives at most 512 rows per prompt)"
+                )
             out.append(F.pad(u, (0, 0, 0, cfg.text_len - u.shape[0])))
         return torch.stack(out).to(self.device, self.dtype)
 
     def _time(self, timestep: torch.Tensor, batch: int, frames: int):
         """Time embedding ``e [B, T', D]`` and projection ``e0 [B, T', 6, D]`` (float32), T' = 1 for
-        a ``[B]`` timestep, T' = latent frames for ``[B, F]``."""
+        a ``[B]`` (or scalar) timestep, T' = latent frames for ``[B, F]`` (``model.py:
+        WanModel.forward``, block "# time embeddings", per frame instead of per token).
+
+        Raises:
+            ValueError: any other timestep shape (the message gives the two accepted ones).
+        """
         t = torch.as_tensor(timestep, device=self.device)
         given = tuple(t.shape)
         if t.ndim == 0:
@@ -403,7 +433,7 @@ class WanDiT(nn.Module):
         return e, e0
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict the flow velocity (``noise − x0``).
+        """Predict the flow velocity (``noise − x0``) (``model.py: WanModel.forward``).
 
         Args:
             x: ``[B, C_x, F, H, W]`` latents (latent units; H, W divisible by the patch).
@@ -434,7 +464,11 @@ class WanDiT(nn.Module):
         b, _, f, h, w = x.shape
         pt, ph, pw = cfg.patch_size
         if f % pt or h % ph or w % pw:
-            raise ValueError(f"WanDiT: latent size {(f, h, w)} is not divisible by the patch {cfg.patch_size}")
+            raise ValueError(
+                f"WanDiT: latent size {(f, h, w)} (F, H, W) is not divisible by the patch {cfg.patch_size}; "
+                "crop or resize the video so its pixel size is a multiple of 2x the VAE stride "
+                "(16 px for the Wan2.1 VAE, 32 px for the Wan2.2 VAE)"
+            )
         grid = (f // pt, h // ph, w // pw)
         dtype, mode = self.dtype, self.attn_mode
 

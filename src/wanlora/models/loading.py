@@ -18,6 +18,7 @@ from the memory-mapped tensors so that peak RAM stays near one copy of the weigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -161,15 +162,26 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_config_json(path: str | os.PathLike) -> dict:
-    """The ``config.json`` that official model folders carry beside their shards, or ``{}``."""
+    """The ``config.json`` that official model folders carry beside their shards, or ``{}``.
+
+    ``path`` is the checkpoint (a file or folder); the ``config.json`` is looked for in its folder.
+    A file that is not valid JSON (or not a JSON object) is logged as a warning and ignored, so the
+    architecture falls back to the weight shapes (``num_heads = dim // 128``).
+    """
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     cfg = folder / "config.json"
-    if cfg.is_file():
-        try:
-            return json.loads(cfg.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return {}
+    if not cfg.is_file():
+        return {}
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+        problem = None if isinstance(data, dict) else f"a JSON {type(data).__name__}, not an object"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data, problem = None, str(e)
+    if problem is None:
+        return data
+    logger.warning("%s: ignored (%s); fix or delete it — num_heads then comes from the safetensors "
+                   "metadata or dim // 128", cfg, problem)
     return {}
 
 
@@ -217,13 +229,14 @@ def describe_checkpoint(sd: dict[str, torch.Tensor]) -> str | None:
     if has("lora_down") or has("lora_A") or has("lora_up") or has("lora_B"):
         return ("a LoRA file, not a base model; pass the base DiT as --dit and the LoRA with "
                 "--lora_weight / --network_weights")
+    # umT5 before the VAE: a full encoder-decoder T5 file also has encoder.* and decoder.* keys
+    if "token_embedding.weight" in keys or "shared.weight" in keys or has("encoder.block."):
+        return "the umT5 text encoder (models_t5_umt5-xxl-enc-bf16.pth), not a diffusion model; pass it as --t5"
     if has("decoder.") and (has("encoder.") or has("conv2.")) and "patch_embedding.weight" not in keys:
         z = sd["decoder.conv1.weight"].shape[1] if "decoder.conv1.weight" in keys else None
         kind = {16: "Wan2.1 VAE (Wan2.1_VAE.pth)", 48: "Wan2.2 VAE (Wan2.2_VAE.pth)"}.get(
             z, "Wan VAE (Wan2.1_VAE.pth or Wan2.2_VAE.pth)")
         return f"a {kind}, not a diffusion model; pass it as --vae"
-    if "token_embedding.weight" in keys or "shared.weight" in keys or has("encoder.block."):
-        return "the umT5 text encoder (models_t5_umt5-xxl-enc-bf16.pth), not a diffusion model; pass it as --t5"
     if has("visual.transformer") or "log_scale" in keys:
         return "the CLIP image encoder of Wan2.1 I2V, which Wan2.2 does not use; it is not a DiT"
     if has("condition_embedder.") or has("attn1.to_q"):
@@ -260,41 +273,27 @@ def _split_fp8_scales(sd: dict[str, torch.Tensor]):
     return rest, scales
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+def _plain_readers(path, stack: contextlib.ExitStack) -> dict[str, tuple]:
+    """``{key (DiT prefix stripped): (reader, stored key)}`` over a checkpoint's safetensors
+    files, for reading single tensors with plain file reads (no mmap: the page cache is not
+    charged to the process, so converting a checkpoint tensor by tensor costs one converted copy,
+    not two). The readers close with ``stack``.
 
+    Raises:
+        CheckpointError: a safetensors file whose header or length is damaged.
+    """
+    from wanlora.safetensors_stream import SafetensorsReader
 
-def _safetensors_entries(path) -> dict[str, tuple]:
-    """``{key: (file, dtype, shape, begin, end)}`` from the headers of a checkpoint's
-    safetensors files (absolute byte offsets), for reading single tensors with plain file reads."""
-    entries = {}
+    entries: dict[str, tuple] = {}
     for f in checkpoint_files(path):
         if f.suffix != ".safetensors":
             continue
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for k, info in header.items():
-            if k != "__metadata__" and info["dtype"] in _ST_DTYPES:
-                b, e = info["data_offsets"]
-                entries[k] = (f, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + b, 8 + n + e)
-    return entries
-
-
-def _read_entry(entry) -> torch.Tensor:
-    """One tensor read into fresh memory (no mmap: the page cache is not charged to the
-    process, so converting a checkpoint tensor by tensor costs one converted copy, not two)."""
-    f, dtype, shape, begin, end = entry
-    buf = bytearray(end - begin)
-    with open(f, "rb") as fh:
-        fh.seek(begin)
-        fh.readinto(buf)
-    if not buf:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        try:
+            reader = stack.enter_context(SafetensorsReader(f))
+        except ValueError as e:  # the message names the file
+            raise CheckpointError(f"{e}; download it again") from None
+        entries.update({k: (reader, k) for k in reader.keys()})
+    return strip_prefix(entries, _DIT_PREFIXES)
 
 
 def dit_config_from_state_dict(
@@ -344,6 +343,8 @@ def dit_config_from_state_dict(
 
 
 def _num_heads(path, dim: int) -> int | None:
+    """``num_heads`` from the folder's ``config.json`` (when its ``dim`` agrees), else from the
+    safetensors metadata, else ``None`` (the caller uses ``dim // 128``)."""
     cfg = read_config_json(path)
     if cfg.get("num_heads") and cfg.get("dim", dim) == dim:
         return int(cfg["num_heads"])
@@ -462,17 +463,23 @@ def load_dit(
         )
     # Tensors already in the target dtype on the CPU are assigned as they are (memory-mapped,
     # no copy); the others are read with plain file reads and converted one at a time.
-    raw = strip_prefix(_safetensors_entries(path), _DIT_PREFIXES)
     on_cpu = torch.device(device).type == "cpu"
-    for key in list(expected):
-        t = sd.pop(key)
-        want = torch.float32 if keeps_float32(key) else dtype
-        if key in scales:
-            t = (_read_entry(raw[key]) if key in raw else t).float() * scales[key].float()
-        elif not (t.dtype == want and on_cpu) and key in raw:
-            t = _read_entry(raw[key])
-        sd[key] = t.to(device=device, dtype=want)
-        del t
+    with contextlib.ExitStack() as stack:
+        plain = _plain_readers(path, stack)
+
+        def read(key: str, t: torch.Tensor) -> torch.Tensor:
+            reader, stored = plain.get(key, (None, None))
+            return t if reader is None else reader.get(stored)
+
+        for key in list(expected):
+            t = sd.pop(key)
+            want = torch.float32 if keeps_float32(key) else dtype
+            if key in scales:
+                t = read(key, t).float() * scales[key].float()
+            elif not (t.dtype == want and on_cpu):
+                t = read(key, t)
+            sd[key] = t.to(device=device, dtype=want)
+            del t
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:  # inconsistent shapes between blocks: a damaged or mixed checkpoint

@@ -91,6 +91,8 @@ _HF_KEY = re.compile(
 )
 # Entries of ComfyUI files that are not encoder weights.
 _IGNORED = re.compile(r"(^|\.)(spiece_model|scaled_fp8|scale_input|input_scale|comfy_quant)$")
+# The decoder half and LM head of a full encoder-decoder (transformers ``UMT5Model``) checkpoint.
+_DECODER = re.compile(r"(^|\.)(decoder\.|lm_head\.weight$)")
 # Per-tensor scales of scaled-fp8 files (``<layer>.scale_weight``, newer ``<layer>.weight_scale``).
 _SCALES = ("scale_weight", "weight_scale")
 
@@ -156,25 +158,20 @@ def load_tokenizer(source: str | os.PathLike | None = None, checkpoint: str | os
         TokenizerNotFoundError: nothing found; the message lists the places tried and the files
             to put there.
     """
-    tried: list[str] = []
+    # Candidates in order: folders (Path) and hub ids (str, local cache only).
+    candidates: list[Path | str] = []
     if source is not None:
         p = Path(source)
-        if p.is_file():
-            p = p.parent
-        if p.exists() or not _HUB_ID.match(str(source)):
-            if _tokenizer_folder_ok(p):
-                return _from_folder(p)
-            tried.append(f"{p} ({'no spiece.model or tokenizer.json there' if p.exists() else 'does not exist'})")
-            candidates: list = []
-        else:
-            candidates = [str(source)]  # a hub id
+        p = p.parent if p.is_file() else p
+        hub_id = not p.exists() and _HUB_ID.match(str(source))
+        candidates.append(str(source) if hub_id else p)
     else:
-        candidates = []
         if checkpoint is not None:
             base = Path(checkpoint)
             base = base if base.is_dir() else base.parent
             candidates += [base / TOKENIZER_NAME, base]
         candidates.append(TOKENIZER_NAME)
+    tried: list[str] = []
     for c in candidates:
         if isinstance(c, Path):
             if _tokenizer_folder_ok(c):
@@ -201,6 +198,12 @@ def load_tokenizer(source: str | os.PathLike | None = None, checkpoint: str | os
 
 def tokenize(tokenizer, texts: list[str], text_len: int = TEXT_LEN) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and tokenize prompts as ``T5EncoderModel.__call__`` does.
+
+    Args:
+        tokenizer: a transformers umT5 tokenizer (:func:`load_tokenizer`).
+        texts: prompts (a single string is accepted as a list of one), cleaned with
+            :func:`clean_text` first.
+        text_len: padded length (512, ``wan_numerics.md`` §1.1).
 
     Returns:
         ``(ids, mask)``, both ``[B, text_len]`` int64: ids right-padded with ``<pad>``, ``</s>``
@@ -295,13 +298,12 @@ def _normalize_state_dict(raw: dict[str, torch.Tensor], path):
             continue
         if official:
             name = official_to_hf_key(key)
+        elif _DECODER.search(key):
+            continue  # a full encoder-decoder checkpoint: the decoder is not needed
         else:
             m = _HF_KEY.match(key)
-            prefix = m.group("prefix") if m else None
             if m is None:
                 name = None
-            elif prefix is not None and prefix.split(".")[-1] == "decoder":
-                continue  # a full encoder-decoder checkpoint: the decoder is not needed
             elif m.group("name") in ("shared.weight", "embed_tokens.weight"):
                 if "embed_tokens.weight" in out:
                     continue  # shared and encoder.embed_tokens are the same tied table
@@ -437,6 +439,7 @@ class TextEncoder:
 
     @property
     def device(self) -> torch.device:
+        """Device of the weights (the embedding table's)."""
         return self.model.shared.weight.device
 
     @property
@@ -446,6 +449,7 @@ class TextEncoder:
 
     @property
     def d_model(self) -> int:
+        """Output width (4096 for umT5-XXL): the DiT's ``text_dim``."""
         return self.model.config.d_model
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "TextEncoder":
@@ -475,6 +479,10 @@ class TextEncoder:
             one ``[L_i, d_model]`` tensor per prompt in the model's dtype and on its device,
             ``L_i`` = the prompt's real token count including ``</s>`` (<= 512). The encoder runs
             on all 512 padded positions with the mask; padding outputs are dropped.
+
+        Raises:
+            ValueError: a token id beyond the embedding table (the tokenizer belongs to another
+                model; the message names the tokenizer folder to use).
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -534,13 +542,16 @@ def load_text_encoder(
         CheckpointError: unreadable file, unknown keys, missing or misshapen weights, a
             tokenizer larger than the embedding table.
         TokenizerNotFoundError: no tokenizer found (the message says which files to put where).
+        ValueError: ``dtype=torch.float8_e4m3fn`` (fp8 is a storage option; pass ``fp8=True``
+            with a bfloat16 compute dtype).
     """
     from transformers import UMT5EncoderModel
 
     if dtype is None:
         dtype = torch.bfloat16 if fp8 else torch.float32
     if fp8 and dtype == torch.float8_e4m3fn:
-        raise ValueError("dtype is the compute dtype with fp8=True; pass torch.bfloat16")
+        raise ValueError("load_text_encoder: dtype is the compute dtype with fp8=True; pass "
+                         "dtype=torch.bfloat16 (or leave it None)")
     raw = load_state_dict(path)
     sd, scales = _normalize_state_dict(raw, path)
     cfg = umt5_config_from_state_dict(sd, path)

@@ -193,18 +193,23 @@ class WanVAE:
         self.stride: tuple[int, int, int] = tuple(model.stride)
         self.identity: str = identity or weights_identity(self.kind, model.state_dict())
         self.tiling = as_tiling(tiling)
-        self._mean = torch.tensor(LATENT_MEAN[self.kind]) if self.z_dim == len(LATENT_MEAN[self.kind]) else None
-        self._std = torch.tensor(LATENT_STD[self.kind]) if self._mean is not None else None
-        if self._mean is None:  # a non-released z_dim: identity normalization
-            self._mean, self._std = torch.zeros(self.z_dim), torch.ones(self.z_dim)
+        if self.z_dim == len(LATENT_MEAN[self.kind]):
+            mean, std = torch.tensor(LATENT_MEAN[self.kind]), torch.tensor(LATENT_STD[self.kind])
+        else:  # a non-released z_dim: identity normalization
+            mean, std = torch.zeros(self.z_dim), torch.ones(self.z_dim)
+        # The official wrappers keep ``scale = [mean, 1 / std]`` in float32 and multiply by the
+        # reciprocal (``WanVAE_.encode``) / divide by it (``decode``); the same here, bit for bit.
+        self._mean, self._inv_std = mean, 1.0 / std
 
     # -- placement ---------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        """Compute dtype of the weights (float32 as the official wrappers, or bfloat16)."""
         return next(self.model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
+        """Device of the weights."""
         return next(self.model.parameters()).device
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "WanVAE":
@@ -251,15 +256,16 @@ class WanVAE:
 
         Returns:
             ``[B, z_dim, n + 1, H / s, W / s]`` float32 on the model's device:
-            ``(mu - mean) / std``, ``mu`` the posterior mean.
+            ``(mu - mean) · (1 / std)``, ``mu`` the posterior mean (official
+            ``Wan2_1_VAE.encode`` / ``Wan2_2_VAE.encode``).
 
         Raises:
             ValueError: wrong shape, frame count or frame size (the message names the fix).
         """
         self.check_video(video)
         mu = self.model.encode_raw(video.to(self.device, self.dtype)).float()
-        mean, std = self._stats(mu.device)
-        return (mu - mean) / std
+        mean, inv_std = self._stats(mu.device)
+        return (mu - mean) * inv_std
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, tiling: Tiling | int | None = None) -> torch.Tensor:
@@ -271,21 +277,29 @@ class WanVAE:
                 ``None`` to use ``self.tiling``); frames smaller than a tile decode whole.
 
         Returns:
-            ``[B, 3, 1 + 4(T - 1), h·s, w·s]`` float32 in [-1, 1] on the model's device.
+            ``[B, 3, 1 + 4(T - 1), h·s, w·s]`` float32 in [-1, 1] on the model's device: the
+            model's decode of ``z / (1 / std) + mean``, clamped (official ``Wan2_1_VAE.decode`` /
+            ``Wan2_2_VAE.decode``).
+
+        Raises:
+            ValueError: ``z`` is not ``[B, z_dim, T, h, w]`` (latents of the other VAE are named);
+                a bad ``tiling`` layout (:meth:`Tiling.check`).
+            TypeError: ``tiling`` is neither ``None``, an int nor a :class:`Tiling`.
         """
         self._check_latents(z)
-        mean, std = self._stats(self.device)
-        raw = (z.to(self.device).float() * std + mean).to(self.dtype)
+        mean, inv_std = self._stats(self.device)
+        raw = (z.to(self.device).float() / inv_std + mean).to(self.dtype)
         tiling = as_tiling(tiling) if tiling is not None else self.tiling
         if tiling is None:
             out = self.model.decode_raw(raw).float()
         else:
-            out = tiled_decode(lambda t: self.model.decode_raw(t), raw, self.stride[1], tiling)
+            out = tiled_decode(self.model.decode_raw, raw, self.stride[1], tiling)
         return out.clamp_(-1.0, 1.0)
 
     def _stats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, 1 / std)`` as ``[1, z_dim, 1, 1, 1]`` float32 on ``device``."""
         shape = (1, self.z_dim, 1, 1, 1)
-        return self._mean.to(device).view(shape), self._std.to(device).view(shape)
+        return self._mean.to(device).view(shape), self._inv_std.to(device).view(shape)
 
 
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -92,17 +92,20 @@ def tiled_decode(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
         tiling: layout in pixels.
 
     Returns:
-        ``[B, 3, F, h·s, w·s]`` float32 on ``z``'s device.
+        ``[B, 3, F, h·s, w·s]`` float32 on the decoder's device.
+
+    Raises:
+        ValueError: a layout that does not fit the stride (:meth:`Tiling.check`).
     """
     s = spatial_stride
     tiling.check(s)
     t_lat, o_lat = tiling.tile // s, tiling.overlap // s
     h, w = z.shape[-2:]
     rows, cols = tile_starts(h, t_lat, o_lat), tile_starts(w, t_lat, o_lat)
+    th, tw = min(t_lat, h), min(t_lat, w)  # every tile has this size (the last ones end-aligned)
     out = wsum = None
     for r in rows:
         for c in cols:
-            th, tw = min(t_lat, h), min(t_lat, w)
             px = decode(z[..., r:r + th, c:c + tw]).float()
             wy = _axis_weight(r * s, th * s, h * s, tiling.overlap, tiling.margin)
             wx = _axis_weight(c * s, tw * s, w * s, tiling.overlap, tiling.margin)
