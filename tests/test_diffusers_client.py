@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (dev extra)")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers  # noqa: E402
+
+from dit_oracle import Float64Sinusoid, diffusers_transformer, random_dit_state_dict  # noqa: E402
 
 from wanlora.convert_lora import convert_lora_file  # noqa: E402
 from wanlora.io_utils import save_safetensors  # noqa: E402
@@ -36,21 +38,7 @@ SHAPES = {"ffn.0": (CFG.ffn_dim, CFG.dim), "ffn.2": (CFG.dim, CFG.ffn_dim)}
 
 
 def _base_state_dict(seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in WanDiT(CFG).state_dict().items()}
-    sd = {}
-    for k, shape in shapes.items():
-        r = torch.randn(shape, generator=g)
-        if k.endswith("modulation"):
-            sd[k] = 0.3 * r
-        elif len(shape) >= 2:
-            sd[k] = r / math.sqrt(math.prod(shape[1:]))
-        elif "norm" in k and k.endswith("weight"):
-            sd[k] = 1.0 + 0.2 * r
-        else:
-            sd[k] = 0.2 * r
-    return sd
+    return random_dit_state_dict(CFG, seed)
 
 
 def _lora(seed, rank, alpha, layers=BLOCK_LINEARS, blocks=range(CFG.num_layers)):
@@ -89,14 +77,7 @@ def files(tmp_path_factory):
 
 
 def _diffusers_transformer(official_sd):
-    m = WanTransformer3DModel(
-        patch_size=CFG.patch_size, num_attention_heads=CFG.num_heads, attention_head_dim=CFG.head_dim,
-        in_channels=CFG.in_channels, out_channels=CFG.out_channels, text_dim=CFG.text_dim,
-        freq_dim=CFG.freq_dim, ffn_dim=CFG.ffn_dim, num_layers=CFG.num_layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=CFG.eps,
-    )
-    m.load_state_dict(convert_wan_transformer_to_diffusers(dict(official_sd)), strict=True)
-    return m.eval()
+    return diffusers_transformer(CFG, official_sd, float64_sinusoid=False)
 
 
 def _pipeline(files):
@@ -106,20 +87,6 @@ def _pipeline(files):
         transformer_2=_diffusers_transformer(load_file(files[("base", "low_noise")])),
         boundary_ratio=0.875,
     )
-
-
-class _Float64Sinusoid(torch.nn.Module):
-    """The official float64 timestep sinusoid (``wan/modules/model.py: sinusoidal_embedding_1d``);
-    diffusers' float32 one moves outputs by ~1e-4 at t≈1000, far above the LoRA precision checked."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t):
-        half = self.dim // 2
-        a = t.double()[:, None] * 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
-        return torch.cat([a.cos(), a.sin()], 1).float()
 
 
 class _Records(logging.Handler):
@@ -174,7 +141,7 @@ def test_pipeline_loads_both_experts_and_fuses_to_our_merge(files, layout):
         # the fused diffusers model and our merged WanDiT give the same output
         ours = WanDiT(CFG)
         ours.load_state_dict(merged, strict=True)
-        model.condition_embedder.timesteps_proj = _Float64Sinusoid(CFG.freq_dim)
+        model.condition_embedder.timesteps_proj = Float64Sinusoid(CFG.freq_dim)
         g = torch.Generator().manual_seed(3)
         x = torch.randn(1, 16, 2, 4, 4, generator=g)
         ctx = torch.randn(1, 7, CFG.text_dim, generator=g)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from wanlora.models.dit import WanDiT, WanDiTConfig, apply_rope, rope_split, rope_tables
+from dit_oracle import diffusers_transformer, random_dit_state_dict
 
 torch.set_num_threads(1)
 
@@ -26,25 +27,6 @@ def _config(in_ch=16, out_ch=16, layers=2):
                         out_channels=out_ch, text_dim=TEXT_DIM)
 
 
-def random_state_dict(cfg: WanDiTConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every tensor random, in official key names, scaled to keep activations O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in WanDiT(cfg).state_dict().items()}
-    sd = {}
-    for k, shape in shapes.items():
-        r = torch.randn(shape, generator=g)
-        if k.endswith("modulation"):
-            sd[k] = 0.3 * r
-        elif len(shape) >= 2:
-            sd[k] = r / math.sqrt(math.prod(shape[1:]))
-        elif "norm" in k and k.endswith("weight"):
-            sd[k] = 1.0 + 0.2 * r
-        else:
-            sd[k] = 0.2 * r
-    return sd
-
-
 def _ours(cfg, sd):
     m = WanDiT(cfg)
     m.load_state_dict(sd, strict=True)
@@ -53,35 +35,7 @@ def _ours(cfg, sd):
 
 def _diffusers(cfg, sd):
     pytest.importorskip("diffusers")
-    from diffusers import WanTransformer3DModel
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
-    m = WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim,
-        freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps,
-    )
-    m.load_state_dict(convert_wan_transformer_to_diffusers(dict(sd)), strict=True)
-    m.condition_embedder.timesteps_proj = _Float64Sinusoid(cfg.freq_dim)
-    return m
-
-
-class _Float64Sinusoid(torch.nn.Module):
-    """The official timestep sinusoid (``model.py: sinusoidal_embedding_1d``: float64, cos first,
-    ``ω_i = 10000^(-i/half)``) for the oracle. diffusers' ``Timesteps`` computes the same formula
-    in float32, which at t≈1000 moves the angles by ~1e-4 and hides everything else below that
-    noise; ``test_diffusers_float32_sinusoid_is_the_only_difference`` measures it unpatched."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t):
-        half = self.dim // 2
-        omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
-        a = t.double()[:, None] * omega
-        return torch.cat([a.cos(), a.sin()], 1).float()
+    return diffusers_transformer(cfg, sd)
 
 
 def _rel(a, b):
@@ -105,7 +59,7 @@ GRAD_PARAMS = {
 
 def _parity(cfg, shape, timestep, y_channels=0, seed=0, float32_sinusoid=False, ctx_rows=7):
     """Forward + backward of both models on the same inputs; returns the relative errors."""
-    sd = random_state_dict(cfg, seed)
+    sd = random_dit_state_dict(cfg, seed)
     ours, ref = _ours(cfg, sd), _diffusers(cfg, sd)
     if float32_sinusoid:
         from diffusers.models.embeddings import Timesteps
@@ -183,7 +137,7 @@ def test_diffusers_float32_sinusoid_is_the_only_difference():
 
 def _tiny_model(seed=0, **kw):
     cfg = _config(**kw)
-    return _ours(cfg, random_state_dict(cfg, seed))
+    return _ours(cfg, random_dit_state_dict(cfg, seed))
 
 
 def _small_inputs(timestep: float):

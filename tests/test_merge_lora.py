@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dit_oracle import random_dit_state_dict
+
 from wanlora.io_utils import save_safetensors, write_json
 from wanlora.lora_formats import BLOCK_LINEARS, from_default, module_to_key
 from wanlora.lora_metadata import build_lora_metadata
@@ -25,15 +27,7 @@ CFG = WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=1
 
 
 def _base(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in WanDiT(CFG).state_dict().items()}
-    sd = {}
-    for k, shape in shapes.items():
-        r = torch.randn(shape, generator=g)
-        sd[k] = (r / math.sqrt(math.prod(shape[1:]))) if len(shape) >= 2 else (
-            1.0 + 0.2 * r if "norm" in k and k.endswith("weight") else 0.2 * r)
-    return sd
+    return random_dit_state_dict(CFG, seed)
 
 
 def _lora(seed, rank, alpha, dim=CFG.dim, ffn=CFG.ffn_dim):

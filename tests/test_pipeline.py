@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dit_oracle import diffusers_transformer
+
 from wanlora.pipeline import (
     GenerationRequest,
     WanPipeline,
@@ -160,36 +162,8 @@ def test_i2v_conditioning(tiny_dir):
 # --- end to end against diffusers ---------------------------------------------------------------
 
 
-class _Float64Sinusoid(torch.nn.Module):
-    """The official float64 timestep sinusoid (cos first) for diffusers' transformer (its own
-    float32 one moves the angles at t≈1000 by ~1e-4; see tests/test_dit.py)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t):
-        half = self.dim // 2
-        omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
-        a = t.double()[:, None] * omega
-        return torch.cat([a.cos(), a.sin()], 1).float()
-
-
 def _diffusers_transformer(dit):
-    from diffusers import WanTransformer3DModel
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
-    c = dit.config
-    m = WanTransformer3DModel(
-        patch_size=c.patch_size, num_attention_heads=c.num_heads, attention_head_dim=c.dim // c.num_heads,
-        in_channels=c.in_channels, out_channels=c.out_channels, text_dim=c.text_dim, freq_dim=c.freq_dim,
-        ffn_dim=c.ffn_dim, num_layers=c.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        eps=c.eps,
-    )
-    sd = {k: v.clone() for k, v in dit.state_dict().items()}
-    m.load_state_dict(convert_wan_transformer_to_diffusers(sd), strict=True)
-    m.condition_embedder.timesteps_proj = _Float64Sinusoid(c.freq_dim)
-    return m.eval()
+    return diffusers_transformer(dit.config, dit.state_dict())
 
 
 def _official_unipc(shift: float):

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["atomic_path", "save_safetensors", "write_json", "write_text"]
+__all__ = ["atomic_path", "save_safetensors", "save_torch_state_dict", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -62,6 +62,18 @@ def save_safetensors(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def save_torch_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a state dict as a ``.pth`` file (``torch.save``), atomically and reproducibly.
+
+    Saved through a file object, so the zip archive's inner name does not depend on the temporary
+    file's name and the same tensors always give the same bytes. Tensors are moved to the CPU and
+    made contiguous. Read back with ``torch.load(path, weights_only=True)``.
+    """
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(sd, f)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

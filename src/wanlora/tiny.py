@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from wanlora.io_utils import atomic_path, save_safetensors, write_json
+from wanlora.io_utils import atomic_path, save_safetensors, save_torch_state_dict, write_json
 from wanlora.models.text_encoder import T5_CHECKPOINT_NAME, TOKENIZER_NAME
 from wanlora.tasks import TASKS, get_task
 
@@ -287,13 +287,6 @@ def tiny_vae_state_dict(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
 # The set
 
 
-def _save_pth(sd: dict[str, torch.Tensor], path: Path) -> None:
-    # Through a file object: torch.save then names the zip's root "archive" instead of the
-    # temporary file's name, so the bytes are the same on every run.
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save({k: v.contiguous() for k, v in sd.items()}, f)
-
-
 def make_tiny(task: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
     """Write the tiny model set of ``task`` into ``out_dir`` and return its manifest.
 
@@ -323,10 +316,10 @@ def make_tiny(task: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
     tok_dir = out / TOKENIZER_DIR
     vocab = write_tokenizer(tok_dir)
     t5_path = out / T5_FILE
-    _save_pth(tiny_t5_state_dict(vocab, seed), t5_path)
+    save_torch_state_dict(tiny_t5_state_dict(vocab, seed), t5_path)
 
     vae_path = out / VAE_FILE[t.vae]
-    _save_pth(tiny_vae_state_dict(t.vae, seed), vae_path)
+    save_torch_state_dict(tiny_vae_state_dict(t.vae, seed), vae_path)
 
     files: dict[str, str] = {}
     flags: dict[str, str] = {"--task": task}

@@ -103,13 +103,9 @@ def build_vae(kind: str, dim: int | None = None, z_dim: int | None = None, dec_d
 def save_vae_pth(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model.state_dict()`` (official keys) as a ``.pth`` file, atomically, like the
     released ``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``."""
-    from ..io_utils import atomic_path
+    from ..io_utils import save_torch_state_dict
 
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    # through a file object, so the archive's inner name (and the bytes) do not depend on the
-    # temporary file name
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(sd, f)
+    save_torch_state_dict(model.state_dict(), path)
 
 
 def detect_vae_kind(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
