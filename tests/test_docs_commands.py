@@ -104,3 +104,11 @@ def test_documented_command_parses(doc, line, module, args):
         parser.parse_args(args)
     except SystemExit as e:
         pytest.fail(f"{doc}: this documented command does not parse (exit {e.code}):\n{line}")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_relative_links_resolve(doc):
+    text = doc.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    dead = [t for t in targets if "://" not in t and not (doc.parent / t).exists()]
+    assert not dead, f"{doc.relative_to(ROOT)} links to missing files: {dead}"
