@@ -57,6 +57,7 @@ T2V_BOTH_EXPERTS = Recipe(
         "--dit $MODELS/low_noise_model --dit_high_noise $MODELS/high_noise_model "
         "--dataset_config $WORK/dataset.toml --network_module networks.lora_wan "
         "--network_dim 8 --network_alpha 8 --learning_rate 2e-3 --max_train_steps 60 "
+        "--timestep_sampling shift --discrete_flow_shift 5 "
         "--save_every_n_steps 30 --output_dir $WORK/output --output_name mylora "
         "--logging_dir $WORK/logs --sample_prompts $WORK/prompts.txt --sample_every_n_steps 30 "
         f"--vae $MODELS/Wan2.1_VAE.pth {_T5} --seed 42",
