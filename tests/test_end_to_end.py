@@ -41,6 +41,14 @@ def _metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def _caches(work: Path) -> tuple[list[Path], list[Path]]:
+    """(latent caches, text caches) under ``work/cache``, told apart by their recorded format."""
+    files = sorted((work / "cache").rglob("*.safetensors"))
+    kinds = {f: _metadata(f).get("format", "") for f in files}
+    return ([f for f in files if kinds[f].startswith("wanlora.latent_cache")],
+            [f for f in files if kinds[f].startswith("wanlora.text_cache")])
+
+
 def _decode_mp4(path: Path) -> tuple[int, int, int, float]:
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
@@ -65,10 +73,12 @@ def test_t2v_a14b_both_experts_on_real_media(media_dir, tmp_path):
                   steps=4)
     run_recipe(T2V_BOTH_EXPERTS, {"MODELS": str(models), "WORK": str(work)})
 
-    # caches: one latent cache per clip window and image, one text cache per caption
-    latent_caches = list((work / "cache").rglob("*.safetensors"))
-    assert len([c for c in latent_caches if "video" in c.parts]) >= 4  # 2 clips x (latent + text)
-    assert len([c for c in latent_caches if "image" in c.parts]) >= 6  # 3 photos x 2
+    # caches: one latent cache per clip window and photo (head windows: one per clip), one text
+    # cache per caption
+    latents, texts = _caches(work)
+    assert len([c for c in latents if "video" in c.parts]) == 2
+    assert len([c for c in latents if "image" in c.parts]) == 3
+    assert len(texts) == 5
 
     # two LoRA files, one per expert, self-describing
     out = work / "output"
@@ -103,11 +113,14 @@ def test_i2v_a14b_one_expert_on_real_media(media_dir, tmp_path):
     Image.open(media_dir / "cat_sunglasses.jpg").resize((96, 128)).save(work / "first_frame.png")
     run_recipe(I2V_ONE_EXPERT, {"MODELS": str(models), "WORK": str(work)})
 
-    caches = [c for c in (work / "cache").rglob("*.safetensors")]
-    with safe_open(str(next(c for c in caches if "latent" in _metadata(c).get("kind", "latent"))),
-                   framework="pt") as f:
-        names = set(f.keys())
-    assert {"latents", "y"} <= names or "context" in names
+    # every latent cache carries the I2V conditioning: 4 mask + 16 image-latent channels
+    latents, texts = _caches(work)
+    assert len(latents) == 2 and len(texts) == 2
+    for cache in latents:
+        with safe_open(str(cache), framework="pt") as f:
+            x, y = f.get_tensor("latents"), f.get_tensor("y")
+        assert x.shape[0] == 16 and y.shape == (20, *x.shape[1:])
+        assert (y[:4, 0] == 1).all() and (y[:4, 1:] == 0).all()  # first latent frame is given
     meta = _metadata(work / "output" / "myi2v.safetensors")
     assert meta["wan.task"] == "i2v-A14B" and meta["wan.expert"] == "low_noise"
     (mp4,) = (work / "generated").glob("*.mp4")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -82,6 +83,11 @@ def render_demo_media(folder: Path, width: int = 96, height: int = 64, frames: i
     return folder
 
 
+def _toml_path(path: Path) -> str:
+    """``path`` as a TOML basic string (a JSON string is one: same quotes and escapes)."""
+    return json.dumps(Path(path).as_posix())
+
+
 def write_dataset_toml(work: Path, video_dir: Path | None, image_dir: Path | None,
                        resolution: tuple[int, int] = (64, 64), frames: int = 17) -> Path:
     """Write ``work/dataset.toml`` for a video and/or image folder (captions in ``.txt``).
@@ -102,8 +108,8 @@ def write_dataset_toml(work: Path, video_dir: Path | None, image_dir: Path | Non
     if video_dir is not None:
         lines += [
             "[[datasets]]",
-            f"video_directory = {str(video_dir)!r}".replace("'", '"'),
-            f'cache_directory = "{(work / "cache" / "video").as_posix()}"',
+            f"video_directory = {_toml_path(video_dir)}",
+            f"cache_directory = {_toml_path(work / 'cache' / 'video')}",
             f"target_frames = [{frames}]",
             'frame_extraction = "head"',
             "",
@@ -111,8 +117,8 @@ def write_dataset_toml(work: Path, video_dir: Path | None, image_dir: Path | Non
     if image_dir is not None:
         lines += [
             "[[datasets]]",
-            f"image_directory = {str(image_dir)!r}".replace("'", '"'),
-            f'cache_directory = "{(work / "cache" / "image").as_posix()}"',
+            f"image_directory = {_toml_path(image_dir)}",
+            f"cache_directory = {_toml_path(work / 'cache' / 'image')}",
             "",
         ]
     path = work / "dataset.toml"

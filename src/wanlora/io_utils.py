@@ -17,6 +17,15 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
+def _file_mode() -> int:
+    # os.umask can only be read by setting it; done once, at import, not per write (threads).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
 __all__ = ["atomic_path", "save_safetensors", "save_torch_state_dict", "write_json", "write_text"]
 
 
@@ -40,10 +49,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         # mkstemp (and some writers) create 0600; give the file the permissions a plain open()
-        # would have given it (0666 & ~umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        # would have given it.
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

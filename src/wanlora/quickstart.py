@@ -152,8 +152,9 @@ def expand(command: str, env: dict[str, str]) -> list[str]:
 def missing_blocks(path: Path) -> list[str]:
     """Names of the recipes documented in ``path`` whose rendered block it does not contain."""
     text = path.read_text(encoding="utf-8")
-    rel = path.name if path.name == "README.md" else f"docs/{path.name}"
-    return [r.name for r in RECIPES.values() if r.doc == rel and render_block(r) not in text]
+    here = path.resolve().as_posix()
+    return [r.name for r in RECIPES.values()
+            if here.endswith("/" + r.doc) and render_block(r) not in text]
 
 
 def sync_docs(root: Path) -> list[Path]:
