@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
-	$(PY) -m wanlora.demo $(if $(DATA),--data "$(DATA)") $(if $(WORK),--work "$(WORK)")
+	$(PY) -m wanlora.tools.demo $(if $(DATA),--data "$(DATA)") $(if $(WORK),--work "$(WORK)")
 
 clean-venv:
 	rm -rf $(VENV)

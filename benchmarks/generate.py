@@ -2,8 +2,8 @@
 against two separate forwards.
 
 Random-weight DiTs at a preset size (``--dim``); the numbers measure compute and memory, not
-quality. One "step" is what :meth:`wanlora.pipeline.WanPipeline.denoise` does per timestep: the
-guided velocity (:func:`wanlora.sampling.guided_velocity`) and one UniPC update. Peak memory is
+quality. One "step" is what :meth:`wanlora.inference.pipeline.WanPipeline.denoise` does per timestep: the
+guided velocity (:func:`wanlora.inference.sampling.guided_velocity`) and one UniPC update. Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA and, on CPU, the peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs`` before each mode) minus the RSS before the mode.
 
@@ -21,7 +21,7 @@ import time
 import torch
 
 from wanlora.models.dit import WanDiT, WanDiTConfig
-from wanlora.sampling import UniPCSolver, guided_velocity, make_schedule
+from wanlora.inference.sampling import UniPCSolver, guided_velocity, make_schedule
 
 PRESETS = {  # dim, ffn_dim, heads, layers, text_dim
     "tiny": (64, 128, 2, 2, 32),

@@ -5,7 +5,7 @@ same random-weight DiT and the same batch:
 
 * **bare** — a hand-written step: draw noise and timestep, ``x_t``, forward, MSE to
   ``noise - x0``, backward, ``AdamW.step()``, ``zero_grad()``; nothing else;
-* **trainer** — :func:`wanlora.trainer.train` (Accelerate, expert plan, data loader, timestep
+* **trainer** — :func:`wanlora.training.trainer.train` (Accelerate, expert plan, data loader, timestep
   sampler, grad-norm clipping, logging bookkeeping, progress bar), timed between its per-step
   hook calls.
 
@@ -71,7 +71,7 @@ def _peak_bytes() -> int:
 def run_bare(a) -> dict:
     import torch
 
-    from wanlora import flow
+    from wanlora.training import flow
     from wanlora.networks.lora_wan import create_network
 
     dev = _device()
@@ -113,8 +113,8 @@ def run_trainer(a) -> dict:
 
     import torch
 
-    from wanlora.train_args import parse_args
-    from wanlora.trainer import train
+    from wanlora.commands.train_args import parse_args
+    from wanlora.training.trainer import train
 
     batch = _batch(a)
 

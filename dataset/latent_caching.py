@@ -35,7 +35,7 @@ __all__ = [
     "decode_item", "i2v_mask", "i2v_condition", "frames_to_video",
 ]
 
-log = logging.getLogger("wanlora.cache_latents")
+log = logging.getLogger("wanlora.commands.cache_latents")
 
 
 @dataclass

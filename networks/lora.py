@@ -594,7 +594,7 @@ def _preview(items: list[str], n: int = 8) -> str:
 def read_lora_weights(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a LoRA file as ``(state_dict in the default lora_unet_* layout, metadata)``.
 
-    Uses :func:`wanlora.lora_formats.load_lora_file` (every layout: default, ComfyUI
+    Uses :func:`wanlora.lora.layouts.load_lora_file` (every layout: default, ComfyUI
     ``diffusion_model.*`` lora_A/B, diffusers-native) when available, else reads a default-layout
     ``.safetensors`` file directly.
 
@@ -605,7 +605,7 @@ def read_lora_weights(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if not file.exists():
         raise FileNotFoundError(f"LoRA file {file} does not exist; check --network_weights / --lora_weight")
     try:
-        from wanlora.lora_formats import load_lora_file
+        from wanlora.lora.layouts import load_lora_file
     except ImportError:
         load_lora_file = None
     if load_lora_file is not None:

@@ -203,7 +203,7 @@ def create_network_from_weights(
 
     Args:
         multiplier: strength.
-        file: LoRA file in any layout (read through ``wanlora.lora_formats``); ignored when
+        file: LoRA file in any layout (read through ``wanlora.lora.layouts``); ignored when
             ``weights_sd`` is given.
         unet: the DiT. Any ``nn.Linear`` of it named in the weights is adapted (not only the
             block layers), so files from other trainers load.

@@ -29,7 +29,7 @@ def tiny_dir(tmp_path_factory):
 
     def make(task: str) -> Path:
         if task not in made:
-            from wanlora.tiny import make_tiny
+            from wanlora.tools.tiny import make_tiny
 
             out = tmp_path_factory.mktemp(f"tiny-{task}")
             make_tiny(task, out)

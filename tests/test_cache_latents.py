@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wanlora.cache_latents import main
+from wanlora.commands.cache_latents import main
 from wanlora.dataset import caches as C
 from wanlora.dataset.config import load_dataset_config
 from wanlora.dataset.frames import resample_indices

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wanlora.cache_text import main
+from wanlora.commands.cache_text import main
 from wanlora.dataset.config import load_dataset_config
 from wanlora.dataset.text_caching import cache_text
 

@@ -10,7 +10,7 @@
 * Every ``configs/dataset_*.toml`` validates with ``load_dataset_config`` for each task its
   ``# tasks:`` line names, without any value being rounded; with the real media of
   ``../shared/media`` in its folders every item plans its frame windows without failure.
-* The sample prompt files parse with ``wanlora.prompts.read_prompt_file``.
+* The sample prompt files parse with ``wanlora.inference.prompts.read_prompt_file``.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import torch
 
 from wanlora.dataset import DatasetConfigError, DatasetConfigWarning, load_dataset_config
 from wanlora.dataset.latent_caching import plan_latent_caches
-from wanlora.experts import boundary_timestep, expert_from_path, normalize_expert, plan_experts
-from wanlora.flow import WEIGHTING_SCHEMES, TimestepSampler
+from wanlora.training.experts import boundary_timestep, expert_from_path, normalize_expert, plan_experts
+from wanlora.training.flow import WEIGHTING_SCHEMES, TimestepSampler
 from wanlora.models.attention import ATTN_MODES
-from wanlora.optim import SCHEDULERS, build_optimizer, parse_kv_args
-from wanlora.prompts import read_prompt_file
+from wanlora.training.optim import SCHEDULERS, build_optimizer, parse_kv_args
+from wanlora.inference.prompts import read_prompt_file
 from wanlora.tasks import EXPERTS, TASKS, get_task
-from wanlora.train_args import ConfigFileError, build_parser, load_config_file, parse_args
+from wanlora.commands.train_args import ConfigFileError, build_parser, load_config_file, parse_args
 from wanlora.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from wanlora.convert_lora import main, plan_outputs
+from wanlora.commands.convert_lora import main, plan_outputs
 from wanlora.io_utils import save_safetensors
-from wanlora.lora_formats import delta_weights, detect_layout, from_default, load_lora_file
-from wanlora.lora_metadata import build_lora_metadata
+from wanlora.lora.layouts import delta_weights, detect_layout, from_default, load_lora_file
+from wanlora.lora.metadata import build_lora_metadata
 
 from test_lora_formats import assert_same_deltas, make_lora
 

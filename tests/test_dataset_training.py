@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from wanlora.cache_latents import main as cache_latents_main
-from wanlora.cache_text import main as cache_text_main
+from wanlora.commands.cache_latents import main as cache_latents_main
+from wanlora.commands.cache_text import main as cache_text_main
 from wanlora.dataset import MissingCachesError, TrainingDataset
 
 torch.set_num_threads(1)

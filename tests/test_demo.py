@@ -9,7 +9,7 @@ import av
 from PIL import Image
 
 from wanlora.dataset import load_dataset_config
-from wanlora.demo import plot_losses, render_demo_media, write_dataset_toml
+from wanlora.tools.demo import plot_losses, render_demo_media, write_dataset_toml
 
 
 def test_rendered_dataset_validates_even_under_an_awkward_path(tmp_path):

@@ -20,20 +20,20 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # console script / module -> module holding build_parser()
 COMMANDS = {
-    "wanlora-cache-latents": "wanlora.cache_latents",
-    "wanlora-cache-text": "wanlora.cache_text",
-    "wanlora-train": "wanlora.train_args",
-    "wanlora-generate": "wanlora.generate",
-    "wanlora-convert-lora": "wanlora.convert_lora",
-    "wanlora-merge-lora": "wanlora.merge_lora",
+    "wanlora-cache-latents": "wanlora.commands.cache_latents",
+    "wanlora-cache-text": "wanlora.commands.cache_text",
+    "wanlora-train": "wanlora.commands.train_args",
+    "wanlora-generate": "wanlora.commands.generate",
+    "wanlora-convert-lora": "wanlora.commands.convert_lora",
+    "wanlora-merge-lora": "wanlora.commands.merge_lora",
 }
 MODULES = {
-    "wanlora.cache_latents": "wanlora.cache_latents",
-    "wanlora.cache_text": "wanlora.cache_text",
-    "wanlora.train": "wanlora.train_args",
-    "wanlora.generate": "wanlora.generate",
-    "wanlora.convert_lora": "wanlora.convert_lora",
-    "wanlora.merge_lora": "wanlora.merge_lora",
+    "wanlora.commands.cache_latents": "wanlora.commands.cache_latents",
+    "wanlora.commands.cache_text": "wanlora.commands.cache_text",
+    "wanlora.train": "wanlora.commands.train_args",
+    "wanlora.commands.generate": "wanlora.commands.generate",
+    "wanlora.commands.convert_lora": "wanlora.commands.convert_lora",
+    "wanlora.commands.merge_lora": "wanlora.commands.merge_lora",
 }
 
 
@@ -87,7 +87,7 @@ CASES = collected()
 
 def test_docs_show_commands():
     assert len(CASES) >= 10, "the guide should show the commands it documents"
-    assert {c[2] for c in CASES} >= set(COMMANDS.values()) - {"wanlora.merge_lora"}
+    assert {c[2] for c in CASES} >= set(COMMANDS.values()) - {"wanlora.commands.merge_lora"}
 
 
 @pytest.mark.parametrize("doc, line, module, args", CASES,

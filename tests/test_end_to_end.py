@@ -1,6 +1,6 @@
 """The whole job as the README shows it, on real clips and photos from ../shared/media.
 
-The commands come from :mod:`wanlora.quickstart` — the same recipes the README and the training
+The commands come from :mod:`wanlora.tools.quickstart` — the same recipes the README and the training
 guide are generated from (``test_docs_show_the_tested_commands`` keeps them in step) and that
 ``make demo`` runs. Each command runs as a subprocess, exactly as a user types it.
 """
@@ -15,8 +15,8 @@ import av
 import pytest
 from safetensors import safe_open
 
-from wanlora.demo import run_recipe, write_dataset_toml, write_prompts
-from wanlora.quickstart import I2V_ONE_EXPERT, RECIPES, T2V_BOTH_EXPERTS, missing_blocks
+from wanlora.tools.demo import run_recipe, write_dataset_toml, write_prompts
+from wanlora.tools.quickstart import I2V_ONE_EXPERT, RECIPES, T2V_BOTH_EXPERTS, missing_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_docs_show_the_tested_commands():
     for doc in {r.doc for r in RECIPES.values()}:
         assert missing_blocks(ROOT / doc) == [], (
             f"{doc} no longer shows the tested commands; paste the output of "
-            "`python -m wanlora.quickstart --sync .`")
+            "`python -m wanlora.tools.quickstart --sync .`")
 
 
 @pytest.mark.slow

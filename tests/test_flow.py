@@ -1,4 +1,4 @@
-"""Flow matching (wanlora.flow): the x_t / target / timestep relation and the timestep laws.
+"""Flow matching (wanlora.training.flow): the x_t / target / timestep relation and the timestep laws.
 
 Every law is checked against an independent construction: scipy's analytic CDF written here
 from the definitions, and the forward recipe (sigmoid of a scaled normal, then the shift) that
@@ -17,7 +17,7 @@ import torch
 
 stats = pytest.importorskip("scipy.stats")
 
-from wanlora.flow import (  # noqa: E402
+from wanlora.training.flow import (  # noqa: E402
     TimestepSampler,
     add_noise,
     flow_target,
@@ -227,7 +227,7 @@ def test_plot_timestep_distribution(tmp_path, monkeypatch):
     p = plot_timestep_distribution(s, tmp_path / "u.png", n=2000)
     assert p.stat().st_size > 1000
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match="pip install matplotlib"):  # printed in one line by wanlora.cli
+    with pytest.raises(ImportError, match="pip install matplotlib"):  # printed in one line by wanlora.commands.cli
         plot_timestep_distribution(s, tmp_path / "v.png", n=10)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from wanlora.generate import main, parse_args
+from wanlora.commands.generate import main, parse_args
 from wanlora.io_utils import save_safetensors
 
 torch.set_num_threads(1)
@@ -60,8 +60,8 @@ def test_aliases_and_errors():
     assert a.video_size == [480, 832] and a.video_length == 9 and a.infer_steps == 7
     assert a.guidance_scale == 2.5 and a.flow_shift == 3.0
     assert parse_args(base + ["--image", "x.png", "--base_seed", "4"]).image_path == "x.png"
-    from wanlora.generate import _requests
-    from wanlora.prompts import PromptSpec
+    from wanlora.commands.generate import _requests
+    from wanlora.inference.prompts import PromptSpec
 
     seeded = parse_args(base + ["--base_seed", "-1"])  # the official default: a random seed
     reqs = _requests(seeded, [PromptSpec("a"), PromptSpec("b", seed=5), PromptSpec("c", seed=-1)])
@@ -133,13 +133,13 @@ def test_from_file_latent_and_image_outputs(tiny_dir, tmp_path, capsys, monkeypa
     assert main(flags + ["--from_file", str(bad), "--save_path", str(out)]) == 2  # before any model loads
     assert f"wanlora-generate: error: {bad}:2: unknown inline option --zz" in capsys.readouterr().err
     bad.write_text("ok\nno image --i missing.png\n", encoding="utf-8")
-    monkeypatch.setattr("wanlora.generate.load_models", lambda *a: pytest.fail("loaded models first"))
+    monkeypatch.setattr("wanlora.commands.generate.load_models", lambda *a: pytest.fail("loaded models first"))
     assert main(flags + ["--from_file", str(bad), "--save_path", str(out)]) == 2  # images read before models
     assert "missing.png: file not found" in capsys.readouterr().err
 
 
 def test_lora_metadata_routes_expert(tiny_dir, tmp_path, caplog):
-    from wanlora.lora_apply import filter_lora_state_dict, plan_loras
+    from wanlora.lora.apply import filter_lora_state_dict, plan_loras
     from wanlora.models import load_dit
     from wanlora.tasks import get_task
 
@@ -164,7 +164,7 @@ def test_lora_metadata_routes_expert(tiny_dir, tmp_path, caplog):
 
 def test_training_sampler_files_rng_and_modes(tiny_dir, tmp_path):
     from wanlora.models import load_dit
-    from wanlora.training_sampler import TrainingSampler
+    from wanlora.training.training_sampler import TrainingSampler
 
     task = "t2v-A14B"
     flags = json.loads((tiny_dir(task) / "manifest.json").read_text())["flags"]

@@ -12,7 +12,7 @@ import sys
 
 def test_interactive_session(tiny_dir, tmp_path):
     flags = json.loads((tiny_dir("t2v-1.3B") / "manifest.json").read_text())["flags"]
-    argv = [sys.executable, "-m", "wanlora.generate", "--interactive", "--save_path", str(tmp_path),
+    argv = [sys.executable, "-m", "wanlora.commands.generate", "--interactive", "--save_path", str(tmp_path),
             "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2", "--seed", "3"]
     for k, v in flags.items():
         argv += [k, v]

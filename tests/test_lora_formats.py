@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wanlora.lora_formats import (
+from wanlora.lora.layouts import (
     BLOCK_LINEARS,
     LoraFormatError,
     delta_weights,
@@ -21,7 +21,7 @@ from wanlora.lora_formats import (
     to_default,
     wan_to_diffusers_path,
 )
-from wanlora.lora_metadata import (
+from wanlora.lora.metadata import (
     build_lora_metadata,
     check_lora_for_task,
     coverage_warnings,
@@ -250,7 +250,7 @@ def test_expert_file_names(tmp_path):
 
 def test_checkpoint_quick_hash_identifies_the_weights(tmp_path):
     from wanlora.io_utils import save_safetensors
-    from wanlora.lora_metadata import checkpoint_quick_hash
+    from wanlora.lora.metadata import checkpoint_quick_hash
 
     save_safetensors({"a": torch.zeros(4, 4)}, tmp_path / "a.safetensors")
     save_safetensors({"a": torch.zeros(4, 4)}, tmp_path / "b.safetensors")

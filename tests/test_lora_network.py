@@ -264,7 +264,7 @@ def test_create_network_from_weights_reads_rank_and_alpha(model, x, tmp_path):
 
 
 def test_loads_comfy_layout_through_lora_formats(model, x, tmp_path):
-    lf = pytest.importorskip("wanlora.lora_formats")
+    lf = pytest.importorskip("wanlora.lora.layouts")
     net = _net(model, dim=4, alpha=2.0)
     _randomize_up(net)
     out = model(x)

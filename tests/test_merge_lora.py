@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from dit_oracle import random_dit_state_dict
 
 from wanlora.io_utils import save_safetensors, write_json
-from wanlora.lora_formats import BLOCK_LINEARS, from_default, module_to_key
-from wanlora.lora_metadata import build_lora_metadata
-from wanlora.merge_lora import dit_expert_from_path, main, merge_loras
+from wanlora.lora.layouts import BLOCK_LINEARS, from_default, module_to_key
+from wanlora.lora.metadata import build_lora_metadata
+from wanlora.commands.merge_lora import dit_expert_from_path, main, merge_loras
 from wanlora.models.dit import WanDiT, WanDiTConfig
-from wanlora.safetensors_stream import SafetensorsStreamWriter
+from wanlora.models.safetensors_stream import SafetensorsStreamWriter
 
 CFG = WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=16, out_channels=16,
                    text_dim=32)
@@ -200,7 +200,7 @@ _MEASURE = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     import psutil
-    from wanlora.merge_lora import merge_loras
+    from wanlora.commands.merge_lora import merge_loras
 
     def peak():
         # VmHWM: this process's own high-water RSS (ru_maxrss would include the forking parent's RSS)
@@ -254,7 +254,7 @@ def test_tiny_a14b_expert_merge_end_to_end(tiny_dir, tmp_path):
     """Training's network saves a high-noise LoRA; the merge into the tiny official high_noise_model
     shards loads with load_dit and equals the network applied dynamically; the low-noise expert
     refuses it."""
-    pytest.importorskip("wanlora.tiny")
+    pytest.importorskip("wanlora.tools.tiny")
     lora_wan = pytest.importorskip("wanlora.networks.lora_wan")
     from wanlora.models import load_dit
 

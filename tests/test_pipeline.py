@@ -12,7 +12,7 @@ from PIL import Image
 
 from dit_oracle import diffusers_transformer
 
-from wanlora.pipeline import (
+from wanlora.inference.pipeline import (
     GenerationRequest,
     WanPipeline,
     best_output_size,
@@ -21,7 +21,7 @@ from wanlora.pipeline import (
     initial_noise,
     ti2v_image,
 )
-from wanlora.sampling import make_schedule
+from wanlora.inference.sampling import make_schedule
 
 torch.set_num_threads(1)
 
@@ -257,7 +257,7 @@ def test_i2v_a14b_matches_diffusers_i2v_pipeline(tiny_dir):
     from diffusers import WanImageToVideoPipeline
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    from wanlora.pipeline import i2v_image
+    from wanlora.inference.pipeline import i2v_image
 
     dits, vae, _ = _tiny_models(tiny_dir, "i2v-A14B")
     steps, shift, frames = 6, 5.0, 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wanlora.prompts import PromptFileError, PromptSpec, parse_prompt_line, read_prompt_file
+from wanlora.inference.prompts import PromptFileError, PromptSpec, parse_prompt_line, read_prompt_file
 
 
 def test_inline_options(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from wanlora.sampling import (
+from wanlora.inference.sampling import (
     CFG_SKIP_MODES,
     DPMPP2MSolver,
     EulerSolver,

@@ -19,7 +19,7 @@ from wanlora.models.text_encoder import (  # noqa: E402
     clean_text,
     load_tokenizer,
 )
-from wanlora.tiny import write_tokenizer  # noqa: E402
+from wanlora.tools.tiny import write_tokenizer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

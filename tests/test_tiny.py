@@ -15,7 +15,7 @@ from safetensors import safe_open
 import wanlora.models.loading as loading
 from wanlora.models.loading import load_state_dict, read_config_json
 from wanlora.tasks import TASKS, get_task
-from wanlora.tiny import TINY_DIT, TINY_T5, main, make_tiny
+from wanlora.tools.tiny import TINY_DIT, TINY_T5, main, make_tiny
 
 torch.set_num_threads(1)
 

@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wanlora import flow
-from wanlora.experts import ExpertSchedule
-from wanlora.train_args import parse_args
-from wanlora.trainer import NonFiniteLossError, flow_matching_loss, train
+from wanlora.training import flow
+from wanlora.training.experts import ExpertSchedule
+from wanlora.commands.train_args import parse_args
+from wanlora.training.trainer import NonFiniteLossError, flow_matching_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +36,8 @@ def _one_thread_and_fresh_accelerate():
 def _make_caches(task: str, models: Path, work: Path, media_dir: Path, images: bool = True) -> Path:
     """Copy the real clips (and photos) with captions, write dataset.toml (64x64, 17 frames),
     and run the two caching commands with the tiny models. Returns the dataset TOML."""
-    from wanlora import cache_latents, cache_text
-    from wanlora.demo import write_dataset_toml
+    from wanlora.commands import cache_latents, cache_text
+    from wanlora.tools.demo import write_dataset_toml
 
     vids, imgs = work / "data" / "videos", work / "data" / "images"
     vids.mkdir(parents=True)
@@ -262,8 +262,8 @@ _DDP_SCRIPT = r"""
 import json, sys, torch
 import torch.distributed as dist
 torch.set_num_threads(1)
-from wanlora.train_args import parse_args
-from wanlora.trainer import train
+from wanlora.commands.train_args import parse_args
+from wanlora.training.trainer import train
 out, argv = sys.argv[1], sys.argv[2:]
 rec = []
 def probe(step, epoch, networks):
@@ -341,7 +341,7 @@ def test_flux_shift_trains_both_experts(tiny_dir, tmp_path):
 
 
 def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
-    from wanlora.optim import build_optimizer
+    from wanlora.training.optim import build_optimizer
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ImportError, match="pip install"):

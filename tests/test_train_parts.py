@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from wanlora import flow
-from wanlora.experts import (
+from wanlora.training import flow
+from wanlora.training.experts import (
     ExpertSchedule,
     ExpertWeights,
     boundary_timestep,
     expert_from_path,
     plan_experts,
 )
-from wanlora.optim import build_lr_scheduler, build_optimizer, lr_lambda, parse_kv_args
+from wanlora.training.optim import build_lr_scheduler, build_optimizer, lr_lambda, parse_kv_args
 from wanlora.tasks import get_task
-from wanlora.train_args import ConfigFileError, parse_args
-from wanlora.trainer import flow_matching_loss
+from wanlora.commands.train_args import ConfigFileError, parse_args
+from wanlora.training.trainer import flow_matching_loss
 
 BASE = ["--task", "t2v-A14B", "--dit", "d", "--dataset_config", "ds.toml", "--output_dir", "out"]
 
@@ -142,7 +142,7 @@ def test_expert_schedule_matches_the_timestep_law():
 def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
     """flux_shift: P(high) comes from each step's latent size; a --min/--max_timestep range on one
     side of the boundary is refused for two LoRAs (one would never train), a warning when shared."""
-    from wanlora.trainer import _expert_of_step, _expert_schedule
+    from wanlora.training.trainer import _expert_of_step, _expert_schedule
 
     t2v = get_task("t2v-A14B")
     sep = plan_experts(t2v, "LOW", "HIGH")
@@ -176,7 +176,7 @@ def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
 def test_state_folder_waits_for_every_process_before_the_rename(tmp_path):
     """accelerate's save_state has no barrier at its end: the other processes may still be writing
     their RNG files into the temporary folder, so it is renamed only after a barrier."""
-    from wanlora.trainer import TrainState, _atomic_state_dir
+    from wanlora.training.trainer import TrainState, _atomic_state_dir
 
     calls = []
 
@@ -247,7 +247,7 @@ def test_flow_matching_loss_relation_and_ti2v_first_frame():
 
 
 def test_main_reports_user_errors_without_traceback(tmp_path, capsys, monkeypatch):
-    from wanlora.train import main
+    from wanlora.commands.train import main
 
     monkeypatch.delenv("WANLORA_TRACEBACK", raising=False)
     cfg = tmp_path / "train.toml"
@@ -265,7 +265,7 @@ def test_main_reports_user_errors_without_traceback(tmp_path, capsys, monkeypatc
 
 
 def test_show_timesteps_prints_each_experts_share(capsys):
-    from wanlora.train import main
+    from wanlora.commands.train import main
 
     assert main(["--task", "t2v-A14B", "--dit", "LOW", "--dit_high_noise", "HIGH", "--show_timesteps", "console",
                  "--timestep_sampling", "shift", "--discrete_flow_shift", "5"]) == 0
@@ -274,7 +274,7 @@ def test_show_timesteps_prints_each_experts_share(capsys):
 
 
 def test_show_timesteps_refuses_flux_shift_with_the_reason(capsys):
-    from wanlora.train import main
+    from wanlora.commands.train import main
 
     assert main(["--task", "t2v-A14B", "--dit", "LOW", "--dit_high_noise", "HIGH", "--show_timesteps", "console",
                  "--timestep_sampling", "flux_shift"]) == 2
@@ -289,7 +289,7 @@ def test_partial_lora_warned_once_and_clip_modules_refused(caplog):
     built; Wan2.1-I2V-only modules (k_img) are refused for a Wan2.2 task."""
     from wanlora.models.dit import WanDiT, WanDiTConfig
     from wanlora.networks import lora_wan
-    from wanlora.trainer import _check_lora_modules
+    from wanlora.training.trainer import _check_lora_modules
 
     torch.manual_seed(0)
     dit = WanDiT(WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=16, out_channels=16,
@@ -298,12 +298,12 @@ def test_partial_lora_warned_once_and_clip_modules_refused(caplog):
     full = lora_wan.create_network(1.0, 4, 4, None, None, dit)
     assert _check_lora_modules(full, task, 2) == []
     part = lora_wan.create_network(1.0, 4, 4, None, None, dit, exclude_patterns="['.*ffn.*']")
-    with caplog.at_level("WARNING", logger="wanlora.trainer"):
+    with caplog.at_level("WARNING", logger="wanlora.training.trainer"):
         found = _check_lora_modules(part, task, 2, "high_noise")
     assert len(found) == 1 and "layers missing in 2 block(s): ffn.0, ffn.2" in found[0]
     assert "LoRA high_noise: " in caplog.text and "diffusers' loader refuses" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="wanlora.trainer"):
+    with caplog.at_level("WARNING", logger="wanlora.training.trainer"):
         _check_lora_modules(part, task, 2, warn=False)  # other processes: no duplicate warning
     assert caplog.text == ""
 

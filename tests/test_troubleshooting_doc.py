@@ -102,14 +102,14 @@ def _missing_caches(tmp, tiny_dir):
 
 
 def _video_length(tmp, tiny_dir):
-    from wanlora.pipeline import check_video_size
+    from wanlora.inference.pipeline import check_video_size
     from wanlora.tasks import get_task
 
     return error_of(lambda: check_video_size(get_task("t2v-A14B"), 480, 832, 80))
 
 
 def _prompt_unknown_option(tmp, tiny_dir):
-    from wanlora.prompts import PromptFileError, read_prompt_file
+    from wanlora.inference.prompts import PromptFileError, read_prompt_file
 
     prompts = tmp / "prompts.txt"
     write_text(prompts, "# samples\na cat on a sofa --w 832 --x 3\n")
@@ -120,7 +120,7 @@ def _prompt_unknown_option(tmp, tiny_dir):
 
 
 def _loha(tmp, tiny_dir):
-    from wanlora.lora_formats import LoraFormatError, load_lora_file
+    from wanlora.lora.layouts import LoraFormatError, load_lora_file
 
     name = "lora_unet_blocks_0_self_attn_q"
     path = tmp / "style_loha.safetensors"
@@ -133,7 +133,7 @@ def _loha(tmp, tiny_dir):
 
 
 def _merge_wrong_expert(tmp, tiny_dir):
-    from wanlora.merge_lora import MergeError, merge_loras
+    from wanlora.commands.merge_lora import MergeError, merge_loras
 
     dit = tiny_dir("t2v-A14B") / "low_noise_model"
     lora = tmp / "style_high_noise.safetensors"

@@ -282,7 +282,7 @@ def _plain_readers(path, stack: contextlib.ExitStack) -> dict[str, tuple]:
     Raises:
         CheckpointError: a safetensors file whose header or length is damaged.
     """
-    from wanlora.safetensors_stream import SafetensorsReader
+    from wanlora.models.safetensors_stream import SafetensorsReader
 
     entries: dict[str, tuple] = {}
     for f in checkpoint_files(path):

@@ -23,10 +23,10 @@ import os
 import torch
 from torch import nn
 
-from .loading import CheckpointError, load_state_dict
-from .vae2_1 import WanVAE21Model
-from .vae2_2 import WanVAE22Model
-from .vae_tiling import Tiling, as_tiling, tiled_decode
+from wanlora.models.loading import CheckpointError, load_state_dict
+from wanlora.models.vae2_1 import WanVAE21Model
+from wanlora.models.vae2_2 import WanVAE22Model
+from wanlora.models.vae_tiling import Tiling, as_tiling, tiled_decode
 
 __all__ = [
     "WanVAE",
@@ -103,7 +103,7 @@ def build_vae(kind: str, dim: int | None = None, z_dim: int | None = None, dec_d
 def save_vae_pth(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model.state_dict()`` (official keys) as a ``.pth`` file, atomically, like the
     released ``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``."""
-    from ..io_utils import save_torch_state_dict
+    from wanlora.io_utils import save_torch_state_dict
 
     save_torch_state_dict(model.state_dict(), path)
 

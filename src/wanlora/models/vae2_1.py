@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .vae_blocks import CausalConv3d, Decoder3d, Encoder3d, Resample, ResidualBlock, StreamingVAE
+from wanlora.models.vae_blocks import CausalConv3d, Decoder3d, Encoder3d, Resample, ResidualBlock, StreamingVAE
 
 __all__ = ["WanVAE21Model"]
 

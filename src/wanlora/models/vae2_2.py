@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .vae_blocks import (
+from wanlora.models.vae_blocks import (
     AvgDown3D,
     CausalConv3d,
     Decoder3d,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .tasks import task_names
+from wanlora.tasks import task_names
 
 __all__ = ["build_parser", "parse_args", "load_config_file", "ConfigFileError"]
 

@@ -34,8 +34,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lora_formats import BLOCK_LINEARS, WAN21_I2V_LINEARS, lora_modules
-from .tasks import Task, get_task
+from wanlora.lora.layouts import BLOCK_LINEARS, WAN21_I2V_LINEARS, lora_modules
+from wanlora.tasks import Task, get_task
 
 __all__ = [
     "EXPERT_CHOICES",
@@ -356,7 +356,7 @@ def checkpoint_quick_hash(path: str | os.PathLike, sample_bytes: int = 1 << 20) 
     the file (that would read 28 GB); it changes when the weights file changes in practice.
     Returned as ``"quick-sha256:<first 16 hex digits>"``.
     """
-    from .models.loading import checkpoint_files
+    from wanlora.models.loading import checkpoint_files
 
     h = hashlib.sha256()
     for f in checkpoint_files(path):

@@ -31,9 +31,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .pipeline import GenerationRequest, WanPipeline, module_device
-from .prompts import PromptSpec, read_prompt_file
-from .tasks import get_task
+from wanlora.inference.pipeline import GenerationRequest, WanPipeline, module_device
+from wanlora.inference.prompts import PromptSpec, read_prompt_file
+from wanlora.tasks import get_task
 
 __all__ = ["TrainingSampler", "Sample", "preserve_rng_state"]
 
@@ -81,7 +81,7 @@ class TrainingSampler:
 
     Args:
         task: ``--task``.
-        sample_prompts: prompt file (same format as ``--from_file``, :mod:`wanlora.prompts`).
+        sample_prompts: prompt file (same format as ``--from_file``, :mod:`wanlora.inference.prompts`).
         vae_path, t5_path, t5_tokenizer: ``--vae``, ``--t5``, ``--t5_tokenizer``.
         output_dir, output_name: files go to ``output_dir/sample/{output_name}_{step:06d}_{index:02d}_{seed}.mp4``.
         device: where sampling runs (default: CUDA when available).
@@ -89,7 +89,7 @@ class TrainingSampler:
             defaults for prompts without ``--w --h --f --s --d --g --fs`` (``None``: the task's
             value; size 256x256, 17 frames and 20 steps keep samples cheap).
         negative_prompt: default negative prompt (``None``: the task's official one).
-        solver, cfg_batched: see :mod:`wanlora.sampling`.
+        solver, cfg_batched: see :mod:`wanlora.inference.sampling`.
         text_encoder_dtype: dtype for encoding the prompts (default bf16 on CUDA, float32 on CPU).
         text_encoder_device: where the prompts are encoded (default ``device``; ``"cpu"`` keeps
             the 11 GB umT5-XXL off a GPU that already holds the DiT, at the cost of speed).
@@ -107,8 +107,8 @@ class TrainingSampler:
                  negative_prompt: str | None = None, solver: str = "unipc", cfg_batched: bool = True,
                  text_encoder_dtype: torch.dtype | None = None, text_encoder_device=None,
                  fps: int | None = None):
-        from .models import load_text_encoder, load_vae
-        from .video_io import read_image
+        from wanlora.models import load_text_encoder, load_vae
+        from wanlora.video_io import read_image
 
         self.task = get_task(task)
         self.output_dir = Path(output_dir) / "sample"
@@ -172,7 +172,7 @@ class TrainingSampler:
         Returns:
             the :class:`Sample` list (frames for TensorBoard).
         """
-        from .video_io import to_uint8_frames, write_video
+        from wanlora.video_io import to_uint8_frames, write_video
 
         mods = list(dits.values()) if isinstance(dits, Mapping) else [dits]
         mods += list(networks)

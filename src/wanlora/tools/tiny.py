@@ -1,6 +1,6 @@
 """Tiny random-weight model sets in the official file formats, for tests and demos on a CPU.
 
-``python -m wanlora.tiny --task t2v-A14B --out DIR`` (or :func:`make_tiny`) writes everything one
+``python -m wanlora.tools.tiny --task t2v-A14B --out DIR`` (or :func:`make_tiny`) writes everything one
 task needs, laid out and named like the official release, so every command runs end to end on a
 17-frame 64x64 clip in seconds:
 
@@ -64,7 +64,7 @@ TINY_VAE = {"wan2.1": {"dim": 8}, "wan2.2": {"dim": 8, "dec_dim": 8}}
 #: Target vocabulary of the tiny tokenizer (the trainer may stop a little below it).
 TINY_VOCAB = 600
 
-CORPUS = Path(__file__).resolve().parent / "data" / "tiny_tokenizer_corpus.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_tokenizer_corpus.txt"
 T5_FILE = T5_CHECKPOINT_NAME  # the official release's names, where load_text_encoder looks
 TOKENIZER_DIR = TOKENIZER_NAME
 VAE_FILE = {"wan2.1": "Wan2.1_VAE.pth", "wan2.2": "Wan2.2_VAE.pth"}
@@ -351,9 +351,9 @@ def make_tiny(task: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m wanlora.tiny --task T --out DIR [--seed N]``: write one set, print its flags."""
+    """``python -m wanlora.tools.tiny --task T --out DIR [--seed N]``: write one set, print its flags."""
     p = argparse.ArgumentParser(
-        prog="python -m wanlora.tiny",
+        prog="python -m wanlora.tools.tiny",
         description="Write a tiny random-weight model set (official file formats) for one task.",
     )
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="the --task it is for")

@@ -74,9 +74,9 @@ def plan_loras(task, weights, multipliers, weights_high=(), multipliers_high=(),
     Raises:
         ValueError: multiplier or pattern counts that do not match the files; an invalid pattern; a
             ``wan.expert`` with an unknown value.
-        FileNotFoundError / LoraFormatError: unreadable files (from :mod:`wanlora.lora_formats`).
+        FileNotFoundError / LoraFormatError: unreadable files (from :mod:`wanlora.lora.layouts`).
     """
-    from .lora_formats import load_lora_file
+    from wanlora.lora.layouts import load_lora_file
 
     weights, weights_high = list(weights or []), list(weights_high or [])
     mults = _expand(list(multipliers or []), len(weights), 1.0, "--lora_multiplier")

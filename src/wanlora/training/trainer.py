@@ -6,13 +6,13 @@ predict the velocity, regress ``noise - x0``, step, log, save, sample — then t
 
 Facts the loop relies on:
 
-* Flow matching (``reference/wan_numerics.md`` §9.10, :mod:`wanlora.flow`):
+* Flow matching (``reference/wan_numerics.md`` §9.10, :mod:`wanlora.training.flow`):
   ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``, the DiT is fed ``t = 1000·σ``. The loss is the
   mean squared error in float32, per sample weighted by ``--weighting_scheme``.
 * I2V-A14B feeds the cached ``y`` (mask + image latent, §5), the same for every timestep.
   TI2V-5B image-to-video (``--ti2v_first_frame``): latent frame 0 of ``x_t`` is the clean latent,
   its timestep is 0 (a per-frame timestep ``[B, F]``, §6.3) and it is left out of the loss.
-* Experts (:mod:`wanlora.experts`): each optimizer step trains one expert's LoRA on timesteps
+* Experts (:mod:`wanlora.training.experts`): each optimizer step trains one expert's LoRA on timesteps
   of that expert's range, the expert drawn with the law's mass above the boundary (under
   ``flux_shift``, whose law depends on the latent size, at the step's first batch's size); the
   other LoRA is disabled and its optimizer does not step, so its weights and optimizer state
@@ -44,11 +44,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import flow
-from .experts import ExpertPlan, ExpertSchedule, ExpertView, ExpertWeights, plan_experts
-from .io_utils import write_json
-from .optim import build_lr_scheduler, build_optimizer, check_lr_scheduler, check_optimizer_type, parse_kv_args
-from .tasks import Task, get_task
+from wanlora.training import flow
+from wanlora.training.experts import ExpertPlan, ExpertSchedule, ExpertView, ExpertWeights, plan_experts
+from wanlora.io_utils import write_json
+from wanlora.training.optim import build_lr_scheduler, build_optimizer, check_lr_scheduler, check_optimizer_type, parse_kv_args
+from wanlora.tasks import Task, get_task
 
 __all__ = ["train", "TrainState", "LoRAForward", "flow_matching_loss", "NonFiniteLossError",
            "DTYPES", "step_generator"]
@@ -187,7 +187,7 @@ def _build_dataloader(args, task: Task, dataset=None):
     batch ``i`` of epoch ``epoch``, deterministic.
     """
     if dataset is None:
-        from .dataset import TrainingDataset
+        from wanlora.dataset import TrainingDataset
 
         dataset = TrainingDataset(args.dataset_config, task=task, seed=args.seed)
     positions = EpochPositions(len(dataset))
@@ -207,7 +207,7 @@ def _unbatch(items):
 def _load_dit_and_experts(args, task: Task, plan: ExpertPlan, device, dtype, load_dit=None):
     """One DiT module (first expert's weights, on ``device``) and the expert weight store."""
     if load_dit is None:
-        from .models import load_dit
+        from wanlora.models import load_dit
     experts = plan.experts
     first = "low_noise" if "low_noise" in experts else experts[0]
     t0 = time.perf_counter()
@@ -263,8 +263,8 @@ def _build_network(args, module, lora_key, dit):
 def _check_lora_modules(network, task: Task, num_layers: int, lora_key=None, warn: bool = True) -> list[str]:
     """Check the modules a new network adapts, once before training (not at every save).
 
-    Refuses Wan2.1-I2V-only modules for the task (:func:`wanlora.lora_metadata.check_lora_for_task`)
-    and logs, when ``warn``, the coverage warnings of :func:`wanlora.lora_metadata.coverage_warnings`
+    Refuses Wan2.1-I2V-only modules for the task (:func:`wanlora.lora.metadata.check_lora_for_task`)
+    and logs, when ``warn``, the coverage warnings of :func:`wanlora.lora.metadata.coverage_warnings`
     (``exclude_patterns`` / ``include_patterns`` that leave a partial LoRA, which diffusers' loader
     refuses in the default layout). A network whose state dict is not LoRA (LoHa/LoKr) is skipped.
 
@@ -274,8 +274,8 @@ def _check_lora_modules(network, task: Task, num_layers: int, lora_key=None, war
     Raises:
         ValueError: modules the task does not have (named, with the exclude pattern that drops them).
     """
-    from .lora_formats import LoraFormatError, lora_modules
-    from .lora_metadata import check_lora_for_task, coverage_warnings
+    from wanlora.lora.layouts import LoraFormatError, lora_modules
+    from wanlora.lora.metadata import check_lora_for_task, coverage_warnings
 
     try:
         paths = set(lora_modules(network.state_dict()))
@@ -398,7 +398,7 @@ def _check_before_loading(args):
     Raises:
         ValueError / ImportError / FileNotFoundError: the message names the flag and the fix.
     """
-    from .networks import resolve_network_module
+    from wanlora.networks import resolve_network_module
 
     module = resolve_network_module(args.network_module)
     check_optimizer_type(args.optimizer_type)
@@ -413,7 +413,7 @@ def _check_before_loading(args):
             if not Path(path).exists():
                 raise FileNotFoundError(f"{flag} {path}: no such file (needed by --sample_prompts)")
         if isinstance(args.sample_prompts, (str, os.PathLike)):
-            from .prompts import read_prompt_file
+            from wanlora.inference.prompts import read_prompt_file
 
             read_prompt_file(args.sample_prompts)
     return module
@@ -421,7 +421,7 @@ def _check_before_loading(args):
 
 def _show_timesteps(args, task, sampler, plan) -> None:
     """``--show_timesteps``: print each expert's range and probability and a text histogram
-    (:func:`wanlora.flow.format_timestep_histogram`), or write the plot (``image``), then return.
+    (:func:`wanlora.training.flow.format_timestep_histogram`), or write the plot (``image``), then return.
 
     Raises:
         ValueError: ``flux_shift``, whose law depends on the latent size of each batch.
@@ -448,10 +448,10 @@ def _show_timesteps(args, task, sampler, plan) -> None:
 
 
 def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
-    """Train as the parsed ``args`` say (:mod:`wanlora.train_args`); returns the final state.
+    """Train as the parsed ``args`` say (:mod:`wanlora.commands.train_args`); returns the final state.
 
     Args:
-        args: the namespace of :func:`wanlora.train_args.parse_args`.
+        args: the namespace of :func:`wanlora.commands.train_args.parse_args`.
         dataset: a batch dataset to use instead of ``--dataset_config`` (tests, benchmarks),
             with the contract of :func:`_build_dataloader`.
         load_dit: a replacement for :func:`wanlora.models.load_dit` (same signature).
@@ -580,7 +580,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
     def save_loras(tag: str) -> None:
         accelerator.wait_for_everyone()
         if main:
-            from .lora_metadata import build_lora_metadata, checkpoint_quick_hash
+            from wanlora.lora.metadata import build_lora_metadata, checkpoint_quick_hash
 
             files = lora_files(tag)
             for key, file in files.items():
@@ -801,9 +801,9 @@ def _quick_hash(fn, path) -> str:
 def _make_sampler(args, task, plan, dit, expert_weights, accelerator):
     """The ``--sample_prompts`` hook ``fn(step, epoch, networks)``, or None without prompts.
 
-    Samples are made on the main process by :class:`wanlora.training_sampler.TrainingSampler`
+    Samples are made on the main process by :class:`wanlora.training.training_sampler.TrainingSampler`
     (videos in ``OUTPUT_DIR/sample/``, also logged to TensorBoard); the other processes wait.
-    Each expert is shown to the pipeline as an :class:`~wanlora.experts.ExpertView` of the one
+    Each expert is shown to the pipeline as an :class:`~wanlora.training.experts.ExpertView` of the one
     DiT module, which swaps in that expert's weights and LoRA when called.
     """
     if not args.sample_prompts:
@@ -813,7 +813,7 @@ def _make_sampler(args, task, plan, dit, expert_weights, accelerator):
                     "they show the LoRA, not the two-expert result", plan.experts[0])
     sampler = None
     if accelerator.is_main_process:
-        from .training_sampler import TrainingSampler
+        from wanlora.training.training_sampler import TrainingSampler
 
         sampler = TrainingSampler(task, args.sample_prompts, vae_path=args.vae, t5_path=args.t5,
                                   t5_tokenizer=args.t5_tokenizer, output_dir=args.output_dir,

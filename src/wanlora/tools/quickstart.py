@@ -1,15 +1,15 @@
 """The documented command chains, kept in one place.
 
 The README's quick start and the guide's recipes are generated from :data:`RECIPES`; ``make demo``
-(:mod:`wanlora.demo`) and the end-to-end test run exactly these commands as subprocesses, and a
+(:mod:`wanlora.tools.demo`) and the end-to-end test run exactly these commands as subprocesses, and a
 test checks that the Markdown files still contain the rendered blocks. So what a newcomer reads is
 what the tests run.
 
 Commands are written for ``bash`` with two variables: ``$MODELS`` (the folder of a model set made
-by ``python -m wanlora.tiny``, or your downloaded checkpoints laid out the same way) and ``$WORK``
+by ``python -m wanlora.tools.tiny``, or your downloaded checkpoints laid out the same way) and ``$WORK``
 (a work folder holding ``dataset.toml`` and ``prompts.txt``).
 
-``python -m wanlora.quickstart`` prints every recipe as Markdown; ``--check FILE`` exits non-zero
+``python -m wanlora.tools.quickstart`` prints every recipe as Markdown; ``--check FILE`` exits non-zero
 when FILE lacks one of the blocks it should hold; ``--sync ROOT`` rewrites the blocks in place
 (after a recipe changed).
 """
@@ -48,7 +48,7 @@ T2V_BOTH_EXPERTS = Recipe(
     title="Wan2.2 T2V-A14B: both experts in one run, two LoRAs",
     doc="README.md",
     commands=(
-        "python -m wanlora.tiny --task t2v-A14B --out $MODELS",
+        "python -m wanlora.tools.tiny --task t2v-A14B --out $MODELS",
         "wanlora-cache-latents --task t2v-A14B --dataset_config $WORK/dataset.toml "
         "--vae $MODELS/Wan2.1_VAE.pth",
         f"wanlora-cache-text --dataset_config $WORK/dataset.toml {_T5}",
@@ -80,7 +80,7 @@ I2V_ONE_EXPERT = Recipe(
     title="Wan2.2 I2V-A14B: the low-noise expert alone",
     doc="docs/training.md",
     commands=(
-        "python -m wanlora.tiny --task i2v-A14B --out $MODELS",
+        "python -m wanlora.tools.tiny --task i2v-A14B --out $MODELS",
         "wanlora-cache-latents --task i2v-A14B --dataset_config $WORK/dataset.toml "
         "--vae $MODELS/Wan2.1_VAE.pth",
         f"wanlora-cache-text --dataset_config $WORK/dataset.toml {_T5}",
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = {k: v for k, v in bad.items() if v}
         for path, names in bad.items():
             print(f"{path}: out of date for {', '.join(names)}; run "
-                  "`python -m wanlora.quickstart --sync .`", file=sys.stderr)
+                  "`python -m wanlora.tools.quickstart --sync .`", file=sys.stderr)
         return 1 if bad else 0
     for r in RECIPES.values():
         print(f"### {r.title}  ({r.doc})\n\n{render_block(r)}\n")

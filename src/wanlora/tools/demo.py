@@ -3,7 +3,7 @@
 1. renders a small captioned dataset of short clips and images into ``WORK/data`` (or uses
    ``--data FOLDER``, a folder of your own clips/images with ``.txt`` captions);
 2. writes ``WORK/dataset.toml`` and ``WORK/prompts.txt``;
-3. runs the README's quick-start commands (:data:`wanlora.quickstart.T2V_BOTH_EXPERTS`) one by one:
+3. runs the README's quick-start commands (:data:`wanlora.tools.quickstart.T2V_BOTH_EXPERTS`) one by one:
    tiny ``t2v-A14B`` model set, cache latents, cache text, ``accelerate launch -m wanlora.train`` with
    both experts and samples during training, ``wanlora-generate`` with both LoRAs, and
    ``wanlora-convert-lora --target comfy``;
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from wanlora.io_utils import write_text
-from wanlora.quickstart import T2V_BOTH_EXPERTS, Recipe, expand
+from wanlora.tools.quickstart import T2V_BOTH_EXPERTS, Recipe, expand
 
 __all__ = ["render_demo_media", "write_dataset_toml", "write_prompts", "run_recipe", "main"]
 
@@ -96,7 +96,7 @@ def write_dataset_toml(work: Path, video_dir: Path | None, image_dir: Path | Non
     head of each clip. Caches go to ``work/cache/``.
     """
     lines = [
-        "# Written by wanlora.demo — see docs/dataset.md for every key.",
+        "# Written by wanlora.tools.demo — see docs/dataset.md for every key.",
         "[general]",
         f"resolution = [{resolution[0]}, {resolution[1]}]",
         'caption_extension = ".txt"',

@@ -10,11 +10,11 @@ For every weight ``blocks.N.<layer>.weight`` a LoRA touches, the merged weight i
 ``W + sum_i multiplier_i · (alpha_i / rank_i) · up_i @ down_i`` computed in float32 and cast to the
 output dtype (musubi's ``merge_lora`` math, ``reference/lora_formats.md`` §4, but in float32).
 Everything else is copied unchanged. LoRAs of any layout are read with
-:func:`wanlora.lora_formats.load_lora_file`.
+:func:`wanlora.lora.layouts.load_lora_file`.
 
 Streaming: the checkpoint (file, shard index or folder, ``.pth``) is read one tensor at a time with
 plain reads (no memory map) and the output ``.safetensors`` is written tensor by tensor
-(:mod:`wanlora.safetensors_stream`), so RAM holds the LoRAs plus a few copies of the largest
+(:mod:`wanlora.models.safetensors_stream`), so RAM holds the LoRAs plus a few copies of the largest
 tensor — not the model. The output has the official key names (a ``model.diffusion_model.`` /
 ``diffusion_model.`` prefix is stripped) in one file; the header metadata keeps the source's,
 adds ``num_heads`` from the folder's ``config.json`` (so :func:`wanlora.models.load_dit` sizes a
@@ -36,17 +36,17 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_cli
-from .experts import expert_from_path
-from .lora_formats import load_lora_file, lora_modules
-from .lora_metadata import read_lora_metadata
-from .models.loading import CheckpointError, checkpoint_files, read_config_json, read_metadata
-from .safetensors_stream import SafetensorsReader, SafetensorsStreamWriter
-from .tasks import EXPERTS, get_task, task_names
+from wanlora.commands.cli import run_cli
+from wanlora.training.experts import expert_from_path
+from wanlora.lora.layouts import load_lora_file, lora_modules
+from wanlora.lora.metadata import read_lora_metadata
+from wanlora.models.loading import CheckpointError, checkpoint_files, read_config_json, read_metadata
+from wanlora.models.safetensors_stream import SafetensorsReader, SafetensorsStreamWriter
+from wanlora.tasks import EXPERTS, get_task, task_names
 
 __all__ = ["MergeError", "dit_expert_from_path", "merge_loras", "main"]
 
-log = logging.getLogger("wanlora.merge_lora")
+log = logging.getLogger("wanlora.commands.merge_lora")
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -60,7 +60,7 @@ class MergeError(ValueError):
 def dit_expert_from_path(path: str | Path) -> str | None:
     """``high_noise`` / ``low_noise`` when exactly one of them appears in the DiT's absolute path
     (``.../high_noise_model/``, ``wan2.2_t2v_low_noise_14B_fp16.safetensors``), else None; the
-    rule of :func:`wanlora.experts.expert_from_path` (which the trainer uses too)."""
+    rule of :func:`wanlora.training.experts.expert_from_path` (which the trainer uses too)."""
     return expert_from_path(Path(path).resolve())
 
 
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, merge, return the exit status (2 with a one-line message for a user error:
-    :func:`wanlora.cli.run_cli`)."""
+    :func:`wanlora.commands.cli.run_cli`)."""
     return run_cli("wanlora-merge-lora", _main, argv)
 
 

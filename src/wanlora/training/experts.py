@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .tasks import EXPERTS, Task
+from wanlora.tasks import EXPERTS, Task
 
 __all__ = [
     "ExpertPlan",

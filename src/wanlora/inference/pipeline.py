@@ -2,10 +2,10 @@
 
 One implementation of the official pipelines (``wan/text2video.py: WanT2V.generate``,
 ``wan/image2video.py: WanI2V.generate``, ``wan/textimage2video.py: WanTI2V.t2v / i2v``), used by
-``wanlora-generate`` and by the samples taken during training (:mod:`wanlora.training_sampler`).
+``wanlora-generate`` and by the samples taken during training (:mod:`wanlora.training.training_sampler`).
 For the same weights, prompt embeddings and seed it reproduces the official latents: the same
 ``torch.randn`` call for the initial noise, the same integer model timesteps and float32 update
-sigmas (:mod:`wanlora.sampling`), the same expert switch, the same I2V ``y`` and TI2V first-frame
+sigmas (:mod:`wanlora.inference.sampling`), the same expert switch, the same I2V ``y`` and TI2V first-frame
 replacement after every step.
 
 Layouts: latents ``[C, T, h, w]`` (one sample; the solvers see ``[1, C, T, h, w]``), pixels
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sampling import cfg_apply_pattern, expert_for_timestep, guided_velocity, make_schedule, make_solver
-from .tasks import Task, get_task
+from wanlora.inference.sampling import cfg_apply_pattern, expert_for_timestep, guided_velocity, make_schedule, make_solver
+from wanlora.tasks import Task, get_task
 
 __all__ = [
     "GenerationRequest",
@@ -195,7 +195,7 @@ class GenerationRequest:
         guidance_scale_high_noise (A14B), flow_shift, solver (``unipc``/``euler``/``dpm++``).
         image: PIL RGB first frame (``i2v-A14B`` needs one; ``ti2v-5B`` optional; ignored by the
             text-to-video tasks). image_path: where it came from (recorded in the settings only).
-        cfg_skip_mode / cfg_apply_ratio: see :func:`wanlora.sampling.cfg_apply_pattern`.
+        cfg_skip_mode / cfg_apply_ratio: see :func:`wanlora.inference.sampling.cfg_apply_pattern`.
         cfg_batched: run the conditional and unconditional passes as one batch of 2.
     """
 

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from wanlora.cli import run_cli
+from wanlora.commands.cli import run_cli
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, cache, return the exit status; user errors (a bad dataset TOML or flag, a wrong
     ``--t5`` / ``--t5_tokenizer``) print ``wanlora-cache-text: error: <message>`` and return 2
-    (:func:`wanlora.cli.run_cli`)."""
+    (:func:`wanlora.commands.cli.run_cli`)."""
     return run_cli("wanlora-cache-text", _main, argv)
 
 

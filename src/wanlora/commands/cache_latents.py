@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from wanlora.cli import run_cli
+from wanlora.commands.cli import run_cli
 from wanlora.tasks import task_names
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, cache, return the exit status; user errors (a bad dataset TOML or flag, a wrong
     ``--vae`` file) print ``wanlora-cache-latents: error: <message>`` and return 2
-    (:func:`wanlora.cli.run_cli`)."""
+    (:func:`wanlora.commands.cli.run_cli`)."""
     return run_cli("wanlora-cache-latents", _main, argv)
 
 

@@ -6,7 +6,7 @@ Usage::
     wanlora-convert-lora --input out/style_high_noise.safetensors --target diffusers --output conv/
     wanlora-convert-lora --input conv/style_comfy_high_noise.safetensors --target default
 
-Layouts (``wanlora.lora_formats``): ``default`` (``lora_unet_*`` down/up/alpha: musubi, ComfyUI,
+Layouts (``wanlora.lora.layouts``): ``default`` (``lora_unet_*`` down/up/alpha: musubi, ComfyUI,
 Wan2GP, and diffusers when every block has all 10 layers), ``comfy`` (``diffusion_model.*``
 lora_A/lora_B, alpha folded: ComfyUI, diffusers, Wan2GP; any subset of modules), ``diffusers``
 (diffusers' own names, alpha folded: diffusers only). The input layout is detected from its keys.
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_cli
-from .io_utils import save_safetensors
-from .lora_formats import LAYOUTS, LoraFormatError, from_default, load_lora_file, lora_modules
-from .lora_metadata import (
+from wanlora.commands.cli import run_cli
+from wanlora.io_utils import save_safetensors
+from wanlora.lora.layouts import LAYOUTS, LoraFormatError, from_default, load_lora_file, lora_modules
+from wanlora.lora.metadata import (
     check_lora_for_task,
     coverage_warnings,
     expert_file_name,
@@ -46,7 +46,7 @@ from .lora_metadata import (
 
 __all__ = ["DTYPES", "plan_outputs", "convert_lora_file", "main"]
 
-log = logging.getLogger("wanlora.convert_lora")
+log = logging.getLogger("wanlora.commands.convert_lora")
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, convert, return the exit status (2 with a one-line message for a user error:
-    :func:`wanlora.cli.run_cli`)."""
+    :func:`wanlora.commands.cli.run_cli`)."""
     return run_cli("wanlora-convert-lora", _main, argv)
 
 

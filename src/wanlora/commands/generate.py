@@ -10,8 +10,8 @@ Examples::
     wanlora-generate ... --from_file prompts.txt                      # batch, models loaded once
     wanlora-generate ... --lora_weight my_low.safetensors --lora_weight_high_noise my_high.safetensors
 
-The script parses arguments and wires library calls (:mod:`wanlora.pipeline`, :mod:`wanlora.prompts`,
-:mod:`wanlora.lora_apply`); the numerics live there. See ``docs/generation.md``.
+The script parses arguments and wires library calls (:mod:`wanlora.inference.pipeline`, :mod:`wanlora.inference.prompts`,
+:mod:`wanlora.lora.apply`); the numerics live there. See ``docs/generation.md``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .cli import USER_ERRORS, run_cli
-from .tasks import TASKS, get_task
+from wanlora.commands.cli import USER_ERRORS, run_cli
+from wanlora.tasks import TASKS, get_task
 
-logger = logging.getLogger("wanlora.generate")
+logger = logging.getLogger("wanlora.commands.generate")
 
 OUTPUT_TYPES = ("video", "images", "latent", "both")
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -151,13 +151,13 @@ def load_models(args, device, dtype):
     the CPU and visit ``device`` when used.
 
     Returns:
-        ``(WanPipeline, lora_log)``; ``lora_log`` is :func:`wanlora.lora_apply.apply_loras`'s list.
+        ``(WanPipeline, lora_log)``; ``lora_log`` is :func:`wanlora.lora.apply.apply_loras`'s list.
     Raises:
         ValueError / FileNotFoundError: a checkpoint or LoRA that does not load or fit the task.
     """
-    from .lora_apply import apply_loras, plan_loras
-    from .models import load_dit, load_text_encoder, load_vae
-    from .pipeline import WanPipeline
+    from wanlora.lora.apply import apply_loras, plan_loras
+    from wanlora.models import load_dit, load_text_encoder, load_vae
+    from wanlora.inference.pipeline import WanPipeline
 
     task = get_task(args.task)
     offload = device.type != "cpu" and not args.no_offload
@@ -184,8 +184,8 @@ def _requests(args, specs):
     """One :class:`GenerationRequest` per prompt spec; a spec's inline options win over the flags.
     A missing or negative seed is drawn at random here (the official ``seed >= 0 else random``).
     Raises MediaError (a ValueError) for an unreadable image."""
-    from .pipeline import GenerationRequest
-    from .video_io import read_image
+    from wanlora.inference.pipeline import GenerationRequest
+    from wanlora.video_io import read_image
 
     h, w = args.video_size if args.video_size else (None, None)
     out = []
@@ -221,8 +221,8 @@ def save_outputs(save_dir, stem: str, latent, video, request, task, output_type:
     ``latent`` (``.safetensors`` with ``latent`` ``[C, T, h, w]``), ``both`` (video + latent), and
     always a sidecar ``.json`` with the prompt, seed and settings (also put in the MP4's metadata).
     """
-    from .io_utils import save_safetensors, write_json
-    from .video_io import write_images, write_video
+    from wanlora.io_utils import save_safetensors, write_json
+    from wanlora.video_io import write_images, write_video
 
     save_dir = Path(save_dir)
     settings = {**request.settings(), "task": task.name, "fps": fps, **(extra or {})}
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     """Parse ``argv``, generate, return the exit status: 0 done, 2 a flag or user error (wrong checkpoint,
     bad prompt line, LoRA that does not fit, missing attention package, ...), printed as one line
     ``wanlora-generate: error: <message>`` (``WANLORA_TRACEBACK=1`` shows the traceback;
-    :func:`wanlora.cli.run_cli`)."""
+    :func:`wanlora.commands.cli.run_cli`)."""
     return run_cli("wanlora-generate", _main, argv)
 
 
@@ -287,7 +287,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .prompts import PromptSpec, read_prompt_file
+    from wanlora.inference.prompts import PromptSpec, read_prompt_file
 
     if args.from_file:
         specs = read_prompt_file(args.from_file)  # parse before loading anything
@@ -318,12 +318,12 @@ def _main(argv=None) -> int:
 def _interactive(pipe, args, lora_log) -> list[Path]:
     """``--interactive``: generate each prompt line read from stdin until EOF; returns the files.
 
-    A user error on a line (:data:`wanlora.cli.USER_ERRORS`: a bad inline option, an image that
+    A user error on a line (:data:`wanlora.commands.cli.USER_ERRORS`: a bad inline option, an image that
     cannot be read, a size or frame count the task rejects, ...) is printed as one line
     ``wanlora-generate: error: <message>`` on stderr (``--verbose`` adds its traceback) and the
     session goes on with the next line. Other exceptions (a bug, out of memory) end the session.
     """
-    from .prompts import parse_prompt_line
+    from wanlora.inference.prompts import parse_prompt_line
 
     print("Enter a prompt (inline --w --h --f --d --s --g --fs --i --n); Ctrl+D to quit.", flush=True)
     written, k = [], 0

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from .io_utils import atomic_path
+from wanlora.io_utils import atomic_path
 
 __all__ = ["SAFETENSORS_DTYPES", "SafetensorsReader", "SafetensorsStreamWriter"]
 
