@@ -150,7 +150,21 @@ def _merge_wrong_expert(tmp, tiny_dir):
     return str(info.value)
 
 
+def _attn_unknown(tmp, tiny_dir):
+    from wanlora.models.attention import check_attn_mode
+
+    return error_of(lambda: check_attn_mode("flash_attn"))
+
+
+def _attn_sage_training(tmp, tiny_dir):
+    from wanlora.models.attention import check_attn_mode
+
+    return error_of(lambda: check_attn_mode("sage", training=True))
+
+
 TRIGGERS = {
+    "attn-unknown": _attn_unknown,
+    "attn-sage-training": _attn_sage_training,
     "unknown-task": _unknown_task,
     "dit-given-vae": _dit_given_vae,
     "vae-given-dit": _vae_given_dit,

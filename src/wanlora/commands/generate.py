@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vae", default=None, help="Wan2.1_VAE.pth / Wan2.2_VAE.pth (needed unless --output_type latent without image)")
     m.add_argument("--t5", required=True, help="umT5 encoder checkpoint (models_t5_umt5-xxl-enc-bf16.pth)")
     m.add_argument("--t5_tokenizer", default=None, help="umT5 tokenizer folder (default: found beside --t5)")
-    m.add_argument("--attn_mode", default="sdpa", help="attention backend: sdpa, flash, sage, xformers (torch = sdpa)")
+    m.add_argument("--attn_mode", default="sdpa", help="attention kernel: sdpa (PyTorch picks), cudnn, flash (FlashAttention-2), "
+                   "flash3 (FlashAttention-3), xformers, sage (SageAttention); torch = sdpa")
     m.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     m.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="DiT/T5 dtype (default bf16 on CUDA, float32 on CPU)")
     m.add_argument("--no_offload", action="store_true",

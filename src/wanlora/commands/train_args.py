@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="both experts: keep the inactive expert's weights in pinned CPU memory")
     g.add_argument("--dit_dtype", choices=["fp32", "fp16", "bf16"],
                    help="dtype of the frozen DiT weights (default: bf16/fp16 under that mixed precision, else fp32)")
-    g.add_argument("--attn_mode", default="sdpa", help="attention backend: sdpa, flash, sage, xformers (torch = sdpa)")
+    g.add_argument("--attn_mode", default="sdpa", help="attention kernel: sdpa (PyTorch picks), cudnn, flash "
+                   "(FlashAttention-2), flash3 (FlashAttention-3), xformers; torch = sdpa. sage has no "
+                   "backward and is refused for training")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute DiT blocks in backward")
 
     g = p.add_argument_group("data")

@@ -319,7 +319,7 @@ class WanDiT(nn.Module):
 
     Args:
         config: the architecture (:class:`WanDiTConfig`).
-        attn_mode: attention backend (``"sdpa"``, ``"flash"``, ``"sage"``, ``"xformers"``).
+        attn_mode: attention backend, one of :data:`wanlora.models.attention.ATTN_MODES`.
 
     Raises:
         ImportError: the attention backend's package is missing (names the pip package).

@@ -391,15 +391,17 @@ def _prune(output_dir: Path, pattern: str, keep) -> None:
 
 def _check_before_loading(args):
     """Check the flags that are otherwise used only after the DiT is loaded (minutes at 14B), so a
-    typo fails at once: import ``--network_module`` (returned), resolve ``--optimizer_type`` (and its
+    typo fails at once: ``--attn_mode`` (installed, and with a backward pass), import ``--network_module`` (returned), resolve ``--optimizer_type`` (and its
     package), ``--lr_scheduler``, ``--weighting_scheme``, parse ``--network_args`` / ``--optimizer_args``, and for
     ``--sample_prompts`` parse the prompt file and require ``--vae`` and ``--t5`` files.
 
     Raises:
         ValueError / ImportError / FileNotFoundError: the message names the flag and the fix.
     """
+    from wanlora.models.attention import check_attn_mode
     from wanlora.networks import resolve_network_module
 
+    check_attn_mode(args.attn_mode, training=True)  # sage has no backward: LoRA on q/k/v would not learn
     module = resolve_network_module(args.network_module)
     check_optimizer_type(args.optimizer_type)
     check_lr_scheduler(args.lr_scheduler)
