@@ -8,11 +8,13 @@ half-written cache, LoRA, video or training state behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -26,7 +28,60 @@ def _file_mode() -> int:
 
 _FILE_MODE = _file_mode()
 
-__all__ = ["atomic_path", "save_safetensors", "save_torch_state_dict", "write_json", "write_text"]
+__all__ = ["SaveError", "atomic_path", "atomic_paths", "emergency_dirs", "save_error", "save_files",
+           "save_safetensors", "save_torch_state_dict", "write_json", "write_text"]
+
+
+class SaveError(ValueError):
+    """A write that failed for a reason the user can fix (disk full, permissions, read-only).
+
+    One line: what was being saved, where, the cause and the fix; ``saved_to`` is the folder an
+    emergency copy went to (:func:`save_files`), or None. A ``ValueError``, so every command
+    prints it as one line (:mod:`wanlora.commands.cli`).
+    """
+
+    def __init__(self, message: str, path: Path | None = None, saved_to: Path | None = None):
+        super().__init__(message)
+        self.path, self.saved_to = path, saved_to
+
+
+_FIXES = {
+    errno.ENOSPC: "no space left on the device: free space there or choose a folder on another disk",
+    errno.EDQUOT: "disk quota exceeded: free space in your quota or choose a folder on another disk",
+    errno.EACCES: "permission denied: make the folder writable (chmod u+w) or choose another folder",
+    errno.EPERM: "operation not permitted: make the folder writable or choose another folder",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable disk",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another path",
+    errno.EISDIR: "the path is a folder: give a file name",
+    errno.ENAMETOOLONG: "the file name is too long: choose a shorter --output_name or folder",
+}
+
+
+def save_error(e: OSError, what: str, path: str | os.PathLike) -> SaveError:
+    """The one-line :class:`SaveError` for ``e`` raised while writing ``what`` (e.g. ``"LoRA"``)
+    to ``path``: ``cannot save <what> to <path>: <cause and fix>`` (free space for ENOSPC/EDQUOT,
+    permissions for EACCES/EPERM/EROFS, else the system's message)."""
+    fix = _FIXES.get(e.errno) or f"{e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            folder = next((p for p in Path(path).parents if p.exists()), Path("."))
+            fix += f" ({shutil.disk_usage(folder).free / 2**30:.1f} GiB free in {folder})"
+    return SaveError(f"cannot save {what} to {path}: {fix}", Path(path))
+
+
+def emergency_dirs(primary: str | os.PathLike) -> list[Path]:
+    """Folders to try when a save into ``primary`` fails, in order: ``$WANLORA_EMERGENCY_DIR``
+    (when set), the current folder, the home folder, the system's temporary folder — without
+    ``primary`` itself and without duplicates."""
+    cands = [os.environ.get("WANLORA_EMERGENCY_DIR"), os.getcwd(), os.path.expanduser("~"), tempfile.gettempdir()]
+    seen, out = {Path(primary).resolve()}, []
+    for c in cands:
+        if c:
+            p = Path(c).resolve()
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
+    return out
 
 
 @contextlib.contextmanager
@@ -56,6 +111,82 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """All-or-nothing writes of several files: yield a temporary path next to each of ``paths``;
+    when the block succeeds, flush every file and only then rename them all into place.
+
+    On an exception in the block (a disk filling up at the second file, a kill) every temporary
+    file is removed and no file of ``paths`` is touched: a two-expert LoRA pair is written whole
+    or not at all. Renames are metadata-only operations in one folder, the step a full disk does
+    not fail.
+    """
+    paths = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    try:
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.tmp.", suffix=p.suffix, dir=p.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield list(tmps)
+        for t in tmps:
+            with open(t, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(t, _FILE_MODE)
+        for t, p in zip(tmps, paths):
+            os.replace(t, p)
+    except BaseException:
+        for t in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                t.unlink()
+        raise
+
+
+def save_files(writers: dict[str | os.PathLike, Callable[[Path], None]], what: str = "files",
+               fallback_dirs: Sequence[str | os.PathLike] | None = None) -> list[Path]:
+    """Write several files all-or-nothing (:func:`atomic_paths`); if that fails with an
+    ``OSError`` (disk full, permissions), write them into the first of ``fallback_dirs`` that
+    works, under the same names, and raise.
+
+    Args:
+        writers: ``{final path: write(path)}``; ``write`` writes the whole file to the path given
+            (a temporary one).
+        what: what the files are, for the message (``"LoRA weights"``).
+        fallback_dirs: folders for an emergency copy (default :func:`emergency_dirs` of the first
+            file's folder); ``()`` for none.
+    Returns:
+        The final paths, written.
+    Raises:
+        SaveError: one line with the cause and the fix (:func:`save_error`), and where the
+            emergency copy went (``saved_to``) or that none could be written. Other exceptions
+            propagate unchanged, with no file written.
+    """
+    paths = [Path(p) for p in writers]
+    try:
+        with atomic_paths(paths) as tmps:
+            for write, tmp in zip(writers.values(), tmps):
+                write(tmp)
+        return paths
+    except OSError as e:
+        err = save_error(e, what, paths[0] if len(paths) == 1 else paths[0].parent)
+    if fallback_dirs is None:
+        fallback_dirs = emergency_dirs(paths[0].parent)
+    for d in fallback_dirs:
+        targets = [Path(d) / p.name for p in paths]
+        if any(t.exists() for t in targets):
+            targets = [Path(d) / f"{p.stem}-emergency{p.suffix}" for p in paths]
+        try:
+            with atomic_paths(targets) as tmps:
+                for write, tmp in zip(writers.values(), tmps):
+                    write(tmp)
+        except OSError:
+            continue
+        names = ", ".join(t.name for t in targets)
+        raise SaveError(f"{err}; the {what} were saved to {d} instead ({names})", err.path, Path(d)) from None
+    raise SaveError(f"{err}; no emergency copy could be written either", err.path) from None
 
 
 def save_safetensors(
