@@ -49,7 +49,8 @@ def list_items(ds: DatasetConfig) -> list[MediaItem]:
     """All items of one entry, sorted by path; problems are recorded per item, not raised.
 
     A caption-file entry takes ``{stem}{caption_extension}`` beside each media file; a JSONL
-    entry takes the ``caption`` field. Bad JSONL lines become items with a ``problem``.
+    entry takes the ``caption`` field. Bad JSONL lines, and a line naming a media file an earlier
+    line named, become items with a ``problem``.
     """
     items: list[MediaItem] = []
     if ds.is_jsonl:
@@ -57,10 +58,15 @@ def list_items(ds: DatasetConfig) -> list[MediaItem]:
         records, problems = read_jsonl(ds.source, key)
         for problem in problems:
             items.append(MediaItem(ds.index, ds.source, ds.source.stem, None, problem))
+        first_line: dict[Path, int] = {}
         for r in records:
             caption = r.caption or ds.default_caption
             problem = None if caption else (
                 f"{ds.source}:{r.line}: no caption for {r.path.name}; add a \"caption\" or set default_caption")
+            if r.path in first_line:  # one cache per media file: a second line would fight the first
+                problem = (f"{ds.source}:{r.line}: {r.path.name} is listed again (first on line "
+                           f"{first_line[r.path]}); remove the duplicate line, or use num_repeats to weight it")
+            first_line.setdefault(r.path, r.line)
             items.append(MediaItem(ds.index, r.path, r.path.stem if r.path.suffix else r.path.name, caption, problem))
     else:
         for p in sorted(ds.source.iterdir()):

@@ -23,6 +23,7 @@ state, which is what makes the order reproducible with any ``num_workers``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +50,20 @@ class MissingCachesError(FileNotFoundError):
         lines = "\n".join(f"  - {p}" for p in problems)
         cmds = "\n".join(f"  {c}" for c in commands)
         super().__init__(f"{len(problems)} cache problem(s):\n{lines}\n{heading}\n{cmds}")
+
+
+def _options_changed(saved: str | None, now: dict) -> str | None:
+    """The dataset options (resolution, frames, ...) that differ between a latent cache's
+    ``options`` metadata (JSON) and the entry's :meth:`DatasetConfig.shaping_options` now, as
+    ``"resolution [64, 64] -> [96, 96]"``; None when equal or not recorded."""
+    if not saved:
+        return None
+    try:
+        old = json.loads(saved)
+    except json.JSONDecodeError:
+        return None
+    diff = [f"{k} {old.get(k)} -> {v}" for k, v in now.items() if k in old and old[k] != v]
+    return ", ".join(diff) or None
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,12 @@ class TrainingDataset(torch.utils.data.Dataset):
                         problems.append(f"{p}: not a wanlora latent cache (unreadable or old format)")
                         latent_missing = True
                         continue
+                    changed = _options_changed(meta.get("options"), ds.shaping_options())
+                    if changed:
+                        problems.append(f"{p}: stale: the dataset TOML changed since wanlora-cache-latents ran "
+                                        f"({changed}); it rebuilds stale caches")
+                        latent_missing = True
+                        continue
                     if need_y and meta.get("has_y") != "1":
                         problems.append(f"{p}: made for task {meta.get('task')} without the I2V conditioning 'y' "
                                         f"that {task.name} needs")
@@ -229,6 +250,10 @@ class TrainingDataset(torch.utils.data.Dataset):
         lat, ys, ctx = [], [], []
         for s in samples:
             t = load_file(str(s.latent))
+            if not all(bool(torch.isfinite(v).all()) for v in t.values() if v.is_floating_point()):
+                raise ValueError(f"{s.latent}: the cached latent holds NaN or Inf values (a VAE overflow in "
+                                 "half precision?); delete it and run wanlora-cache-latents again with "
+                                 "--vae_dtype float32")
             lat.append(t["latents"].float())
             if self.task.conditioning == "i2v":
                 ys.append(t["y"].float())

@@ -37,3 +37,29 @@ def tiny_dir(tmp_path_factory):
         return made[task]
 
     return make
+
+
+@pytest.fixture
+def mounted_tmpfs(tmp_path):
+    """Factory: ``mounted_tmpfs(size_kib, read_only=False)`` -> a folder that is a fresh tmpfs of
+    that size (a real full disk / read-only file system); skipped with the reason when this
+    process cannot mount (not root, or no mount privilege in the container). Unmounted after."""
+    import subprocess
+
+    mounts: list[Path] = []
+
+    def make(size_kib: int, read_only: bool = False) -> Path:
+        target = tmp_path / f"tmpfs{len(mounts)}"
+        target.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root; the injected-OSError tests cover this case")
+        opts = f"size={size_kib}k" + (",ro" if read_only else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(target)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+        mounts.append(target)
+        return target
+
+    yield make
+    for m in reversed(mounts):
+        subprocess.run(["umount", str(m)], capture_output=True)

@@ -28,7 +28,7 @@ def _file_mode() -> int:
 
 _FILE_MODE = _file_mode()
 
-__all__ = ["SaveError", "atomic_path", "atomic_paths", "emergency_dirs", "save_error", "save_files",
+__all__ = ["SaveError", "atomic_path", "atomic_paths", "emergency_dirs", "os_error_fix", "save_error", "save_files",
            "save_safetensors", "save_torch_state_dict", "write_json", "write_text"]
 
 
@@ -57,16 +57,21 @@ _FIXES = {
 }
 
 
-def save_error(e: OSError, what: str, path: str | os.PathLike) -> SaveError:
-    """The one-line :class:`SaveError` for ``e`` raised while writing ``what`` (e.g. ``"LoRA"``)
-    to ``path``: ``cannot save <what> to <path>: <cause and fix>`` (free space for ENOSPC/EDQUOT,
-    permissions for EACCES/EPERM/EROFS, else the system's message)."""
+def os_error_fix(e: OSError, path: str | os.PathLike) -> str:
+    """The cause and the fix of a write error, in words: free space for ENOSPC/EDQUOT (with the
+    free space of ``path``'s disk), permissions for EACCES/EPERM/EROFS, else the system's message."""
     fix = _FIXES.get(e.errno) or f"{e.strerror or e}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         with contextlib.suppress(OSError):
-            folder = next((p for p in Path(path).parents if p.exists()), Path("."))
+            folder = next((p for p in (Path(path), *Path(path).parents) if p.is_dir()), Path("."))
             fix += f" ({shutil.disk_usage(folder).free / 2**30:.1f} GiB free in {folder})"
-    return SaveError(f"cannot save {what} to {path}: {fix}", Path(path))
+    return fix
+
+
+def save_error(e: OSError, what: str, path: str | os.PathLike) -> SaveError:
+    """The one-line :class:`SaveError` for ``e`` raised while writing ``what`` (e.g. ``"LoRA"``)
+    to ``path``: ``cannot save <what> to <path>: <cause and fix>`` (:func:`os_error_fix`)."""
+    return SaveError(f"cannot save {what} to {path}: {os_error_fix(e, path)}", Path(path))
 
 
 def emergency_dirs(primary: str | os.PathLike) -> list[Path]:

@@ -40,7 +40,8 @@ from wanlora.commands.cli import run_cli
 from wanlora.training.experts import expert_from_path
 from wanlora.lora.layouts import load_lora_file, lora_modules
 from wanlora.lora.metadata import read_lora_metadata
-from wanlora.models.loading import CheckpointError, checkpoint_files, read_config_json, read_metadata
+from wanlora.models.loading import (CheckpointError, checkpoint_files, load_torch_file, read_config_json,
+                                   read_metadata)
 from wanlora.models.safetensors_stream import SafetensorsReader, SafetensorsStreamWriter
 from wanlora.tasks import EXPERTS, get_task, task_names
 
@@ -82,7 +83,7 @@ class _Source:
                 for k in r.keys():
                     self._add(f, k, r, r.info(k))
             else:
-                sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+                sd = load_torch_file(f)
                 if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
                     sd = sd["state_dict"]
                 for k, t in sd.items():

@@ -461,7 +461,8 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
     Raises:
         FileNotFoundError: no such file.
-        LoraFormatError: not a safetensors file, LyCORIS LoHa/LoKr, DoRA/diff keys, unknown keys.
+        LoraFormatError: a tensor with NaN or Inf values (a diverged training: applied, it gives a
+            black video); not a safetensors file, LyCORIS LoHa/LoKr, DoRA/diff keys, unknown keys.
     """
     from safetensors import safe_open
 
@@ -474,6 +475,11 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise LoraFormatError(f"{p}: cannot read as safetensors ({e}); is it a LoRA .safetensors?") from None
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise LoraFormatError(
+            f"{p}: {len(bad)} of {len(sd)} tensors hold NaN or Inf values (first: {bad[0]}); the training that "
+            "made it diverged — use an earlier save, or retrain with a lower --learning_rate or --max_grad_norm 1.0")
     try:
         layout = detect_layout(sd)
         overrides = _diffusers_alphas(metadata, sd) if layout == "diffusers" else None

@@ -23,6 +23,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -32,11 +34,13 @@ __all__ = [
     "CheckpointError",
     "check_dit_task",
     "checkpoint_files",
+    "checkpoint_shapes",
     "describe_checkpoint",
     "dit_config_from_state_dict",
     "keeps_float32",
     "load_dit",
     "load_state_dict",
+    "load_torch_file",
     "read_metadata",
     "read_config_json",
     "strip_prefix",
@@ -96,6 +100,34 @@ def strip_prefix(keys_to_tensors: dict[str, torch.Tensor], prefixes: tuple[str, 
     return keys_to_tensors
 
 
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def load_torch_file(f: str | os.PathLike, device: str | torch.device = "cpu", mmap: bool = True):
+    """``torch.load(f, weights_only=True)``: tensors and plain containers only, so loading a
+    ``.pth`` never runs code; the one reader of ``.pth`` files for every command.
+
+    Raises:
+        CheckpointError: one line — a pickle holding other Python objects (named; refused, since
+            full unpickling could run code), or a file that is truncated or not a checkpoint.
+    """
+    try:
+        return torch.load(str(f), map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        m = _GLOBAL.search(str(e))
+        what = f" ({m.group(1)})" if m else ""
+        raise CheckpointError(
+            f"{f}: refused: the file holds pickled Python objects{what}, not only tensors, and loading it could "
+            "run code; wanlora reads .pth files as weights only — use the official weights or a .safetensors file"
+        ) from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{f}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {first}); the file is "
+            "truncated or not a weights file — download it again"
+        ) from None
+
+
 def _load_one(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     if f.suffix == ".safetensors":
         try:
@@ -106,13 +138,7 @@ def _load_one(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
                 f"{f}: cannot read as safetensors ({e}); the file is truncated or not a "
                 "safetensors file — download it again"
             ) from None
-    try:
-        obj = torch.load(str(f), map_location=device, weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{f}: cannot read as a PyTorch checkpoint ({type(e).__name__}: {e}); the file is "
-            "truncated or not a weights file — download it again"
-        ) from None
+    obj = load_torch_file(f, device)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -145,6 +171,32 @@ def load_state_dict(
         if dup:
             raise CheckpointError(f"{f}: keys also present in another shard: {sorted(dup)[:3]}")
         out.update(part)
+    return strip_prefix(out, prefixes)
+
+
+def checkpoint_shapes(path: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of every tensor of a checkpoint, read from the safetensors headers (no
+    tensor data) or a memory-mapped ``.pth`` (:func:`load_torch_file`): cheap enough to check a
+    14B file before loading it.
+
+    Raises:
+        CheckpointError: as :func:`load_state_dict`.
+    """
+    from wanlora.models.safetensors_stream import SafetensorsReader
+
+    out: dict[str, tuple[int, ...]] = {}
+    for f in checkpoint_files(path):
+        if f.suffix == ".safetensors":
+            try:
+                with SafetensorsReader(f) as r:
+                    out.update({k: r.info(k)[1] for k in r.keys()})
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+        else:
+            obj = load_torch_file(f)
+            if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+                obj = obj["state_dict"]
+            out.update({k: tuple(v.shape) for k, v in obj.items() if isinstance(v, torch.Tensor)})
     return strip_prefix(out, prefixes)
 
 
