@@ -64,3 +64,18 @@ def test_video_folder_lists_frame_folders(tmp_path, media_dir):
     cfg = _cfg(tmp_path, '[[datasets]]\nvideo_directory = "v"\n')
     items = list_items(cfg.datasets[0])
     assert [(i.stem, i.caption) for i in items] == [("dance", "dance"), ("frames_clip", "frames")]
+
+
+def test_jsonl_listing_the_same_media_twice(tmp_path):
+    """One media file, one cache: a second line for it is a problem on that line (it would be
+    cached twice and then reported stale forever)."""
+    lines = [json.dumps({"image_path": "a.jpg", "caption": "first"}),
+             json.dumps({"image_path": "b.jpg", "caption": "other"}),
+             json.dumps({"image_path": "./a.jpg", "caption": "again"})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    cfg = _cfg(tmp_path, '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\n')
+    items = list_items(cfg.datasets[0])
+    assert [(i.path.name, i.caption) for i in items if i.problem is None] == [("a.jpg", "first"), ("b.jpg", "other")]
+    (dup,) = [i.problem for i in items if i.problem]
+    assert dup == (f"{tmp_path / 'm.jsonl'}:3: a.jpg is listed again (first on line 1); remove the duplicate "
+                   "line, or use num_repeats to weight it")

@@ -196,3 +196,42 @@ def test_item_problems_heading(cached):
         assert [c.split()[0] for c in ei.value.commands] == ["wanlora-cache-latents", "wanlora-cache-text"]
     finally:
         restore()
+
+
+def test_edited_dataset_options_make_the_latent_caches_stale(cached, tmp_path):
+    """A resolution or frame change in the TOML after wanlora-cache-latents is caught like an edited
+    caption: every latent cache made with the old options is named, with what changed."""
+    edited = tmp_path / "d.toml"
+    text = cached.read_text().replace("resolution = [32, 32]", "resolution = [64, 64]")
+    for d in ("clips", "imgs", "cv", "ci"):
+        text = text.replace(f'"{d}"', f'"{cached.parent / d}"')
+    edited.write_text(text.replace("target_frames = [1, 5]", "target_frames = [1, 9]"))
+    with pytest.raises(MissingCachesError) as ei:
+        TrainingDataset(edited, task="i2v-A14B")
+    stale = [p for p in ei.value.problems if "stale: the dataset TOML changed" in p]
+    assert len(stale) == 7, ei.value.problems
+    assert any("cat_sunglasses_00000-001_32x32_wan21.safetensors: stale: the dataset TOML changed since "
+               "wanlora-cache-latents ran (resolution [32, 32] -> [64, 64]); it rebuilds stale caches" in p
+               for p in stale)
+    assert any("(resolution [32, 32] -> [64, 64], target_frames [1, 5] -> [1, 9])" in p for p in stale)
+    assert "wanlora-cache-latents --dataset_config" in str(ei.value)
+
+
+def test_nan_in_a_cached_latent_names_the_file(cached, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ds = TrainingDataset(cached, task="i2v-A14B", seed=0, shuffle=False)
+    victim = ds.samples[0].latent
+    original = victim.read_bytes()
+    try:
+        from wanlora.dataset.caches import read_cache_metadata
+
+        t = load_file(str(victim))
+        t["latents"][0, 0, 0, 0] = float("nan")
+        save_file(t, str(victim), metadata=read_cache_metadata(victim))
+        with pytest.raises(ValueError) as ei:
+            ds.load_batch([ds.samples[0]])
+        assert str(ei.value).startswith(f"{victim}: the cached latent holds NaN or Inf values")
+        assert "run wanlora-cache-latents again" in str(ei.value) and "\n" not in str(ei.value)
+    finally:
+        victim.write_bytes(original)

@@ -257,3 +257,21 @@ def test_checkpoint_quick_hash_identifies_the_weights(tmp_path):
     save_safetensors({"a": torch.ones(4, 4)}, tmp_path / "c.safetensors")
     ha, hb, hc = (checkpoint_quick_hash(tmp_path / f"{x}.safetensors") for x in "abc")
     assert ha == hb != hc and ha.startswith("quick-sha256:")
+
+
+def test_a_lora_with_nan_or_inf_weights_is_refused(tmp_path):
+    """A diverged training's LoRA would render a black video with exit status 0: refused on read,
+    by every command (generate, merge, convert, --network_weights)."""
+    from wanlora.io_utils import save_safetensors
+    from wanlora.lora.layouts import LoraFormatError, load_lora_file
+
+    sd = {"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(4, 8),
+          "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(8, 4),
+          "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(4.0)}
+    sd["lora_unet_blocks_0_self_attn_q.lora_up.weight"][3, 1] = float("inf")
+    save_safetensors(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(LoraFormatError) as e:
+        load_lora_file(tmp_path / "bad.safetensors")
+    assert str(e.value) == (f"{tmp_path / 'bad.safetensors'}: 1 of 3 tensors hold NaN or Inf values (first: "
+                            "lora_unet_blocks_0_self_attn_q.lora_up.weight); the training that made it diverged — "
+                            "use an earlier save, or retrain with a lower --learning_rate or --max_grad_norm 1.0")

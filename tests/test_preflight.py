@@ -191,3 +191,21 @@ def test_caching_an_empty_dataset_is_refused(tmp_path):
         P.preflight_cache_latents(config, get_task("t2v-1.3B"), None)
     assert _one_line(e) == (f"{toml}: the dataset has no media files (image_directory {tmp_path / 'media'}): "
                             "nothing to cache; check the folders, the JSONL and the file extensions")
+
+
+def test_flags_of_a_nested_run_config_are_read_flat():
+    from dataclasses import dataclass, field
+
+    @dataclass(frozen=True)
+    class Net:
+        network_dim: int = 0
+
+    @dataclass(frozen=True)
+    class Run:
+        task: str = "t2v-1.3B"
+        network: Net = field(default_factory=Net)
+
+    flat = P.flat_flags(Run())
+    assert flat.task == "t2v-1.3B" and flat.network_dim == 0
+    with pytest.raises(PreflightError, match="--network_dim 0: must be at least 1"):
+        P.check_train_numbers(flat)

@@ -14,12 +14,14 @@ commands that need only some of them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable
 
 import torch
@@ -40,6 +42,7 @@ __all__ = [
     "lora_model_problems",
     "sample_flags_warning",
     "lora_file_bytes",
+    "flat_flags",
     "preflight_train",
     "preflight_generate",
     "preflight_merge",
@@ -281,6 +284,26 @@ def sample_flags_warning(args) -> str | None:
 # per command
 
 
+def flat_flags(config) -> SimpleNamespace:
+    """The flags of a run as one flat namespace: an ``argparse.Namespace`` as it is, a (nested,
+    frozen) run-config dataclass with its leaf fields lifted to the top (each leaf is named as its
+    flag, ``config.network.network_dim`` -> ``network_dim``)."""
+    if not dataclasses.is_dataclass(config):
+        return config
+    out = {}
+
+    def walk(obj):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                walk(v)
+            else:
+                out.setdefault(f.name, v)
+
+    walk(config)
+    return SimpleNamespace(**out)
+
+
 def _emit(warnings: list[str]) -> list[str]:
     for w in warnings:
         log.warning(w)
@@ -297,7 +320,8 @@ def _loras(args) -> list[tuple[str, float, int]]:
 
 
 def preflight_train(args) -> list[str]:
-    """Everything about a training run that can be checked before the DiT loads.
+    """Everything about a training run that can be checked before the DiT loads (``args``: the
+    parsed flags or the run config, :func:`flat_flags`).
 
     Numeric flags (:func:`check_train_numbers`); ``--output_dir`` (and ``--logging_dir``)
     writable; with ``--sample_prompts`` the ``--vae`` kind against the task (else the run dies at
@@ -307,6 +331,7 @@ def preflight_train(args) -> list[str]:
     Raises:
         PreflightError / FileNotFoundError / CheckpointError: one line with the fix.
     """
+    args = flat_flags(args)
     task = get_task(args.task)
     check_train_numbers(args)
     warnings = []
@@ -343,13 +368,14 @@ def preflight_train(args) -> list[str]:
 
 
 def preflight_generate(args) -> list[str]:
-    """Before the models load in ``wanlora-generate``: ``--save_path`` a writable folder, the
+    """Before the models load in ``wanlora-generate`` (``args``: flags or run config): ``--save_path`` a writable folder, the
     ``--vae`` kind against the task (else found only after denoising), the LoRAs' task and
     expert against the model (refused as ``wanlora-merge-lora`` refuses), swapped experts (warned).
 
     Raises:
         PreflightError / FileNotFoundError / CheckpointError / LoraFormatError: one line.
     """
+    args = flat_flags(args)
     task = get_task(args.task)
     check_output_dir(args.save_path, "--save_path")
     if getattr(args, "vae", None):
