@@ -6,10 +6,9 @@ the items that need work in ``num_workers`` processes (a ``DataLoader``) ahead o
 windows of equal shape in batches and writes one ``.safetensors`` per window. A failing item is
 recorded with its reason and never stops the others.
 
-I2V conditioning (``wan/image2video.py: WanI2V.generate``, ``wan_numerics.md`` §5): the window's
-first frame followed by ``F-1`` zero frames goes through the VAE (16 channels), and the mask has
-4 channels per latent frame, ``m'[4τ + c]`` of the pixel mask ``m`` (``m[0] = 1``, others 0) with
-frame 0 repeated four times; ``y = concat(mask, image_latent)``, 20 channels.
+A task's image conditioning (:mod:`wanlora.conditioning`) adds its tensors to every cache file:
+for I2V-A14B the ``y`` of each window's first frame (mask 4 + image latent 16 channels, the same
+``y`` the generation pipeline builds for that frame), recorded as ``has_y = "1"``.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wanlora.conditioning import conditioning_for
 from wanlora.dataset import caches as C
 from wanlora.dataset.buckets import bucket_size
 from wanlora.dataset.config import DatasetConfig, DatasetGroupConfig
@@ -32,7 +32,7 @@ from wanlora.video_io import MediaError, image_size, probe_video, read_image, re
 
 __all__ = [
     "WindowJob", "ItemJob", "CachePlan", "CacheReport", "plan_latent_caches", "cache_latents",
-    "decode_item", "i2v_mask", "i2v_condition", "frames_to_video",
+    "decode_item", "frames_to_video",
 ]
 
 log = logging.getLogger("wanlora.commands.cache_latents")
@@ -133,11 +133,11 @@ def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str,
         return None, 0, str(e)
     size = bucket_size(w, h, ds.resolution, task.pixel_unit, ds.enable_bucket, ds.bucket_no_upscale)
     ident = C.source_identity(item.path)
-    has_y = task.conditioning == "i2v"
+    cond = conditioning_for(task)
     common = {
         "format": C.LATENT_FORMAT, **ident, "source_fps": "" if ds.source_fps is None else f"{ds.source_fps:g}",
         "width": str(size[0]), "height": str(size[1]), "vae": vae_identity, "vae_kind": vae_kind,
-        "task": task.name, "conditioning": task.conditioning, "has_y": "1" if has_y else "0",
+        "task": task.name, "conditioning": cond.kind, "has_y": "0", **{f"has_{k}": "1" for k in cond.cache_keys},
         "dataset": ds.name, "config": str(ds.config_path), "options": C.dumps(ds.shaping_options()),
     }
     jobs, current = [], 0
@@ -191,34 +191,6 @@ def frames_to_video(frames: np.ndarray) -> torch.Tensor:
     """uint8 ``[F, H, W, 3]`` -> float32 ``[3, F, H, W]`` in [-1, 1]."""
     x = torch.from_numpy(np.array(frames, dtype=np.uint8)).permute(3, 0, 1, 2).float()
     return x / 127.5 - 1.0
-
-
-def i2v_mask(frames: int, h: int, w: int, conditioned: int = 1) -> torch.Tensor:
-    """The I2V mask ``[4, T, h, w]`` (``wan/image2video.py``; ``wan_numerics.md`` §5.4).
-
-    Pixel mask ``m[0..F-1]`` is 1 for the first ``conditioned`` frames, else 0; frame 0 is repeated
-    four times (length ``F + 3 = 4T``), reshaped to ``[T, 4]`` and transposed: channel ``c`` of
-    latent frame ``τ`` is ``m'[4τ + c]``.
-    """
-    m = torch.zeros(frames)
-    m[:conditioned] = 1
-    m = torch.cat([m[:1].repeat(4), m[1:]])
-    t = (frames - 1) // 4 + 1
-    return m.view(t, 4).transpose(0, 1)[:, :, None, None].expand(4, t, h, w).contiguous()
-
-
-def i2v_condition(vae, videos: torch.Tensor) -> torch.Tensor:
-    """``y`` ``[B, 20, T, h, w]`` for videos ``[B, 3, F, H, W]`` in [-1, 1].
-
-    The first frame plus ``F-1`` zero frames go through the VAE (16-channel image latent), the
-    4-channel mask goes first: ``concat([mask, image_latent])``.
-    """
-    cond = torch.zeros_like(videos)
-    cond[:, :, :1] = videos[:, :, :1]
-    lat = vae.encode(cond).float()
-    b, _, t, h, w = lat.shape
-    mask = i2v_mask(videos.shape[2], h, w).to(lat)
-    return torch.cat([mask.unsqueeze(0).expand(b, -1, -1, -1, -1), lat], dim=1)
 
 
 class _DecodeSet(torch.utils.data.Dataset):
@@ -288,6 +260,7 @@ def cache_latents(
 
     t0 = time.perf_counter()
     task = config.task
+    cond = conditioning_for(task)
     vae_kind = vae.kind if vae is not None else task.vae
     identity = vae.identity if vae is not None else "debug"
     if vae is not None and vae.kind != task.vae:
@@ -320,7 +293,7 @@ def cache_latents(
         videos = torch.stack([v for _, _, v in entries])
         try:
             lat = vae.encode(videos).float().cpu()
-            y = i2v_condition(vae, videos).cpu() if task.conditioning == "i2v" else None
+            extra = {k: v.cpu() for k, v in cond.cache_tensors(vae, videos).items()}
         except Exception as e:  # noqa: BLE001
             for j, _, _ in entries:
                 if j not in failed_jobs:
@@ -331,9 +304,7 @@ def cache_latents(
             if j in failed_jobs:
                 continue
             wj = jobs[j].windows[k]
-            tensors = {"latents": lat[b].clone()}
-            if y is not None:
-                tensors["y"] = y[b].clone()
+            tensors = {"latents": lat[b].clone(), **{k: v[b].clone() for k, v in extra.items()}}
             save_safetensors(tensors, wj.path, metadata=wj.metadata)
             report.cached += 1
             done_windows[j] = done_windows.get(j, 0) + 1

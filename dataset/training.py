@@ -3,13 +3,11 @@
 ::
 
     ds = TrainingDataset("dataset.toml", task="i2v-A14B", seed=42)
-    ds.load_state_dict(saved)                  # resume: {"epoch": 3, "index": 17, ...}
-    for batch in ds.iterate(num_workers=2, max_epochs=10):
-        batch["latents"]   # float32 [B, C, T, h, w]
-        batch["context"]   # list of B float32 [L_i, d_model]
-        batch["y"]         # float32 [B, 20, T, h, w]   (i2v tasks only)
-        batch["keys"]      # list of B cache names (latent file stems)
-        state = ds.state_dict()                # position of the next batch
+    batch = ds[epoch * len(ds) + i]   # batch i of epoch `epoch`
+    batch["latents"]   # float32 [B, C, T, h, w]
+    batch["context"]   # list of B float32 [L_i, d_model]
+    batch["y"]         # float32 [B, 20, T, h, w]   (i2v tasks only: the conditioning's cache keys)
+    batch["keys"]      # list of B cache names (latent file stems)
 
 An *epoch* is every latent cache of every entry, repeated ``num_repeats`` times. Samples are
 grouped by bucket (entry, frame count, width, height) so a batch has one shape; batches hold the
@@ -18,7 +16,8 @@ buckets and of the batch order depends only on ``(seed, epoch)``, so every proce
 DataLoader worker sees the same order, and a resumed run continues exactly where it stopped.
 
 ``ds[position]`` is the batch at global position ``epoch * len(ds) + index``: workers need no
-state, which is what makes the order reproducible with any ``num_workers``.
+state, which is what makes the order reproducible with any ``num_workers``, and a run resumes by
+position alone (the trainer's ``EpochPositions`` sampler and Accelerate's ``skip_first_batches``).
 """
 
 from __future__ import annotations
@@ -26,12 +25,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from wanlora.conditioning import conditioning_for
 from wanlora.dataset import caches as C
 from wanlora.dataset.config import DatasetGroupConfig, load_dataset_config
 from wanlora.dataset.items import list_items
@@ -81,25 +80,6 @@ class Sample:
         return self.latent.name[: -len(".safetensors")]
 
 
-def _collate(x):
-    return x
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
-class _Positions(torch.utils.data.Sampler):
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = start, stop
-
-    def __iter__(self):
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
 class TrainingDataset(torch.utils.data.Dataset):
     """Batches of cached latents and contexts (see the module docstring).
 
@@ -111,7 +91,7 @@ class TrainingDataset(torch.utils.data.Dataset):
 
     Raises:
         MissingCachesError: any item without its latent or text cache, with caches from another
-            VAE kind or without the ``y`` the task needs, or whose text cache was made from another
+            VAE kind or without the conditioning tensors the task needs (``y``), or whose text cache was made from another
             caption (edited since caching: stale); all are listed at once, with the
             ``wanlora-cache-latents`` / ``wanlora-cache-text`` commands that create them.
     """
@@ -126,16 +106,15 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.task = get_task(task) if task is not None else config.task
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.conditioning = conditioning_for(self.task)
         self.samples = self._find_samples()
-        self.epoch = 0
-        self.index = 0
         self._order_cache: dict[int, list[list[int]]] = {}
         self._n_batches = len(self._batches_of(0))
 
     # -- discovery --------------------------------------------------------------------------------
     def _find_samples(self) -> list[Sample]:
         task = self.task
-        need_y = task.conditioning == "i2v"
+        cond = self.conditioning
         samples, problems = [], []
         latent_missing = text_missing = item_problems = False
         for ds in self.config.datasets:
@@ -168,8 +147,8 @@ class TrainingDataset(torch.utils.data.Dataset):
                                         f"({changed}); it rebuilds stale caches")
                         latent_missing = True
                         continue
-                    if need_y and meta.get("has_y") != "1":
-                        problems.append(f"{p}: made for task {meta.get('task')} without the I2V conditioning 'y' "
+                    if any(meta.get(f"has_{k}") != "1" for k in cond.cache_keys):
+                        problems.append(f"{p}: made for task {meta.get('task')} without the {cond.label} "
                                         f"that {task.name} needs")
                         latent_missing = True
                         continue
@@ -246,8 +225,10 @@ class TrainingDataset(torch.utils.data.Dataset):
         return self.load_batch([self.samples[i] for i in self._batches_of(epoch)[index]])
 
     def load_batch(self, samples: list[Sample]) -> dict:
-        """Read and stack the caches of ``samples`` (one bucket)."""
-        lat, ys, ctx = [], [], []
+        """Read and stack the caches of ``samples`` (one bucket): ``latents``, ``context``, ``keys``
+        and the task's conditioning tensors (:attr:`wanlora.conditioning.Conditioning.cache_keys`)."""
+        keys = self.conditioning.cache_keys
+        lat, extra, ctx = [], {k: [] for k in keys}, []
         for s in samples:
             t = load_file(str(s.latent))
             if not all(bool(torch.isfinite(v).all()) for v in t.values() if v.is_floating_point()):
@@ -255,56 +236,9 @@ class TrainingDataset(torch.utils.data.Dataset):
                                  "half precision?); delete it and run wanlora-cache-latents again with "
                                  "--vae_dtype float32")
             lat.append(t["latents"].float())
-            if self.task.conditioning == "i2v":
-                ys.append(t["y"].float())
+            for k in keys:
+                extra[k].append(t[k].float())
             ctx.append(load_file(str(s.text))["context"].float())
         batch = {"latents": torch.stack(lat), "context": ctx, "keys": [s.key for s in samples]}
-        if ys:
-            batch["y"] = torch.stack(ys)
+        batch.update({k: torch.stack(v) for k, v in extra.items()})
         return batch
-
-    # -- position -------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Position of the next batch: ``{"epoch", "index", "seed", "batches_per_epoch"}``."""
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batches_per_epoch": self._n_batches}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at a saved position.
-
-        Raises:
-            ValueError: the saved position does not fit this dataset (index past the epoch's end).
-        """
-        epoch, index = int(state["epoch"]), int(state["index"])
-        if index < 0 or index > self._n_batches or epoch < 0:
-            raise ValueError(f"dataset position epoch={epoch} index={index} does not fit a dataset of "
-                             f"{self._n_batches} batches per epoch (did the dataset change?)")
-        if state.get("batches_per_epoch", self._n_batches) != self._n_batches:
-            import warnings
-
-            warnings.warn(f"the dataset had {state['batches_per_epoch']} batches per epoch when saved, now "
-                          f"{self._n_batches}; resuming at the same epoch and index", stacklevel=2)
-        if index == self._n_batches:
-            epoch, index = epoch + 1, 0
-        self.epoch, self.index = epoch, index
-
-    def epoch_batches(self, num_workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
-        """Yield the rest of the current epoch's batches; the position advances as each is yielded
-        (so :meth:`state_dict` taken after a step points at the next batch)."""
-        start = self.epoch * self._n_batches + self.index
-        stop = (self.epoch + 1) * self._n_batches
-        if num_workers > 0:
-            loader = torch.utils.data.DataLoader(
-                self, batch_size=None, sampler=_Positions(start, stop), num_workers=num_workers,
-                collate_fn=_collate, worker_init_fn=_worker_init, pin_memory=pin_memory)
-        else:
-            loader = (self[p] for p in range(start, stop))
-        for batch in loader:
-            self.index += 1
-            if self.index >= self._n_batches:
-                self.epoch, self.index = self.epoch + 1, 0
-            yield batch
-
-    def iterate(self, num_workers: int = 0, max_epochs: int | None = None, pin_memory: bool = False) -> Iterator[dict]:
-        """Yield batches from the current position through epoch ``max_epochs - 1`` (forever if None)."""
-        while max_epochs is None or self.epoch < max_epochs:
-            yield from self.epoch_batches(num_workers, pin_memory)

@@ -14,7 +14,7 @@ from wanlora.commands.cache_latents import main
 from wanlora.dataset import caches as C
 from wanlora.dataset.config import load_dataset_config
 from wanlora.dataset.frames import resample_indices
-from wanlora.dataset.latent_caching import frames_to_video, i2v_mask, plan_latent_caches
+from wanlora.dataset.latent_caching import frames_to_video, plan_latent_caches
 from wanlora.video_io import probe_video, read_image, read_video_frames, resize_cover_crop
 
 torch.set_num_threads(1)
@@ -193,14 +193,6 @@ cache_directory = "ci"
     ti = load_file(str(tmp_path / "ci" / "street_portrait_00000-001_32x32_wan21.safetensors"))
     assert ti["y"].shape == (20, 1, 4, 4) and torch.equal(ti["y"][:4], torch.ones(4, 1, 4, 4))
     assert torch.allclose(ti["y"][4:], ti["latents"], atol=1e-6)  # one frame: the image latent itself
-
-
-def test_i2v_mask_layout():
-    m = i2v_mask(9, 2, 3)  # m = [1,0,...,0] (9) -> [1,1,1,1, 0 x 8] -> [3, 4] -> [4, 3]
-    assert m.shape == (4, 3, 2, 3)
-    assert m[:, 0].eq(1).all() and m[:, 1:].eq(0).all()
-    m2 = i2v_mask(9, 1, 1, conditioned=2)  # frame 1 conditioned: latent 1, channel 0 (m'[4])
-    assert m2[:, :, 0, 0].tolist() == [[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]]
 
 
 def test_ti2v_first_latent_is_the_image_latent(tmp_path, media_dir, tiny_dir, capsys):

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wanlora.conditioning import conditioning_for
 from wanlora.dataset import DatasetConfigError, DatasetConfigWarning, load_dataset_config
 from wanlora.dataset.latent_caching import plan_latent_caches
 from wanlora.training.experts import boundary_timestep, expert_from_path, normalize_expert, plan_experts
@@ -145,7 +146,7 @@ def test_train_config_parses_and_is_what_its_name_says(path):
     assert args.attn_mode in ATTN_MODES
     assert args.network_alpha <= args.network_dim and args.learning_rate <= 2e-4
     assert args.save_every_n_epochs or args.save_every_n_steps
-    if task.conditioning != "ti2v":
+    if not conditioning_for(task).trains_first_frame:
         assert args.ti2v_first_frame == 0.0
     assert 0.0 <= args.ti2v_first_frame <= 1.0
 
@@ -154,7 +155,7 @@ def test_train_config_parses_and_is_what_its_name_says(path):
     assert ds.is_file() and ds.parent == CONFIGS, args.dataset_config
     assert task_name in tasks_of(ds), f"{ds.name} is not written for {task_name}"
     specs = read_prompt_file(ROOT / args.sample_prompts)
-    needs_image = task.conditioning == "i2v"
+    needs_image = conditioning_for(task).requires_image
     assert all(bool(s.image_path) == needs_image for s in specs), \
         "I2V samples need --i on every prompt; the other tasks none"
     assert args.sample_every_n_epochs or args.sample_every_n_steps
@@ -232,7 +233,7 @@ def test_dataset_config_validates_for_its_tasks(path, task_name, tmp_path):
         if ds.kind == "video":
             longest = ds.max_frames if ds.frame_extraction == "full" else max(ds.target_frames)
             assert longest <= task.frame_num  # 81 frames, 121 for ti2v-5B
-        if task.conditioning == "i2v":  # a 1-frame I2V sample is conditioned on itself
+        if conditioning_for(task).requires_image:  # a 1-frame I2V sample is conditioned on itself
             assert ds.kind == "video" and (ds.frame_extraction == "full" or min(ds.target_frames) > 1)
 
 
@@ -251,7 +252,7 @@ def test_dataset_config_plans_real_media(path, task_name, tmp_path, media_dir):
         assert job.windows
         for w in job.windows:
             assert 1 <= w.window.frames <= task.frame_num and (w.window.frames - 1) % 4 == 0
-            if task.conditioning == "i2v":
+            if conditioning_for(task).requires_image:
                 assert w.window.frames > 1
         assert job.size[0] % task.pixel_unit == 0 and job.size[1] % task.pixel_unit == 0
 

@@ -162,33 +162,52 @@ def test_lora_metadata_routes_expert(tiny_dir, tmp_path, caplog):
         plan_loras(get_task(task), [str(hi)], [], exclude=["blocks_(0"])
 
 
-def test_training_sampler_files_rng_and_modes(tiny_dir, tmp_path):
+def test_validation_sampler_files_rng_and_modes(tiny_dir, tmp_path):
     from wanlora.models import load_dit
-    from wanlora.training.training_sampler import TrainingSampler
+    from wanlora.training.validation import ValidationSampler
 
     task = "t2v-A14B"
     flags = json.loads((tiny_dir(task) / "manifest.json").read_text())["flags"]
     pf = tmp_path / "sample_prompts.txt"
     pf.write_text("a red ball --d 7 --s 2\na blue cube --w 48 --s 2\n", encoding="utf-8")
-    sampler = TrainingSampler(task, pf, flags["--vae"], flags["--t5"], flags["--t5_tokenizer"],
-                              output_dir=tmp_path, output_name="mylora", width=32, height=32, frames=5,
-                              device="cpu")
+    sampler = ValidationSampler(task, pf, flags["--vae"], flags["--t5"], flags["--t5_tokenizer"],
+                                output_dir=tmp_path, output_name="mylora", width=32, height=32, frames=5,
+                                device="cpu")
     dits = {"low_noise": load_dit(flags["--dit"], task), "high_noise": load_dit(flags["--dit_high_noise"], task)}
     for d in dits.values():
         d.train()
     torch.manual_seed(0)
     random.seed(0)
-    expected = (torch.rand(3), random.random())
+    np.random.seed(0)
+    expected = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(0)
     random.seed(0)
+    np.random.seed(0)
     samples = sampler.sample(250, dits, epoch=3)
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
     assert all(d.training for d in dits.values())
     names = sorted(p.name for p in (tmp_path / "sample").glob("*.mp4"))
     assert names[:2] == ["mylora_000250_00_7.mp4", "mylora_000250_01_42.mp4"]
     assert samples[1].frames.shape == (5, 32, 48, 3) and samples[1].video_tensor().shape == (1, 5, 3, 32, 48)
     again = sampler.sample(251, dits)
     assert np.array_equal(again[0].frames, samples[0].frames)  # fixed seeds: comparable over training
+
+
+def test_preserve_rng_state_restores_every_global_stream():
+    from wanlora.training.validation import preserve_rng_state
+
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    with preserve_rng_state():
+        torch.rand(5), random.random(), np.random.rand(4)  # what sampling might draw
+    assert torch.equal(torch.rand(2), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
 
 
 def test_user_errors_one_line_exit_2(tiny_dir, tmp_path, capsys, monkeypatch):

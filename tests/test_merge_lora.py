@@ -119,7 +119,7 @@ def test_merged_checkpoint_equals_dynamic_lora(tmp_path):
 
 
 def test_merged_checkpoint_equals_the_training_network(tmp_path):
-    lora_wan = pytest.importorskip("wanlora.networks.lora_wan")
+    from wanlora.networks import lora_wan
     base = _base(3)
     save_safetensors(base, tmp_path / "dit.safetensors")
     l1 = _lora(4, 4, 1.0)
@@ -254,8 +254,7 @@ def test_tiny_a14b_expert_merge_end_to_end(tiny_dir, tmp_path):
     """Training's network saves a high-noise LoRA; the merge into the tiny official high_noise_model
     shards loads with load_dit and equals the network applied dynamically; the low-noise expert
     refuses it."""
-    pytest.importorskip("wanlora.tools.tiny")
-    lora_wan = pytest.importorskip("wanlora.networks.lora_wan")
+    from wanlora.networks import lora_wan
     from wanlora.models import load_dit
 
     root = tiny_dir("t2v-A14B")

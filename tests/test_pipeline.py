@@ -12,15 +12,8 @@ from PIL import Image
 
 from dit_oracle import diffusers_transformer
 
-from wanlora.inference.pipeline import (
-    GenerationRequest,
-    WanPipeline,
-    best_output_size,
-    i2v_mask,
-    i2v_size,
-    initial_noise,
-    ti2v_image,
-)
+from wanlora.conditioning import best_output_size, i2v_mask, i2v_size, ti2v_image
+from wanlora.inference.pipeline import GenerationRequest, WanPipeline, initial_noise
 from wanlora.inference.sampling import make_schedule
 
 torch.set_num_threads(1)
@@ -64,12 +57,6 @@ def test_ti2v_image_resize_and_center_crop():
     x, (oh, ow) = ti2v_image(img, 64 * 64, 32)
     assert x.shape == (3, oh, ow) and (ow, oh) == best_output_size(300, 100, 32, 32, 64 * 64)
     assert x[0].min() == 1.0 and x[1].max() == -1.0  # red in [-1, 1]
-
-
-def test_i2v_mask_layout():
-    m = i2v_mask(9, 2, 3)
-    assert m.shape == (4, 3, 2, 3)
-    assert (m[:, 0] == 1).all() and (m[:, 1:] == 0).all()
 
 
 def test_initial_noise_is_one_randn_call():
@@ -257,7 +244,7 @@ def test_i2v_a14b_matches_diffusers_i2v_pipeline(tiny_dir):
     from diffusers import WanImageToVideoPipeline
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    from wanlora.inference.pipeline import i2v_image
+    from wanlora.conditioning import i2v_image
 
     dits, vae, _ = _tiny_models(tiny_dir, "i2v-A14B")
     steps, shift, frames = 6, 5.0, 5

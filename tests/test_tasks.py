@@ -1,34 +1,61 @@
-"""The task table against the official configs (Wan2.2 wan/configs/*, Wan2.1 generate.py)."""
+"""The task table against the official configs, read from ``tests/data/official_configs.json``
+(values as written in Wan-Video/Wan2.2 and Wan-Video/Wan2.1: ``wan/configs/*.py``, ``generate.py``
+defaults, the VAE wrappers' ``z_dim``; each entry names its file and the commit read)."""
+
+import json
+from pathlib import Path
 
 import pytest
 
 from wanlora.tasks import DEFAULT_NEGATIVE_PROMPT, TASKS, get_task
+from wanlora.training.flow import NUM_TRAIN_TIMESTEPS
+
+OFFICIAL = json.loads((Path(__file__).parent / "data" / "official_configs.json").read_text(encoding="utf-8"))
 
 
-def test_all_tasks_present():
-    assert set(TASKS) == {"t2v-A14B", "i2v-A14B", "ti2v-5B", "t2v-1.3B", "t2v-14B"}
+def _official(name: str) -> dict:
+    """The task's config with the shared config underneath (as ``cfg.update(wan_shared_cfg)`` then
+    the task's own assignments), plus the VAE's ``z_dim`` and the ``generate.py`` defaults."""
+    entry = OFFICIAL["tasks"][name]
+    cfg = {**OFFICIAL["shared"][entry["source"]], **entry}
+    cfg.update(entry.get("generate_py", {}))
+    cfg["z_dim"] = OFFICIAL["vae"][cfg["vae_checkpoint"]]["z_dim"]
+    return cfg
 
 
-@pytest.mark.parametrize(
-    "name, boundary, shift, guide_low, guide_high, steps, fps, frames, vae, z, cin, cout",
-    [
-        ("t2v-A14B", 0.875, 12.0, 3.0, 4.0, 40, 16, 81, "wan2.1", 16, 16, 16),
-        ("i2v-A14B", 0.900, 5.0, 3.5, 3.5, 40, 16, 81, "wan2.1", 16, 36, 16),
-        ("ti2v-5B", None, 5.0, 5.0, None, 50, 24, 121, "wan2.2", 48, 48, 48),
-        ("t2v-14B", None, 5.0, 5.0, None, 50, 16, 81, "wan2.1", 16, 16, 16),
-        ("t2v-1.3B", None, 5.0, 5.0, None, 50, 16, 81, "wan2.1", 16, 16, 16),
-    ],
-)
-def test_official_defaults(name, boundary, shift, guide_low, guide_high, steps, fps, frames, vae,
-                           z, cin, cout):
-    t = get_task(name)
-    assert (t.boundary, t.flow_shift, t.guidance_scale, t.guidance_scale_high_noise) == (
-        boundary, shift, guide_low, guide_high)
-    assert (t.sample_steps, t.fps, t.frame_num, t.vae, t.latent_channels) == (
-        steps, fps, frames, vae, z)
-    assert (t.in_channels, t.out_channels) == (cin, cout)
-    assert t.dim // t.num_heads == 128
-    assert t.negative_prompt == DEFAULT_NEGATIVE_PROMPT
+def test_every_task_has_its_official_config():
+    assert set(TASKS) <= set(OFFICIAL["tasks"]), "add the official values of a new task to tests/data/official_configs.json"
+    assert {"t2v-A14B", "i2v-A14B", "ti2v-5B", "t2v-1.3B", "t2v-14B"} <= set(TASKS)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_table_equals_official_config(name):
+    t, cfg = get_task(name), _official(name)
+    # sampling defaults
+    assert t.flow_shift == cfg["sample_shift"]
+    assert t.sample_steps == cfg["sample_steps"]
+    guide = cfg["sample_guide_scale"]
+    if isinstance(guide, list):  # (low noise, high noise)
+        assert (t.guidance_scale, t.guidance_scale_high_noise) == tuple(guide)
+    else:
+        assert t.guidance_scale == guide and t.guidance_scale_high_noise is None
+    assert t.boundary == cfg.get("boundary")
+    assert t.fps == cfg["sample_fps"] and t.frame_num == cfg["frame_num"]
+    assert "%d*%d" % t.size in cfg["supported_sizes"]
+    assert t.negative_prompt == cfg["sample_neg_prompt"]
+    # architecture and VAE
+    assert list(t.vae_stride) == cfg["vae_stride"] and list(t.patch_size) == cfg["patch_size"]
+    assert (t.dim, t.ffn_dim, t.freq_dim, t.num_heads, t.num_layers) == (
+        cfg["dim"], cfg["ffn_dim"], cfg["freq_dim"], cfg["num_heads"], cfg["num_layers"])
+    assert t.vae == {"Wan2.1_VAE.pth": "wan2.1", "Wan2.2_VAE.pth": "wan2.2"}[cfg["vae_checkpoint"]]
+    assert t.latent_channels == cfg["z_dim"] and t.out_channels == cfg["z_dim"]
+    assert t.text_len == cfg["text_len"] and NUM_TRAIN_TIMESTEPS == cfg["num_train_timesteps"]
+    assert t.family == cfg["source"]
+
+
+def test_default_negative_prompt_is_the_shared_one():
+    shared = {OFFICIAL["shared"][s]["sample_neg_prompt"] for s in ("wan2.1", "wan2.2")}
+    assert shared == {DEFAULT_NEGATIVE_PROMPT}
 
 
 def test_expert_ranges_and_units():

@@ -20,6 +20,7 @@ from wanlora.training.experts import (
 from wanlora.training.optim import build_lr_scheduler, build_optimizer, lr_lambda, parse_kv_args
 from wanlora.tasks import get_task
 from wanlora.commands.train_args import ConfigFileError, parse_args
+from wanlora.conditioning import conditioning_for
 from wanlora.training.trainer import flow_matching_loss
 
 BASE = ["--task", "t2v-A14B", "--dit", "d", "--dataset_config", "ds.toml", "--output_dir", "out"]
@@ -231,7 +232,7 @@ def test_flow_matching_loss_relation_and_ti2v_first_frame():
         return v
 
     loss, t = flow_matching_loss(oracle, batch, sampler, 0, 1000, torch.Generator().manual_seed(5), "cpu",
-                                 first_frame_prob=1.0)
+                                 conditioning=conditioning_for("ti2v-5B", first_frame_prob=1.0))
     assert loss.item() == pytest.approx(0.0, abs=1e-10)  # frame 0 is out of the loss
     assert seen["t"].shape == (2, 3) and torch.all(seen["t"][:, 0] == 0)
     assert torch.equal(seen["t"][:, 1], t) and torch.equal(seen["x_t"][:, :, 0], x0[:, :, 0])

@@ -41,9 +41,11 @@ class Task:
         family: ``"wan2.2"`` or ``"wan2.1"``.
         in_channels / out_channels: DiT input and output channels (36 -> 16 for I2V-A14B:
             16 noisy latent + 4 mask + 16 image latent).
-        conditioning: ``"none"`` (text-to-video), ``"i2v"`` (mask + image latent concatenated
-            to the input, ``wan/image2video.py``) or ``"ti2v"`` (clean first latent frame at
-            timestep 0, ``wan/textimage2video.py``).
+        conditioning: the kind of image conditioning, a key of
+            :data:`wanlora.conditioning.KINDS`: ``"none"`` (text-to-video), ``"i2v"`` (mask +
+            image latent concatenated to the input, ``wan/image2video.py``) or ``"ti2v"`` (clean
+            first latent frame at timestep 0, ``wan/textimage2video.py``). Code asks
+            :func:`wanlora.conditioning.conditioning_for`, never this name.
         vae: ``"wan2.1"`` (z=16, stride 4x8x8) or ``"wan2.2"`` (z=48, stride 4x16x16).
         vae_stride: (time, height, width) compression of the VAE.
         latent_channels: channels of the VAE latent (16 or 48).

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from wanlora.commands.cli import USER_ERRORS, run_cli
+from wanlora.conditioning import conditioning_for
 from wanlora.tasks import TASKS, get_task
 
 logger = logging.getLogger("wanlora.commands.generate")
@@ -128,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--task {task.name} is a single model: --dit_high_noise / --lora_weight_high_noise do not apply")
     if args.output_type != "latent" and args.vae is None:
         p.error("--vae is needed to decode (or use --output_type latent)")
-    if task.conditioning == "i2v" and args.vae is None:
+    if conditioning_for(task).requires_image and args.vae is None:
         p.error(f"--task {task.name} encodes the first frame: give --vae")
     return args
 

@@ -2,7 +2,7 @@
 
 One implementation of the official pipelines (``wan/text2video.py: WanT2V.generate``,
 ``wan/image2video.py: WanI2V.generate``, ``wan/textimage2video.py: WanTI2V.t2v / i2v``), used by
-``wanlora-generate`` and by the samples taken during training (:mod:`wanlora.training.training_sampler`).
+``wanlora-generate`` and by the samples taken during training (:mod:`wanlora.training.validation`).
 For the same weights, prompt embeddings and seed it reproduces the official latents: the same
 ``torch.randn`` call for the initial noise, the same integer model timesteps and float32 update
 sigmas (:mod:`wanlora.inference.sampling`), the same expert switch, the same I2V ``y`` and TI2V first-frame
@@ -18,10 +18,9 @@ import logging
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Mapping
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from wanlora.conditioning import conditioning_for, with_clean_first_frame
 from wanlora.inference.sampling import cfg_apply_pattern, expert_for_timestep, guided_velocity, make_schedule, make_solver
 from wanlora.tasks import Task, get_task
 
@@ -29,12 +28,6 @@ __all__ = [
     "GenerationRequest",
     "Prepared",
     "WanPipeline",
-    "i2v_size",
-    "best_output_size",
-    "image_to_tensor",
-    "i2v_image",
-    "ti2v_image",
-    "i2v_mask",
     "initial_noise",
     "check_frames",
     "check_video_size",
@@ -45,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
-# sizes and images
+# sizes (the image sizes of I2V / TI2V: wanlora.conditioning)
 
 
 def check_frames(task: Task, frames: int) -> int:
@@ -77,94 +70,6 @@ def check_video_size(task: Task, height: int, width: int, frames: int) -> tuple[
         logger.warning("video size %dx%d (HxW) rounded down to %dx%d (multiples of %d for %s)",
                        height, width, h, w, u, task.name)
     return h, w, frames
-
-
-def i2v_size(image_w: int, image_h: int, max_area: int, vae_stride: int = 8, patch: int = 2) -> tuple[int, int]:
-    """I2V-A14B output size ``(H, W)`` in pixels for an image of ``image_w x image_h``
-    (``wan/image2video.py: WanI2V.generate``, §5.1): the image's aspect ratio at ``max_area`` pixels,
-    each latent side floored to a multiple of the patch (so ``H, W`` are multiples of 16).
-
-    Raises:
-        ValueError: ``max_area`` too small for the image's aspect ratio (a side under one patch;
-            the official code would go on with an empty latent).
-    """
-    aspect = image_h / image_w
-    lat_h = round(np.sqrt(max_area * aspect) // vae_stride // patch * patch)
-    lat_w = round(np.sqrt(max_area / aspect) // vae_stride // patch * patch)
-    if lat_h < 1 or lat_w < 1:
-        raise ValueError(f"the area {max_area} px (--video_size / --w --h) is too small for a {image_w}x{image_h} "
-                         f"image: a side would be under {vae_stride * patch} pixels")
-    return int(lat_h * vae_stride), int(lat_w * vae_stride)
-
-
-def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
-    """TI2V-5B output size ``(W, H)`` in pixels for an image of ``w x h`` (``wan/utils/utils.py:
-    best_output_size``, §6.1): of the width-first and the height-first rounding to multiples of
-    ``(dw, dh)`` within ``expected_area``, the one whose aspect ratio is closer to the image's
-    (height-first on a tie, as the official comparison is strict).
-
-    A candidate with a zero side is skipped (the official function divides by zero there).
-
-    Raises:
-        ValueError: both candidates have a zero side (the area is too small for the aspect ratio).
-    """
-    ratio = w / h
-    ow = (expected_area * ratio) ** 0.5
-    oh = expected_area / ow
-    candidates = []  # height-first first: min() keeps the first of equals, the official tie-break
-    oh2 = int(oh // dh * dh)
-    if oh2 > 0:
-        candidates.append((int(expected_area / oh2 // dw * dw), oh2))
-    ow1 = int(ow // dw * dw)
-    if ow1 > 0:
-        candidates.append((ow1, int(expected_area / ow1 // dh * dh)))
-    candidates = [(cw, ch) for cw, ch in candidates if cw > 0 and ch > 0]
-    if not candidates:
-        raise ValueError(f"the area {expected_area} px (--video_size / --w --h) is too small for a {w}x{h} "
-                         f"image: a side would be under {min(dw, dh)} pixels")
-    return min(candidates, key=lambda c: max(ratio / (c[0] / c[1]), (c[0] / c[1]) / ratio))
-
-
-def image_to_tensor(image) -> torch.Tensor:
-    """PIL RGB image -> float32 ``[3, H, W]`` in [-1, 1] (``TF.to_tensor(img).sub_(0.5).div_(0.5)``)."""
-    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float().div(255).sub_(0.5).div_(0.5)
-
-
-def i2v_image(image, height: int, width: int) -> torch.Tensor:
-    """The I2V first frame ``[3, H, W]``: bicubic resize without antialias or clamp (§5.2)."""
-    x = image_to_tensor(image)[None]
-    return F.interpolate(x, size=(height, width), mode="bicubic")[0]
-
-
-def ti2v_image(image, max_area: int, unit: int = 32):
-    """The TI2V-5B first frame ``[3, oh, ow]`` and its size ``(oh, ow)``: best_output_size, PIL
-    LANCZOS resize by ``max(ow/iw, oh/ih)`` with rounded sizes, center crop (§6.1;
-    ``wan/textimage2video.py: WanTI2V.i2v``). Values in [-1, 1] from ``to_tensor``.
-
-    Raises:
-        ValueError: ``max_area`` too small for the image (see :func:`best_output_size`).
-    """
-    from PIL import Image
-
-    iw, ih = image.width, image.height
-    ow, oh = best_output_size(iw, ih, unit, unit, max_area)
-    scale = max(ow / iw, oh / ih)
-    img = image.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
-    x1, y1 = (img.width - ow) // 2, (img.height - oh) // 2
-    img = img.crop((x1, y1, x1 + ow, y1 + oh))
-    return image_to_tensor(img), (oh, ow)
-
-
-def i2v_mask(frames: int, lat_h: int, lat_w: int, device=None) -> torch.Tensor:
-    """The 4-channel I2V mask ``[4, T, h, w]`` float32, ``T = (frames−1)/4 + 1`` (§5.4, ``msk`` of
-    ``wan/image2video.py: WanI2V.generate``): pixel frame 0 known, repeated 4 times, then grouped by
-    4 per latent frame (latent frame 0 all ones, the rest zeros). ``frames`` must be ``4n+1``."""
-    m = torch.ones(1, frames, lat_h, lat_w, device=device)
-    m[:, 1:] = 0
-    m = torch.cat([m[:, :1].repeat_interleave(4, dim=1), m[:, 1:]], dim=1)
-    m = m.view(1, m.shape[1] // 4, 4, lat_h, lat_w)
-    return m.transpose(1, 2)[0]
 
 
 def initial_noise(shape, seed: int, device="cpu", cpu_noise: bool = False) -> torch.Tensor:
@@ -281,6 +186,7 @@ class WanPipeline:
         self.device = torch.device(device)
         self.offload = offload
         self.progress = progress
+        self.conditioning = conditioning_for(self.task)
         self.extra_modules: dict = {}  # expert -> modules moved with it (dynamic LoRA networks)
 
     # -- placement -------------------------------------------------------------------------
@@ -344,43 +250,36 @@ class WanPipeline:
         """Resolve sizes, draw the initial noise and build the image conditioning.
 
         ``context``/``context_null``: precomputed ``[L, d]`` embeddings (else the text encoder runs).
-        Sizes: T2V as given (rounded down to the pixel unit); I2V-A14B :func:`i2v_size` from the
-        image and the area ``height·width``; TI2V-5B with an image :func:`best_output_size`. The
+        Sizes: T2V as given (rounded down to the pixel unit); with an image, the task's
+        conditioning (:mod:`wanlora.conditioning`) sizes it from the image and the area
+        ``height·width`` (I2V-A14B :func:`~wanlora.conditioning.i2v_size`, TI2V-5B
+        :func:`~wanlora.conditioning.best_output_size`) and builds ``y`` or the first latent. The
         noise is drawn once, ``[C, T, h, w]`` (:func:`initial_noise`), before any conditioning.
 
         Raises:
             ValueError: an I2V task without an image, a bad frame count or size, no VAE for an image.
         """
-        t = self.task
+        t, cond = self.task, self.conditioning
         r = self.resolve(req)
         frames = check_frames(t, r.frames)
         st, sh, sw = t.vae_stride
         T = (frames - 1) // st + 1
-        y = first = None
-        if t.conditioning == "i2v":
-            if r.image is None:
-                raise ValueError(f"{t.name} is image-to-video: give --image_path (or --i in a prompt file)")
-            H, W = i2v_size(r.image.width, r.image.height, r.width * r.height, sh, t.patch_size[1])
-            r.height, r.width = H, W
-            lat_h, lat_w = H // sh, W // sw
-            noise = initial_noise((t.latent_channels, T, lat_h, lat_w), r.seed, self.device, cpu_noise)
-            img = i2v_image(r.image, H, W)
-            video = torch.cat([img[:, None], torch.zeros(3, frames - 1, H, W)], dim=1)
-            self._need_vae()
-            lat = self.vae.encode(video[None])[0].to(self.device, torch.float32)
-            y = torch.cat([i2v_mask(frames, lat_h, lat_w, self.device), lat])
-        elif t.conditioning == "ti2v" and r.image is not None:
-            img, (H, W) = ti2v_image(r.image, r.width * r.height, t.pixel_unit)
-            r.height, r.width = H, W
-            noise = initial_noise((t.latent_channels, T, H // sh, W // sw), r.seed, self.device, cpu_noise)
-            self._need_vae()
-            first = self.vae.encode(img[:, None][None])[0].to(self.device, torch.float32)
-        else:
-            if r.image is not None and t.conditioning == "none":
+        if r.image is None and cond.requires_image:
+            raise ValueError(f"{t.name} is image-to-video: give --image_path (or --i in a prompt file)")
+        image = None if r.image is None else cond.image_pixels(t, r.image, r.width * r.height)
+        if image is None:
+            if r.image is not None:
                 logger.warning("%s is text-to-video: the image %s is ignored", t.name, r.image_path or "")
             H, W, _ = check_video_size(t, r.height, r.width, frames)
-            r.height, r.width = H, W
-            noise = initial_noise((t.latent_channels, T, H // sh, W // sw), r.seed, self.device, cpu_noise)
+        else:
+            pixels, (H, W) = image
+        r.height, r.width = H, W
+        noise = initial_noise((t.latent_channels, T, H // sh, W // sw), r.seed, self.device, cpu_noise)
+        y = first = None
+        if image is not None:
+            self._need_vae()
+            inputs = cond.encode_image(self.vae, pixels, frames, self.device)
+            y, first = inputs.y, inputs.first_latent
         if context is None:
             context, context_null = self.encode_text([r.prompt]), self.encode_text([r.negative_prompt])
         elif context_null is None:
@@ -419,7 +318,7 @@ class WanPipeline:
         x = p.noise[None].to(self.device)
         z = None if p.first_latent is None else p.first_latent[None].to(self.device)
         if z is not None:
-            x = torch.cat([z, x[:, :, 1:]], dim=2)
+            x = with_clean_first_frame(x, z)
         y = None if p.y is None else p.y[None].to(self.device)
         steps = sched.timesteps
         it = enumerate(steps)
@@ -435,17 +334,12 @@ class WanPipeline:
                     logger.debug("step %d (t=%d): %s expert", i, int(ts), expert)
                 model = self._activate(expert)
                 last_expert = expert
-            if t.conditioning == "ti2v":
-                tt = torch.full((1, x.shape[2]), float(ts), device=self.device)
-                if z is not None:
-                    tt[:, 0] = 0.0
-            else:
-                tt = ts.view(1).to(self.device)
+            tt = self.conditioning.model_timestep(ts, x.shape[2], z is not None, self.device)
             v = guided_velocity(model, x, tt, ctx, null, guidance[expert], y=y,
                                 apply_cfg=apply[i], batched=r.cfg_batched)
             x = solver.step(v.to(x.device), x)
             if z is not None:
-                x = torch.cat([z, x[:, :, 1:]], dim=2)
+                x = with_clean_first_frame(x, z)
             if callback is not None:
                 callback(i, int(ts), x[0])
         return x[0]

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from wanlora.conditioning import conditioning_for
 from wanlora.io_utils import atomic_path, save_safetensors, save_torch_state_dict, write_json
 from wanlora.models.text_encoder import T5_CHECKPOINT_NAME, TOKENIZER_NAME
 from wanlora.tasks import TASKS, get_task
@@ -213,7 +214,7 @@ def _dit_std(name: str, shape) -> float | None:
 def dit_config_json(task: str) -> dict:
     """The official ``config.json`` fields (diffusers-style ``WanModel`` config) for a tiny DiT."""
     t = get_task(task)
-    model_type = {"none": "t2v", "i2v": "i2v", "ti2v": "ti2v"}[t.conditioning]
+    model_type = conditioning_for(t).model_type
     return {
         "_class_name": "WanModel",
         "_diffusers_version": _DIFFUSERS_VERSION,

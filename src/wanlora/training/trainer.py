@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from wanlora.conditioning import Conditioning, TextToVideo, conditioning_for, per_sample_mse
 from wanlora.training import flow
 from wanlora.training.experts import ExpertPlan, ExpertSchedule, ExpertView, ExpertWeights, plan_experts
 from wanlora.io_utils import write_json
@@ -106,16 +107,18 @@ def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Gene
 
 def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepSampler, lo: float, hi: float,
                        generator: torch.Generator, device, weighting_scheme: str = "none",
-                       first_frame_prob: float = 0.0):
+                       conditioning: Conditioning = TextToVideo()):
     """One batch's flow-matching loss (module docstring).
 
     Args:
         model_fn: ``(x_t, timestep, context, y) -> v`` — the DiT with LoRA.
-        batch: ``latents [B, C, F, h, w]``, ``context`` (list of ``[L_i, d]``), optional ``y``.
+        batch: ``latents [B, C, F, h, w]``, ``context`` (list of ``[L_i, d]``), the conditioning's
+            cached tensors (``y``).
         sampler: the timestep law; ``lo``/``hi`` restrict it to the active expert's range.
-        generator: CPU generator for noise, timesteps and the first-frame draw (in that order).
-        first_frame_prob: TI2V image-to-video — probability per sample that latent frame 0 is
-            clean at timestep 0 and masked out of the loss.
+        generator: CPU generator for noise, timesteps and the conditioning's draws (in that order).
+        conditioning: the task's :class:`wanlora.conditioning.Conditioning` (``conditioning_for``):
+            the model inputs from the batch and, for TI2V with ``first_frame_prob``, the clean
+            first frame at timestep 0 masked out of the loss.
     Returns:
         ``(loss scalar float32, timesteps [B] float32 on CPU)``.
     """
@@ -128,25 +131,9 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepSampler, lo:
     sigma = flow.timestep_to_sigma(t).to(device)
     x_t = flow.add_noise(x0, noise, sigma)
     target = flow.flow_target(x0, noise)
-    timestep = t.to(device)
-    keep = None  # [B, 1, F, 1, 1] loss mask, or None
-    if first_frame_prob > 0 and f > 1:  # a single-frame item (an image) trains as text-to-image
-        cond = (torch.rand(b, generator=generator) < first_frame_prob).to(device)
-        if bool(cond.any()):
-            x_t[cond, :, 0] = x0[cond, :, 0]
-            timestep = timestep[:, None].repeat(1, f)
-            timestep[cond, 0] = 0.0
-            keep = torch.ones(b, 1, f, 1, 1, device=device)
-            keep[cond, :, 0] = 0.0
-    y = batch.get("y")
-    if y is not None:
-        y = y.to(device=device, dtype=torch.float32)
-    pred = model_fn(x_t, timestep, batch["context"], y)
-    err = (pred.float() - target) ** 2
-    if keep is None:
-        per_sample = err.mean(dim=(1, 2, 3, 4))
-    else:
-        per_sample = (err * keep).sum(dim=(1, 2, 3, 4)) / (keep.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel())
+    inputs = conditioning.training_inputs(batch, x0, x_t, t.to(device), generator)
+    pred = model_fn(inputs.x_t, inputs.timestep, batch["context"], inputs.y)
+    per_sample = per_sample_mse((pred.float() - target) ** 2, inputs.loss_mask)
     weights = flow.loss_weighting(weighting_scheme, sigma)
     if weights is not None:
         per_sample = per_sample * weights
@@ -469,12 +456,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
     task = get_task(args.task)
     plan = plan_experts(task, args.dit, args.dit_high_noise, args.expert, args.expert_lora,
                         args.timestep_boundary)
-    if args.ti2v_first_frame and task.conditioning != "ti2v":
-        raise ValueError(f"--ti2v_first_frame is for --task ti2v-5B; {task.name} "
-                         + ("takes its first frame from the cached y" if task.conditioning == "i2v"
-                            else "is text-to-video"))
-    if not 0.0 <= args.ti2v_first_frame <= 1.0:
-        raise ValueError(f"--ti2v_first_frame {args.ti2v_first_frame}: a probability in [0, 1]")
+    conditioning = conditioning_for(task, args.ti2v_first_frame)
     sampler = flow.TimestepSampler.from_args(args)
     if args.show_timesteps:
         _show_timesteps(args, task, sampler, plan)
@@ -681,7 +663,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
                 g = step_generator(args.seed, state.global_step, micro, rank)
                 loss, t = flow_matching_loss(
                     lambda x, ts, c, y: wrapper(dit, x, ts, c, y), batch, sampler, lo, hi, g, device,
-                    args.weighting_scheme, args.ti2v_first_frame)
+                    args.weighting_scheme, conditioning)
                 loss_all = accelerator.reduce(loss.detach().clone(), reduction="mean")
                 finite = bool(torch.isfinite(loss_all))
                 window_bad |= not finite
@@ -803,7 +785,7 @@ def _quick_hash(fn, path) -> str:
 def _make_sampler(args, task, plan, dit, expert_weights, accelerator):
     """The ``--sample_prompts`` hook ``fn(step, epoch, networks)``, or None without prompts.
 
-    Samples are made on the main process by :class:`wanlora.training.training_sampler.TrainingSampler`
+    Samples are made on the main process by :class:`wanlora.training.validation.ValidationSampler`
     (videos in ``OUTPUT_DIR/sample/``, also logged to TensorBoard); the other processes wait.
     Each expert is shown to the pipeline as an :class:`~wanlora.training.experts.ExpertView` of the one
     DiT module, which swaps in that expert's weights and LoRA when called.
@@ -815,9 +797,9 @@ def _make_sampler(args, task, plan, dit, expert_weights, accelerator):
                     "they show the LoRA, not the two-expert result", plan.experts[0])
     sampler = None
     if accelerator.is_main_process:
-        from wanlora.training.training_sampler import TrainingSampler
+        from wanlora.training.validation import ValidationSampler
 
-        sampler = TrainingSampler(task, args.sample_prompts, vae_path=args.vae, t5_path=args.t5,
+        sampler = ValidationSampler(task, args.sample_prompts, vae_path=args.vae, t5_path=args.t5,
                                   t5_tokenizer=args.t5_tokenizer, output_dir=args.output_dir,
                                   output_name=args.output_name, device=accelerator.device)
 

@@ -1,11 +1,12 @@
-"""Samples during training: the trainer's ``--sample_prompts`` videos, through the generation pipeline.
+"""Validation samples: the videos the trainer makes during training (``--sample_prompts``), through
+the generation pipeline. ("Validation" as diffusers' training scripts call training-time sampling.)
 
 Usage by the trainer (``--sample_prompts``, ``--sample_every_n_steps``, ``--sample_every_n_epochs``,
 ``--sample_at_first``)::
 
-    sampler = TrainingSampler(task, args.sample_prompts, vae_path=args.vae, t5_path=args.t5,
-                              t5_tokenizer=args.t5_tokenizer, output_dir=args.output_dir,
-                              output_name=args.output_name, device=accelerator.device)
+    sampler = ValidationSampler(task, args.sample_prompts, vae_path=args.vae, t5_path=args.t5,
+                                t5_tokenizer=args.t5_tokenizer, output_dir=args.output_dir,
+                                output_name=args.output_name, device=accelerator.device)
     ...
     samples = sampler.sample(global_step, {"high_noise": dit_h, "low_noise": dit_l}, epoch=epoch,
                              networks=[network])
@@ -13,8 +14,9 @@ Usage by the trainer (``--sample_prompts``, ``--sample_every_n_steps``, ``--samp
         writer.add_video(f"sample/{s.index:02d}", s.video_tensor(), global_step, fps=s.fps)
 
 The prompts are encoded once, at construction, and the text encoder is freed. Sampling draws its
-noise from its own ``torch.Generator`` and restores every global random state (Python, NumPy,
-torch CPU and CUDA) afterwards, so taking samples does not change the training's random stream.
+noise from its own ``torch.Generator`` and runs inside :func:`preserve_rng_state`
+(``torch.random.fork_rng`` for torch CPU and CUDA, plus Python's and NumPy's states), so taking
+samples does not change the training's random stream.
 The models are put in eval mode for the samples and given back in the mode they had.
 """
 
@@ -31,32 +33,33 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from wanlora.conditioning import conditioning_for
 from wanlora.inference.pipeline import GenerationRequest, WanPipeline, module_device
 from wanlora.inference.prompts import PromptSpec, read_prompt_file
 from wanlora.tasks import get_task
 
-__all__ = ["TrainingSampler", "Sample", "preserve_rng_state"]
+__all__ = ["ValidationSampler", "ValidationSample", "preserve_rng_state"]
 
 logger = logging.getLogger(__name__)
 
 
 @contextmanager
 def preserve_rng_state():
-    """Save and restore Python, NumPy, torch CPU and (initialized) CUDA random states."""
-    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    """Restore every global random state on exit: torch CPU and the initialized CUDA devices
+    (``torch.random.fork_rng``), Python's ``random`` and NumPy's legacy global generator (which
+    ``fork_rng`` does not cover)."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    py, npy = random.getstate(), np.random.get_state()
     try:
-        yield
+        with torch.random.fork_rng(devices=cuda):
+            yield
     finally:
         random.setstate(py)
         np.random.set_state(npy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 @dataclass
-class Sample:
+class ValidationSample:
     """One sample video.
 
     Attributes:
@@ -76,7 +79,7 @@ class Sample:
         return torch.from_numpy(self.frames).permute(0, 3, 1, 2)[None]
 
 
-class TrainingSampler:
+class ValidationSampler:
     """Sample videos of the model being trained.
 
     Args:
@@ -111,6 +114,7 @@ class TrainingSampler:
         from wanlora.video_io import read_image
 
         self.task = get_task(task)
+        self.conditioning = conditioning_for(self.task)
         self.output_dir = Path(output_dir) / "sample"
         self.output_name = output_name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -124,7 +128,7 @@ class TrainingSampler:
         self.guidance_scale_high_noise = guidance_scale_high_noise
         self.images = []
         for s in self.specs:
-            if self.task.conditioning == "i2v" and not s.image_path:
+            if self.conditioning.requires_image and not s.image_path:
                 raise ValueError(f"{sample_prompts}:{s.line}: {self.task.name} needs a first frame: add --i IMAGE")
             self.images.append(read_image(s.image_path) if s.image_path else None)
 
@@ -155,7 +159,7 @@ class TrainingSampler:
         return out
 
     def sample(self, step: int, dits, epoch: int | None = None,
-               networks: Sequence[torch.nn.Module] = (), offload: bool = False) -> list[Sample]:
+               networks: Sequence[torch.nn.Module] = (), offload: bool = False) -> list[ValidationSample]:
         """Generate every prompt with the current weights and write the MP4s.
 
         Args:
@@ -170,7 +174,7 @@ class TrainingSampler:
                 must already be on the sampler's ``device``.
 
         Returns:
-            the :class:`Sample` list (frames for TensorBoard).
+            the :class:`ValidationSample` list (frames for TensorBoard).
         """
         from wanlora.video_io import to_uint8_frames, write_video
 
@@ -191,7 +195,7 @@ class TrainingSampler:
                     meta = {"prompt": r.prompt, "seed": str(r.seed), "step": str(step),
                             "epoch": "" if epoch is None else str(epoch)}
                     write_video(path, video, self.fps, metadata=meta)
-                    samples.append(Sample(i, r.prompt, r.seed, path, to_uint8_frames(video), self.fps))
+                    samples.append(ValidationSample(i, r.prompt, r.seed, path, to_uint8_frames(video), self.fps))
                     logger.info("sample %d (step %d, epoch %s): %s", i, step, epoch, path)
             finally:
                 self.vae.to("cpu")

@@ -1,0 +1,457 @@
+"""Image conditioning of the Wan tasks, in one place: caching, training and generation use it.
+
+Each ``--task`` names its conditioning kind in the task table (:attr:`wanlora.tasks.Task.conditioning`);
+:func:`conditioning_for` turns that name into one object, once, and every stage asks the object:
+
+=====================  =====================================  ============================================
+kind (class)           tasks                                  what the DiT sees
+=====================  =====================================  ============================================
+``"none"``             t2v-A14B, t2v-14B, t2v-1.3B            noisy latent only
+(:class:`TextToVideo`)
+``"i2v"``              i2v-A14B                               ``y = concat(mask 4, image latent 16)``
+(:class:`ImageToVideo`)                                       after x on channels, the same at every step
+``"ti2v"``             ti2v-5B                                clean latent frame 0 at timestep 0
+(:class:`FirstFrameLatent`)                                   (per-frame timesteps ``[B, F]``)
+=====================  =====================================  ============================================
+
+The stages:
+
+* caching (:mod:`wanlora.dataset.latent_caching`): :meth:`Conditioning.cache_tensors` gives the
+  extra tensors a latent cache holds (named by :attr:`Conditioning.cache_keys`, each recorded
+  as ``has_<key> = "1"`` in the cache metadata); the training dataset loads those keys into the
+  batch;
+* training (:func:`wanlora.training.trainer.flow_matching_loss`): :meth:`Conditioning.training_inputs`
+  turns the batch and the noised latent into the model inputs and the loss mask, and
+  :func:`per_sample_mse` reduces the error with that mask;
+* generation (:class:`wanlora.inference.pipeline.WanPipeline`): :meth:`Conditioning.image_pixels`
+  sizes and resizes the image as the official pipeline does, :meth:`Conditioning.encode_image`
+  builds ``y`` or the clean first latent, :meth:`Conditioning.model_timestep` the timestep tensor
+  of one step, :func:`with_clean_first_frame` puts the first latent back after each step.
+
+Numerics follow the official code (``reference/wan_numerics.md`` §5 for I2V-A14B, §6 for
+TI2V-5B); the cached ``y`` equals, bit for bit, the ``y`` the pipeline builds for the same image
+at the same size (``tests/test_conditioning.py``).
+
+Extension point (Wan2.1 ``i2v-14B`` / ``flf2v-14B``, CLIP image features): give the task a new
+kind in the task table and register a subclass of :class:`ImageToVideo` in :data:`KINDS` — no
+other module tests the kind's name. Its ``known_frames`` says which pixel frames the mask marks
+and the VAE sees (first frame: ``(0,)``; first and last frame: ``(0, -1)``, the official FLF2V
+``msk[:, 1:-1] = 0``); its ``cache_keys`` add ``"clip_fea"`` beside ``"y"`` (cached by
+:meth:`~Conditioning.cache_tensors`, checked and loaded by the training dataset through the
+keys); its ``model_type`` is the official ``"i2v"`` / ``"flf2v"``. The CLIP features reach the
+DiT as one more field beside ``y`` in :class:`TrainingInputs` and :class:`ImageInputs`, which the
+two DiT call sites (the trainer's model function and
+:func:`wanlora.inference.sampling.guided_velocity`) pass on as ``clip_fea``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wanlora.tasks import TASKS, Task, get_task
+
+__all__ = [
+    "Conditioning", "TextToVideo", "ImageToVideo", "FirstFrameLatent", "KINDS", "conditioning_for",
+    "TrainingInputs", "ImageInputs",
+    "i2v_mask", "i2v_y", "clean_first_frame", "with_clean_first_frame", "per_sample_mse",
+    "i2v_size", "best_output_size", "image_to_tensor", "i2v_image", "ti2v_image",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# I2V-A14B: mask and y (wan/image2video.py: WanI2V.generate; wan_numerics.md §5)
+
+
+def _frame_indices(known_frames: Sequence[int], frames: int) -> list[int]:
+    return sorted({k % frames for k in known_frames})
+
+
+def i2v_mask(frames: int, lat_h: int, lat_w: int, known_frames: Sequence[int] = (0,), device=None) -> torch.Tensor:
+    """The 4-channel I2V mask ``[4, T, lat_h, lat_w]`` float32, ``T = (frames − 1)/4 + 1`` (§5.4, ``msk``
+    of ``wan/image2video.py: WanI2V.generate``).
+
+    The pixel mask ``m[0..frames−1]`` is 1 at ``known_frames`` (negative indices count from the end:
+    ``(0, -1)`` is the first and the last frame, FLF2V) and 0 elsewhere; frame 0 is repeated four
+    times (length ``frames + 3 = 4T``), the result reshaped to ``[T, 4]`` and transposed, so
+    channel ``c`` of latent frame ``τ`` is ``m'[4τ + c]``. With the first frame only, latent frame 0
+    is all ones and the rest zeros.
+
+    Raises:
+        ValueError: ``frames`` not ``4n+1``.
+    """
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"i2v_mask: {frames} frames is not 4n+1 (the VAE's frame rule)")
+    m = torch.zeros(frames, device=device)
+    m[_frame_indices(known_frames, frames)] = 1.0
+    m = torch.cat([m[:1].repeat(4), m[1:]])
+    t = (frames - 1) // 4 + 1
+    return m.view(t, 4).transpose(0, 1)[:, :, None, None].expand(4, t, lat_h, lat_w).contiguous()
+
+
+def i2v_y(vae, videos: torch.Tensor, known_frames: Sequence[int] = (0,)) -> torch.Tensor:
+    """The I2V conditioning ``y`` ``[B, 4 + z, T, h, w]`` float32 of pixel videos ``[B, 3, F, H, W]`` in [−1, 1].
+
+    The ``known_frames`` are kept and every other frame is set to zero (mid-gray, not noise, §5.3);
+    that video goes through the VAE (``z`` = 16 channels for the Wan2.1 VAE) and the 4-channel
+    :func:`i2v_mask` goes first: ``concat([mask, image_latent])`` on channels (§5.5).
+
+    Args:
+        vae: anything with ``encode(video [B, 3, F, H, W]) -> [B, z, T, h, w]`` (a ``WanVAE``).
+        videos: the clip (caching: the window's frames) or the image followed by any frames
+            (generation: zeros); only ``known_frames`` are read.
+    """
+    frames = videos.shape[2]
+    idx = _frame_indices(known_frames, frames)
+    cond = torch.zeros_like(videos)
+    cond[:, :, idx] = videos[:, :, idx]
+    lat = vae.encode(cond).float()
+    b, _, _, h, w = lat.shape
+    mask = i2v_mask(frames, h, w, known_frames).to(lat)
+    return torch.cat([mask.unsqueeze(0).expand(b, -1, -1, -1, -1), lat], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# TI2V-5B: clean first latent frame (wan/textimage2video.py: WanTI2V.i2v; wan_numerics.md §6)
+
+
+def clean_first_frame(x0: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor, chosen: torch.Tensor):
+    """Training inputs with a clean latent frame 0 for the ``chosen`` samples (§6.2, §6.3).
+
+    Args:
+        x0: ``[B, C, F, h, w]`` clean latents; x_t: the noised latents, same shape (not modified).
+        timestep: ``[B]`` on 0..1000.
+        chosen: bool ``[B]`` on ``x0``'s device: samples whose frame 0 is given.
+
+    Returns:
+        ``(x_t, timestep, loss_mask)``: ``x_t`` with frame 0 of the chosen samples replaced by
+        ``x0``'s; ``timestep`` ``[B, F]``, each frame at the sample's timestep and frame 0 of the
+        chosen samples at 0 (the official per-token tensor is constant within a latent frame);
+        ``loss_mask`` float ``[B, 1, F, 1, 1]``, 0 on the given frames (they are not predicted).
+    """
+    b, f = x0.shape[0], x0.shape[2]
+    x_t = x_t.clone()
+    x_t[chosen, :, 0] = x0[chosen, :, 0]
+    timestep = timestep[:, None].repeat(1, f)
+    timestep[chosen, 0] = 0.0
+    keep = torch.ones(b, 1, f, 1, 1, device=x0.device)
+    keep[chosen, :, 0] = 0.0
+    return x_t, timestep, keep
+
+
+def with_clean_first_frame(x: torch.Tensor, first_latent: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, T, h, w]`` with latent frame 0 replaced by ``first_latent`` ``[B, C, 1, h, w]``:
+    the official ``(1 − mask2)·z + mask2·x`` of ``WanTI2V.i2v`` (0/1 masks: exactly this assignment),
+    applied to the initial noise and after every solver step (§6.2)."""
+    return torch.cat([first_latent, x[:, :, 1:]], dim=2)
+
+
+def per_sample_mse(err: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the squared error ``err`` ``[B, C, F, h, w]`` per sample, ``[B]``.
+
+    With ``loss_mask`` ``[B, 1, F, 1, 1]`` (0/1, from :func:`clean_first_frame`) the mean runs over
+    the kept frames only: ``Σ err·mask / (Σ mask · C·h·w)``.
+    """
+    if loss_mask is None:
+        return err.mean(dim=(1, 2, 3, 4))
+    return (err * loss_mask).sum(dim=(1, 2, 3, 4)) / (loss_mask.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel())
+
+
+# ----------------------------------------------------------------------------------------------
+# image sizes and pixels of the official pipelines
+
+
+def i2v_size(image_w: int, image_h: int, max_area: int, vae_stride: int = 8, patch: int = 2) -> tuple[int, int]:
+    """I2V-A14B output size ``(H, W)`` in pixels for an image of ``image_w x image_h``
+    (``wan/image2video.py: WanI2V.generate``, §5.1): the image's aspect ratio at ``max_area`` pixels,
+    each latent side floored to a multiple of the patch (so ``H, W`` are multiples of 16).
+
+    Raises:
+        ValueError: ``max_area`` too small for the image's aspect ratio (a side under one patch;
+            the official code would go on with an empty latent).
+    """
+    aspect = image_h / image_w
+    lat_h = round(np.sqrt(max_area * aspect) // vae_stride // patch * patch)
+    lat_w = round(np.sqrt(max_area / aspect) // vae_stride // patch * patch)
+    if lat_h < 1 or lat_w < 1:
+        raise ValueError(f"the area {max_area} px (--video_size / --w --h) is too small for a {image_w}x{image_h} "
+                         f"image: a side would be under {vae_stride * patch} pixels")
+    return int(lat_h * vae_stride), int(lat_w * vae_stride)
+
+
+def best_output_size(w: int, h: int, dw: int, dh: int, expected_area: int) -> tuple[int, int]:
+    """TI2V-5B output size ``(W, H)`` in pixels for an image of ``w x h`` (``wan/utils/utils.py:
+    best_output_size``, §6.1): of the width-first and the height-first rounding to multiples of
+    ``(dw, dh)`` within ``expected_area``, the one whose aspect ratio is closer to the image's
+    (height-first on a tie, as the official comparison is strict).
+
+    A candidate with a zero side is skipped (the official function divides by zero there).
+
+    Raises:
+        ValueError: both candidates have a zero side (the area is too small for the aspect ratio).
+    """
+    ratio = w / h
+    ow = (expected_area * ratio) ** 0.5
+    oh = expected_area / ow
+    candidates = []  # height-first first: min() keeps the first of equals, the official tie-break
+    oh2 = int(oh // dh * dh)
+    if oh2 > 0:
+        candidates.append((int(expected_area / oh2 // dw * dw), oh2))
+    ow1 = int(ow // dw * dw)
+    if ow1 > 0:
+        candidates.append((ow1, int(expected_area / ow1 // dh * dh)))
+    candidates = [(cw, ch) for cw, ch in candidates if cw > 0 and ch > 0]
+    if not candidates:
+        raise ValueError(f"the area {expected_area} px (--video_size / --w --h) is too small for a {w}x{h} "
+                         f"image: a side would be under {min(dw, dh)} pixels")
+    return min(candidates, key=lambda c: max(ratio / (c[0] / c[1]), (c[0] / c[1]) / ratio))
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """PIL RGB image -> float32 ``[3, H, W]`` in [-1, 1] (``TF.to_tensor(img).sub_(0.5).div_(0.5)``)."""
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div(255).sub_(0.5).div_(0.5)
+
+
+def i2v_image(image, height: int, width: int) -> torch.Tensor:
+    """The I2V first frame ``[3, H, W]``: bicubic resize without antialias or clamp (§5.2)."""
+    x = image_to_tensor(image)[None]
+    return F.interpolate(x, size=(height, width), mode="bicubic")[0]
+
+
+def ti2v_image(image, max_area: int, unit: int = 32):
+    """The TI2V-5B first frame ``[3, oh, ow]`` and its size ``(oh, ow)``: best_output_size, PIL
+    LANCZOS resize by ``max(ow/iw, oh/ih)`` with rounded sizes, center crop (§6.1;
+    ``wan/textimage2video.py: WanTI2V.i2v``). Values in [-1, 1] from ``to_tensor``.
+
+    Raises:
+        ValueError: ``max_area`` too small for the image (see :func:`best_output_size`).
+    """
+    from PIL import Image
+
+    iw, ih = image.width, image.height
+    ow, oh = best_output_size(iw, ih, unit, unit, max_area)
+    scale = max(ow / iw, oh / ih)
+    img = image.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
+    x1, y1 = (img.width - ow) // 2, (img.height - oh) // 2
+    img = img.crop((x1, y1, x1 + ow, y1 + oh))
+    return image_to_tensor(img), (oh, ow)
+
+
+# ----------------------------------------------------------------------------------------------
+# the conditioning objects
+
+
+@dataclass
+class TrainingInputs:
+    """What one training batch feeds the DiT, and which frames the loss counts.
+
+    Attributes:
+        x_t: ``[B, C, F, h, w]`` the noised latents (frame 0 clean for TI2V-conditioned samples).
+        timestep: ``[B]``, or ``[B, F]`` when some sample has a clean first frame; 0..1000.
+        y: ``[B, C_y, F, h, w]`` float32 I2V conditioning from the cache, or ``None``.
+        loss_mask: ``[B, 1, F, 1, 1]`` 0/1 frames counted by the loss, or ``None`` (all).
+    """
+
+    x_t: torch.Tensor
+    timestep: torch.Tensor
+    y: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+
+
+@dataclass
+class ImageInputs:
+    """What generation derives from the image: ``y`` ``[C_y, T, h, w]`` (I2V) or the clean first
+    latent ``[C, 1, h, w]`` (TI2V), float32 on the pipeline's device; ``None`` where not used."""
+
+    y: torch.Tensor | None = None
+    first_latent: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The conditioning of a task; this base is text-to-video (no image).
+
+    Class attributes:
+        kind: the task table's name (:attr:`wanlora.tasks.Task.conditioning`), recorded in caches.
+        model_type: the official ``WanModel`` ``model_type`` (``config.json`` of a checkpoint).
+        image_input: ``"required"``, ``"optional"`` or ``"ignored"`` (generation's image).
+        cache_keys: tensors a latent cache holds besides ``latents``.
+        label: how messages name the cached conditioning.
+        trains_first_frame: whether ``--ti2v_first_frame`` applies; first_frame_note: why not.
+    """
+
+    kind: ClassVar[str] = "none"
+    model_type: ClassVar[str] = "t2v"
+    image_input: ClassVar[str] = "ignored"
+    cache_keys: ClassVar[tuple[str, ...]] = ()
+    label: ClassVar[str] = "no image conditioning"
+    trains_first_frame: ClassVar[bool] = False
+    first_frame_note: ClassVar[str] = "is text-to-video"
+
+    @property
+    def requires_image(self) -> bool:
+        """Generation cannot run without an image (``--image_path`` / ``--i``)."""
+        return self.image_input == "required"
+
+    @property
+    def uses_image(self) -> bool:
+        """An image given to generation is used (required or optional)."""
+        return self.image_input != "ignored"
+
+    # -- caching -------------------------------------------------------------------------------
+    def cache_tensors(self, vae, videos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors a latent cache holds besides ``latents``, each ``[B, ...]`` float32, for
+        pixel videos ``[B, 3, F, H, W]`` in [−1, 1] (keys: :attr:`cache_keys`)."""
+        return {}
+
+    # -- training ------------------------------------------------------------------------------
+    def training_inputs(self, batch: Mapping, x0: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tensor,
+                        generator: torch.Generator) -> TrainingInputs:
+        """The model inputs of one batch (:class:`TrainingInputs`), on ``x0``'s device.
+
+        Args:
+            batch: the training batch (its :attr:`cache_keys` tensors are read).
+            x0, x_t: ``[B, C, F, h, w]`` clean and noised latents; timestep ``[B]`` on 0..1000.
+            generator: the batch's CPU generator (draws only when a conditioning needs them, after
+                the noise and the timesteps).
+        """
+        return TrainingInputs(x_t, timestep)
+
+    # -- generation ----------------------------------------------------------------------------
+    def image_pixels(self, task: Task, image, max_area: int):
+        """The image's pixels ``[3, H, W]`` in [−1, 1] at the official output size, and ``(H, W)``;
+        ``None`` when this conditioning does not use an image (then the request's size applies)."""
+        return None
+
+    def encode_image(self, vae, pixels: torch.Tensor, frames: int, device) -> ImageInputs:
+        """The image inputs of generation (:class:`ImageInputs`) from :meth:`image_pixels`'s pixels."""
+        return ImageInputs()
+
+    def model_timestep(self, t: torch.Tensor, frames: int, first_latent: bool, device) -> torch.Tensor:
+        """The timestep of one denoising step: ``[1]`` (``t`` a scalar tensor, kept in its dtype)."""
+        return t.view(1).to(device)
+
+
+class TextToVideo(Conditioning):
+    """Text-to-video: no image (``wan/text2video.py``)."""
+
+
+@dataclass(frozen=True)
+class ImageToVideo(Conditioning):
+    """I2V-A14B (§5): ``y = concat(mask, image_latent)`` beside the noisy latent, every step.
+
+    Attributes:
+        known_frames: the pixel frames the mask marks and the VAE sees (``(0,)``; see
+            :func:`i2v_mask`).
+    """
+
+    kind: ClassVar[str] = "i2v"
+    model_type: ClassVar[str] = "i2v"
+    image_input: ClassVar[str] = "required"
+    cache_keys: ClassVar[tuple[str, ...]] = ("y",)
+    label: ClassVar[str] = "I2V conditioning 'y'"
+    first_frame_note: ClassVar[str] = "takes its first frame from the cached y"
+    known_frames: tuple[int, ...] = (0,)
+
+    def cache_tensors(self, vae, videos):
+        """``{"y": [B, 20, T, h, w]}`` from each window's first frame (:func:`i2v_y`)."""
+        return {"y": i2v_y(vae, videos, self.known_frames)}
+
+    def training_inputs(self, batch, x0, x_t, timestep, generator):
+        """The cached ``y`` in float32 on ``x0``'s device, the same for every timestep."""
+        return TrainingInputs(x_t, timestep, y=batch["y"].to(device=x0.device, dtype=torch.float32))
+
+    def image_pixels(self, task, image, max_area):
+        """:func:`i2v_size` at ``max_area`` (the image's aspect ratio), :func:`i2v_image` resize."""
+        h, w = i2v_size(image.width, image.height, max_area, task.vae_stride[1], task.patch_size[1])
+        return i2v_image(image, h, w), (h, w)
+
+    def encode_image(self, vae, pixels, frames, device):
+        """``y`` ``[20, T, h, w]``: the image as frame 0 of ``frames`` pixel frames (:func:`i2v_y`)."""
+        _, h, w = pixels.shape
+        video = torch.cat([pixels[:, None], torch.zeros(3, frames - 1, h, w)], dim=1)
+        return ImageInputs(y=i2v_y(vae, video[None], self.known_frames)[0].to(device, torch.float32))
+
+
+@dataclass(frozen=True)
+class FirstFrameLatent(Conditioning):
+    """TI2V-5B (§6): with an image, latent frame 0 is the clean image latent at timestep 0.
+
+    Attributes:
+        first_frame_prob: training only (``--ti2v_first_frame``): the probability per sample that
+            latent frame 0 is given clean (and left out of the loss); 0 trains text-to-video.
+    """
+
+    kind: ClassVar[str] = "ti2v"
+    model_type: ClassVar[str] = "ti2v"
+    image_input: ClassVar[str] = "optional"
+    label: ClassVar[str] = "first-frame conditioning"
+    trains_first_frame: ClassVar[bool] = True
+    first_frame_note: ClassVar[str] = ""
+    first_frame_prob: float = 0.0
+
+    def training_inputs(self, batch, x0, x_t, timestep, generator):
+        """With ``first_frame_prob`` > 0 and more than one latent frame (an image trains as
+        text-to-image), one uniform draw per sample picks the samples given a clean frame 0
+        (:func:`clean_first_frame`)."""
+        b, f = x0.shape[0], x0.shape[2]
+        if self.first_frame_prob > 0 and f > 1:
+            chosen = (torch.rand(b, generator=generator) < self.first_frame_prob).to(x0.device)
+            if bool(chosen.any()):
+                x_t, timestep, keep = clean_first_frame(x0, x_t, timestep, chosen)
+                return TrainingInputs(x_t, timestep, loss_mask=keep)
+        return TrainingInputs(x_t, timestep)
+
+    def image_pixels(self, task, image, max_area):
+        """:func:`ti2v_image`: best output size in units of 32 px, LANCZOS resize, center crop."""
+        pixels, (h, w) = ti2v_image(image, max_area, task.pixel_unit)
+        return pixels, (h, w)
+
+    def encode_image(self, vae, pixels, frames, device):
+        """The clean first latent ``[48, 1, h, w]`` of the image alone."""
+        return ImageInputs(first_latent=vae.encode(pixels[:, None][None])[0].to(device, torch.float32))
+
+    def model_timestep(self, t, frames, first_latent, device):
+        """``[1, T]`` float (the official per-token tensor is constant within a latent frame, §6.3),
+        frame 0 at 0 when the first latent is given; text-to-video on the 5B model builds the same
+        tensor with every entry ``t`` (``WanTI2V.t2v``)."""
+        tt = torch.full((1, frames), float(t), device=device)
+        if first_latent:
+            tt[:, 0] = 0.0
+        return tt
+
+
+#: conditioning kind (``Task.conditioning``) -> class; the one place a kind's name is looked up.
+KINDS: dict[str, type[Conditioning]] = {c.kind: c for c in (TextToVideo, ImageToVideo, FirstFrameLatent)}
+
+
+def conditioning_for(task: str | Task, first_frame_prob: float = 0.0) -> Conditioning:
+    """The conditioning of ``task`` (a ``--task`` name or :class:`Task`), chosen from the task table.
+
+    Args:
+        first_frame_prob: ``--ti2v_first_frame`` (training): probability in [0, 1] that a sample's
+            first latent frame is given clean; only for a conditioning that trains it (TI2V-5B).
+
+    Raises:
+        ValueError: an unknown task, a probability outside [0, 1], or a probability > 0 for a task
+            whose conditioning does not train a first frame (the message names the tasks that do).
+    """
+    task = get_task(task)
+    cls = KINDS[task.conditioning]
+    p = float(first_frame_prob)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"--ti2v_first_frame {first_frame_prob}: a probability in [0, 1]")
+    if p == 0.0:
+        return cls()
+    if not cls.trains_first_frame:
+        fits = ", ".join(t.name for t in TASKS.values() if KINDS[t.conditioning].trains_first_frame)
+        raise ValueError(f"--ti2v_first_frame is for --task {fits}; {task.name} {cls.first_frame_note}")
+    return cls(first_frame_prob=p)
