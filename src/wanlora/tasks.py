@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Task", "TASKS", "get_task", "task_names", "EXPERTS", "DEFAULT_NEGATIVE_PROMPT"]
+__all__ = [
+    "Task", "TASKS", "get_task", "task_names", "EXPERTS", "DEFAULT_NEGATIVE_PROMPT", "Release",
+    "T5_FILE", "TOKENIZER_DIR", "VAE_FILES", "release_task",
+]
 
 #: ``wan_shared_cfg.sample_neg_prompt`` of both official repositories (identical in Wan2.1 and
 #: Wan2.2). The official pipelines encode this string for the unconditional pass whenever the
@@ -30,6 +33,61 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 #: The two Wan2.2 A14B experts, in the order the sampler meets them.
 EXPERTS = ("high_noise", "low_noise")
+
+#: File names every official release shares (Hugging Face ``Wan-AI/Wan2.1-*`` and ``Wan2.2-*``):
+#: the umT5 encoder weights and the tokenizer folder beside them.
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+#: The VAE file of each VAE kind in the official releases.
+VAE_FILES = {"wan2.1": "Wan2.1_VAE.pth", "wan2.2": "Wan2.2_VAE.pth"}
+
+
+@dataclass(frozen=True)
+class Release:
+    """Where a task's checkpoints are published and how its official repository is laid out.
+
+    The file names are those of the Hugging Face repositories (``Files and versions``):
+
+    * ``Wan-AI/Wan2.2-T2V-A14B`` / ``-I2V-A14B``: ``high_noise_model/`` and ``low_noise_model/``,
+      each with ``config.json``, ``diffusion_pytorch_model.safetensors.index.json`` and the shards
+      it names (``diffusion_pytorch_model-00001-of-00006.safetensors`` ...); ``Wan2.1_VAE.pth``;
+      ``models_t5_umt5-xxl-enc-bf16.pth``; ``google/umt5-xxl/`` (``spiece.model``,
+      ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``).
+    * ``Wan-AI/Wan2.2-TI2V-5B`` and ``Wan-AI/Wan2.1-T2V-14B``: ``config.json``, the index and its
+      shards at the top of the repository; ``Wan2.2_VAE.pth`` / ``Wan2.1_VAE.pth``; umT5 as above.
+    * ``Wan-AI/Wan2.1-T2V-1.3B``: one ``diffusion_pytorch_model.safetensors`` + ``config.json``.
+    * The ``-Diffusers`` repositories: ``model_index.json``, ``transformer/`` (the high-noise
+      expert of A14B, or the only DiT), ``transformer_2/`` (A14B low-noise expert), ``vae/``,
+      ``text_encoder/`` (transformers ``UMT5EncoderModel``), ``tokenizer/``, ``scheduler/``.
+
+    Attributes:
+        repo: the official repository id (layout of the Wan code's ``--ckpt_dir``).
+        diffusers_repo: the diffusers-format repository id.
+        dit_folders: per DiT role (``dit_high_noise``, ``dit_low_noise`` or ``dit``), the folder of
+            the official repository that holds its weights (``""`` = the top).
+        dit_weights: the DiT weight entry in that folder: the shard index, or the single file.
+        vae_file: the official VAE file name.
+        clip_file: the CLIP image encoder file of the Wan2.1 image-to-video releases, else ``None``.
+    """
+
+    repo: str
+    diffusers_repo: str
+    dit_folders: tuple[tuple[str, str], ...]
+    dit_weights: str
+    vae_file: str
+    t5_file: str = T5_FILE
+    tokenizer_dir: str = TOKENIZER_DIR
+    clip_file: str | None = None
+
+
+_SHARDED = "diffusion_pytorch_model.safetensors.index.json"
+_EXPERT_FOLDERS = (("dit_high_noise", "high_noise_model"), ("dit_low_noise", "low_noise_model"))
+
+
+def _release(repo: str, vae: str, experts: bool, weights: str = _SHARDED) -> Release:
+    return Release(repo=repo, diffusers_repo=f"{repo}-Diffusers",
+                   dit_folders=_EXPERT_FOLDERS if experts else (("dit", ""),),
+                   dit_weights=weights, vae_file=VAE_FILES[vae])
 
 
 @dataclass(frozen=True)
@@ -63,6 +121,9 @@ class Task:
         size: default (width, height) in pixels, the official ``--size`` default.
         text_len: umT5 context length (512 rows, zero-padded).
         architecture: ``modelspec.architecture`` id for LoRA metadata (SwarmUI's ids).
+        release: the published checkpoints (:class:`Release`): repository ids and file names,
+            which ``--ckpt_dir`` resolves (:mod:`wanlora.models.checkpoints`); ``None`` when
+            the task has no published checkpoints in the table (then only file flags work).
     """
 
     name: str
@@ -91,6 +152,7 @@ class Task:
     text_dim: int = 4096
     freq_dim: int = 256
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    release: Release | None = None
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -115,6 +177,11 @@ class Task:
     def max_area(self) -> int:
         """Pixel area of the default size (the official ``max_area`` for image input)."""
         return self.size[0] * self.size[1]
+
+    @property
+    def dit_roles(self) -> tuple[str, ...]:
+        """The DiT checkpoint roles: ``("dit_high_noise", "dit_low_noise")`` or ``("dit",)``."""
+        return tuple(f"dit_{e}" for e in self.experts) or ("dit",)
 
     def timestep_range(self, expert: str | None) -> tuple[float, float]:
         """The (min, max) training timesteps on the 0..1000 scale of an expert.
@@ -159,6 +226,7 @@ TASKS: dict[str, Task] = {
             boundary=0.875, flow_shift=12.0, guidance_scale=3.0, guidance_scale_high_noise=4.0,
             sample_steps=40, fps=16, frame_num=81, size=(1280, 720),
             architecture="wan-2_2-text2video-14b/lora",
+            release=_release("Wan-AI/Wan2.2-T2V-A14B", "wan2.1", experts=True),
         ),
         Task(
             name="i2v-A14B", family="wan2.2", in_channels=36, out_channels=16,
@@ -166,6 +234,7 @@ TASKS: dict[str, Task] = {
             boundary=0.900, flow_shift=5.0, guidance_scale=3.5, guidance_scale_high_noise=3.5,
             sample_steps=40, fps=16, frame_num=81, size=(1280, 720),
             architecture="wan-2_2-image2video-14b/lora",
+            release=_release("Wan-AI/Wan2.2-I2V-A14B", "wan2.1", experts=True),
         ),
         Task(
             name="ti2v-5B", family="wan2.2", in_channels=48, out_channels=48,
@@ -173,12 +242,14 @@ TASKS: dict[str, Task] = {
             dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
             flow_shift=5.0, guidance_scale=5.0, sample_steps=50, fps=24, frame_num=121,
             size=(1280, 704), architecture="wan-2_2-ti2v-5b/lora",
+            release=_release("Wan-AI/Wan2.2-TI2V-5B", "wan2.2", experts=False),
         ),
         Task(
             name="t2v-14B", family="wan2.1", in_channels=16, out_channels=16,
             conditioning="none", **_WAN21_VAE, **_A14B,
             flow_shift=5.0, guidance_scale=5.0, sample_steps=50, fps=16, frame_num=81,
             size=(1280, 720), architecture="wan-2_1-text2video-14b/lora",
+            release=_release("Wan-AI/Wan2.1-T2V-14B", "wan2.1", experts=False),
         ),
         Task(
             name="t2v-1.3B", family="wan2.1", in_channels=16, out_channels=16,
@@ -186,6 +257,8 @@ TASKS: dict[str, Task] = {
             dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
             flow_shift=5.0, guidance_scale=5.0, sample_steps=50, fps=16, frame_num=81,
             size=(832, 480), architecture="wan-2_1-text2video-1_3b/lora",
+            release=_release("Wan-AI/Wan2.1-T2V-1.3B", "wan2.1", experts=False,
+                             weights="diffusion_pytorch_model.safetensors"),
         ),
     )
 }
@@ -210,3 +283,13 @@ def get_task(name: str | Task) -> Task:
         raise ValueError(
             f"unknown task {name!r}; --task must be one of: {', '.join(TASKS)}"
         ) from None
+
+
+def release_task(repo_id: str) -> Task | None:
+    """The task whose official or diffusers repository is ``repo_id`` (case-insensitive), or
+    ``None`` for a repository the table does not know (a copy under another name)."""
+    rid = repo_id.lower()
+    for t in TASKS.values():
+        if t.release is not None and rid in (t.release.repo.lower(), t.release.diffusers_repo.lower()):
+            return t
+    return None

@@ -13,7 +13,10 @@ Accepted ``path`` forms:
 
 The second half builds the Wan DiT from such a checkpoint (:func:`load_dit`): architecture from
 the weight shapes, checked against the ``--task``, constructed on the meta device and assigned
-from the memory-mapped tensors so that peak RAM stays near one copy of the weights.
+from the memory-mapped tensors so that peak RAM stays near one copy of the weights. Official,
+ComfyUI (``model.diffusion_model.`` prefix, scaled fp8) and diffusers (``WanTransformer3DModel``,
+the ``transformer/`` folders of the ``-Diffusers`` repositories) key layouts are read; diffusers
+names are renamed to the official ones (:func:`diffusers_dit_key`), tensors untouched.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "checkpoint_files",
     "checkpoint_shapes",
     "describe_checkpoint",
+    "diffusers_dit_key",
     "dit_config_from_state_dict",
     "keeps_float32",
     "load_dit",
@@ -292,15 +296,86 @@ def describe_checkpoint(sd: dict[str, torch.Tensor]) -> str | None:
     if has("visual.transformer") or "log_scale" in keys:
         return "the CLIP image encoder of Wan2.1 I2V, which Wan2.2 does not use; it is not a DiT"
     if has("condition_embedder.") or has("attn1.to_q"):
-        return ("a diffusers-layout Wan transformer (WanTransformer3DModel); pass the official "
-                "checkpoint (high_noise_model/, low_noise_model/ or a diffusion_pytorch_model*.safetensors "
-                "set) or a ComfyUI repackaged single file instead")
+        return ("a diffusers-layout Wan transformer (WanTransformer3DModel, a transformer/ folder); "
+                "pass it as --dit (or --dit_high_noise)")
     if has("img_emb.") or has("k_img"):
         return ("a Wan2.1 I2V / FLF2V DiT (CLIP img_emb, k_img/v_img); no task of this trainer uses "
                 "it — for image-to-video use the Wan2.2 I2V-A14B experts with --task i2v-A14B")
     if "patch_embedding.weight" not in keys or "head.head.weight" not in keys:
         return "not a Wan DiT (no patch_embedding.weight / head.head.weight keys)"
     return None
+
+
+# diffusers ``WanTransformer3DModel`` names -> official names: the inverse of diffusers'
+# ``convert_wan_transformer_to_diffusers`` (diffusers/loaders/single_file_utils.py) for the layers
+# of the Wan DiTs (T2V, I2V/FLF2V image embedder, TI2V). Top level, then inside ``blocks.N.``.
+_DIFFUSERS_TOP = (
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
+    ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos"),
+    ("patch_embedding.", "patch_embedding."),
+    ("proj_out.", "head.head."),
+    ("scale_shift_table", "head.modulation"),
+)
+_DIFFUSERS_BLOCK = (
+    ("attn1.to_out.0.", "self_attn.o."), ("attn2.to_out.0.", "cross_attn.o."),
+    ("attn1.", "self_attn."), ("attn2.", "cross_attn."),
+    ("ffn.net.0.proj.", "ffn.0."), ("ffn.net.2.", "ffn.2."),
+    ("norm2.", "norm3."),  # the cross-attention norm (diffusers norm2 = official norm3)
+    ("scale_shift_table", "modulation"),
+)
+_DIFFUSERS_ATTN = (("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("add_k_proj.", "k_img."),
+                   ("add_v_proj.", "v_img."), ("norm_added_k.", "norm_k_img."),
+                   ("norm_q.", "norm_q."), ("norm_k.", "norm_k."), ("o.", "o."))
+
+
+def _swap(key: str, table) -> str | None:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def diffusers_dit_key(key: str) -> str | None:
+    """The official name (``blocks.0.self_attn.q.weight``) of a diffusers ``WanTransformer3DModel``
+    key (``blocks.0.attn1.to_q.weight``), or ``None`` for a key the Wan DiTs do not have.
+
+    The inverse of diffusers' ``convert_wan_transformer_to_diffusers``; shapes are the same in
+    both layouts (``scale_shift_table`` ``[1, 6, dim]`` = ``modulation``), so tensors are used as
+    stored.
+    """
+    if not key.startswith("blocks."):
+        return _swap(key, _DIFFUSERS_TOP)
+    _, index, rest = key.split(".", 2)
+    rest = _swap(rest, _DIFFUSERS_BLOCK)
+    if rest is None:
+        return None
+    if rest.startswith(("self_attn.", "cross_attn.")):
+        attn, _, inner = rest.partition(".")
+        inner = _swap(inner, _DIFFUSERS_ATTN)
+        if inner is None:
+            return None
+        rest = f"{attn}.{inner}"
+    return f"blocks.{index}.{rest}"
+
+
+def _is_diffusers_dit(keys) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1.to_q." in k for k in keys)
+
+
+def _official_keys(entries: dict) -> dict:
+    """``entries`` with diffusers DiT keys renamed to official ones (unknown keys kept, so that
+    the key check reports them); official-layout input is returned unchanged."""
+    if not _is_diffusers_dit(entries):
+        return entries
+    return {(diffusers_dit_key(k) or k): v for k, v in entries.items()}
 
 
 def _official_name(task) -> str:
@@ -345,7 +420,7 @@ def _plain_readers(path, stack: contextlib.ExitStack) -> dict[str, tuple]:
         except ValueError as e:  # the message names the file
             raise CheckpointError(f"{e}; download it again") from None
         entries.update({k: (reader, k) for k in reader.keys()})
-    return strip_prefix(entries, _DIT_PREFIXES)
+    return _official_keys(strip_prefix(entries, _DIT_PREFIXES))
 
 
 def dit_config_from_state_dict(
@@ -400,6 +475,9 @@ def _num_heads(path, dim: int) -> int | None:
     cfg = read_config_json(path)
     if cfg.get("num_heads") and cfg.get("dim", dim) == dim:
         return int(cfg["num_heads"])
+    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")  # diffusers
+    if isinstance(heads, int) and isinstance(head_dim, int) and heads * head_dim == dim:
+        return heads
     meta = read_metadata(path)
     if meta.get("num_heads"):
         try:
@@ -461,8 +539,9 @@ def load_dit(
 
     Args:
         path: a ``.safetensors`` file, a shard index ``.json``, a folder of shards (the official
-            ``high_noise_model/``, with ``config.json``) or a ``.pth``. A ``model.diffusion_model.``
-            or ``diffusion_model.`` key prefix is stripped; bf16 / fp16 / fp8_e4m3fn (also
+            ``high_noise_model/``, with ``config.json``; a diffusers ``transformer/``) or a
+            ``.pth``. A ``model.diffusion_model.`` or ``diffusion_model.`` key prefix is stripped,
+            diffusers names are renamed (:func:`diffusers_dit_key`); bf16 / fp16 / fp8_e4m3fn (also
             ComfyUI's scaled fp8) stored weights are cast.
         task: the ``--task`` name (or :class:`~wanlora.tasks.Task`) the model must fit.
         dtype: compute dtype of the Linear / conv weights (float32, bfloat16, float16; strings
@@ -489,7 +568,7 @@ def load_dit(
     task = get_task(task)
     dtype = _as_dtype(dtype)
     # Memory-mapped: nothing is read until a tensor's data is touched.
-    sd, scales = _split_fp8_scales(load_state_dict(path, prefixes=_DIT_PREFIXES))
+    sd, scales = _split_fp8_scales(_official_keys(load_state_dict(path, prefixes=_DIT_PREFIXES)))
     try:
         pe = sd.get("patch_embedding.weight")
         heads = _num_heads(path, pe.shape[0]) if pe is not None else None

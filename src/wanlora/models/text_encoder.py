@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from wanlora.models.loading import CheckpointError, describe_checkpoint, load_state_dict
+from wanlora.tasks import T5_FILE, TOKENIZER_DIR
 
 __all__ = [
     "TextEncoder",
@@ -63,9 +64,9 @@ __all__ = [
 #: Token count every prompt is padded/truncated to (``wan_shared_cfg.text_len``).
 TEXT_LEN = 512
 #: File name of the official encoder weights in every Wan release folder.
-T5_CHECKPOINT_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
+T5_CHECKPOINT_NAME = T5_FILE
 #: Hub id of the tokenizer, and the sub-folder of the official release that holds it.
-TOKENIZER_NAME = "google/umt5-xxl"
+TOKENIZER_NAME = TOKENIZER_DIR
 _TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

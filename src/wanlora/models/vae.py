@@ -1,7 +1,9 @@
 """Loading and running the Wan VAEs: ``load_vae``, the ``WanVAE`` wrapper, kind detection.
 
 ``load_vae(path)`` reads an official VAE file — ``Wan2.1_VAE.pth``, ComfyUI's
-``wan_2.1_vae.safetensors`` or ``Wan2.2_VAE.pth`` — detects which VAE it holds from its weights,
+``wan_2.1_vae.safetensors``, ``Wan2.2_VAE.pth`` or a diffusers ``AutoencoderKLWan`` (the ``vae/``
+folder of the ``-Diffusers`` repositories, renamed by :func:`diffusers_vae_to_official`) — detects
+which VAE it holds from its weights,
 builds the matching model (``vae2_1.WanVAE21Model`` / ``vae2_2.WanVAE22Model``) and wraps it in
 :class:`WanVAE`, which works in the DiT's latent space:
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import torch
 from torch import nn
@@ -35,6 +38,7 @@ __all__ = [
     "build_vae",
     "save_vae_pth",
     "detect_vae_kind",
+    "diffusers_vae_to_official",
     "vae_config_from_state_dict",
     "weights_identity",
     "LATENT_MEAN",
@@ -139,6 +143,102 @@ def detect_vae_kind(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> 
     else:
         what = f"not a Wan VAE (first keys: {keys[:3]})"
     raise CheckpointError(f"{source}: --vae expects the Wan2.1 or Wan2.2 VAE, but this file is {what}")
+
+
+_DIFFUSERS_VAE_FIXED = (
+    ("quant_conv.", "conv1."), ("post_quant_conv.", "conv2."),
+    ("encoder.conv_in.", "encoder.conv1."), ("decoder.conv_in.", "decoder.conv1."),
+    ("encoder.norm_out.", "encoder.head.0."), ("encoder.conv_out.", "encoder.head.2."),
+    ("decoder.norm_out.", "decoder.head.0."), ("decoder.conv_out.", "decoder.head.2."),
+)
+_DIFFUSERS_RESNET = (("norm1.", "residual.0."), ("conv1.", "residual.2."), ("norm2.", "residual.3."),
+                     ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut."))
+_DIFFUSERS_STAGE = re.compile(r"^(encoder\.down|decoder\.up)_blocks\.(\d+)\.(.+)$")
+
+
+def _resnet_key(rest: str) -> str | None:
+    for old, new in _DIFFUSERS_RESNET:
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return None
+
+
+def diffusers_vae_to_official(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``AutoencoderKLWan`` state dict (Wan2.1, or Wan2.2 with
+    ``is_residual=True``) to the official keys; tensors are used as stored.
+
+    The inverse of diffusers' ``convert_wan_vae_to_diffusers`` (Wan2.1) and of the Wan2.2 layout:
+    ``mid_block.resnets.i`` / ``attentions.0`` -> ``middle.2i`` / ``middle.1``; resnets
+    ``norm1/conv1/norm2/conv2/conv_shortcut`` -> ``residual.0/2/3/6`` / ``shortcut``. Wan2.1 stages
+    are flat lists: ``encoder.down_blocks.n`` -> ``encoder.downsamples.n``, and
+    ``decoder.up_blocks.i.resnets.j`` / ``.upsamplers.0`` -> ``decoder.upsamples.k`` numbered
+    stage by stage (resnets, then the upsampler). Wan2.2 stages nest:
+    ``{down,up}_blocks.i.resnets.j`` -> ``{down,up}samples.i.{down,up}samples.j`` and the stage's
+    ``downsampler`` / ``upsampler`` comes after its resnets.
+
+    Raises:
+        CheckpointError: a key that fits neither layout (the file is not an AutoencoderKLWan).
+    """
+    conv_in = sd.get("encoder.conv_in.weight")
+    residual = conv_in is not None and conv_in.dim() == 5 and conv_in.shape[1] == 12  # Wan2.2: 2x2-patchified
+    stages: dict[tuple[str, int], dict] = {}
+    for k in sd:
+        m = _DIFFUSERS_STAGE.match(k)
+        if m and m.group(3).startswith("resnets."):
+            st = stages.setdefault((m.group(1), int(m.group(2))), {"resnets": set()})
+            st["resnets"].add(int(m.group(3).split(".")[1]))
+        elif m and m.group(3).startswith("upsamplers."):
+            stages.setdefault((m.group(1), int(m.group(2))), {"resnets": set()})["sampler"] = True
+    offsets, flat = {}, 0  # Wan2.1 decoder: first flat index of each up block
+    for (part, i) in sorted(k for k in stages if k[0] == "decoder.up"):
+        offsets[i] = flat
+        flat += len(stages[(part, i)]["resnets"]) + (1 if stages[(part, i)].get("sampler") else 0)
+
+    def rename(k: str) -> str | None:
+        for old, new in _DIFFUSERS_VAE_FIXED:
+            if k.startswith(old):
+                return new + k[len(old):]
+        m = re.match(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", k)
+        if m:
+            part, kind, i, rest = m.groups()
+            if kind == "attentions":
+                return f"{part}.middle.1.{rest}"
+            r = _resnet_key(rest)
+            return None if r is None else f"{part}.middle.{2 * int(i)}.{r}"
+        m = _DIFFUSERS_STAGE.match(k)
+        if not m:
+            return None
+        stage, i, rest = m.group(1), int(m.group(2)), m.group(3)
+        inner = stage.split(".")[1]  # "down" / "up"
+        n_res = len(stages.get((stage, i), {"resnets": ()})["resnets"])
+        if residual:
+            if rest.startswith("resnets."):
+                _, j, tail = rest.split(".", 2)
+                r = _resnet_key(tail)
+                return None if r is None else f"{stage}samples.{i}.{inner}samples.{j}.{r}"
+            for sampler in (f"{inner}sampler.",):
+                if rest.startswith(sampler):
+                    return f"{stage}samples.{i}.{inner}samples.{n_res}.{rest[len(sampler):]}"
+            return None
+        if stage == "encoder.down":
+            r = _resnet_key(rest)
+            return f"encoder.downsamples.{i}.{r or rest}"
+        if rest.startswith("resnets."):
+            _, j, tail = rest.split(".", 2)
+            r = _resnet_key(tail)
+            return None if r is None else f"decoder.upsamples.{offsets[i] + int(j)}.{r}"
+        if rest.startswith("upsamplers.0."):
+            return f"decoder.upsamples.{offsets[i] + n_res}.{rest[len('upsamplers.0.'):]}"
+        return None
+
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        new = rename(k)
+        if new is None:
+            raise CheckpointError(f"{source}: diffusers VAE key {k!r} has no official counterpart; the file "
+                                  "is not a diffusers AutoencoderKLWan of Wan2.1 or Wan2.2")
+        out[new] = v
+    return out
 
 
 def vae_config_from_state_dict(sd: dict[str, torch.Tensor], kind: str) -> dict:
@@ -303,9 +403,10 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
     """Load an official Wan VAE file into a :class:`WanVAE`.
 
     Args:
-        path: ``Wan2.1_VAE.pth``, ``wan_2.1_vae.safetensors`` (ComfyUI), ``Wan2.2_VAE.pth``, or any
+        path: ``Wan2.1_VAE.pth``, ``wan_2.1_vae.safetensors`` (ComfyUI), ``Wan2.2_VAE.pth``, any
             file/shard set with the official keys (a ``first_stage_model.`` / ``vae.`` prefix is
-            stripped). Which VAE it is comes from the weights, not the name.
+            stripped), or a diffusers ``AutoencoderKLWan`` (``vae/diffusion_pytorch_model.safetensors``
+            or its folder; keys renamed by :func:`diffusers_vae_to_official`). Which VAE it is comes from the weights, not the name.
         dtype: compute dtype (float32 default, as the official wrappers; bfloat16 on GPU).
         device: where the model lives.
         tiling: default decode tiling (see :meth:`WanVAE.decode`).
@@ -315,7 +416,16 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
             as such); missing, unexpected or mis-shaped keys.
     """
     sd = load_state_dict(path, prefixes=_PREFIXES)
-    kind = detect_vae_kind(sd, source=str(path))
+    diffusers = "encoder.conv_in.weight" in sd and "quant_conv.weight" in sd  # AutoencoderKLWan
+    if diffusers:
+        sd = diffusers_vae_to_official(sd, source=str(path))
+    try:
+        kind = detect_vae_kind(sd, source=str(path))
+    except CheckpointError:
+        if not diffusers:
+            raise
+        raise CheckpointError(f"{path}: a diffusers-format AutoencoderKLWan without the layers of the Wan2.1 or "
+                              "Wan2.2 VAE (incomplete file or another variant)") from None
     cfg = vae_config_from_state_dict(sd, kind)
     identity = weights_identity(kind, sd)
     with torch.device("meta"):

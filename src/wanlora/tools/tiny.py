@@ -40,7 +40,7 @@ import torch
 from wanlora.conditioning import conditioning_for
 from wanlora.io_utils import atomic_path, save_safetensors, save_torch_state_dict, write_json
 from wanlora.models.text_encoder import T5_CHECKPOINT_NAME, TOKENIZER_NAME
-from wanlora.tasks import TASKS, get_task
+from wanlora.tasks import TASKS, VAE_FILES, get_task
 
 __all__ = [
     "make_tiny",
@@ -68,7 +68,7 @@ TINY_VOCAB = 600
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_tokenizer_corpus.txt"
 T5_FILE = T5_CHECKPOINT_NAME  # the official release's names, where load_text_encoder looks
 TOKENIZER_DIR = TOKENIZER_NAME
-VAE_FILE = {"wan2.1": "Wan2.1_VAE.pth", "wan2.2": "Wan2.2_VAE.pth"}
+VAE_FILE = VAE_FILES
 DIT_SHARDS = 2
 _DIFFUSERS_VERSION = "0.33.0"
 
