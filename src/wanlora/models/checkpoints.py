@@ -36,7 +36,7 @@ from wanlora.tasks import VAE_FILES, Release, Task, get_task, release_task
 
 __all__ = [
     "ROLES",
-    "ModelFiles",
+    "ResolvedFiles",
     "MissingModelFileError",
     "is_repo_id",
     "layout_of_folder",
@@ -89,7 +89,7 @@ class _Entry:
 
 
 @dataclass(frozen=True)
-class ModelFiles:
+class ResolvedFiles:
     """What a ``--ckpt_dir`` resolved to.
 
     Attributes:
@@ -232,7 +232,7 @@ def resolve_ckpt_dir(
     download: bool = True,
     local_dir: str | os.PathLike | None = None,
     revision: str | None = None,
-) -> ModelFiles:
+) -> ResolvedFiles:
     """Resolve ``roles`` of ``task`` from a ``--ckpt_dir`` (see the module docstring).
 
     Args:
@@ -247,7 +247,7 @@ def resolve_ckpt_dir(
         revision: branch, tag or commit of a repo id (default ``main``).
 
     Returns:
-        :class:`ModelFiles` with one local path per role: a DiT expert folder or weight file, the
+        :class:`ResolvedFiles` with one local path per role: a DiT expert folder or weight file, the
         VAE file, the umT5 file (diffusers: the ``text_encoder/`` folder) and the tokenizer folder.
 
     Raises:
@@ -284,7 +284,7 @@ def resolve_ckpt_dir(
     return _resolve_hub(source, layout, task, roles, download=download, local_dir=local_dir, revision=revision)
 
 
-def _resolve_folder(source: str, root: Path, task: Task, roles: tuple[str, ...]) -> ModelFiles:
+def _resolve_folder(source: str, root: Path, task: Task, roles: tuple[str, ...]) -> ResolvedFiles:
     layout = layout_of_folder(root)
     paths: dict[str, Path] = {}
     missing: list[str] = []
@@ -299,7 +299,7 @@ def _resolve_folder(source: str, root: Path, task: Task, roles: tuple[str, ...])
         raise CheckpointError(
             f"--ckpt_dir {source} ({layout} layout) has no {', '.join(missing)} for --task {task.name}; "
             "put the files there or pass each with its flag")
-    return ModelFiles(source=source, layout=layout, paths=paths)
+    return ResolvedFiles(source=source, layout=layout, paths=paths)
 
 
 class _HubFiles:
@@ -388,7 +388,7 @@ class _HubFiles:
         raise CheckpointError(f"--ckpt_dir {self.repo_id}: the repository has none of {list(names)}")
 
 
-def _resolve_hub(repo_id: str, layout: str, task: Task, roles, *, download, local_dir, revision) -> ModelFiles:
+def _resolve_hub(repo_id: str, layout: str, task: Task, roles, *, download, local_dir, revision) -> ResolvedFiles:
     files = _HubFiles(repo_id, task, roles, revision, local_dir, download)
     if layout == "diffusers":
         files.get("model_index.json", required=False)  # marks a --dir download as diffusers
@@ -411,4 +411,4 @@ def _resolve_hub(repo_id: str, layout: str, task: Task, roles, *, download, loca
         if local_dir is None and "snapshots" in weights.parts:
             commits.add(weights.parts[weights.parts.index("snapshots") + 1])
     revision_seen = commits.pop() if len(commits) == 1 else revision
-    return ModelFiles(source=repo_id, layout=layout, paths=paths, repo_id=repo_id, revision=revision_seen)
+    return ResolvedFiles(source=repo_id, layout=layout, paths=paths, repo_id=repo_id, revision=revision_seen)
