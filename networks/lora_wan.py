@@ -12,7 +12,8 @@ norms, modulation and head (outside the blocks or not Linear).
 
 - ``exclude_patterns=[".*ffn.*"]`` / ``include_patterns=[...]``: Python regexes full-matched
   against dotted names (``blocks.3.self_attn.q``); an exclude match drops a module unless an
-  include pattern re-admits it (musubi semantics).
+  include pattern re-admits it (musubi semantics; the one rule of :mod:`wanlora.lora.patterns`,
+  which ``wanlora-generate --exclude_patterns/--include_patterns`` follows too).
 - ``rank_dropout=0.1``, ``module_dropout=0.1``: floats (training only).
 - ``loraplus_lr_ratio=16``: LoRA+ — the ``lora_up`` weights train with ``lr * ratio``.
 - ``verbose=True``: log every module.
@@ -30,14 +31,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from wanlora.networks.lora import (
-    DEFAULT_PREFIX,
-    LoRANetwork,
-    dims_from_weights,
-    lora_name_for,
-    read_lora_weights,
-    select_modules,
-)
+from wanlora.lora.adapter import dims_from_weights, unwrap_model, weight_targets
+from wanlora.lora.patterns import select_modules
+from wanlora.networks.lora import LoRANetwork, read_lora_weights
 
 logger = logging.getLogger(__name__)
 
@@ -63,27 +59,18 @@ _KNOWN_ARGS = {"exclude_patterns", "include_patterns", "rank_dropout", "module_d
                "loraplus_lr_ratio", "verbose"}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / torch.compile / accelerate wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module) and inner is not model:
-            model = inner
-        else:
-            return model
-
-
 def wan_lora_candidates(unet: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Every ``nn.Linear`` inside ``blocks.N`` as ``(dotted_name, module)``, in module order."""
-    return [(n, m) for n, m in _unwrap(unet).named_modules()
+    return [(n, m) for n, m in unwrap_model(unet).named_modules()
             if isinstance(m, nn.Linear) and _BLOCK_LINEAR.fullmatch(n)]
 
 
 def wan_lora_targets(unet: nn.Module, exclude_patterns=None, include_patterns=None,
                      verbose: bool = False) -> list[tuple[str, nn.Linear]]:
-    """The Wan LoRA targets after the default and the user's include/exclude patterns."""
+    """The Wan LoRA targets after the default and the user's include/exclude patterns (the one rule
+    of :mod:`wanlora.lora.patterns`: full match on dotted names, include re-admits excluded ones)."""
     excl = list(exclude_patterns or []) + list(WAN_DEFAULT_EXCLUDE_PATTERNS)
-    return select_modules(wan_lora_candidates(unet), excl, include_patterns, verbose)
+    return select_modules(wan_lora_candidates(unet), excl, include_patterns, "--network_args", verbose)
 
 
 def _parse_list(value: Any, key: str) -> list[str] | None:
@@ -222,18 +209,7 @@ def create_network_from_weights(
         weights_sd, _ = read_lora_weights(file)
     dims, alphas = dims_from_weights(weights_sd)
     args = parse_network_args(kwargs)
-    linears = {lora_name_for(n, DEFAULT_PREFIX): (n, m) for n, m in _unwrap(unet).named_modules()
-               if isinstance(m, nn.Linear)}
-    unknown = sorted(set(dims) - set(linears))
-    if unknown:
-        shown = ", ".join(unknown[:8]) + (f", ... ({len(unknown) - 8} more)" if len(unknown) > 8 else "")
-        raise ValueError(
-            f"LoRA weights {file if file is not None else '(state dict)'} name {len(unknown)} modules "
-            f"this DiT does not have as nn.Linear: {shown}. Check that the LoRA was trained for "
-            f"this model (--task / --dit) and is in a layout wanlora-convert-lora reads."
-        )
-    order = {name: i for i, name in enumerate(linears)}
-    targets = [linears[name] for name in sorted(dims, key=order.__getitem__)]
+    targets = weight_targets(unet, dims, str(file) if file is not None else "(state dict)")
     network = LoRANetwork(
         targets,
         multiplier=multiplier,

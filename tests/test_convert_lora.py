@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from wanlora.commands.convert_lora import main, plan_outputs
+from wanlora.commands.convert_lora import main
+from wanlora.lora.convert import plan_outputs
 from wanlora.io_utils import save_safetensors
 from wanlora.lora.layouts import delta_weights, detect_layout, from_default, load_lora_file
 from wanlora.lora.metadata import build_lora_metadata

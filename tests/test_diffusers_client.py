@@ -25,11 +25,11 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 
 from dit_oracle import Float64Sinusoid, diffusers_transformer, random_dit_state_dict  # noqa: E402
 
-from wanlora.commands.convert_lora import convert_lora_file  # noqa: E402
+from wanlora.lora.convert import convert_lora_file  # noqa: E402
 from wanlora.io_utils import save_safetensors  # noqa: E402
 from wanlora.lora.layouts import BLOCK_LINEARS, from_default, module_to_key  # noqa: E402
 from wanlora.lora.metadata import build_lora_metadata, coverage_warnings  # noqa: E402
-from wanlora.commands.merge_lora import merge_loras  # noqa: E402
+from wanlora.lora.merge import merge_loras  # noqa: E402
 from wanlora.models.dit import WanDiT, WanDiTConfig  # noqa: E402
 
 CFG = WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=16, out_channels=16,

@@ -153,9 +153,12 @@ def test_lora_metadata_routes_expert(tiny_dir, tmp_path, caplog):
     assert [p.multiplier for p in plans] == [0.5, 0.5, 1.0]
     assert "goes to the high_noise expert" in caplog.text
     sd = plans[0].state_dict
-    kept = filter_lora_state_dict(sd, "cross_attn", "blocks_0_")
+    # training's rule: full match on dotted paths; block 0 dropped except its cross-attention
+    kept = filter_lora_state_dict(sd, r"blocks\.0\.cross_attn\..*", r"blocks\.0\..*")
     names = {k.split(".")[0] for k in kept}
-    assert names and all("cross_attn" in n and "blocks_0_" not in n for n in names)
+    all_names = {k.split(".")[0] for k in sd}
+    assert names == {n for n in all_names if not n.startswith("lora_unet_blocks_0_") or "_cross_attn_" in n}
+    assert any(n.startswith("lora_unet_blocks_0_cross_attn") for n in names) and len(names) < len(all_names)
     with pytest.raises(ValueError, match="--lora_multiplier"):
         plan_loras(get_task(task), [str(hi), str(plain)], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="--exclude_patterns .* not a valid regular expression"):

@@ -18,7 +18,8 @@ from dit_oracle import random_dit_state_dict
 from wanlora.io_utils import save_safetensors, write_json
 from wanlora.lora.layouts import BLOCK_LINEARS, from_default, module_to_key
 from wanlora.lora.metadata import build_lora_metadata
-from wanlora.commands.merge_lora import dit_expert_from_path, main, merge_loras
+from wanlora.commands.merge_lora import main
+from wanlora.lora.merge import dit_expert_from_path, merge_loras
 from wanlora.models.dit import WanDiT, WanDiTConfig
 from wanlora.models.safetensors_stream import SafetensorsStreamWriter
 
@@ -200,7 +201,7 @@ _MEASURE = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     import psutil
-    from wanlora.commands.merge_lora import merge_loras
+    from wanlora.lora.merge import merge_loras
 
     def peak():
         # VmHWM: this process's own high-water RSS (ru_maxrss would include the forking parent's RSS)
@@ -282,3 +283,32 @@ def test_tiny_a14b_expert_merge_end_to_end(tiny_dir, tmp_path):
         torch.testing.assert_close(merged(x, t, ctx), dit(x, t, ctx), atol=1e-5, rtol=1e-5)
     assert main(["--dit", str(low), "--task", "t2v-A14B", "--lora_weight", str(lora),
                  "--save_merged_model", str(tmp_path / "no.safetensors")]) == 2
+
+
+def test_one_multiplier_applies_to_every_lora_as_in_generate(tmp_path, capsys):
+    """Regression: ``--lora_multiplier 0.5`` with two files meant [0.5, 1.0] in merge but [0.5, 0.5] in
+    generate; both now read it through one function (one value for all files)."""
+    from wanlora.lora.apply import per_file_values
+
+    assert per_file_values([0.5], 2, 1.0, "--lora_multiplier") == [0.5, 0.5]
+    assert per_file_values(None, 2, 1.0, "--lora_multiplier") == [1.0, 1.0]
+    with pytest.raises(ValueError, match="--lora_multiplier: 2 values for 3 LoRA files"):
+        per_file_values([1.0, 2.0], 3, 1.0, "--lora_multiplier")
+    base = _base(5)
+    save_safetensors(base, tmp_path / "dit.safetensors")
+    for i, name in enumerate(("a", "b")):
+        save_safetensors(_lora(10 + i, 4, 4.0), tmp_path / f"{name}.safetensors")
+    loras = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    one = tmp_path / "one.safetensors"
+    assert main(["--dit", str(tmp_path / "dit.safetensors"), "--task", "t2v-14B", "--lora_weight", *loras,
+                 "--lora_multiplier", "0.5", "--save_merged_model", str(one)]) == 0
+    with safe_open(str(one), framework="pt") as f:
+        assert [r["multiplier"] for r in json.loads(f.metadata()["wan.merged_loras"])] == [0.5, 0.5]
+    ref = tmp_path / "ref.safetensors"
+    merge_loras(tmp_path / "dit.safetensors", [(loras[0], 0.5), (loras[1], 0.5)], ref, "t2v-14B")
+    a, b = load_file(one), load_file(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.1.ffn.2.weight"], base["blocks.1.ffn.2.weight"])
+    assert main(["--dit", str(tmp_path / "dit.safetensors"), "--task", "t2v-14B", "--lora_weight", *loras,
+                 "--lora_multiplier", "1", "2", "3", "--save_merged_model", str(one)]) == 2
+    assert "--lora_multiplier: 3 values for 2 LoRA files" in capsys.readouterr().err

@@ -133,7 +133,7 @@ def _loha(tmp, tiny_dir):
 
 
 def _merge_wrong_expert(tmp, tiny_dir):
-    from wanlora.commands.merge_lora import MergeError, merge_loras
+    from wanlora.lora.merge import MergeError, merge_loras
 
     dit = tiny_dir("t2v-A14B") / "low_noise_model"
     lora = tmp / "style_high_noise.safetensors"

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "Task", "TASKS", "get_task", "task_names", "EXPERTS", "DEFAULT_NEGATIVE_PROMPT", "Release",
-    "T5_FILE", "TOKENIZER_DIR", "VAE_FILES", "release_task",
+    "Task", "TASKS", "get_task", "task_names", "EXPERTS", "expert_from_path", "DEFAULT_NEGATIVE_PROMPT",
+    "Release", "T5_FILE", "TOKENIZER_DIR", "VAE_FILES", "release_task",
 ]
 
 #: ``wan_shared_cfg.sample_neg_prompt`` of both official repositories (identical in Wan2.1 and
@@ -262,6 +262,14 @@ TASKS: dict[str, Task] = {
         ),
     )
 }
+
+
+def expert_from_path(path) -> str | None:
+    """The expert a checkpoint path names: ``high_noise``/``low_noise`` (also ``high-noise``)
+    anywhere in the path (a ``str`` or ``os.PathLike``), or None when it names neither or both."""
+    s = str(path).lower().replace("-", "_")
+    found = [e for e in EXPERTS if e in s]
+    return found[0] if len(found) == 1 else None
 
 
 def task_names() -> list[str]:

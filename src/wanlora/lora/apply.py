@@ -7,18 +7,29 @@ without it goes to the expert of its flag (``--lora_weight``: the low-noise expe
 ``--dit`` names; ``--lora_weight_high_noise``: the high-noise expert), or to the only model.
 
 ``--include_patterns`` / ``--exclude_patterns``: one regular expression per LoRA (a single one
-applies to all), searched in the module name (``lora_unet_blocks_9_cross_attn_k``); a module is
-kept when it matches the include pattern (if any) and does not match the exclude pattern (if any).
+applies to all), with the one meaning training's ``--network_args`` patterns have
+(:mod:`wanlora.lora.patterns`): full-matched against the dotted module path
+(``blocks.9.cross_attn.k``); a module matching the exclude pattern is dropped unless it matches the
+include pattern too (include only re-admits).
+
+``--lora_multiplier``: one value per file, or one value for all files (:func:`per_file_values`,
+which ``wanlora-merge-lora`` uses too).
+
+Merging (the default) adds :func:`wanlora.lora.algebra.lora_delta` into each weight; ``--lora_dynamic``
+hooks a :class:`wanlora.lora.adapter.LoRAAdapterSet` beside the layers instead.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 
+from wanlora.lora.adapter import LoRAAdapterSet, weight_targets
+from wanlora.lora.algebra import merge_delta_
+from wanlora.lora.layouts import key_to_module, load_lora_file, lora_modules, module_to_key
+from wanlora.lora.patterns import compile_patterns, select_modules
 
-__all__ = ["LoraPlan", "plan_loras", "filter_lora_state_dict", "apply_loras", "EXPERT_KEY"]
+__all__ = ["LoraPlan", "per_file_values", "plan_loras", "filter_lora_state_dict", "apply_loras", "EXPERT_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +59,32 @@ class LoraPlan:
     metadata: dict = field(default_factory=dict, repr=False)
 
 
-def _expand(values: list, n: int, default, name: str) -> list:
+def per_file_values(values, n: int, default, flag: str) -> list:
+    """One value per LoRA file from a flag's values: the rule of every LoRA command's per-file flags
+    (``--lora_multiplier``, ``--lora_multiplier_high_noise``, ``--include_patterns``, ...).
+
+    None or no value gives ``default`` for each file; one value is used for every file (so
+    ``--lora_multiplier 0.5`` with two files means ``[0.5, 0.5]``); otherwise there must be exactly
+    one value per file.
+
+    Args:
+        values: the flag's values (a list, or None).
+        n: the number of LoRA files.
+        default: the value of a file the flag does not set (1.0 for multipliers).
+        flag: the flag's name, for the message.
+    Returns:
+        a list of ``n`` values.
+    Raises:
+        ValueError: more than one value, but not one per file (names the flag and both counts).
+    """
+    values = list(values or [])
     if not values:
         return [default] * n
     if len(values) == 1:
-        return list(values) * n
+        return values * n
     if len(values) != n:
-        raise ValueError(f"{name}: {len(values)} values for {n} LoRA files; give one per file, or one for all")
-    return list(values)
+        raise ValueError(f"{flag}: {len(values)} values for {n} LoRA files; give one per file, or one for all")
+    return values
 
 
 def plan_loras(task, weights, multipliers, weights_high=(), multipliers_high=(), include=None, exclude=None):
@@ -66,7 +95,9 @@ def plan_loras(task, weights, multipliers, weights_high=(), multipliers_high=(),
         weights / multipliers: ``--lora_weight`` files (low-noise expert or the only model) and
             their multipliers (none: 1.0 each; one: for all).
         weights_high / multipliers_high: the same for ``--lora_weight_high_noise``.
-        include / exclude: one pattern per file (in the order low then high), or one for all.
+        include / exclude: one pattern per file (in the order low then high), or one for all,
+            with the rule of :mod:`wanlora.lora.patterns` (an include pattern given without an
+            exclude pattern keeps everything, and is warned about).
 
     Returns:
         one :class:`LoraPlan` per file, in that order.
@@ -76,18 +107,21 @@ def plan_loras(task, weights, multipliers, weights_high=(), multipliers_high=(),
             ``wan.expert`` with an unknown value.
         FileNotFoundError / LoraFormatError: unreadable files (from :mod:`wanlora.lora.layouts`).
     """
-    from wanlora.lora.layouts import load_lora_file
-
     weights, weights_high = list(weights or []), list(weights_high or [])
-    mults = _expand(list(multipliers or []), len(weights), 1.0, "--lora_multiplier")
-    mults_h = _expand(list(multipliers_high or []), len(weights_high), 1.0, "--lora_multiplier_high_noise")
+    mults = per_file_values(multipliers, len(weights), 1.0, "--lora_multiplier")
+    mults_h = per_file_values(multipliers_high, len(weights_high), 1.0, "--lora_multiplier_high_noise")
     n = len(weights) + len(weights_high)
-    inc = _expand(list(include or []), n, None, "--include_patterns")
-    exc = _expand(list(exclude or []), n, None, "--exclude_patterns")
+    inc = per_file_values(include, n, None, "--include_patterns")
+    exc = per_file_values(exclude, n, None, "--exclude_patterns")
     for pattern in inc:  # fail before reading any file
-        _compile(pattern, "--include_patterns")
+        compile_patterns(pattern, "--include_patterns")
     for pattern in exc:
-        _compile(pattern, "--exclude_patterns")
+        compile_patterns(pattern, "--exclude_patterns")
+    for k, (i, x) in enumerate(zip(inc, exc)):
+        if i is not None and x is None:
+            logger.warning("LoRA file %d: --include_patterns %r alone keeps every module (include patterns only "
+                           "re-admit modules an exclude pattern drops); to keep only those modules, add "
+                           "--exclude_patterns '.*'", k + 1, i)
     plans = []
     items = [(p, m, "low_noise") for p, m in zip(weights, mults)] + [(p, m, "high_noise") for p, m in zip(weights_high, mults_h)]
     for k, (path, mult, flag_expert) in enumerate(items):
@@ -113,69 +147,58 @@ def plan_loras(task, weights, multipliers, weights_high=(), multipliers_high=(),
 
 
 def filter_lora_state_dict(sd: dict, include: str | None, exclude: str | None) -> dict:
-    """Keep the modules whose name matches ``include`` (if given) and not ``exclude`` (if given).
+    """The modules of a default-layout LoRA that the patterns keep (:mod:`wanlora.lora.patterns`).
 
     ``sd`` keys are ``<module>.<tensor>`` (``lora_unet_blocks_0_self_attn_q.lora_down.weight``);
-    the patterns are searched (``re.search``) in ``<module>``. Returns a new dict.
+    each pattern is full-matched against the module's dotted path (``blocks.0.self_attn.q``): a
+    module matching ``exclude`` is dropped unless it matches ``include`` too. Returns a new dict
+    (the same tensors).
 
     Raises:
-        ValueError: an invalid regular expression.
+        ValueError: an invalid regular expression (naming ``--include_patterns`` /
+            ``--exclude_patterns``).
+        LoraFormatError: a module name that is not a Wan Linear layer.
     """
     if include is None and exclude is None:
         return dict(sd)
-    ri = _compile(include, "--include_patterns")
-    rx = _compile(exclude, "--exclude_patterns")
-    out = {}
-    for k, v in sd.items():
-        name = k.split(".", 1)[0]
-        if ri is not None and not ri.search(name):
-            continue
-        if rx is not None and rx.search(name):
-            continue
-        out[k] = v
-    return out
-
-
-def _compile(pattern: str | None, flag: str):
-    """``re.compile(pattern)`` (``None`` for no pattern); a bad pattern is a ValueError naming ``flag``."""
-    if not pattern:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
+    names = list(dict.fromkeys(k.split(".", 1)[0] for k in sd))
+    kept = {n for _, n in select_modules([(key_to_module(n), n) for n in names], exclude, include, flag="")}
+    return {k: v for k, v in sd.items() if k.split(".", 1)[0] in kept}
 
 
 def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict]:
     """Merge (default) or hook each planned LoRA into ``pipe.dits``. Returns a JSON-able log.
 
-    Dynamic networks are registered in ``pipe.extra_modules[expert]`` so they travel with their DiT.
+    Merging adds ``multiplier · (alpha/rank) · up @ down`` into each weight in float32 and casts back
+    once (:func:`wanlora.lora.algebra.merge_delta_`). Dynamic adapters
+    (:class:`wanlora.lora.adapter.LoRAAdapterSet`) are registered in ``pipe.extra_modules[expert]``
+    so they travel with their DiT.
 
     Raises:
         ValueError: a LoRA whose modules the DiT lacks, or nothing left after the patterns.
     """
-    from wanlora.networks.lora_wan import create_network_from_weights
-
     log = []
     for plan in plans:
         sd = filter_lora_state_dict(plan.state_dict, plan.include, plan.exclude)
         if not sd:
             raise ValueError(f"{plan.path}: --include_patterns/--exclude_patterns left no module")
+        modules = lora_modules(sd, "default")
         for expert in plan.experts:
             dit = pipe.dits[expert] if expert in pipe.dits else next(iter(pipe.dits.values()))
-            net, _ = create_network_from_weights(plan.multiplier, None, None, None, dit, weights_sd=sd,
-                                                 for_inference=True)
-            p = next(dit.parameters())
             if dynamic:
-                net.apply_to(None, dit)
-                net.load_weights(sd)
-                net.to(device=p.device, dtype=p.dtype)
-                net.set_multiplier(plan.multiplier)
-                net.requires_grad_(False)
-                pipe.extra_modules.setdefault(expert, []).append(net)
+                p = next(dit.parameters())
+                adapters = LoRAAdapterSet.from_weights(dit, sd, plan.multiplier, source=plan.path)
+                adapters.load_adapter_weights(sd, plan.path)
+                adapters.attach()
+                adapters.to(device=p.device, dtype=p.dtype)
+                adapters.requires_grad_(False)
+                adapters.eval()
+                pipe.extra_modules.setdefault(expert, []).append(adapters)
             else:
-                net.merge_to(None, dit, weights_sd=sd)
+                targets = dict(weight_targets(dit, [module_to_key(m) for m in modules], plan.path))
+                for path, e in modules.items():
+                    merge_delta_(targets[path].weight, e["down"], e["up"], e["alpha"], plan.multiplier)
             log.append({"path": plan.path, "multiplier": plan.multiplier, "expert": expert,
-                        "modules": len({k.split(".", 1)[0] for k in sd}), "mode": "dynamic" if dynamic else "merged",
+                        "modules": len(modules), "mode": "dynamic" if dynamic else "merged",
                         "reason": plan.reason})
     return log

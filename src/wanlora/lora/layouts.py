@@ -20,18 +20,20 @@ Every function here is pure (dicts of tensors in, dicts out); :func:`load_lora_f
 reader used by generation, training (``--network_weights``), conversion and merging.
 
 Math: a module's weight update is ``ΔW = (alpha / rank) · up @ down`` (``up`` = B ``[out, r]``,
-``down`` = A ``[r, in]``); a module with no alpha has scale 1 (alpha = rank).
+``down`` = A ``[r, in]``); a module with no alpha has scale 1 (alpha = rank). It is computed in one
+place, :mod:`wanlora.lora.algebra`, which :func:`delta_weights` and :func:`from_default` call.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
 
 import torch
+
+from wanlora.lora.algebra import fold_alpha as fold_scale, lora_delta
 
 __all__ = [
     "LAYOUTS",
@@ -156,18 +158,23 @@ def _check_wan_path(path: str, key: str) -> str:
     raise LoraFormatError(f"LoRA key {key!r}: {path!r} is not a Linear layer of the Wan DiT")
 
 
+def _map_path(path: str, block_map: dict[str, str], top_map: dict[str, str], what: str) -> str:
+    """``blocks.N.<local>`` -> ``blocks.N.<block_map[local]>``, a top-level path through ``top_map``."""
+    m = _BLOCK_RE.match(path)
+    if m and m.group(2) in block_map:
+        return f"blocks.{int(m.group(1))}.{block_map[m.group(2)]}"
+    if path in top_map:
+        return top_map[path]
+    raise LoraFormatError(f"{path!r} is not {what}")
+
+
 def wan_to_diffusers_path(path: str) -> str:
     """``blocks.3.self_attn.o`` -> ``blocks.3.attn1.to_out.0`` (diffusers ``WanTransformer3DModel``).
 
     Raises:
         LoraFormatError: not a Wan Linear layer.
     """
-    m = _BLOCK_RE.match(path)
-    if m and m.group(2) in _BLOCK_TO_DIFFUSERS:
-        return f"blocks.{int(m.group(1))}.{_BLOCK_TO_DIFFUSERS[m.group(2)]}"
-    if path in _TOP_TO_DIFFUSERS:
-        return _TOP_TO_DIFFUSERS[path]
-    raise LoraFormatError(f"{path!r} is not a Linear layer of the Wan DiT")
+    return _map_path(path, _BLOCK_TO_DIFFUSERS, _TOP_TO_DIFFUSERS, "a Linear layer of the Wan DiT")
 
 
 def diffusers_to_wan_path(path: str) -> str:
@@ -176,12 +183,8 @@ def diffusers_to_wan_path(path: str) -> str:
     Raises:
         LoraFormatError: not a diffusers name of a Wan Linear layer.
     """
-    m = _BLOCK_RE.match(path)
-    if m and m.group(2) in _BLOCK_FROM_DIFFUSERS:
-        return f"blocks.{int(m.group(1))}.{_BLOCK_FROM_DIFFUSERS[m.group(2)]}"
-    if path in _TOP_FROM_DIFFUSERS:
-        return _TOP_FROM_DIFFUSERS[path]
-    raise LoraFormatError(f"{path!r} is not a diffusers name of a Wan DiT Linear layer")
+    return _map_path(path, _BLOCK_FROM_DIFFUSERS, _TOP_FROM_DIFFUSERS,
+                     "a diffusers name of a Wan DiT Linear layer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,15 +367,11 @@ def from_default(state_dict: dict[str, torch.Tensor], target: str, fold_alpha: b
         down, up = e["down"], e["up"]
         rank = down.shape[0]
         alpha = float(rank if e["alpha"] is None else e["alpha"])
-        out_dtype = dtype or down.dtype
-        if fold and alpha != rank:
-            s = math.sqrt(alpha / rank)
-            down = (down.float() * s).to(out_dtype)
-            up = (up.float() * s).to(dtype or up.dtype)
+        if fold:
+            down, up = fold_scale(down, up, alpha, dtype)
             alpha = float(rank)
         else:
-            down = down.to(out_dtype)
-            up = up.to(dtype or up.dtype)
+            down, up = down.to(dtype or down.dtype), up.to(dtype or up.dtype)
         if target == "default":
             name = module_to_key(path)
             out[f"{name}.lora_down.weight"] = down
@@ -400,18 +399,15 @@ def _sort_key(path: str):
 
 
 def delta_weights(state_dict: dict[str, torch.Tensor], multiplier: float = 1.0) -> dict[str, torch.Tensor]:
-    """The float32 weight update ``multiplier · (alpha/rank) · up @ down`` of every module.
+    """The float32 weight update ``multiplier · (alpha/rank) · up @ down`` of every module
+    (:func:`wanlora.lora.algebra.lora_delta`; a module without alpha has scale 1).
 
     Returns:
         ``{wan_path: ΔW [out, in] float32}`` (module paths, e.g. ``blocks.0.self_attn.q``; the
         checkpoint key is ``path + ".weight"``).
     """
-    out = {}
-    for path, e in lora_modules(state_dict).items():
-        rank = e["down"].shape[0]
-        scale = 1.0 if e["alpha"] is None else e["alpha"] / rank
-        out[path] = (multiplier * scale) * (e["up"].float() @ e["down"].float())
-    return out
+    return {path: lora_delta(e["down"], e["up"], e["alpha"], multiplier)
+            for path, e in lora_modules(state_dict).items()}
 
 
 def lora_ranks(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from wanlora.tasks import EXPERTS, Task
+from wanlora.tasks import EXPERTS, Task, expert_from_path  # noqa: F401 (re-exported)
 
 __all__ = [
     "ExpertPlan",
@@ -66,14 +65,6 @@ def normalize_expert(name: str | None) -> str | None:
     if key in ("low", "low_noise"):
         return "low_noise"
     raise ValueError(f"--expert {name!r}: use high or low")
-
-
-def expert_from_path(path: str | Path) -> str | None:
-    """The expert a checkpoint path names: ``high_noise``/``low_noise`` (also ``high-noise``)
-    anywhere in the path, or None when it names neither or both."""
-    s = str(path).lower().replace("-", "_")
-    found = [e for e in EXPERTS if e in s]
-    return found[0] if len(found) == 1 else None
 
 
 def boundary_timestep(task: Task, override: float | None) -> float | None:
