@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from wanlora.lora.adapter import dims_from_weights, unwrap_model, weight_targets
+from wanlora.lora.adapter import unwrap_model
 from wanlora.lora.patterns import select_modules
 from wanlora.networks.lora import LoRANetwork, read_lora_weights
 
@@ -207,14 +207,9 @@ def create_network_from_weights(
         if file is None:
             raise ValueError("create_network_from_weights needs a file or weights_sd")
         weights_sd, _ = read_lora_weights(file)
-    dims, alphas = dims_from_weights(weights_sd)
     args = parse_network_args(kwargs)
-    targets = weight_targets(unet, dims, str(file) if file is not None else "(state dict)")
-    network = LoRANetwork(
-        targets,
-        multiplier=multiplier,
-        modules_dim=dims,
-        modules_alpha=alphas,
+    network = LoRANetwork.from_weights(
+        unet, weights_sd, multiplier, source=str(file) if file is not None else "(state dict)",
         rank_dropout=None if for_inference else args["rank_dropout"],
         module_dropout=None if for_inference else args["module_dropout"],
         loraplus_lr_ratio=args["loraplus_lr_ratio"],
