@@ -243,8 +243,8 @@ def check_vae_for_task(path: str | os.PathLike, task: Task, flag: str = "--vae",
 def swapped_experts_warning(dit: str | None, dit_high_noise: str | None) -> str | None:
     """A warning when ``--dit`` (the low-noise expert) names high_noise and ``--dit_high_noise``
     names low_noise — the experts given the wrong way round (the rule of
-    :func:`wanlora.training.experts.expert_from_path`)."""
-    from wanlora.training.experts import expert_from_path
+    :func:`wanlora.tasks.expert_from_path`)."""
+    from wanlora.tasks import expert_from_path
 
     if not (dit and dit_high_noise):
         return None
@@ -258,15 +258,15 @@ def swapped_experts_warning(dit: str | None, dit_high_noise: str | None) -> str 
 def lora_model_problems(task: Task, loras: Iterable[tuple[str, str | None]]) -> list[str]:
     """Problems of LoRA files against the model they will be applied to, from their metadata
     (``wan.task``, ``wan.expert``): the check ``wanlora-merge-lora`` refuses with
-    (:func:`wanlora.commands.merge_lora._check_lora`), for ``(file, expert it goes to)`` pairs.
+    (:func:`wanlora.lora.merge.lora_metadata_problems`), for ``(file, expert it goes to)`` pairs.
     A LoRA whose metadata says ``wan.expert`` goes to that expert in generation, so only a task
     mismatch or an expert LoRA on a single-model task is a problem there."""
-    from wanlora.commands.merge_lora import _check_lora
+    from wanlora.lora.merge import lora_metadata_problems
     from wanlora.models.loading import read_metadata
 
     problems = []
     for path, expert in loras:
-        problems += _check_lora(path, read_metadata(path), task, expert)
+        problems += lora_metadata_problems(path, read_metadata(path), task, expert)
     return problems
 
 

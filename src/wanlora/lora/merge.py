@@ -36,7 +36,7 @@ from wanlora.models.loading import (CheckpointError, checkpoint_files, load_torc
 from wanlora.models.safetensors_stream import SafetensorsReader, SafetensorsStreamWriter
 from wanlora.tasks import EXPERTS, expert_from_path, get_task
 
-__all__ = ["MergeError", "dit_expert_from_path", "merge_loras"]
+__all__ = ["MergeError", "dit_expert_from_path", "lora_metadata_problems", "merge_loras"]
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,18 @@ class _Source:
             r.close()
 
 
-def _check_lora(path, metadata, task, dit_expert) -> list[str]:
-    """Problems of a LoRA's metadata against the task and the DiT's expert (empty: fine)."""
+def lora_metadata_problems(path, metadata: dict[str, str], task, dit_expert: str | None) -> list[str]:
+    """Problems of a LoRA's metadata against the task and the DiT's expert (empty: fine).
+
+    Args:
+        path: the LoRA file (for the messages).
+        metadata: its safetensors metadata (``wan.task``, ``wan.expert``, ``modelspec.*``).
+        task: the :class:`wanlora.tasks.Task` it is applied to.
+        dit_expert: ``high_noise`` / ``low_noise`` / None (the DiT's expert, unknown).
+    Returns:
+        one line per problem: another task, an expert LoRA on a single model, on an unknown
+        expert, or on the other expert — each naming the file and the fix.
+    """
     info = read_lora_metadata(metadata)
     problems = []
     if info.task and info.task != task.name:
@@ -168,7 +178,7 @@ def merge_loras(
         records = []
         for lora_path, mult in loras:
             sd, md = load_lora_file(lora_path)
-            problems += _check_lora(lora_path, md, t, dit_expert)
+            problems += lora_metadata_problems(lora_path, md, t, dit_expert)
             n = 0
             for path, e in lora_modules(sd, "default").items():
                 key = source.prefix + path + ".weight"
