@@ -162,6 +162,185 @@ def _attn_sage_training(tmp, tiny_dir):
     return error_of(lambda: check_attn_mode("sage", training=True))
 
 
+def _pth_pickle(tmp, tiny_dir):
+    from wanlora.models.loading import load_state_dict
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(tmp / "PWNED"), "w"))
+
+    torch.save({"w": Planted()}, tmp / "evil.pth")
+    msg = error_of(lambda: load_state_dict(tmp / "evil.pth"))
+    assert not (tmp / "PWNED").exists()
+    return msg
+
+
+def _jsonl_duplicate(tmp, tiny_dir):
+    from wanlora.dataset.config import load_dataset_config
+    from wanlora.dataset.items import list_items
+
+    write_text(tmp / "m.jsonl", '{"image_path": "a.png", "caption": "x"}\n{"image_path": "a.png", "caption": "y"}\n')
+    write_text(tmp / "d.toml", '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\n')
+    (item,) = [i for i in list_items(load_dataset_config(tmp / "d.toml", "t2v-A14B").datasets[0]) if i.problem]
+    return item.problem
+
+
+def _empty_dataset(tmp, tiny_dir):
+    from wanlora.commands.preflight import preflight_cache_latents
+    from wanlora.dataset.config import load_dataset_config
+    from wanlora.tasks import get_task
+
+    (tmp / "images").mkdir()
+    write_text(tmp / "d.toml", '[[datasets]]\nimage_directory = "images"\n')
+    config = load_dataset_config(tmp / "d.toml", "t2v-A14B")
+    return error_of(lambda: preflight_cache_latents(config, get_task("t2v-A14B"), None))
+
+
+def _vae_kind(tmp, tiny_dir):
+    from wanlora.commands.preflight import check_vae_for_task
+    from wanlora.tasks import get_task
+
+    vae = tiny_dir("t2v-A14B") / "Wan2.1_VAE.pth"
+    return error_of(lambda: check_vae_for_task(vae, get_task("ti2v-5B"), purpose="for the samples during training"))
+
+
+def _stale_options(tmp, tiny_dir):
+    """Caches whose recorded options say 64x64, under a TOML that now says 96x96."""
+    from PIL import Image
+
+    from wanlora.dataset import MissingCachesError, TrainingDataset
+    from wanlora.dataset import caches as C
+    from wanlora.dataset.config import load_dataset_config
+
+    (tmp / "images").mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp / "images" / "red.png")
+    write_text(tmp / "images" / "red.txt", "a red square")
+    body = '[general]\nresolution = [{0}, {0}]\n\n[[datasets]]\nimage_directory = "images"\ncache_directory = "c"\n'
+    write_text(tmp / "dataset.toml", body.format(64))
+    old = load_dataset_config(tmp / "dataset.toml", "t2v-A14B").datasets[0]
+    save_safetensors({"latents": torch.zeros(16, 1, 8, 8)}, tmp / "c" / C.latent_cache_name("red", 0, 1, 64, 64, "wan2.1"),
+                     {"format": C.LATENT_FORMAT, "has_y": "0", "options": C.dumps(old.shaping_options())})
+    save_safetensors({"context": torch.zeros(3, 8)}, tmp / "c" / C.text_cache_name("red"),
+                     {"format": C.TEXT_FORMAT, "caption": "a red square"})
+    TrainingDataset(tmp / "dataset.toml", task="t2v-A14B")  # current: no error
+    write_text(tmp / "dataset.toml", body.format(96))
+    with pytest.raises(MissingCachesError) as info:
+        TrainingDataset(tmp / "dataset.toml", task="t2v-A14B")
+    return str(info.value)
+
+
+def _nan_latent(tmp, tiny_dir):
+    from wanlora.dataset import caches as C
+    from wanlora.dataset.training import Sample, TrainingDataset
+
+    ds = TrainingDataset.__new__(TrainingDataset)
+    ds.task = __import__("wanlora.tasks", fromlist=["get_task"]).get_task("t2v-A14B")
+    path = tmp / "red_00000-001_64x64_wan21.safetensors"
+    save_safetensors({"latents": torch.full((16, 1, 4, 4), float("nan"))}, path, {"format": C.LATENT_FORMAT})
+    save_safetensors({"context": torch.zeros(3, 8)}, tmp / "red_wan_te.safetensors")
+    return error_of(lambda: ds.load_batch([Sample(path, tmp / "red_wan_te.safetensors", (0, 1, 64, 64), 1)]))
+
+
+def _numbers(tmp, tiny_dir):
+    from types import SimpleNamespace
+
+    from wanlora.commands.preflight import check_train_numbers
+
+    return error_of(lambda: check_train_numbers(SimpleNamespace(gradient_accumulation_steps=0, network_alpha=-1.0)))
+
+
+def _output_unwritable(tmp, tiny_dir):
+    import errno
+    from unittest import mock
+
+    from wanlora.commands import preflight
+
+    with mock.patch.object(preflight.tempfile, "mkstemp", side_effect=PermissionError(errno.EACCES, "denied")):
+        return error_of(lambda: preflight.check_output_dir(tmp / "out", "--output_dir"))
+
+
+def _rank_too_wide(tmp, tiny_dir):
+    from wanlora.commands.preflight import check_rank_fits, dit_widths
+
+    dim = dit_widths(tiny_dir("t2v-A14B") / "low_noise_model")[0]
+    return error_of(lambda: check_rank_fits(2 * dim, dim))
+
+
+def _save_disk_full(tmp, tiny_dir):
+    import errno
+
+    from wanlora.io_utils import save_files
+
+    out, spare = tmp / "out", tmp / "spare"
+    out.mkdir()
+    spare.mkdir()
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def ok(path):
+        if "out" in path.parts:
+            full(path)
+        path.write_bytes(b"x")
+
+    return error_of(lambda: save_files({out / "lora_high_noise.safetensors": ok,
+                                        out / "lora_low_noise.safetensors": ok}, "LoRA weights", [spare]))
+
+
+def _state(tmp):
+    from wanlora.training.state_io import write_state_dir
+
+    return write_state_dir(tmp / "lora-step00000004-state", {"lora": {"w": torch.zeros(2)}}, {"global_step": 4},
+                           {"seed": 7, "loras": {"lora": {"rank": 8, "alpha": 8.0}}})
+
+
+def _state_foreign_file(tmp, tiny_dir):
+    from wanlora.training.state_io import read_state_dir
+
+    folder = _state(tmp)
+    (folder / "custom_checkpoint_0.pkl").write_bytes(b"not read")
+    return error_of(lambda: read_state_dir(folder))
+
+
+def _state_old_format(tmp, tiny_dir):
+    from wanlora.training.state_io import read_state_dir
+
+    (tmp / "old").mkdir()
+    write_text(tmp / "old" / "train_state.json", '{"global_step": 4}')
+    return error_of(lambda: read_state_dir(tmp / "old"))
+
+
+def _resume_layout(tmp, tiny_dir):
+    from wanlora.training.state_io import read_state_dir
+
+    folder = _state(tmp)
+    return error_of(lambda: read_state_dir(folder, {"seed": 8, "loras": {"lora": {"rank": 16, "alpha": 8.0}}}))
+
+
+def _generate_lora_task(tmp, tiny_dir):
+    from types import SimpleNamespace
+
+    from wanlora.commands.preflight import preflight_generate
+
+    m = tiny_dir("t2v-A14B")
+    lora = tmp / "ti2v_style.safetensors"
+    save_safetensors({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(4, 64),
+                      "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(64, 4)}, lora,
+                     {"wan.task": "ti2v-5B"})
+    args = SimpleNamespace(task="t2v-A14B", dit=str(m / "low_noise_model"), dit_high_noise=str(m / "high_noise_model"),
+                           vae=None, save_path=str(tmp / "out"), lora_weight=[str(lora)], lora_weight_high_noise=None)
+    return error_of(lambda: preflight_generate(args))
+
+
+def _lora_nan(tmp, tiny_dir):
+    from wanlora.lora.layouts import load_lora_file
+
+    path = tmp / "diverged.safetensors"
+    save_safetensors({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.full((4, 64), float("nan")),
+                      "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(64, 4)}, path)
+    return error_of(lambda: load_lora_file(path))
+
+
 TRIGGERS = {
     "attn-unknown": _attn_unknown,
     "attn-sage-training": _attn_sage_training,
@@ -175,6 +354,21 @@ TRIGGERS = {
     "prompt-unknown-option": _prompt_unknown_option,
     "loha": _loha,
     "merge-wrong-expert": _merge_wrong_expert,
+    "pth-pickle": _pth_pickle,
+    "jsonl-duplicate": _jsonl_duplicate,
+    "empty-dataset": _empty_dataset,
+    "vae-kind": _vae_kind,
+    "stale-options": _stale_options,
+    "nan-latent": _nan_latent,
+    "numbers": _numbers,
+    "output-unwritable": _output_unwritable,
+    "rank-too-wide": _rank_too_wide,
+    "save-disk-full": _save_disk_full,
+    "state-foreign-file": _state_foreign_file,
+    "state-old-format": _state_old_format,
+    "resume-layout": _resume_layout,
+    "generate-lora-task": _generate_lora_task,
+    "lora-nan": _lora_nan,
 }
 
 
