@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -201,10 +202,21 @@ def save_safetensors(
 
     Tensors are made contiguous and moved to the CPU; metadata values must be strings (the
     safetensors header format).
+
+    Raises:
+        OSError: the write failed (disk full, permissions, ...) with its ``errno`` — safetensors'
+            own error type for I/O failures is turned back into the ``OSError`` it reports.
     """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e:  # safetensors reports I/O errors as its own type: "... (os error 28)"
+            m = re.search(r"os error (\d+)", str(e))
+            if m is None:
+                raise
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(tmp)) from None
 
 
 def save_torch_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -52,7 +52,9 @@ __all__ = [
     "set_rng_state",
     "layout_differences",
     "write_state_dir",
+    "check_state_dir",
     "read_state_dir",
+    "remove_interrupted_saves",
 ]
 
 STATE_FORMAT = "wanlora-train-state/1"
@@ -285,19 +287,19 @@ def write_state_dir(final: str | os.PathLike, components: dict[str, Any], positi
     return final
 
 
-def read_state_dir(folder: str | os.PathLike, layout: dict | None = None, *, process_index: int = 0,
-                   flag: str = "--resume") -> tuple[dict, dict[str, Any], dict | None]:
-    """Read a folder of :func:`write_state_dir`, refusing anything it did not write.
+def check_state_dir(folder: str | os.PathLike, layout: dict | None = None, *,
+                    flag: str = "--resume") -> tuple[dict, dict, dict[str, int]]:
+    """Check a folder of :func:`write_state_dir` without loading a tensor (cheap: run it before
+    any model loads), refusing anything it did not write.
 
     Args:
         folder: the state folder.
-        layout: the current run's layout; any difference from the saved one is refused.
-        process_index: whose ``rng_<i>.safetensors`` to return (None when that file is absent:
-            the run now has more processes — caught by the layout's ``num_processes``).
+        layout: the current run's layout; any difference from the saved one is refused
+            (:func:`layout_differences`).
         flag: the flag named in messages.
     Returns:
-        ``(position, {component name: state dict}, rng state or None)``; ``position`` is
-        ``train_state.json`` without ``format``, ``layout`` and ``files``.
+        ``(position, saved layout, {file name: size})``; ``position`` is ``train_state.json``
+        without ``format``, ``layout`` and ``files``.
     Raises:
         StateError: one line — no ``train_state.json``; a folder of the older pickle format; a file
             the folder should not hold; a listed file missing or of another size; a layout change.
@@ -335,12 +337,48 @@ def read_state_dir(folder: str | os.PathLike, layout: dict | None = None, *, pro
         if diff:
             raise StateError(f"{flag} {folder}: the run differs from the saved one: {'; '.join(diff)}; resume "
                              "with the flags it was saved with, or start a new run")
+    return saved, saved_layout, files
+
+
+def read_state_dir(folder: str | os.PathLike, layout: dict | None = None, *, process_index: int = 0,
+                   flag: str = "--resume") -> tuple[dict, dict[str, Any], dict | None]:
+    """Check (:func:`check_state_dir`) and read a folder of :func:`write_state_dir`.
+
+    Args:
+        folder, layout, flag: as :func:`check_state_dir`.
+        process_index: whose ``rng_<i>.safetensors`` to return (None when that file is absent:
+            the run now has more processes — caught by the layout's ``num_processes``).
+    Returns:
+        ``(position, {component name: state dict}, rng state or None)``.
+    Raises:
+        StateError: as :func:`check_state_dir`; a file that is not a readable state file.
+    """
+    folder = Path(folder)
+    position, _, files = check_state_dir(folder, layout, flag=flag)
     components = {}
     for name in files:
         stem = name.removesuffix(".safetensors")
         if not stem.startswith("rng_"):
             components[stem] = load_state_file(folder / name)
-    rng_file = folder / f"rng_{process_index}.safetensors"
-    rng = load_state_file(rng_file) if f"rng_{process_index}.safetensors" in files else None
-    return saved, components, rng
+    rng_name = f"rng_{process_index}.safetensors"
+    rng = load_state_file(folder / rng_name) if rng_name in files else None
+    return position, components, rng
 
+
+def remove_interrupted_saves(output_dir: str | os.PathLike, stem: str) -> list[Path]:
+    """Remove what a killed save of the run ``stem`` left in ``output_dir``: state folders'
+    ``<tag>-state.tmp`` / ``<tag>-state.old`` and the temporary files of atomic writes
+    (``.<name>.tmp.*``, :func:`wanlora.io_utils.atomic_path`) whose name starts with ``stem``.
+    Complete saves are never touched. Returns the removed paths."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        n = p.name
+        partial_state = p.is_dir() and n.startswith(stem) and n.endswith(("-state.tmp", "-state.old"))
+        partial_file = p.is_file() and n.startswith(f".{stem}") and ".tmp." in n
+        if partial_state or partial_file:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p)
+    return removed
