@@ -61,5 +61,9 @@ def mounted_tmpfs(tmp_path):
         return target
 
     yield make
+    import gc
+
+    gc.collect()  # tensors memory-mapped from files on the tmpfs keep it busy
     for m in reversed(mounts):
-        subprocess.run(["umount", str(m)], capture_output=True)
+        if subprocess.run(["umount", str(m)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(m)], capture_output=True)  # detached now, freed when unused
