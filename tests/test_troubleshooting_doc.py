@@ -204,11 +204,11 @@ def _vae_kind(tmp, tiny_dir):
     return error_of(lambda: check_vae_for_task(vae, get_task("ti2v-5B"), purpose="for the samples during training"))
 
 
-def _stale_options(tmp, tiny_dir):
-    """Caches whose recorded options say 64x64, under a TOML that now says 96x96."""
+def _one_cached_image(tmp, latents: torch.Tensor, resolution: int = 64):
+    """A dataset of one image with hand-made caches (``latents`` as its latent cache) made under
+    ``resolution``; returns the TOML path and its text with a ``{}`` for the resolution."""
     from PIL import Image
 
-    from wanlora.dataset import MissingCachesError, TrainingDataset
     from wanlora.dataset import caches as C
     from wanlora.dataset.config import load_dataset_config
 
@@ -216,29 +216,33 @@ def _stale_options(tmp, tiny_dir):
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp / "images" / "red.png")
     write_text(tmp / "images" / "red.txt", "a red square")
     body = '[general]\nresolution = [{0}, {0}]\n\n[[datasets]]\nimage_directory = "images"\ncache_directory = "c"\n'
-    write_text(tmp / "dataset.toml", body.format(64))
-    old = load_dataset_config(tmp / "dataset.toml", "t2v-A14B").datasets[0]
-    save_safetensors({"latents": torch.zeros(16, 1, 8, 8)}, tmp / "c" / C.latent_cache_name("red", 0, 1, 64, 64, "wan2.1"),
-                     {"format": C.LATENT_FORMAT, "has_y": "0", "options": C.dumps(old.shaping_options())})
+    write_text(tmp / "dataset.toml", body.format(resolution))
+    ds = load_dataset_config(tmp / "dataset.toml", "t2v-A14B").datasets[0]
+    save_safetensors({"latents": latents}, tmp / "c" / C.latent_cache_name("red", 0, 1, 64, 64, "wan2.1"),
+                     {"format": C.LATENT_FORMAT, "has_y": "0", "options": C.dumps(ds.shaping_options())})
     save_safetensors({"context": torch.zeros(3, 8)}, tmp / "c" / C.text_cache_name("red"),
                      {"format": C.TEXT_FORMAT, "caption": "a red square"})
-    TrainingDataset(tmp / "dataset.toml", task="t2v-A14B")  # current: no error
-    write_text(tmp / "dataset.toml", body.format(96))
+    return tmp / "dataset.toml", body
+
+
+def _stale_options(tmp, tiny_dir):
+    """Caches whose recorded options say 64x64, under a TOML that now says 96x96."""
+    from wanlora.dataset import MissingCachesError, TrainingDataset
+
+    toml, body = _one_cached_image(tmp, torch.zeros(16, 1, 8, 8))
+    TrainingDataset(toml, task="t2v-A14B")  # current: no error
+    write_text(toml, body.format(96))
     with pytest.raises(MissingCachesError) as info:
-        TrainingDataset(tmp / "dataset.toml", task="t2v-A14B")
+        TrainingDataset(toml, task="t2v-A14B")
     return str(info.value)
 
 
 def _nan_latent(tmp, tiny_dir):
-    from wanlora.dataset import caches as C
-    from wanlora.dataset.training import Sample, TrainingDataset
+    from wanlora.dataset import TrainingDataset
 
-    ds = TrainingDataset.__new__(TrainingDataset)
-    ds.task = __import__("wanlora.tasks", fromlist=["get_task"]).get_task("t2v-A14B")
-    path = tmp / "red_00000-001_64x64_wan21.safetensors"
-    save_safetensors({"latents": torch.full((16, 1, 4, 4), float("nan"))}, path, {"format": C.LATENT_FORMAT})
-    save_safetensors({"context": torch.zeros(3, 8)}, tmp / "red_wan_te.safetensors")
-    return error_of(lambda: ds.load_batch([Sample(path, tmp / "red_wan_te.safetensors", (0, 1, 64, 64), 1)]))
+    toml, _ = _one_cached_image(tmp, torch.full((16, 1, 8, 8), float("nan")))
+    ds = TrainingDataset(toml, task="t2v-A14B")
+    return error_of(lambda: ds[0])
 
 
 def _numbers(tmp, tiny_dir):
