@@ -40,9 +40,11 @@ class LoRANetwork(LoRAAdapterSet):
 
     Args:
         targets: ``(dotted_name, nn.Linear)`` pairs of the base model to adapt.
-        multiplier, lora_dim, alpha, dropout, rank_dropout, module_dropout, modules_dim,
-            modules_alpha, verbose: as :class:`wanlora.lora.adapter.LoRAAdapterSet`.
+        multiplier: run-time strength.
         loraplus_lr_ratio: LoRA+ ratio used by :meth:`prepare_optimizer_params`.
+        **kwargs: ``lora_dim``, ``alpha``, ``dropout``, ``rank_dropout``, ``module_dropout``,
+            ``modules_dim``, ``modules_alpha``, ``verbose``: as
+            :class:`wanlora.lora.adapter.LoRAAdapterSet`.
 
     ``unet_loras`` (the kohya name) is the adapter list; ``text_encoder_loras`` is always empty.
 
@@ -50,32 +52,15 @@ class LoRANetwork(LoRAAdapterSet):
         ValueError: no target module (names the fix), or two targets with the same name.
     """
 
-    def __init__(
-        self,
-        targets: Sequence[tuple[str, nn.Module]],
-        multiplier: float = 1.0,
-        lora_dim: int = 4,
-        alpha: float | None = 1.0,
-        dropout: float | None = None,
-        rank_dropout: float | None = None,
-        module_dropout: float | None = None,
-        modules_dim: dict[str, int] | None = None,
-        modules_alpha: dict[str, float] | None = None,
-        loraplus_lr_ratio: float | None = None,
-        verbose: bool = False,
-    ) -> None:
-        super().__init__(targets, multiplier, lora_dim, alpha, dropout, rank_dropout, module_dropout,
-                         modules_dim, modules_alpha, verbose)
-        self.lora_dim = lora_dim
-        self.alpha = alpha
-        self.dropout = dropout
-        self.rank_dropout = rank_dropout
-        self.module_dropout = module_dropout
+    def __init__(self, targets: Sequence[tuple[str, nn.Module]], multiplier: float = 1.0,
+                 loraplus_lr_ratio: float | None = None, **kwargs) -> None:
+        super().__init__(targets, multiplier, **kwargs)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.text_encoder_loras: list[LoRAModule] = []  # kohya convention; always empty here
+        shaped = kwargs.get("modules_dim") is not None
         logger.info("LoRA network: %d modules, rank %s, alpha %s", len(self.adapters),
-                    "from weights" if modules_dim is not None else lora_dim,
-                    "from weights" if modules_dim is not None else alpha)
+                    "from weights" if shaped else kwargs.get("lora_dim", 4),
+                    "from weights" if shaped else kwargs.get("alpha", 1.0))
 
     @property
     def unet_loras(self) -> list[LoRAModule]:

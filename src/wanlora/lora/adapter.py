@@ -250,6 +250,7 @@ class LoRAAdapterSet(nn.Module):
 
     Attributes:
         adapters: the :class:`LoRAModule` list, in target order.
+        lora_dim, alpha, dropout, rank_dropout, module_dropout, multiplier: as given.
         dotted_names: ``{lora_name: dotted module path}``.
 
     Raises:
@@ -271,6 +272,8 @@ class LoRAAdapterSet(nn.Module):
     ) -> None:
         super().__init__()
         self.multiplier = float(multiplier)
+        self.lora_dim, self.alpha = lora_dim, alpha  # the defaults (per module: ``modules_dim``)
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.adapters: list[LoRAModule] = []
         self.dotted_names: dict[str, str] = {}
         self._frozen: list = []

@@ -140,32 +140,34 @@ def key_to_module(name: str) -> str:
     if not base.startswith(_DEFAULT_PREFIX):
         raise LoraFormatError(f"LoRA key {name!r} does not start with {_DEFAULT_PREFIX!r}")
     rest = base[len(_DEFAULT_PREFIX):].lstrip("_")
-    m = _DEFAULT_BLOCK_RE.match(rest)
-    if m and m.group(2) in _BLOCK_LOCAL:
-        return f"blocks.{int(m.group(1))}.{_BLOCK_LOCAL[m.group(2)]}"
-    if rest in _TOP_LOCAL:
-        return _TOP_LOCAL[rest]
+    path = _map_path(rest, _BLOCK_LOCAL, _TOP_LOCAL, _DEFAULT_BLOCK_RE)
+    if path is not None:
+        return path
     raise LoraFormatError(
         f"LoRA key {name!r}: {rest!r} is not a Linear layer of the Wan DiT (known per block: "
         f"{', '.join(_BLOCK_TO_DIFFUSERS)}; top level: {', '.join(_TOP_TO_DIFFUSERS)})"
     )
 
 
-def _check_wan_path(path: str, key: str) -> str:
-    m = _BLOCK_RE.match(path)
-    if (m and m.group(2) in _BLOCK_TO_DIFFUSERS) or path in _TOP_TO_DIFFUSERS:
-        return path
-    raise LoraFormatError(f"LoRA key {key!r}: {path!r} is not a Linear layer of the Wan DiT")
-
-
-def _map_path(path: str, block_map: dict[str, str], top_map: dict[str, str], what: str) -> str:
-    """``blocks.N.<local>`` -> ``blocks.N.<block_map[local]>``, a top-level path through ``top_map``."""
-    m = _BLOCK_RE.match(path)
+def _map_path(path: str, block_map: dict[str, str], top_map: dict[str, str],
+              block_re: re.Pattern = _BLOCK_RE) -> str | None:
+    """``blocks.N.<local>`` -> ``blocks.N.<block_map[local]>``, a top-level path through ``top_map``;
+    None when ``path`` is neither (``block_re`` splits off the block number)."""
+    m = block_re.match(path)
     if m and m.group(2) in block_map:
         return f"blocks.{int(m.group(1))}.{block_map[m.group(2)]}"
-    if path in top_map:
-        return top_map[path]
-    raise LoraFormatError(f"{path!r} is not {what}")
+    return top_map.get(path)
+
+
+def _is_wan_path(path: str) -> bool:
+    """True for the dotted path of a Linear layer of the Wan DiT (``blocks.0.self_attn.q``, ``head.head``)."""
+    return _map_path(path, _BLOCK_TO_DIFFUSERS, _TOP_TO_DIFFUSERS) is not None
+
+
+def _check_wan_path(path: str, key: str) -> str:
+    if _is_wan_path(path):
+        return path
+    raise LoraFormatError(f"LoRA key {key!r}: {path!r} is not a Linear layer of the Wan DiT")
 
 
 def wan_to_diffusers_path(path: str) -> str:
@@ -174,7 +176,10 @@ def wan_to_diffusers_path(path: str) -> str:
     Raises:
         LoraFormatError: not a Wan Linear layer.
     """
-    return _map_path(path, _BLOCK_TO_DIFFUSERS, _TOP_TO_DIFFUSERS, "a Linear layer of the Wan DiT")
+    out = _map_path(path, _BLOCK_TO_DIFFUSERS, _TOP_TO_DIFFUSERS)
+    if out is None:
+        raise LoraFormatError(f"{path!r} is not a Linear layer of the Wan DiT")
+    return out
 
 
 def diffusers_to_wan_path(path: str) -> str:
@@ -183,8 +188,10 @@ def diffusers_to_wan_path(path: str) -> str:
     Raises:
         LoraFormatError: not a diffusers name of a Wan Linear layer.
     """
-    return _map_path(path, _BLOCK_FROM_DIFFUSERS, _TOP_FROM_DIFFUSERS,
-                     "a diffusers name of a Wan DiT Linear layer")
+    out = _map_path(path, _BLOCK_FROM_DIFFUSERS, _TOP_FROM_DIFFUSERS)
+    if out is None:
+        raise LoraFormatError(f"{path!r} is not a diffusers name of a Wan DiT Linear layer")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,15 +241,10 @@ def detect_layout(state_dict) -> str:
         base = split[0]
         if base.startswith(_DIFFUSERS_PREFIX):
             path = base[len(_DIFFUSERS_PREFIX):]
-            m = _BLOCK_RE.match(path)
-            if (m and m.group(2) in _BLOCK_FROM_DIFFUSERS) or path in _TOP_FROM_DIFFUSERS:
+            if _map_path(path, _BLOCK_FROM_DIFFUSERS, _TOP_FROM_DIFFUSERS) is not None:
                 return "diffusers"
-        for prefix in _COMFY_PREFIXES:
-            if base.startswith(prefix):
-                path = base[len(prefix):]
-                m = _BLOCK_RE.match(path)
-                if (m and m.group(2) in _BLOCK_TO_DIFFUSERS) or path in _TOP_TO_DIFFUSERS:
-                    return "comfy"
+        if any(base.startswith(p) and _is_wan_path(base[len(p):]) for p in _COMFY_PREFIXES):
+            return "comfy"
     raise LoraFormatError(
         f"unknown LoRA key layout (first keys: {keys[:3]}); expected lora_unet_* (musubi/kohya), "
         "diffusion_model.* (ComfyUI) or transformer.* with diffusers names"
@@ -261,11 +263,8 @@ def _module_path(base: str, layout: str) -> str:
             raise LoraFormatError(f"LoRA key {base!r}: every diffusers key starts with 'transformer.'")
         return diffusers_to_wan_path(base[len(_DIFFUSERS_PREFIX):])
     for prefix in _COMFY_PREFIXES:
-        if base.startswith(prefix):
-            path = base[len(prefix):]
-            m = _BLOCK_RE.match(path)
-            if (m and m.group(2) in _BLOCK_TO_DIFFUSERS) or path in _TOP_TO_DIFFUSERS:
-                return path
+        if base.startswith(prefix) and _is_wan_path(base[len(prefix):]):
+            return base[len(prefix):]
     return _check_wan_path(base, base)
 
 
