@@ -113,7 +113,7 @@ def run_trainer(a) -> dict:
 
     import torch
 
-    from wanlora.commands.train_args import parse_args
+    from wanlora.commands.train import parse_config
     from wanlora.training.trainer import train
 
     batch = _batch(a)
@@ -140,8 +140,7 @@ def run_trainer(a) -> dict:
                 "--mixed_precision", "bf16" if a.dtype == "bf16" else "no", "--dit_dtype", a.dtype]
         if a.checkpointing:
             argv.append("--gradient_checkpointing")
-        args = parse_args(argv)
-        train(args, dataset=OneBatch(), load_dit=lambda *_, **k: _build(a).to(k["device"], k["dtype"]),
+        train(parse_config(argv), dataset=OneBatch(), load_dit=lambda *_, **k: _build(a).to(k["device"], k["dtype"]),
               sample_fn=hook)
     times = [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup:]
     return {"side": "trainer", "s_per_step": statistics.median(times), "peak_bytes": _peak_bytes()}

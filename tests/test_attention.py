@@ -122,10 +122,10 @@ def test_sage_is_refused_for_training_with_one_line():
 
 
 def test_training_refuses_sage_before_loading_anything(tmp_path):
-    from wanlora.commands.train_args import parse_args
+    from wanlora.commands.train import parse_config
     from wanlora.training.trainer import train
 
-    args = parse_args(["--task", "t2v-1.3B", "--dit", str(tmp_path / "missing.safetensors"),
+    args = parse_config(["--task", "t2v-1.3B", "--dit", str(tmp_path / "missing.safetensors"),
                        "--dataset_config", str(tmp_path / "missing.toml"), "--output_dir", str(tmp_path / "o"),
                        "--attn_mode", "sage"])
 

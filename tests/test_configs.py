@@ -28,12 +28,12 @@ from wanlora.conditioning import conditioning_for
 from wanlora.dataset import DatasetConfigError, DatasetConfigWarning, load_dataset_config
 from wanlora.dataset.latent_caching import plan_latent_caches
 from wanlora.training.experts import boundary_timestep, expert_from_path, normalize_expert, plan_experts
-from wanlora.training.flow import WEIGHTING_SCHEMES, TimestepSampler
+from wanlora.training.flow import WEIGHTING_SCHEMES, TimestepDistribution
 from wanlora.models.attention import ATTN_MODES
 from wanlora.training.optim import SCHEDULERS, build_optimizer, parse_kv_args
 from wanlora.inference.prompts import read_prompt_file
 from wanlora.tasks import EXPERTS, TASKS, get_task
-from wanlora.commands.train_args import ConfigFileError, build_parser, load_config_file, parse_args
+from wanlora.commands.train import ConfigFileError, load_config_file, parse_args, parse_config
 from wanlora.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_train_config_parses_and_is_what_its_name_says(path):
         f"# accelerate launch -m wanlora.train --config_file configs/{path.name}"
 
     args = parse_args(["--config_file", str(path)])  # unknown keys raise ConfigFileError
-    file_values = load_config_file(path, build_parser())
+    file_values = load_config_file(path)
     for dest, value in file_values.items():  # every key of the file reaches the namespace
         assert getattr(args, dest) == value, dest
     assert args.task == task_name and args.task in TASKS
@@ -129,7 +129,7 @@ def test_train_config_parses_and_is_what_its_name_says(path):
         assert v is None or 0.0 <= v <= 1000.0
 
     # the timestep law exists and feeds every trained range (docs/training.md recommendations)
-    sampler = TimestepSampler.from_args(args)
+    sampler = TimestepDistribution.from_config(parse_config(["--config_file", str(path)]).timesteps)
     for lo, hi in plan.ranges.values():
         assert sampler.mass(lo, hi) > 0.0
         t = sampler.sample(64, torch.Generator().manual_seed(0), lo=lo, hi=hi)

@@ -22,7 +22,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMANDS = {
     "wanlora-cache-latents": "wanlora.commands.cache_latents",
     "wanlora-cache-text": "wanlora.commands.cache_text",
-    "wanlora-train": "wanlora.commands.train_args",
+    "wanlora-train": "wanlora.commands.train",
     "wanlora-generate": "wanlora.commands.generate",
     "wanlora-convert-lora": "wanlora.commands.convert_lora",
     "wanlora-merge-lora": "wanlora.commands.merge_lora",
@@ -30,7 +30,7 @@ COMMANDS = {
 MODULES = {
     "wanlora.commands.cache_latents": "wanlora.commands.cache_latents",
     "wanlora.commands.cache_text": "wanlora.commands.cache_text",
-    "wanlora.train": "wanlora.commands.train_args",
+    "wanlora.train": "wanlora.commands.train",
     "wanlora.commands.generate": "wanlora.commands.generate",
     "wanlora.commands.convert_lora": "wanlora.commands.convert_lora",
     "wanlora.commands.merge_lora": "wanlora.commands.merge_lora",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,18 +16,19 @@ import torch
 
 stats = pytest.importorskip("scipy.stats")
 
+from wanlora.training.config import TimestepConfig  # noqa: E402
 from wanlora.training.flow import (  # noqa: E402
-    TimestepSampler,
+    TimestepDistribution,
     add_noise,
     flow_target,
-    format_timestep_histogram,
     flux_shift_mu,
     loss_weighting,
-    plot_timestep_distribution,
     shift_sigma,
     sigma_to_timestep,
     timestep_to_sigma,
 )
+
+from wanlora.training.timestep_plots import format_timestep_histogram, plot_timestep_distribution  # noqa: E402
 
 torch.set_num_threads(1)
 N = 20_000
@@ -98,7 +98,7 @@ LAWS = [
 
 @pytest.mark.parametrize("method, kw, cdf, forward", LAWS, ids=[f"{m}-{i}" for i, (m, *_ ) in enumerate(LAWS)])
 def test_each_law_matches_its_definition(method, kw, cdf, forward):
-    sampler = TimestepSampler(method, **kw)
+    sampler = TimestepDistribution(method, **kw)
     t = sampler.sample(N, _gen(1))
     assert t.dtype == torch.float32 and t.shape == (N,) and 0 <= t.min() and t.max() <= 1000
     s = t.double().numpy() / 1000
@@ -117,17 +117,17 @@ def test_each_law_matches_its_definition(method, kw, cdf, forward):
 
 def test_flux_shift_uses_the_latent_size():
     with pytest.raises(ValueError, match="with_latent_size"):
-        TimestepSampler("flux_shift").sample(4, _gen())
+        TimestepDistribution("flux_shift").sample(4, _gen())
     assert flux_shift_mu(32, 32) == pytest.approx(0.5) and flux_shift_mu(128, 128) == pytest.approx(1.15)
-    s = TimestepSampler("flux_shift").with_latent_size(60, 104)
-    ref = TimestepSampler("shift", discrete_flow_shift=math.exp(flux_shift_mu(60, 104)))
+    s = TimestepDistribution("flux_shift").with_latent_size(60, 104)
+    ref = TimestepDistribution("shift", discrete_flow_shift=math.exp(flux_shift_mu(60, 104)))
     t = np.linspace(1, 999, 50)
     np.testing.assert_allclose(s.cdf(t).numpy(), ref.cdf(t).numpy(), atol=1e-12)
 
 
 def test_rescale_squeezes_the_whole_law_into_the_range():
     kw = {"discrete_flow_shift": 3.0}
-    s = TimestepSampler("shift", min_timestep=200, max_timestep=600, **kw)
+    s = TimestepDistribution("shift", min_timestep=200, max_timestep=600, **kw)
     t = s.sample(N, _gen(3)).double().numpy()
     assert t.min() >= 200 and t.max() <= 600
     u = (t - 200) / 400  # back on [0, 1]: the unrestricted law
@@ -137,7 +137,7 @@ def test_rescale_squeezes_the_whole_law_into_the_range():
 
 def test_preserve_shape_restricts_the_law_to_the_range():
     kw = {"discrete_flow_shift": 3.0}
-    s = TimestepSampler("shift", min_timestep=200, max_timestep=600, preserve_distribution_shape=True, **kw)
+    s = TimestepDistribution("shift", min_timestep=200, max_timestep=600, preserve_distribution_shape=True, **kw)
     t = s.sample(N, _gen(4)).double().numpy()
     assert t.min() >= 200 and t.max() <= 600
     F = cdf_logit_normal(math.log(3.0), 1.0)
@@ -148,7 +148,7 @@ def test_preserve_shape_restricts_the_law_to_the_range():
     rej = raw[(raw >= 0.2) & (raw <= 0.6)].numpy()
     assert stats.ks_2samp(t / 1000, rej).pvalue > 0.01
     # shapes differ between the two modes on the same range
-    r = TimestepSampler("shift", min_timestep=200, max_timestep=600, **kw).sample(N, _gen(4)).numpy()
+    r = TimestepDistribution("shift", min_timestep=200, max_timestep=600, **kw).sample(N, _gen(4)).numpy()
     assert stats.ks_2samp(t, r).pvalue < 1e-6
 
 
@@ -159,7 +159,7 @@ def test_preserve_shape_restricts_the_law_to_the_range():
     {"method": "sigmoid", "min_timestep": 50, "max_timestep": 1000},
 ])
 def test_two_expert_split_reproduces_the_configured_law(kw):
-    sampler = TimestepSampler(**kw)
+    sampler = TimestepDistribution(**kw)
     boundary = 875.0
     p_high = sampler.mass(boundary, 1000)
     assert p_high + sampler.mass(0, boundary) == pytest.approx(1.0)
@@ -180,7 +180,7 @@ def test_two_expert_split_reproduces_the_configured_law(kw):
 
 def test_low_expert_samples_stay_below_the_boundary_in_float32():
     # a law concentrated near the boundary: float32 rounding must not reach 875.0
-    s = TimestepSampler("logit_normal", logit_mean=math.log(0.875 / 0.125), logit_std=1e-4)
+    s = TimestepDistribution("logit_normal", logit_mean=math.log(0.875 / 0.125), logit_std=1e-4)
     t = s.sample(50_000, _gen(8), hi=875.0)
     assert t.max() < 875.0
     t = s.sample(50_000, _gen(9), lo=875.0)
@@ -189,20 +189,20 @@ def test_low_expert_samples_stay_below_the_boundary_in_float32():
 
 def test_errors():
     with pytest.raises(ValueError, match="timestep_sampling"):
-        TimestepSampler("sigmaa")
+        TimestepDistribution("sigmaa")
     with pytest.raises(ValueError, match="min_timestep"):
-        TimestepSampler(min_timestep=900, max_timestep=100)
+        TimestepDistribution(min_timestep=900, max_timestep=100)
     with pytest.raises(ValueError, match="discrete_flow_shift"):
-        TimestepSampler("shift", discrete_flow_shift=0)
+        TimestepDistribution("shift", discrete_flow_shift=0)
     with pytest.raises(ValueError, match="no probability"):
-        TimestepSampler(min_timestep=0, max_timestep=500).sample(3, _gen(), lo=875)
+        TimestepDistribution(min_timestep=0, max_timestep=500).sample(3, _gen(), lo=875)
 
 
-def test_from_args():
-    ns = SimpleNamespace(timestep_sampling="shift", discrete_flow_shift=3.0, sigmoid_scale=1.0,
-                         min_timestep=None, max_timestep=875, preserve_distribution_shape=True,
-                         logit_mean=0.0, logit_std=1.0, weighting_scheme="none")
-    s = TimestepSampler.from_args(ns)
+def test_from_config():
+    c = TimestepConfig(timestep_sampling="shift", discrete_flow_shift=3.0, sigmoid_scale=1.0,
+                       min_timestep=None, max_timestep=875, preserve_distribution_shape=True,
+                       logit_mean=0.0, logit_std=1.0, weighting_scheme="none")
+    s = TimestepDistribution.from_config(c)
     assert (s.method, s.discrete_flow_shift, s.range, s.preserve_distribution_shape) == (
         "shift", 3.0, (0.0, 875.0), True)
 
@@ -221,7 +221,7 @@ def test_loss_weighting():
 
 def test_plot_timestep_distribution(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    s = TimestepSampler("shift", discrete_flow_shift=5.0)
+    s = TimestepDistribution("shift", discrete_flow_shift=5.0)
     p = plot_timestep_distribution(s, tmp_path / "t.png", boundary=0.875, n=2000)
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     p = plot_timestep_distribution(s, tmp_path / "u.png", n=2000)
@@ -232,7 +232,7 @@ def test_plot_timestep_distribution(tmp_path, monkeypatch):
 
 
 def test_console_histogram_shows_each_expert_share():
-    s = TimestepSampler("shift", discrete_flow_shift=12.0)
+    s = TimestepDistribution("shift", discrete_flow_shift=12.0)
     text = format_timestep_histogram(s, boundary=875, n=20_000, bins=8)
     lines = text.splitlines()
     assert lines[0] == s.describe() and len(lines) == 2 + 8
@@ -241,5 +241,5 @@ def test_console_histogram_shows_each_expert_share():
     pct = [float(line.split("%")[0].split()[-1]) for line in lines[2:]]
     assert sum(pct) == pytest.approx(100, abs=0.5)
     assert "=" not in lines[-1].split("%")[1] and "#" not in lines[2].split("%")[1]
-    plain = format_timestep_histogram(TimestepSampler(), n=1000, bins=4).splitlines()
+    plain = format_timestep_histogram(TimestepDistribution(), n=1000, bins=4).splitlines()
     assert len(plain) == 1 + 4

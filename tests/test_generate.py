@@ -57,9 +57,10 @@ def test_aliases_and_errors():
     base = ["--task", "t2v-1.3B", "--dit", "d", "--vae", "v", "--t5", "t", "--prompt", "p"]
     a = parse_args(base + ["--size", "832*480", "--frame_num", "9", "--sample_steps", "7",
                            "--sample_guide_scale", "2.5", "--sample_shift", "3"])
-    assert a.video_size == [480, 832] and a.video_length == 9 and a.infer_steps == 7
-    assert a.guidance_scale == 2.5 and a.flow_shift == 3.0
-    assert parse_args(base + ["--image", "x.png", "--base_seed", "4"]).image_path == "x.png"
+    r = a.request
+    assert r.video_size == (480, 832) and r.video_length == 9 and r.infer_steps == 7
+    assert r.guidance_scale == 2.5 and r.flow_shift == 3.0
+    assert parse_args(base + ["--image", "x.png", "--base_seed", "4"]).request.image_path == "x.png"
     from wanlora.commands.generate import _requests
     from wanlora.inference.prompts import PromptSpec
 

@@ -13,7 +13,7 @@ import torch
 
 from wanlora.commands import preflight as P
 from wanlora.commands.preflight import PreflightError
-from wanlora.commands.train_args import parse_args
+from wanlora.commands.train import parse_args
 from wanlora.io_utils import save_safetensors
 from wanlora.tasks import get_task
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from wanlora.training import flow
 from wanlora.training.experts import ExpertSchedule
-from wanlora.commands.train_args import parse_args
+from wanlora.commands.train import parse_config
 from wanlora.training.trainer import NonFiniteLossError, flow_matching_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def _args(flags, toml, out: Path, *extra: str):
     argv = ["--task", flags["--task"], "--dit", flags["--dit"], "--dataset_config", str(toml),
             "--output_dir", str(out), "--output_name", "lora", "--network_dim", "8", "--network_alpha", "8",
             "--learning_rate", "5e-3", "--seed", "7", "--max_data_loader_n_workers", "0", *extra]
-    return parse_args(argv)
+    return parse_config(argv)
 
 
 def _meta(path: Path) -> dict:
@@ -96,7 +96,7 @@ def _eval_loss(task, dit_path, lora_file, toml, lo, hi, n_draws=3) -> float:
         net.apply_to(None, dit)
         net.load_weights(sd)
     ds = TrainingDataset(toml, task=task, seed=0, shuffle=False)
-    sampler = flow.TimestepSampler("uniform")
+    sampler = flow.TimestepDistribution("uniform")
     total = []
     with torch.no_grad():
         for i in range(len(ds)):
@@ -263,7 +263,7 @@ _DDP_SCRIPT = r"""
 import json, sys, torch
 import torch.distributed as dist
 torch.set_num_threads(1)
-from wanlora.commands.train_args import parse_args
+from wanlora.commands.train import parse_config
 from wanlora.training.trainer import train
 out, argv = sys.argv[1], sys.argv[2:]
 rec = []
@@ -274,7 +274,7 @@ def probe(step, epoch, networks):
     flat = torch.cat([v.flatten().double() for _, v in sorted(sd.items())])
     ref = flat.clone(); dist.broadcast(ref, 0)
     assert torch.equal(flat, ref), f"rank {dist.get_rank()}: LoRA weights differ from rank 0 at step {step}"
-st = train(parse_args(argv), sample_fn=probe)
+st = train(parse_config(argv), sample_fn=probe)
 json.dump({"losses": st.losses, "probes": rec}, open(f"{out}/rank{dist.get_rank()}.json", "w"))
 """
 
@@ -335,7 +335,7 @@ def test_flux_shift_trains_both_experts(tiny_dir, tmp_path):
     flags = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
     st = train(_args(flags, "unused.toml", tmp_path, "--dit_high_noise", flags["--dit_high_noise"],
                      "--timestep_sampling", "flux_shift", "--max_train_steps", "8"), dataset=_Batches())
-    p_high = flow.TimestepSampler("flux_shift").with_latent_size(4, 4).mass(875, 1000)
+    p_high = flow.TimestepDistribution("flux_shift").with_latent_size(4, 4).mass(875, 1000)
     assert [x[1] for x in st.losses] == [ExpertSchedule(p_high, 1, 7).expert_at(i) for i in range(8)]
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["lora_high_noise.safetensors",
                                                                       "lora_low_noise.safetensors"]
@@ -429,3 +429,31 @@ def test_flag_typos_fail_before_any_dit_loads(tmp_path, extra, match):
                  tmp_path / "out", *extra)
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(match)):
         train(args, dataset=object(), load_dit=no_dit)
+
+
+def test_one_high_noise_expert_starts_from_network_weights(tiny_dir, tmp_path):
+    """Regression: --network_weights was ignored when the one expert trained is the high-noise one."""
+    flags = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
+    train(_args(flags, "unused.toml", tmp_path / "a", "--expert", "high", "--max_train_steps", "2",
+                "--network_dim", "4", "--network_alpha", "2"), dataset=_Batches())
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    first = tmp_path / "a" / "lora.safetensors"
+    train(_args(flags, "unused.toml", tmp_path / "b", "--expert", "high", "--max_train_steps", "1",
+                "--network_weights", str(first), "--dim_from_weights", "--learning_rate", "0"),
+          dataset=_Batches())
+    a, b = load_file(first), load_file(tmp_path / "b" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_up" in k)  # a trained, nonzero LoRA
+
+
+def test_epoch_samples_include_the_last_epoch(tiny_dir, tmp_path):
+    """Regression: --sample_every_n_epochs never sampled after the last epoch."""
+    flags = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
+    calls = []
+    st = train(_args(flags, "unused.toml", tmp_path, "--expert", "low", "--max_train_epochs", "3",
+                     "--sample_every_n_epochs", "1"), dataset=_Batches(n=2),
+               sample_fn=lambda step, epoch, networks: calls.append((step, epoch)))
+    assert st.global_step == 6 and st.epoch == 3
+    assert calls == [(2, 1), (4, 2), (6, 3)]

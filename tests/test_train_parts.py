@@ -19,7 +19,7 @@ from wanlora.training.experts import (
 )
 from wanlora.training.optim import build_lr_scheduler, build_optimizer, lr_lambda, parse_kv_args
 from wanlora.tasks import get_task
-from wanlora.commands.train_args import ConfigFileError, parse_args
+from wanlora.commands.train import ConfigFileError, parse_args
 from wanlora.conditioning import conditioning_for
 from wanlora.training.trainer import flow_matching_loss
 
@@ -128,7 +128,7 @@ def test_expert_plans():
 
 def test_expert_schedule_matches_the_timestep_law():
     """P(high) = mass above the boundary, so expert draw + in-range sampling = the configured law."""
-    s = flow.TimestepSampler("shift", discrete_flow_shift=5.0)
+    s = flow.TimestepDistribution("shift", discrete_flow_shift=5.0)
     p_high = s.mass(875, 1000)
     sched = ExpertSchedule(p_high, switch_every=1, seed=3)
     draws = [sched.expert_at(i) for i in range(4000)]
@@ -147,7 +147,7 @@ def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
 
     t2v = get_task("t2v-A14B")
     sep = plan_experts(t2v, "LOW", "HIGH")
-    flux = flow.TimestepSampler("flux_shift")
+    flux = flow.TimestepDistribution("flux_shift")
     sched = _expert_schedule(sep, flux, 1, 5)
     assert sched.p_high is None
     with pytest.raises(ValueError, match="give p_high"):
@@ -164,14 +164,14 @@ def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
     assert ExpertSchedule(0.3, 1, 5).expert_at(7, p_high=1.0) == "high_noise"  # a per-step p_high wins
     assert _expert_of_step(None, plan_experts(t2v, "m/low_noise_model"), flux, 0, small) == "low_noise"
 
-    low_only = flow.TimestepSampler("uniform", max_timestep=800)
+    low_only = flow.TimestepDistribution("uniform", max_timestep=800)
     with pytest.raises(ValueError, match="high_noise expert gets no timesteps and its LoRA would never train"):
         _expert_schedule(sep, low_only, 1, 0)
     with caplog.at_level("WARNING", logger="wanlora.train"):
         shared = _expert_schedule(plan_experts(t2v, "LOW", "HIGH", expert_lora="shared"), low_only, 1, 0)
     assert shared.p_high == 0.0 and "the shared LoRA trains on the other expert only" in caplog.text
     with pytest.raises(ValueError, match="low_noise expert gets no timesteps"):
-        _expert_schedule(sep, flow.TimestepSampler("uniform", min_timestep=900), 1, 0)
+        _expert_schedule(sep, flow.TimestepDistribution("uniform", min_timestep=900), 1, 0)
 
 
 def test_state_folder_waits_for_every_process_before_the_rename(tmp_path):
@@ -220,7 +220,7 @@ def test_expert_weights_swap_in_place(offload):
 def test_flow_matching_loss_relation_and_ti2v_first_frame():
     x0 = torch.randn(2, 4, 3, 2, 2)
     batch = {"latents": x0, "context": [torch.zeros(1, 8)] * 2}
-    sampler = flow.TimestepSampler("uniform")
+    sampler = flow.TimestepDistribution("uniform")
     seen = {}
 
     def oracle(x_t, t, ctx, y):  # predicts the exact target for frames > 0, garbage on frame 0
@@ -290,7 +290,7 @@ def test_partial_lora_warned_once_and_clip_modules_refused(caplog):
     built; Wan2.1-I2V-only modules (k_img) are refused for a Wan2.2 task."""
     from wanlora.models.dit import WanDiT, WanDiTConfig
     from wanlora.networks import lora_wan
-    from wanlora.training.trainer import _check_lora_modules
+    from wanlora.training.trainer import _check_lora_modules, log
 
     torch.manual_seed(0)
     dit = WanDiT(WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=16, out_channels=16,
@@ -299,12 +299,13 @@ def test_partial_lora_warned_once_and_clip_modules_refused(caplog):
     full = lora_wan.create_network(1.0, 4, 4, None, None, dit)
     assert _check_lora_modules(full, task, 2) == []
     part = lora_wan.create_network(1.0, 4, 4, None, None, dit, exclude_patterns="['.*ffn.*']")
-    with caplog.at_level("WARNING", logger="wanlora.training.trainer"):
+    with caplog.at_level("WARNING", logger=log.name):  # the logger the check writes to
         found = _check_lora_modules(part, task, 2, "high_noise")
     assert len(found) == 1 and "layers missing in 2 block(s): ffn.0, ffn.2" in found[0]
     assert "LoRA high_noise: " in caplog.text and "diffusers' loader refuses" in caplog.text
+    assert {r.name for r in caplog.records} == {log.name}
     caplog.clear()
-    with caplog.at_level("WARNING", logger="wanlora.training.trainer"):
+    with caplog.at_level("WARNING", logger=log.name):
         _check_lora_modules(part, task, 2, warn=False)  # other processes: no duplicate warning
     assert caplog.text == ""
 

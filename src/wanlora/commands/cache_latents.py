@@ -11,35 +11,46 @@ Exit status: 0 when every item is cached, 1 when any item failed, 2 for a bad da
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
+import torch
+
+from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
 from wanlora.commands.cli import run_cli
-from wanlora.tasks import task_names
+from wanlora.run_config import ModelFiles, default_device, device_option, dtype_option, group, option
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+__all__ = ["CacheLatentsConfig", "build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class CacheLatentsConfig:
+    """The settings of ``wanlora-cache-latents``."""
+
+    model_files: ModelFiles = group(ModelFiles, "model files", include=("task", "vae"), help={
+        "task": "which Wan model the caches are for (required)",
+        "vae": "Wan2.1_VAE.pth (t2v/i2v tasks) or Wan2.2_VAE.pth (ti2v-5B); not needed with --debug_mode"})
+    dataset_config: Path | None = option(None, "dataset TOML (docs/dataset.md; required)")
+    device: str | None = device_option("VAE device (default: cuda when available, else cpu)")
+    vae_dtype: torch.dtype | None = dtype_option(None, "VAE compute dtype (default: fp32)")
+    batch_size: int = option(1, "windows of equal shape encoded together")
+    num_workers: int = option(2, "decoding processes (0: decode in this process)")
+    skip_existing: bool = option(False, "accepted for compatibility: up-to-date caches are always skipped")
+    recache: bool = option(False, "rebuild every cache, even up-to-date ones")
+    debug_mode: str | None = option(None, "write the frames that would be trained to {cache_directory}/debug/ "
+                                    "and encode nothing", choices=("image", "video"))
+    no_progress: bool = option(False, "no progress bar")
+
+
+def command_line() -> CommandLine:
+    """The ``wanlora-cache-latents`` command line."""
+    return CommandLine("wanlora-cache-latents", __doc__, CacheLatentsConfig)
+
+
+def build_parser():
     """The argument parser of ``wanlora-cache-latents``."""
-    p = argparse.ArgumentParser(prog="wanlora-cache-latents", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset_config", required=True, help="dataset TOML (docs/dataset.md)")
-    p.add_argument("--task", required=True, choices=task_names(), help="which Wan model the caches are for")
-    p.add_argument("--vae", help="Wan2.1_VAE.pth (t2v/i2v tasks) or Wan2.2_VAE.pth (ti2v-5B); "
-                   "not needed with --debug_mode")
-    p.add_argument("--device", default=None, help="VAE device (default: cuda when available, else cpu)")
-    p.add_argument("--vae_dtype", default="float32", choices=sorted(DTYPES), help="VAE compute dtype")
-    p.add_argument("--batch_size", type=int, default=1, help="windows of equal shape encoded together")
-    p.add_argument("--num_workers", type=int, default=2, help="decoding processes (0: decode in this process)")
-    p.add_argument("--skip_existing", action="store_true",
-                   help="accepted for compatibility: up-to-date caches are always skipped")
-    p.add_argument("--recache", action="store_true", help="rebuild every cache, even up-to-date ones")
-    p.add_argument("--debug_mode", choices=("image", "video"), default=None,
-                   help="write the frames that would be trained to {cache_directory}/debug/ and encode nothing")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
+    return command_line().parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,26 +61,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-
+    ns = command_line().parse_namespace(argv, required=("dataset_config", "task"))
+    setup_logging(ns.verbose)
+    config = config_from_namespace(CacheLatentsConfig, ns)
     from wanlora.dataset.config import load_dataset_config
     from wanlora.dataset.latent_caching import cache_latents
 
-    config = load_dataset_config(args.dataset_config, args.task)
-    if args.batch_size < 1 or args.num_workers < 0:
+    files = config.model_files
+    dataset = load_dataset_config(config.dataset_config, files.task)
+    if config.batch_size < 1 or config.num_workers < 0:
         raise ValueError("--batch_size must be >= 1 and --num_workers >= 0")
     vae = None
-    if args.debug_mode is None:
-        if not args.vae:
+    if config.debug_mode is None:
+        if not files.vae:
             raise ValueError("--vae is required (Wan2.1_VAE.pth or Wan2.2_VAE.pth) unless --debug_mode is set")
         from wanlora.models import load_vae
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        vae = load_vae(args.vae, dtype=getattr(torch, DTYPES[args.vae_dtype]), device=device)
-    report = cache_latents(config, vae, batch_size=args.batch_size, num_workers=args.num_workers,
-                           force=args.recache, debug_mode=args.debug_mode, progress=not args.no_progress)
+        vae = load_vae(files.vae, dtype=config.vae_dtype or torch.float32, device=default_device(config.device))
+    report = cache_latents(dataset, vae, batch_size=config.batch_size, num_workers=config.num_workers,
+                           force=config.recache, debug_mode=config.debug_mode, progress=not config.no_progress)
     print(report.summary())
     return 0 if report.ok else 1
 

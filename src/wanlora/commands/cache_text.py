@@ -10,35 +10,45 @@ bad dataset config, arguments or ``--t5`` file.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
+import torch
+
+from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
 from wanlora.commands.cli import run_cli
+from wanlora.run_config import ModelFiles, default_device, device_option, dtype_option, group, option
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+__all__ = ["CacheTextConfig", "build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class CacheTextConfig:
+    """The settings of ``wanlora-cache-text``."""
+
+    model_files: ModelFiles = group(ModelFiles, "model files", include=("task", "t5", "t5_tokenizer"),
+                                     defaults={"task": "t2v-A14B"}, help={
+        "task": "any task (captions do not depend on it; used to read the dataset config)",
+        "t5": "models_t5_umt5-xxl-enc-bf16.pth (or a transformers-layout .safetensors; required)"})
+    dataset_config: Path | None = option(None, "dataset TOML (docs/dataset.md; required)")
+    batch_size: int = option(16, "distinct captions encoded together")
+    device: str | None = device_option()
+    t5_dtype: torch.dtype | None = dtype_option(None, "compute dtype (default fp32, bf16 with --fp8_t5)")
+    fp8_t5: bool = option(False, "store the T5 Linear weights in float8 (less memory)")
+    skip_existing: bool = option(False, "accepted for compatibility: up-to-date caches are always skipped")
+    recache: bool = option(False, "rebuild every text cache")
+    no_progress: bool = option(False, "no progress bar")
+
+
+def command_line() -> CommandLine:
+    """The ``wanlora-cache-text`` command line."""
+    return CommandLine("wanlora-cache-text", __doc__, CacheTextConfig)
+
+
+def build_parser():
     """The argument parser of ``wanlora-cache-text``."""
-    p = argparse.ArgumentParser(prog="wanlora-cache-text", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset_config", required=True, help="dataset TOML (docs/dataset.md)")
-    p.add_argument("--t5", required=True, help="models_t5_umt5-xxl-enc-bf16.pth (or a transformers-layout .safetensors)")
-    p.add_argument("--t5_tokenizer", default=None,
-                   help="tokenizer folder (google/umt5-xxl); default: beside --t5, then the HF cache")
-    p.add_argument("--task", default="t2v-A14B",
-                   help="any task (captions do not depend on it; used to read the dataset config)")
-    p.add_argument("--batch_size", type=int, default=16, help="distinct captions encoded together")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--t5_dtype", default=None, choices=sorted(DTYPES),
-                   help="compute dtype (default float32, bfloat16 with --fp8_t5)")
-    p.add_argument("--fp8_t5", action="store_true", help="store the T5 Linear weights in float8 (less memory)")
-    p.add_argument("--skip_existing", action="store_true",
-                   help="accepted for compatibility: up-to-date caches are always skipped")
-    p.add_argument("--recache", action="store_true", help="rebuild every text cache")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
+    return command_line().parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,21 +59,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-
+    ns = command_line().parse_namespace(argv, required=("dataset_config", "t5"))
+    setup_logging(ns.verbose)
+    config = config_from_namespace(CacheTextConfig, ns)
     from wanlora.dataset.config import load_dataset_config
     from wanlora.dataset.text_caching import cache_text
     from wanlora.models import load_text_encoder
 
-    config = load_dataset_config(args.dataset_config, args.task)
-    if args.batch_size < 1:
+    files = config.model_files
+    dataset = load_dataset_config(config.dataset_config, files.task)
+    if config.batch_size < 1:
         raise ValueError("--batch_size must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.t5_dtype]) if args.t5_dtype else None
-    te = load_text_encoder(args.t5, tokenizer=args.t5_tokenizer, dtype=dtype, device=device, fp8=args.fp8_t5)
-    report = cache_text(config, te, batch_size=args.batch_size, force=args.recache, progress=not args.no_progress)
+    te = load_text_encoder(files.t5, tokenizer=files.t5_tokenizer, dtype=config.t5_dtype,
+                           device=default_device(config.device), fp8=config.fp8_t5)
+    report = cache_text(dataset, te, batch_size=config.batch_size, force=config.recache,
+                        progress=not config.no_progress)
     print(report.summary(noun="text cache(s)"))
     return 0 if report.ok else 1
 

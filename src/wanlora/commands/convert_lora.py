@@ -25,47 +25,45 @@ Each written file's ``wan.pair_file`` names its partner's new file name.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
+from dataclasses import dataclass
 
 import torch
 
+from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
 from wanlora.commands.cli import run_cli
 from wanlora.lora.convert import convert_lora_files
 from wanlora.lora.layouts import LAYOUTS
+from wanlora.run_config import dtype_option, option
 
-__all__ = ["DTYPES", "main"]
-
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
+__all__ = ["ConvertConfig", "build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class ConvertConfig:
+    """The settings of ``wanlora-convert-lora``."""
+
+    input: tuple[str, ...] = option((), "LoRA .safetensors file(s) or folder(s); X_high_noise brings X_low_noise "
+                                    "along (required)", nargs="+")
+    output: str | None = option(None, "output file (one input or one pair) or folder; default: X_<target>[_expert] "
+                                "beside the input")
+    target: str = option("comfy", "comfy: ComfyUI/diffusers/Wan2GP; diffusers: diffusers-native names; "
+                         "default: lora_unet_* (musubi, all clients when fully covered)", choices=LAYOUTS)
+    dtype: torch.dtype | None = dtype_option(None, "weight dtype of the output (default: keep the input's)")
+    keep_alpha: bool = option(False, "--target comfy: keep .alpha keys instead of folding them into lora_A/lora_B")
+    no_pair: bool = option(False, "do not look for the other expert's file")
+
+
+def command_line() -> CommandLine:
+    """The ``wanlora-convert-lora`` command line."""
+    return CommandLine("wanlora-convert-lora", "Convert a Wan LoRA between the default (lora_unet_*), comfy "
+                       "(diffusion_model.*) and diffusers layouts. Expert pairs (_high_noise/_low_noise) convert "
+                       "together.", ConvertConfig)
+
+
+def build_parser():
     """The argument parser of ``wanlora-convert-lora``."""
-    p = argparse.ArgumentParser(
-        prog="wanlora-convert-lora",
-        description="Convert a Wan LoRA between the default (lora_unet_*), comfy (diffusion_model.*) "
-        "and diffusers layouts. Expert pairs (_high_noise/_low_noise) convert together.",
-    )
-    p.add_argument("--input", nargs="+", required=True,
-                   help="LoRA .safetensors file(s) or folder(s); X_high_noise brings X_low_noise along")
-    p.add_argument("--output", default=None,
-                   help="output file (one input or one pair) or folder; default: X_<target>[_expert] "
-                   "beside the input")
-    p.add_argument("--target", choices=LAYOUTS, default="comfy",
-                   help="comfy: ComfyUI/diffusers/Wan2GP (default); diffusers: diffusers-native names; "
-                   "default: lora_unet_* (musubi, all clients when fully covered)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weight dtype of the output (default: keep the input's)")
-    p.add_argument("--keep_alpha", action="store_true",
-                   help="--target comfy: keep .alpha keys instead of folding them into lora_A/lora_B")
-    p.add_argument("--no_pair", action="store_true",
-                   help="do not look for the other expert's file")
-    return p
+    return command_line().parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for dst in convert_lora_files(args.input, args.output, args.target, dtype=DTYPES.get(args.dtype),
-                                  fold_alpha=not args.keep_alpha, pair=not args.no_pair):
+    ns = command_line().parse_namespace(argv, required=("input",))
+    setup_logging(ns.verbose)
+    config = config_from_namespace(ConvertConfig, ns)
+    for dst in convert_lora_files(list(config.input), config.output, config.target, dtype=config.dtype,
+                                  fold_alpha=not config.keep_alpha, pair=not config.no_pair):
         print(dst)
     return 0
 

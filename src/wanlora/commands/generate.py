@@ -16,137 +16,175 @@ The script parses arguments and wires library calls (:mod:`wanlora.inference.pip
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import random
 import re
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
 from wanlora.commands.cli import USER_ERRORS, run_cli
 from wanlora.conditioning import conditioning_for
-from wanlora.tasks import TASKS, get_task
+from wanlora.inference.outputs import OUTPUT_TYPES, save_outputs
+from wanlora.run_config import ModelFiles, attn_option, default_device, device_option, dtype_option, group, option
+from wanlora.tasks import get_task
+
+__all__ = ["GenerateConfig", "build_parser", "parse_args", "load_models", "run_one", "main"]
 
 logger = logging.getLogger("wanlora.commands.generate")
 
-OUTPUT_TYPES = ("video", "images", "latent", "both")
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where and how the models run."""
+
+    attn_mode: str = attn_option()
+    device: str | None = device_option()
+    dtype: torch.dtype | None = dtype_option(None, "DiT/T5 dtype (default bf16 on CUDA, float32 on CPU)")
+    no_offload: bool = option(False, "keep every model on the device (default on CUDA: the text encoder and "
+                              "the idle expert go to the CPU)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``wanlora-generate`` argument parser (flag names of the official ``generate.py`` and of the
-    Wan LoRA tools; aliases ``--size``, ``--frame_num``, ``--sample_steps``, ... included)."""
-    p = argparse.ArgumentParser(
-        prog="wanlora-generate",
-        description="Generate videos or images with Wan2.2 / Wan2.1 DiTs (and LoRAs).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    m = p.add_argument_group("models")
-    m.add_argument("--task", required=True, choices=list(TASKS), help="which Wan model")
-    m.add_argument("--dit", required=True, help="DiT checkpoint (file, shard index or folder); low-noise expert for A14B")
-    m.add_argument("--dit_high_noise", default=None, help="high-noise expert checkpoint (A14B tasks)")
-    m.add_argument("--vae", default=None, help="Wan2.1_VAE.pth / Wan2.2_VAE.pth (needed unless --output_type latent without image)")
-    m.add_argument("--t5", required=True, help="umT5 encoder checkpoint (models_t5_umt5-xxl-enc-bf16.pth)")
-    m.add_argument("--t5_tokenizer", default=None, help="umT5 tokenizer folder (default: found beside --t5)")
-    m.add_argument("--attn_mode", default="sdpa", help="attention kernel: sdpa (PyTorch picks), cudnn, flash (FlashAttention-2), "
-                   "flash3 (FlashAttention-3), xformers, sage (SageAttention); torch = sdpa")
-    m.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    m.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="DiT/T5 dtype (default bf16 on CUDA, float32 on CPU)")
-    m.add_argument("--no_offload", action="store_true",
-                   help="keep every model on the device (default on CUDA: the text encoder and the idle expert go to the CPU)")
+@dataclass(frozen=True)
+class RequestOptions:
+    """What to generate (a prompt file's inline options win over these per line)."""
 
-    g = p.add_argument_group("what to generate")
-    g.add_argument("--prompt", default=None, help="the prompt (or --from_file / --interactive)")
-    g.add_argument("--negative_prompt", default=None, help="default: the task's official negative prompt")
-    g.add_argument("--image_path", "--image", dest="image_path", default=None, help="first frame for i2v-A14B / ti2v-5B; the size follows its aspect ratio")
-    g.add_argument("--video_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
-                   help="height width in pixels (default: the task's); with an image only the area counts")
-    g.add_argument("--size", default=None, help="official spelling WIDTH*HEIGHT, e.g. 832*480 (alias of --video_size)")
-    g.add_argument("--video_length", "--frame_num", dest="video_length", type=int, default=None,
-                   help="pixel frames, 4n+1; 1 = an image (default: the task's)")
-    g.add_argument("--fps", type=int, default=None, help="frame rate of the MP4 (default: the task's 16 / 24)")
-    g.add_argument("--infer_steps", "--sample_steps", dest="infer_steps", type=int, default=None, help="denoising steps")
-    g.add_argument("--guidance_scale", "--sample_guide_scale", dest="guidance_scale", type=float, default=None,
-                   help="CFG scale (low-noise expert, or the only model); alone it sets both A14B experts")
-    g.add_argument("--guidance_scale_high_noise", type=float, default=None, help="CFG scale of the high-noise expert (A14B)")
-    g.add_argument("--flow_shift", "--sample_shift", dest="flow_shift", type=float, default=None, help="sampling shift")
-    g.add_argument("--sample_solver", default="unipc", choices=["unipc", "euler", "dpm++"], help="solver")
-    g.add_argument("--seed", "--base_seed", dest="seed", type=int, default=None, help="noise seed (default or negative: random, as the official --base_seed -1)")
-    g.add_argument("--cpu_noise", action="store_true", help="draw the initial noise on the CPU generator")
-    g.add_argument("--cfg_skip_mode", default="none", choices=["none", "early", "late", "middle", "early_late", "alternate"],
-                   help="skip the unconditional pass on some steps")
-    g.add_argument("--cfg_apply_ratio", type=float, default=None, help="fraction of steps that keep CFG with --cfg_skip_mode (default 0.5)")
-    g.add_argument("--cfg_separate", action="store_true", help="run CFG's two passes separately (default: one batch of 2)")
-    g.add_argument("--from_file", default=None, help="prompt file: one prompt per line with inline --w --h --f --d --s --g --fs --i --n")
-    g.add_argument("--interactive", action="store_true", help="read prompts from the terminal until EOF (Ctrl+D)")
-
-    lo = p.add_argument_group("LoRA")
-    lo.add_argument("--lora_weight", nargs="+", default=[], help="LoRA files (the low-noise / only model; "
-                    "files whose metadata wan.expert names an expert go to that expert)")
-    lo.add_argument("--lora_multiplier", nargs="+", type=float, default=[], help="one per --lora_weight (default 1.0)")
-    lo.add_argument("--lora_weight_high_noise", nargs="+", default=[], help="LoRA files for the high-noise expert (A14B)")
-    lo.add_argument("--lora_multiplier_high_noise", nargs="+", type=float, default=[], help="one per --lora_weight_high_noise")
-    lo.add_argument("--include_patterns", nargs="+", default=None, help="regex per LoRA: keep only matching modules")
-    lo.add_argument("--exclude_patterns", nargs="+", default=None, help="regex per LoRA: drop matching modules")
-    lo.add_argument("--lora_dynamic", action="store_true", help="apply LoRAs as hooks instead of merging them")
-
-    o = p.add_argument_group("output")
-    o.add_argument("--save_path", default="outputs", help="output folder")
-    o.add_argument("--output_type", default="video", choices=OUTPUT_TYPES,
-                   help="video (MP4, or PNG for 1 frame), images (PNG frames), latent (.safetensors), both (video + latent)")
-    o.add_argument("--verbose", action="store_true")
-    return p
+    prompt: str | None = option(None, "the prompt (or --from_file / --interactive)")
+    negative_prompt: str | None = option(None, "default: the task's official negative prompt")
+    image_path: str | None = option(None, "first frame for i2v-A14B / ti2v-5B; the size follows its aspect ratio",
+                                    aliases=("--image",))
+    video_size: tuple[int, ...] | None = option(None, "height width in pixels (default: the task's); with an "
+                                                "image only the area counts", nargs=2, metavar=("HEIGHT", "WIDTH"))
+    size: str | None = option(None, "official spelling WIDTH*HEIGHT, e.g. 832*480 (alias of --video_size)")
+    video_length: int | None = option(None, "pixel frames, 4n+1; 1 = an image (default: the task's)",
+                                      aliases=("--frame_num",))
+    fps: int | None = option(None, "frame rate of the MP4 (default: the task's 16 / 24)")
+    infer_steps: int | None = option(None, "denoising steps (default: the task's)", aliases=("--sample_steps",))
+    guidance_scale: float | None = option(None, "CFG scale (low-noise expert, or the only model); alone it sets "
+                                          "both A14B experts", aliases=("--sample_guide_scale",))
+    guidance_scale_high_noise: float | None = option(None, "CFG scale of the high-noise expert (A14B)")
+    flow_shift: float | None = option(None, "sampling shift (default: the task's)", aliases=("--sample_shift",))
+    sample_solver: str = option("unipc", "solver", choices=("unipc", "euler", "dpm++"))
+    seed: int | None = option(None, "noise seed (default or negative: random, as the official --base_seed -1)",
+                              aliases=("--base_seed",))
+    cpu_noise: bool = option(False, "draw the initial noise on the CPU generator")
+    cfg_skip_mode: str = option("none", "skip the unconditional pass on some steps",
+                                choices=("none", "early", "late", "middle", "early_late", "alternate"))
+    cfg_apply_ratio: float | None = option(None, "fraction of steps that keep CFG with --cfg_skip_mode (default 0.5)")
+    cfg_separate: bool = option(False, "run CFG's two passes separately (default: one batch of 2)")
+    from_file: str | None = option(None, "prompt file: one prompt per line with inline --w --h --f --d --s --g "
+                                   "--fs --i --n")
+    interactive: bool = option(False, "read prompts from the terminal until EOF (Ctrl+D)")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and cross-check the flags; ``--size W*H`` becomes ``video_size = [H, W]``.
+@dataclass(frozen=True)
+class LoraOptions:
+    """The LoRAs applied to the DiT(s) (:mod:`wanlora.lora.apply`)."""
+
+    lora_weight: tuple[str, ...] = option((), "LoRA files (the low-noise / only model; files whose metadata "
+                                          "wan.expert names an expert go to that expert)", nargs="+")
+    lora_multiplier: tuple[float, ...] = option((), "one per --lora_weight (default 1.0)", nargs="+")
+    lora_weight_high_noise: tuple[str, ...] = option((), "LoRA files for the high-noise expert (A14B)", nargs="+")
+    lora_multiplier_high_noise: tuple[float, ...] = option((), "one per --lora_weight_high_noise", nargs="+")
+    include_patterns: tuple[str, ...] | None = option(None, "regex per LoRA: keep only matching modules", nargs="+")
+    exclude_patterns: tuple[str, ...] | None = option(None, "regex per LoRA: drop matching modules", nargs="+")
+    lora_dynamic: bool = option(False, "apply LoRAs as hooks instead of merging them")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where the results go."""
+
+    save_path: str = option("outputs", "output folder")
+    output_type: str = option("video", "video (MP4, or PNG for 1 frame), images (PNG frames), latent "
+                              "(.safetensors), both (video + latent)", choices=OUTPUT_TYPES)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """The settings of ``wanlora-generate`` (flag names of the official ``generate.py`` and of the Wan
+    LoRA tools; aliases ``--size``, ``--frame_num``, ``--sample_steps``, ... included)."""
+
+    model_files: ModelFiles = group(ModelFiles, "models", help={
+        "task": "which Wan model (required)",
+        "dit": "DiT checkpoint (file, shard index or folder); low-noise expert for A14B (required)",
+        "dit_high_noise": "high-noise expert checkpoint (A14B tasks)",
+        "vae": "Wan2.1_VAE.pth / Wan2.2_VAE.pth (needed unless --output_type latent without image)",
+        "t5": "umT5 encoder checkpoint (models_t5_umt5-xxl-enc-bf16.pth; required)",
+        "t5_tokenizer": "umT5 tokenizer folder (default: found beside --t5)"})
+    runtime: RuntimeOptions = group(RuntimeOptions, "runtime")
+    request: RequestOptions = group(RequestOptions, "what to generate")
+    lora: LoraOptions = group(LoraOptions, "LoRA")
+    output: OutputOptions = group(OutputOptions, "output")
+
+
+def command_line() -> CommandLine:
+    """The ``wanlora-generate`` command line."""
+    return CommandLine("wanlora-generate", "Generate videos or images with Wan2.2 / Wan2.1 DiTs (and LoRAs).",
+                       GenerateConfig)
+
+
+def build_parser():
+    """The ``wanlora-generate`` argument parser."""
+    return command_line().parser
+
+
+def parse_args(argv=None) -> GenerateConfig:
+    """Parse and cross-check the flags; ``--size W*H`` becomes ``video_size = (H, W)``.
 
     Raises:
-        SystemExit: (argparse, status 2) a malformed ``--size``, not exactly one prompt source, a
-            missing or superfluous expert checkpoint for the task, or no ``--vae`` where one is needed.
+        SystemExit: (argparse, status 2) a missing required flag, a malformed ``--size``, not exactly
+            one prompt source, a missing or superfluous expert checkpoint for the task, or no
+            ``--vae`` where one is needed.
+        ConfigFileError: an unusable ``--config_file``.
     """
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.size is not None:
-        m = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", args.size)
+    cl = command_line()
+    return _checked(cl, cl.parse_namespace(argv, required=REQUIRED))
+
+
+REQUIRED = ("task", "dit", "t5")
+
+
+def _checked(cl: CommandLine, ns) -> GenerateConfig:
+    """The config of a parsed namespace, cross-checked (:func:`parse_args`)."""
+    config = config_from_namespace(GenerateConfig, ns)
+    r, files = config.request, config.model_files
+    if r.size is not None:
+        m = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", r.size)
         if not m:
-            p.error(f"--size {args.size!r}: use WIDTH*HEIGHT, e.g. 832*480")
-        if args.video_size is not None:
-            p.error("give either --video_size HEIGHT WIDTH or --size WIDTH*HEIGHT, not both")
-        args.video_size = [int(m.group(2)), int(m.group(1))]
-    modes = sum(x is not None and x is not False for x in (args.prompt, args.from_file, args.interactive or None))
+            cl.error(f"--size {r.size!r}: use WIDTH*HEIGHT, e.g. 832*480")
+        if r.video_size is not None:
+            cl.error("give either --video_size HEIGHT WIDTH or --size WIDTH*HEIGHT, not both")
+        config = replace(config, request=replace(r, video_size=(int(m.group(2)), int(m.group(1)))))
+    modes = sum(x is not None and x is not False for x in (r.prompt, r.from_file, r.interactive or None))
     if modes != 1:
-        p.error("give exactly one of --prompt, --from_file, --interactive")
-    task = get_task(args.task)
-    if task.has_experts and not args.dit_high_noise:
-        p.error(f"--task {task.name} has two experts: give --dit (low noise) and --dit_high_noise")
-    if not task.has_experts and (args.dit_high_noise or args.lora_weight_high_noise):
-        p.error(f"--task {task.name} is a single model: --dit_high_noise / --lora_weight_high_noise do not apply")
-    if args.output_type != "latent" and args.vae is None:
-        p.error("--vae is needed to decode (or use --output_type latent)")
-    if conditioning_for(task).requires_image and args.vae is None:
-        p.error(f"--task {task.name} encodes the first frame: give --vae")
-    return args
+        cl.error("give exactly one of --prompt, --from_file, --interactive")
+    task = get_task(files.task)
+    if task.has_experts and not files.dit_high_noise:
+        cl.error(f"--task {task.name} has two experts: give --dit (low noise) and --dit_high_noise")
+    if not task.has_experts and (files.dit_high_noise or config.lora.lora_weight_high_noise):
+        cl.error(f"--task {task.name} is a single model: --dit_high_noise / --lora_weight_high_noise do not apply")
+    if config.output.output_type != "latent" and files.vae is None:
+        cl.error("--vae is needed to decode (or use --output_type latent)")
+    if conditioning_for(task).requires_image and files.vae is None:
+        cl.error(f"--task {task.name} encodes the first frame: give --vae")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def _device_dtype(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.dtype:
-        dtype = _DTYPES[args.dtype]
-    else:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def _device_dtype(runtime: RuntimeOptions):
+    device = default_device(runtime.device)
+    dtype = runtime.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return device, dtype
 
 
-def load_models(args, device, dtype):
+def load_models(config: GenerateConfig, device, dtype):
     """Load the DiT(s) (``dtype``), the VAE (float32) and the text encoder; apply the LoRAs.
 
     With offloading (CUDA without ``--no_offload``) the A14B experts and the text encoder start on
@@ -161,99 +199,61 @@ def load_models(args, device, dtype):
     from wanlora.models import load_dit, load_text_encoder, load_vae
     from wanlora.inference.pipeline import WanPipeline
 
-    task = get_task(args.task)
-    offload = device.type != "cpu" and not args.no_offload
+    task = get_task(config.model_files.task)
+    offload = device.type != "cpu" and not config.runtime.no_offload
     home = "cpu" if (offload and task.has_experts) else device
     t0 = time.perf_counter()
     if task.has_experts:
-        dits = {"low_noise": load_dit(args.dit, task.name, dtype=dtype, device=home, attn_mode=args.attn_mode),
-                "high_noise": load_dit(args.dit_high_noise, task.name, dtype=dtype, device=home, attn_mode=args.attn_mode)}
+        dits = {"low_noise": load_dit(config.model_files.dit, task.name, dtype=dtype, device=home, attn_mode=config.runtime.attn_mode),
+                "high_noise": load_dit(config.model_files.dit_high_noise, task.name, dtype=dtype, device=home, attn_mode=config.runtime.attn_mode)}
     else:
-        dits = {None: load_dit(args.dit, task.name, dtype=dtype, device=device, attn_mode=args.attn_mode)}
+        dits = {None: load_dit(config.model_files.dit, task.name, dtype=dtype, device=device, attn_mode=config.runtime.attn_mode)}
     for d in dits.values():
         d.eval().requires_grad_(False)
-    vae = load_vae(args.vae, dtype=torch.float32, device=device) if args.vae else None
-    te = load_text_encoder(args.t5, args.t5_tokenizer, dtype=dtype, device="cpu" if offload else device)
+    vae = load_vae(config.model_files.vae, dtype=torch.float32, device=device) if config.model_files.vae else None
+    te = load_text_encoder(config.model_files.t5, config.model_files.t5_tokenizer, dtype=dtype, device="cpu" if offload else device)
     logger.info("models loaded in %.1f s", time.perf_counter() - t0)
-    plan = plan_loras(task, args.lora_weight, args.lora_multiplier, args.lora_weight_high_noise,
-                      args.lora_multiplier_high_noise, args.include_patterns, args.exclude_patterns)
+    plan = plan_loras(task, config.lora.lora_weight, config.lora.lora_multiplier, config.lora.lora_weight_high_noise,
+                      config.lora.lora_multiplier_high_noise, config.lora.include_patterns, config.lora.exclude_patterns)
     pipe = WanPipeline(task, dits, vae=vae, text_encoder=te, device=device, offload=offload, progress=True)
-    lora_log = apply_loras(pipe, plan, dynamic=args.lora_dynamic)
+    lora_log = apply_loras(pipe, plan, dynamic=config.lora.lora_dynamic)
     return pipe, lora_log
 
 
-def _requests(args, specs):
+def _requests(config: GenerateConfig, specs):
     """One :class:`GenerationRequest` per prompt spec; a spec's inline options win over the flags.
     A missing or negative seed is drawn at random here (the official ``seed >= 0 else random``).
     Raises MediaError (a ValueError) for an unreadable image."""
     from wanlora.inference.pipeline import GenerationRequest
     from wanlora.video_io import read_image
 
-    h, w = args.video_size if args.video_size else (None, None)
+    h, w = config.request.video_size or (None, None)
     out = []
     for spec in specs:
-        image_path = spec.image_path or args.image_path
-        seed = spec.seed if spec.seed is not None else args.seed
+        image_path = spec.image_path or config.request.image_path
+        seed = spec.seed if spec.seed is not None else config.request.seed
         if seed is None or seed < 0:
             seed = random.randint(0, 2**31 - 1)
         out.append(GenerationRequest(
             prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else args.negative_prompt,
+            negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else config.request.negative_prompt,
             height=spec.height or h, width=spec.width or w,
-            frames=spec.frames or args.video_length,
+            frames=spec.frames or config.request.video_length,
             seed=seed,
-            steps=spec.steps or args.infer_steps,
-            guidance_scale=spec.guidance_scale if spec.guidance_scale is not None else args.guidance_scale,
-            guidance_scale_high_noise=args.guidance_scale_high_noise,
-            flow_shift=spec.flow_shift if spec.flow_shift is not None else args.flow_shift,
-            solver=args.sample_solver,
+            steps=spec.steps or config.request.infer_steps,
+            guidance_scale=spec.guidance_scale if spec.guidance_scale is not None else config.request.guidance_scale,
+            guidance_scale_high_noise=config.request.guidance_scale_high_noise,
+            flow_shift=spec.flow_shift if spec.flow_shift is not None else config.request.flow_shift,
+            solver=config.request.sample_solver,
             image=read_image(image_path) if image_path else None,
             image_path=str(image_path) if image_path else None,
-            cfg_skip_mode=args.cfg_skip_mode, cfg_apply_ratio=args.cfg_apply_ratio,
-            cfg_batched=not args.cfg_separate,
+            cfg_skip_mode=config.request.cfg_skip_mode, cfg_apply_ratio=config.request.cfg_apply_ratio,
+            cfg_batched=not config.request.cfg_separate,
         ))
     return out
 
 
-def save_outputs(save_dir, stem: str, latent, video, request, task, output_type: str, fps: int,
-                 extra: dict | None = None) -> list[Path]:
-    """Write the outputs of one generation; returns the written paths.
-
-    ``video`` (MP4 H.264, or a PNG for a single frame), ``images`` (a folder of PNG frames),
-    ``latent`` (``.safetensors`` with ``latent`` ``[C, T, h, w]``), ``both`` (video + latent), and
-    always a sidecar ``.json`` with the prompt, seed and settings (also put in the MP4's metadata).
-    """
-    from wanlora.io_utils import save_safetensors, write_json
-    from wanlora.video_io import write_images, write_video
-
-    save_dir = Path(save_dir)
-    settings = {**request.settings(), "task": task.name, "fps": fps, **(extra or {})}
-    meta = {"prompt": request.prompt, "negative_prompt": request.negative_prompt or "",
-            "seed": str(request.seed), "comment": json.dumps(settings, ensure_ascii=False)}
-    written = []
-    if output_type in ("video", "both"):
-        if video.shape[1] == 1:
-            written += _rename(write_images(save_dir, video, prefix=stem), save_dir / f"{stem}.png")
-        else:
-            written.append(write_video(save_dir / f"{stem}.mp4", video, fps, metadata=meta))
-    if output_type == "images":
-        written += write_images(save_dir / stem, video, prefix="frame")
-    if output_type in ("latent", "both"):
-        p = save_dir / f"{stem}.safetensors"
-        save_safetensors({"latent": latent.float().cpu()}, p,
-                         metadata={k: str(v) for k, v in meta.items()})
-        written.append(p)
-    settings["files"] = [str(x) for x in written]
-    write_json(save_dir / f"{stem}.json", settings)
-    return written
-
-
-def _rename(paths, target: Path) -> list[Path]:
-    paths[0].replace(target)
-    return [target]
-
-
-def run_one(pipe, request, args, index: int | None, lora_log, context=None, context_null=None) -> list[Path]:
+def run_one(pipe, request, config: GenerateConfig, index: int | None, lora_log, context=None, context_null=None) -> list[Path]:
     """Generate one request and write its files (:func:`save_outputs`); returns their paths.
 
     ``context``/``context_null``: precomputed embeddings (``[[L, d]]``), else the pipeline's text
@@ -264,14 +264,14 @@ def run_one(pipe, request, args, index: int | None, lora_log, context=None, cont
     """
     task = pipe.task
     t0 = time.perf_counter()
-    latent, video, resolved = pipe.generate(request, context, context_null, cpu_noise=args.cpu_noise,
-                                            decode=args.output_type != "latent")
+    latent, video, resolved = pipe.generate(request, context, context_null, cpu_noise=config.request.cpu_noise,
+                                            decode=config.output.output_type != "latent")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = f"{stamp}_{resolved.seed}" if index is None else f"{stamp}_{index:03d}_{resolved.seed}"
-    fps = args.fps or task.fps
-    paths = save_outputs(args.save_path, stem, latent, video, resolved, task, args.output_type, fps,
-                         extra={"loras": lora_log, "cpu_noise": args.cpu_noise, "dit": args.dit,
-                                "dit_high_noise": args.dit_high_noise})
+    fps = config.request.fps or task.fps
+    paths = save_outputs(config.output.save_path, stem, latent, video, resolved, task, config.output.output_type, fps,
+                         extra={"loras": lora_log, "cpu_noise": config.request.cpu_noise, "dit": config.model_files.dit,
+                                "dit_high_noise": config.model_files.dit_high_noise})
     logger.info("%s: %dx%d, %d frames, seed %d, %.1f s -> %s", task.name, resolved.width, resolved.height,
                 resolved.frames, resolved.seed, time.perf_counter() - t0, ", ".join(map(str, paths)))
     return paths
@@ -286,20 +286,21 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cl = command_line()
+    ns = cl.parse_namespace(argv, required=REQUIRED)
+    setup_logging(ns.verbose)
+    config = _checked(cl, ns)
     from wanlora.inference.prompts import PromptSpec, read_prompt_file
 
-    if args.from_file:
-        specs = read_prompt_file(args.from_file)  # parse before loading anything
-    elif args.prompt is not None:
-        specs = [PromptSpec(args.prompt)]
+    if config.request.from_file:
+        specs = read_prompt_file(config.request.from_file)  # parse before loading anything
+    elif config.request.prompt is not None:
+        specs = [PromptSpec(config.request.prompt)]
     else:
         specs = []
-    requests = _requests(args, specs)  # reads the images: a bad --i fails before the models load
-    device, dtype = _device_dtype(args)
-    pipe, lora_log = load_models(args, device, dtype)
+    requests = _requests(config, specs)  # reads the images: a bad --i fails before the models load
+    device, dtype = _device_dtype(config.runtime)
+    pipe, lora_log = load_models(config, device, dtype)
     written = []
     with torch.no_grad():
         if requests:
@@ -311,13 +312,13 @@ def _main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             for i, req in enumerate(requests):
-                written += run_one(pipe, req, args, i if n > 1 else None, lora_log, [embs[i]], [embs[n + i]])
+                written += run_one(pipe, req, config, i if n > 1 else None, lora_log, [embs[i]], [embs[n + i]])
         else:
-            written += _interactive(pipe, args, lora_log)
+            written += _interactive(pipe, config, lora_log)
     return 0
 
 
-def _interactive(pipe, args, lora_log) -> list[Path]:
+def _interactive(pipe, config: GenerateConfig, lora_log) -> list[Path]:
     """``--interactive``: generate each prompt line read from stdin until EOF; returns the files.
 
     A user error on a line (:data:`wanlora.commands.cli.USER_ERRORS`: a bad inline option, an image that
@@ -334,7 +335,7 @@ def _interactive(pipe, args, lora_log) -> list[Path]:
             spec = parse_prompt_line(line, 0, "<interactive>")
             if spec is None:
                 continue
-            written += run_one(pipe, _requests(args, [spec])[0], args, k, lora_log)
+            written += run_one(pipe, _requests(config, [spec])[0], config, k, lora_log)
         except USER_ERRORS as e:
             print(f"wanlora-generate: error: {e}", file=sys.stderr, flush=True)
             logger.debug("the line's traceback", exc_info=True)  # shown with --verbose

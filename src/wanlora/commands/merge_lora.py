@@ -14,44 +14,50 @@ for all (:func:`wanlora.lora.apply.per_file_values`, the rule of ``wanlora-gener
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from dataclasses import dataclass
 
 import torch
 
+from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
 from wanlora.commands.cli import run_cli
 from wanlora.lora.apply import per_file_values
 from wanlora.lora.merge import MergeError, dit_expert_from_path, merge_loras
-from wanlora.tasks import EXPERTS, task_names
+from wanlora.run_config import ModelFiles, dtype_option, group, option
+from wanlora.tasks import EXPERTS
 
-__all__ = ["MergeError", "dit_expert_from_path", "merge_loras", "main"]
+__all__ = ["MergeConfig", "MergeError", "dit_expert_from_path", "merge_loras", "build_parser", "main"]
 
 log = logging.getLogger("wanlora.commands.merge_lora")
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """The settings of ``wanlora-merge-lora``."""
+
+    model_files: ModelFiles = group(ModelFiles, "model", include=("task", "dit"), help={
+        "task": "which Wan model (required)",
+        "dit": "DiT checkpoint: .safetensors, shard index .json or folder (required)"})
+    expert: str | None = option(None, "which A14B expert --dit is (default: from 'high_noise'/'low_noise' in "
+                                "its path)", choices=EXPERTS)
+    lora_weight: tuple[str, ...] = option((), "LoRA file(s), any layout (required)", nargs="+")
+    lora_multiplier: tuple[float, ...] = option((), "one multiplier per LoRA, or one for all (default 1.0 each)",
+                                                nargs="+")
+    save_merged_model: str | None = option(None, "output .safetensors (required)")
+    save_dtype: torch.dtype | None = dtype_option(None, "dtype of the written weights (default: the checkpoint's)")
+    force: bool = option(False, "merge a LoRA made for another task/expert; skip modules that do not fit")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_line() -> CommandLine:
+    """The ``wanlora-merge-lora`` command line."""
+    return CommandLine("wanlora-merge-lora", "Merge Wan LoRAs into a DiT checkpoint and write a new "
+                       ".safetensors (streamed).", MergeConfig)
+
+
+def build_parser():
     """The argument parser of ``wanlora-merge-lora``."""
-    p = argparse.ArgumentParser(
-        prog="wanlora-merge-lora",
-        description="Merge Wan LoRAs into a DiT checkpoint and write a new .safetensors (streamed).",
-    )
-    p.add_argument("--dit", required=True, help="DiT checkpoint: .safetensors, shard index .json or folder")
-    p.add_argument("--task", required=True, choices=task_names())
-    p.add_argument("--expert", choices=EXPERTS, default=None,
-                   help="which A14B expert --dit is (default: from 'high_noise'/'low_noise' in its path)")
-    p.add_argument("--lora_weight", nargs="+", required=True, help="LoRA file(s), any layout")
-    p.add_argument("--lora_multiplier", nargs="+", type=float, default=None,
-                   help="one multiplier per LoRA, or one for all (default 1.0 each)")
-    p.add_argument("--save_merged_model", required=True, help="output .safetensors")
-    p.add_argument("--save_dtype", choices=sorted(_DTYPES), default=None,
-                   help="dtype of the written weights (default: the checkpoint's)")
-    p.add_argument("--force", action="store_true",
-                   help="merge a LoRA made for another task/expert; skip modules that do not fit")
-    return p
+    return command_line().parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,14 +67,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    mults = per_file_values(args.lora_multiplier, len(args.lora_weight), 1.0, "--lora_multiplier")
-    summary = merge_loras(args.dit, list(zip(args.lora_weight, mults)), args.save_merged_model,
-                          args.task, expert=args.expert, save_dtype=_DTYPES.get(args.save_dtype),
-                          force=args.force)
+    ns = command_line().parse_namespace(argv, required=("dit", "task", "lora_weight", "save_merged_model"))
+    setup_logging(ns.verbose)
+    config = config_from_namespace(MergeConfig, ns)
+    weights = config.lora_weight
+    mults = per_file_values(list(config.lora_multiplier) or None, len(weights), 1.0, "--lora_multiplier")
+    summary = merge_loras(config.model_files.dit, list(zip(weights, mults)), config.save_merged_model,
+                          config.model_files.task, expert=config.expert, save_dtype=config.save_dtype,
+                          force=config.force)
     log.info("merged %d modules into %s (%d tensors)", summary["merged_modules"],
-             args.save_merged_model, summary["tensors"])
+             config.save_merged_model, summary["tensors"])
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Iterable
 
 import torch
 
+from wanlora.run_config import parse_dtype
 from wanlora.tasks import EXPERTS, Task, get_task
 
 __all__ = [
@@ -351,7 +352,7 @@ def preflight_train(args) -> list[str]:
             check_rank_fits(rank, dims[0], "--network_dim_high_noise" if key == "high_noise"
                             and args.network_dim_high_noise else "--network_dim")
     if dims and args.output_dir is not None:
-        bpv = {"fp32": 4, "fp16": 2, "bf16": 2}.get(getattr(args, "save_precision", "fp32"), 4)
+        bpv = parse_dtype(getattr(args, "save_precision", None) or "fp32").itemsize
         per_save = sum(lora_file_bytes(r, *dims, bpv) for _, r, _ in _loras(args))
         state = sum(lora_file_bytes(r, *dims, 4) * 3 for _, r, _ in _loras(args))  # weights + AdamW's 2 moments
         every, keep = getattr(args, "save_every_n_steps", None), getattr(args, "save_last_n_steps", None)

@@ -256,15 +256,10 @@ def keeps_float32(key: str) -> bool:
     return key.startswith(_FP32_PREFIXES) or key.endswith("modulation") or ".norm" in key
 
 
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}
-
-
 def _as_dtype(dtype) -> torch.dtype:
-    d = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    from wanlora.run_config import parse_dtype
+
+    d = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if d not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"load_dit: dtype {dtype!r} is not one of float32, bfloat16, float16")
     return d

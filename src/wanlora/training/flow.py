@@ -41,8 +41,8 @@ Range (``--min_timestep``/``--max_timestep`` = ``[a, b]`` on 0..1000):
 - ``preserve_distribution_shape``: *restrict* — the distribution conditioned on ``[a, b]``
   (musubi does it by rejection; here by the exact inverse CDF, same law, no loops).
 
-:meth:`TimestepSampler.sample` ``(lo, hi)`` restricts the configured law further (one expert's
-range); :meth:`TimestepSampler.mass` ``(lo, hi)`` is its probability, so choosing the high-noise
+:meth:`TimestepDistribution.sample` ``(lo, hi)`` restricts the configured law further (one expert's
+range); :meth:`TimestepDistribution.mass` ``(lo, hi)`` is its probability, so choosing the high-noise
 expert with probability ``mass(boundary, 1000)`` and sampling inside the chosen expert's range
 reproduces the configured law exactly.
 """
@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -67,9 +66,7 @@ __all__ = [
     "shift_sigma",
     "flux_shift_mu",
     "loss_weighting",
-    "TimestepSampler",
-    "plot_timestep_distribution",
-    "format_timestep_histogram",
+    "TimestepDistribution",
 ]
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -163,7 +160,7 @@ def _ndtr(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class TimestepSampler:
+class TimestepDistribution:
     """The training timestep distribution on 0..1000 (see the module docstring for each law).
 
     Fields mirror the flags: ``method`` (``--timestep_sampling``), ``sigmoid_scale``,
@@ -199,13 +196,16 @@ class TimestepSampler:
                 f"0 <= min < max <= 1000")
 
     @classmethod
-    def from_args(cls, args) -> "TimestepSampler":
-        """Build from an argparse namespace with the flag names (missing flags take defaults)."""
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "method"]
-        kw = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-        return cls(method=getattr(args, "timestep_sampling", None) or "uniform", **kw)
+    def from_config(cls, config) -> "TimestepDistribution":
+        """The law a :class:`wanlora.training.config.TimestepConfig` (the ``--timestep_sampling``
+        flags) describes."""
+        return cls(method=config.timestep_sampling, sigmoid_scale=config.sigmoid_scale,
+                   logit_mean=config.logit_mean, logit_std=config.logit_std,
+                   discrete_flow_shift=config.discrete_flow_shift, min_timestep=config.min_timestep,
+                   max_timestep=config.max_timestep,
+                   preserve_distribution_shape=config.preserve_distribution_shape)
 
-    def with_latent_size(self, latent_h: int, latent_w: int) -> "TimestepSampler":
+    def with_latent_size(self, latent_h: int, latent_w: int) -> "TimestepDistribution":
         """A copy for latents of spatial size ``h x w`` (``flux_shift`` depends on it)."""
         return dataclasses.replace(self, latent_size=(int(latent_h), int(latent_w)))
 
@@ -357,98 +357,3 @@ class TimestepSampler:
 
 def _t(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64)
-
-
-# --------------------------------------------------------------------------------------------
-# plotting (--show_timesteps)
-# --------------------------------------------------------------------------------------------
-def _boundary_timestep(boundary: float | None) -> float | None:
-    if boundary is None:
-        return None
-    return float(boundary) * NUM_TRAIN_TIMESTEPS if float(boundary) <= 1.0 else float(boundary)
-
-
-def _display_draw(sampler: TimestepSampler, n: int, seed: int, boundary: float | None):
-    """``n`` draws as the trainer makes them: ``[(label, timesteps)]`` per expert (or one part)."""
-    g = torch.Generator().manual_seed(seed)
-    bt = _boundary_timestep(boundary)
-    if bt is None:
-        return [("samples", sampler.sample(n, g))], None
-    p_high = sampler.mass(bt, NUM_TRAIN_TIMESTEPS)
-    n_high = int((torch.rand(n, generator=g) < p_high).sum())
-    parts = []
-    if n_high:
-        parts.append((f"high_noise (p={p_high:.3f})", sampler.sample(n_high, g, lo=bt)))
-    if n - n_high:
-        parts.append((f"low_noise (p={1 - p_high:.3f})", sampler.sample(n - n_high, g, hi=bt)))
-    return parts, bt
-
-
-def format_timestep_histogram(sampler: TimestepSampler, boundary: float | None = None,
-                              n: int = 100_000, seed: int = 0, bins: int = 20, width: int = 50) -> str:
-    """A text histogram of ``n`` sampled timesteps (``--show_timesteps console``).
-
-    One line per bin of 0..1000: range, percentage, bar; with ``boundary`` (timesteps or a
-    fraction) the bar shows high-noise draws as ``#`` and low-noise draws as ``=`` and a header
-    gives each expert's probability.
-    """
-    parts, bt = _display_draw(sampler, n, seed, boundary)
-    edges = torch.linspace(0, NUM_TRAIN_TIMESTEPS, bins + 1, dtype=torch.float64)
-    counts = [torch.histogram(p[1].double(), bins=edges).hist for p in parts]
-    total = sum(counts)
-    peak = float(total.max()) or 1.0
-    lines = [sampler.describe()]
-    if bt is not None:
-        lines.append(f"boundary {bt:g}: " + ", ".join(p[0] for p in parts))
-    chars = ["#", "="] if bt is not None and parts[0][0].startswith("high") else ["=", "#"]
-    for i in range(bins):
-        bar = "".join(chars[j] * round(float(c[i]) / peak * width) for j, c in enumerate(counts))
-        lines.append(f"{edges[i]:6.0f}-{edges[i + 1]:<6.0f} {100 * float(total[i]) / n:5.1f}% {bar}")
-    return "\n".join(lines)
-
-
-def plot_timestep_distribution(sampler: TimestepSampler, path: str | Path, boundary: float | None = None,
-                               n: int = 100_000, seed: int = 0, bins: int = 100) -> Path:
-    """Write a PNG histogram of ``n`` sampled timesteps with the analytic density on top.
-
-    Args:
-        sampler: the configured law.
-        path: PNG destination (written atomically).
-        boundary: expert boundary in timesteps (875) or as a fraction (0.875); when given, the
-            samples are drawn as the two-expert trainer draws them (expert with probability
-            ``mass``, then within its range) and each expert's share is coloured.
-        n, seed, bins: sample count, CPU generator seed, histogram bins over 0..1000.
-    Returns:
-        ``path``.
-    Raises:
-        ImportError: matplotlib is not installed (a wanlora dependency; the message names the
-            pip command, and the CLIs print it as one line).
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("--show_timesteps image needs matplotlib: pip install matplotlib "
-                          "(or use --show_timesteps console)") from e
-    from wanlora.io_utils import atomic_path
-
-    parts, bt = _display_draw(sampler, n, seed, boundary)
-    fig = Figure(figsize=(8, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    edges = torch.linspace(0, NUM_TRAIN_TIMESTEPS, bins + 1).tolist()
-    ax.hist([p[1].numpy() for p in parts], bins=edges, stacked=True, label=[p[0] for p in parts],
-            weights=[torch.full_like(p[1], 1.0 / n).numpy() for p in parts])
-    if bt is not None:
-        ax.axvline(bt, color="k", linestyle=":", linewidth=1)
-    grid = torch.linspace(0, NUM_TRAIN_TIMESTEPS, 1001, dtype=torch.float64)
-    width = NUM_TRAIN_TIMESTEPS / bins
-    ax.plot(grid.numpy(), (sampler.pdf(grid) * width).numpy(), color="C3", label="density")
-    ax.set_xlabel("timestep (0 = clean, 1000 = noise)")
-    ax.set_ylabel("fraction per bin")
-    ax.set_title(sampler.describe())
-    ax.legend()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path

@@ -40,6 +40,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -50,13 +51,12 @@ from wanlora.training.experts import ExpertPlan, ExpertSchedule, ExpertView, Exp
 from wanlora.io_utils import write_json
 from wanlora.training.optim import build_lr_scheduler, build_optimizer, check_lr_scheduler, check_optimizer_type, parse_kv_args
 from wanlora.tasks import Task, get_task
+from wanlora.training.config import LoraSettings, TrainConfig
 
 __all__ = ["train", "TrainState", "LoRAForward", "flow_matching_loss", "NonFiniteLossError",
-           "DTYPES", "step_generator"]
+           "step_generator", "plan_run"]
 
 log = logging.getLogger("wanlora.train")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,7 +105,7 @@ def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Gene
     return torch.Generator().manual_seed(s)
 
 
-def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepSampler, lo: float, hi: float,
+def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution, lo: float, hi: float,
                        generator: torch.Generator, device, weighting_scheme: str = "none",
                        conditioning: Conditioning = TextToVideo()):
     """One batch's flow-matching loss (module docstring).
@@ -144,10 +144,10 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepSampler, lo:
 # setup helpers (each used once, in train())
 
 
-def _dit_dtype(args, mixed_precision: str) -> torch.dtype:
+def _dit_dtype(config: TrainConfig, mixed_precision: str) -> torch.dtype:
     """The frozen DiT's dtype: ``--dit_dtype``, else the autocast precision's, else float32."""
-    if args.dit_dtype:
-        return DTYPES[args.dit_dtype]
+    if config.model.dit_dtype is not None:
+        return config.model.dit_dtype
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
@@ -166,7 +166,7 @@ class EpochPositions(torch.utils.data.Sampler):
         return self.n
 
 
-def _build_dataloader(args, task: Task, dataset=None):
+def _build_dataloader(config: TrainConfig, task: Task, seed: int, dataset=None):
     """The batch dataset in a DataLoader of batch size 1 (its items are already batches).
 
     ``dataset`` defaults to ``wanlora.dataset.TrainingDataset(--dataset_config)``; any other
@@ -176,12 +176,12 @@ def _build_dataloader(args, task: Task, dataset=None):
     if dataset is None:
         from wanlora.dataset import TrainingDataset
 
-        dataset = TrainingDataset(args.dataset_config, task=task, seed=args.seed)
+        dataset = TrainingDataset(config.data.dataset_config, task=task, seed=seed)
     positions = EpochPositions(len(dataset))
-    workers = args.max_data_loader_n_workers or 0
+    workers = config.data.max_data_loader_n_workers or 0
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1, sampler=positions, collate_fn=_unbatch, num_workers=workers,
-        persistent_workers=bool(args.persistent_data_loader_workers and workers > 0),
+        persistent_workers=bool(config.data.persistent_data_loader_workers and workers > 0),
     )
     return positions, loader
 
@@ -191,59 +191,48 @@ def _unbatch(items):
     return items[0]
 
 
-def _load_dit_and_experts(args, task: Task, plan: ExpertPlan, device, dtype, load_dit=None):
+def _load_dit_and_experts(config, task: Task, plan: ExpertPlan, device, dtype, load_dit=None):
     """One DiT module (first expert's weights, on ``device``) and the expert weight store."""
     if load_dit is None:
         from wanlora.models import load_dit
     experts = plan.experts
     first = "low_noise" if "low_noise" in experts else experts[0]
     t0 = time.perf_counter()
-    dit = load_dit(plan.dit_paths[first], task=task.name, dtype=dtype, device=device, attn_mode=args.attn_mode)
+    dit = load_dit(plan.dit_paths[first], task=task.name, dtype=dtype, device=device, attn_mode=config.model.attn_mode)
     others = {}
     for e in experts:
         if e != first:
             other = load_dit(plan.dit_paths[e], task=task.name, dtype=dtype, device="cpu",
-                             attn_mode=args.attn_mode)
+                             attn_mode=config.model.attn_mode)
             others[e] = {k: v.detach() for k, v in other.named_parameters()}
             del other
-    weights = ExpertWeights(dit, first, others, offload=args.offload_inactive_dit)
+    weights = ExpertWeights(dit, first, others, offload=config.experts.offload_inactive_dit)
     dit.requires_grad_(False)
-    dit.set_gradient_checkpointing(bool(args.gradient_checkpointing))
+    dit.set_gradient_checkpointing(bool(config.model.gradient_checkpointing))
     dit.train()  # no dropout in Wan; train() for checkpointing
     log.info("DiT loaded in %.1fs (%s, %s)%s", time.perf_counter() - t0, dtype, ", ".join(
         f"{e or 'model'}: {plan.dit_paths[e]}" for e in experts),
-        " — inactive expert offloaded to CPU" if others and args.offload_inactive_dit else "")
+        " — inactive expert offloaded to CPU" if others and config.experts.offload_inactive_dit else "")
     return dit, weights
 
 
-def _lora_flags(args, lora_key) -> tuple[str | None, int, float, float]:
-    """``(weights file, rank, alpha, learning rate)`` of one LoRA: the ``--*_high_noise`` flag for
-    the high-noise LoRA where given, else the shared flag."""
-    if lora_key != "high_noise":
-        return args.network_weights, args.network_dim, args.network_alpha, args.learning_rate
-    return (args.network_weights_high_noise,
-            args.network_dim_high_noise or args.network_dim,
-            args.network_alpha if args.network_alpha_high_noise is None else args.network_alpha_high_noise,
-            args.learning_rate_high_noise or args.learning_rate)
-
-
-def _build_network(args, module, lora_key, dit):
+def _build_network(config: TrainConfig, module, lora_key, dit, lora: LoraSettings):
     """Create one LoRA network (``module.create_network``, the kohya convention) on the DiT, hooked
-    in by ``apply_to``, started from ``--network_weights[_high_noise]`` when given."""
-    net_kwargs = parse_kv_args(args.network_args, "--network_args")
+    in by ``apply_to``, started from ``lora.weights`` when given."""
+    net_kwargs = parse_kv_args(config.network.network_args, "--network_args")
     net_kwargs = {k: (v if isinstance(v, str) else str(v)) for k, v in net_kwargs.items()}
-    weights_file, dim, alpha, _ = _lora_flags(args, lora_key)
-    if weights_file and args.dim_from_weights:
+    weights_file, dim, alpha = lora.weights, lora.dim, lora.alpha
+    if weights_file and config.network.dim_from_weights:
         network, sd = module.create_network_from_weights(1.0, weights_file, None, None, dit, **net_kwargs)
     else:
         network = module.create_network(1.0, dim, alpha, None, None, dit,
-                                        neuron_dropout=args.network_dropout, **net_kwargs)
+                                        neuron_dropout=config.network.network_dropout, **net_kwargs)
     network.apply_to(None, dit, apply_text_encoder=False, apply_unet=True)
     if weights_file:
         network.load_weights(weights_file)
         log.info("LoRA %s: starting from %s", lora_key or "", weights_file)
     if hasattr(network, "prepare_network"):
-        network.prepare_network(args)
+        network.prepare_network(SimpleNamespace(**config.flat()))  # kohya hooks read flat flags
     return network
 
 
@@ -275,16 +264,16 @@ def _check_lora_modules(network, task: Task, num_layers: int, lora_key=None, war
     return found
 
 
-def _lora_rank_alpha(network, args, lora_key) -> tuple[int, float]:
+def _lora_rank_alpha(network, lora: LoraSettings) -> tuple[int, float]:
     """The rank and alpha a network really has (``--dim_from_weights`` takes them from the file);
     the flags' for a network module that does not expose ``unet_loras``."""
     mods = getattr(network, "unet_loras", None)
     if mods:
         return int(mods[0].lora_dim), float(mods[0].alpha.item())
-    return _lora_flags(args, lora_key)[1:3]
+    return lora.dim, lora.alpha
 
 
-def _expert_schedule(plan: ExpertPlan, sampler: flow.TimestepSampler, switch_every: int,
+def _expert_schedule(plan: ExpertPlan, sampler: flow.TimestepDistribution, switch_every: int,
                      seed: int) -> ExpertSchedule | None:
     """Both experts: the per-step expert draw with ``P(high) = sampler.mass(boundary, 1000)``, so
     that sampling each step's timesteps inside its expert's range reproduces the law; None for
@@ -316,7 +305,7 @@ def _expert_schedule(plan: ExpertPlan, sampler: flow.TimestepSampler, switch_eve
     return ExpertSchedule(p_high, switch_every, seed)
 
 
-def _expert_of_step(schedule: ExpertSchedule | None, plan: ExpertPlan, sampler: flow.TimestepSampler,
+def _expert_of_step(schedule: ExpertSchedule | None, plan: ExpertPlan, sampler: flow.TimestepDistribution,
                     step: int, batch: dict, mean_over_processes=None) -> str | None:
     """The expert optimizer step ``step`` trains: the schedule's draw, or the run's only one.
 
@@ -376,7 +365,7 @@ def _prune(output_dir: Path, pattern: str, keep) -> None:
             log.info("removed old save %s", p.name)
 
 
-def _check_before_loading(args):
+def _check_before_loading(config):
     """Check the flags that are otherwise used only after the DiT is loaded (minutes at 14B), so a
     typo fails at once: ``--attn_mode`` (installed, and with a backward pass), import ``--network_module`` (returned), resolve ``--optimizer_type`` (and its
     package), ``--lr_scheduler``, ``--weighting_scheme``, parse ``--network_args`` / ``--optimizer_args``, and for
@@ -388,59 +377,51 @@ def _check_before_loading(args):
     from wanlora.models.attention import check_attn_mode
     from wanlora.networks import resolve_network_module
 
-    check_attn_mode(args.attn_mode, training=True)  # sage has no backward: LoRA on q/k/v would not learn
-    module = resolve_network_module(args.network_module)
-    check_optimizer_type(args.optimizer_type)
-    check_lr_scheduler(args.lr_scheduler)
-    parse_kv_args(args.network_args, "--network_args")
-    parse_kv_args(args.optimizer_args)
-    flow.loss_weighting(args.weighting_scheme, torch.zeros(1))  # an unknown scheme raises here
-    if args.sample_prompts:
-        if not (args.vae and args.t5):
+    check_attn_mode(config.model.attn_mode, training=True)  # sage has no backward: LoRA on q/k/v would not learn
+    module = resolve_network_module(config.network.network_module)
+    check_optimizer_type(config.optimization.optimizer_type)
+    check_lr_scheduler(config.optimization.lr_scheduler)
+    parse_kv_args(config.network.network_args, "--network_args")
+    parse_kv_args(config.optimization.optimizer_args)
+    flow.loss_weighting(config.timesteps.weighting_scheme, torch.zeros(1))  # an unknown scheme raises here
+    if config.sampling.sample_prompts:
+        if not (config.model_files.vae and config.model_files.t5):
             raise ValueError("--sample_prompts needs --vae and --t5 (and --t5_tokenizer) to make samples")
-        for flag, path in (("--vae", args.vae), ("--t5", args.t5)):
+        for flag, path in (("--vae", config.model_files.vae), ("--t5", config.model_files.t5)):
             if not Path(path).exists():
                 raise FileNotFoundError(f"{flag} {path}: no such file (needed by --sample_prompts)")
-        if isinstance(args.sample_prompts, (str, os.PathLike)):
+        if isinstance(config.sampling.sample_prompts, (str, os.PathLike)):
             from wanlora.inference.prompts import read_prompt_file
 
-            read_prompt_file(args.sample_prompts)
+            read_prompt_file(config.sampling.sample_prompts)
     return module
-
-
-def _show_timesteps(args, task, sampler, plan) -> None:
-    """``--show_timesteps``: print each expert's range and probability and a text histogram
-    (:func:`wanlora.training.flow.format_timestep_histogram`), or write the plot (``image``), then return.
-
-    Raises:
-        ValueError: ``flux_shift``, whose law depends on the latent size of each batch.
-    """
-    if sampler.method == "flux_shift":
-        raise ValueError("--show_timesteps: flux_shift sampling depends on each batch's latent size, so it "
-                         "has no one distribution to show; try --timestep_sampling shift with a "
-                         "--discrete_flow_shift near your resolution's")
-    b = plan.boundary if plan.mode in ("separate", "shared") else None
-    if args.show_timesteps == "image":
-        out = Path(args.output_dir or ".") / f"{args.output_name}_timesteps.png"
-        flow.plot_timestep_distribution(sampler, out, boundary=b)
-        print(f"timestep distribution written to {out}")
-        return
-    lines = [f"timestep distribution: {sampler.describe()}"]
-    for e, (lo, hi) in plan.ranges.items():
-        lines.append(f"  {e or 'model'}: range {lo:g}..{hi:g}, probability {sampler.mass(lo, hi):.4f}")
-    lines.append(flow.format_timestep_histogram(sampler, boundary=b).split("\n", 1)[1])  # minus describe()
-    print("\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------
 # the loop
 
 
-def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
-    """Train as the parsed ``args`` say (:mod:`wanlora.commands.train_args`); returns the final state.
+def plan_run(config: TrainConfig) -> tuple[Task, ExpertPlan, flow.TimestepDistribution, Conditioning]:
+    """The task, the expert plan, the timestep distribution and the conditioning of a run, checked
+    (no files read).
+
+    Raises:
+        ValueError: expert flags that do not fit the task (:func:`plan_experts`), a
+            ``--ti2v_first_frame`` the task does not take (:func:`wanlora.conditioning.conditioning_for`),
+            a bad timestep law.
+    """
+    task = get_task(config.model_files.task)
+    plan = plan_experts(task, config.model_files.dit, config.model_files.dit_high_noise, config.experts.expert,
+                        config.experts.expert_lora, config.experts.timestep_boundary)
+    conditioning = conditioning_for(task, config.data.ti2v_first_frame)
+    return task, plan, flow.TimestepDistribution.from_config(config.timesteps), conditioning
+
+
+def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
+    """Train as ``config`` says; returns the final state.
 
     Args:
-        args: the namespace of :func:`wanlora.commands.train_args.parse_args`.
+        config: the run's settings (:func:`wanlora.commands.train.parse_config`).
         dataset: a batch dataset to use instead of ``--dataset_config`` (tests, benchmarks),
             with the contract of :func:`_build_dataloader`.
         load_dit: a replacement for :func:`wanlora.models.load_dit` (same signature).
@@ -453,50 +434,43 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
-    task = get_task(args.task)
-    plan = plan_experts(task, args.dit, args.dit_high_noise, args.expert, args.expert_lora,
-                        args.timestep_boundary)
-    conditioning = conditioning_for(task, args.ti2v_first_frame)
-    sampler = flow.TimestepSampler.from_args(args)
-    if args.show_timesteps:
-        _show_timesteps(args, task, sampler, plan)
-        return TrainState()
-    module = _check_before_loading(args)
+    task, plan, sampler, conditioning = plan_run(config)
+    module = _check_before_loading(config)
 
     # ---- accelerator, seed, logging
-    log_with = "tensorboard" if args.logging_dir and args.log_with == "tensorboard" else None
+    log_with = "tensorboard" if config.tracking.logging_dir and config.tracking.log_with == "tensorboard" else None
     # torchrun / mpirun without GPUs: Accelerate runs several CPU processes (gloo) only when told
     # cpu=True; `accelerate launch --cpu` says so through ACCELERATE_USE_CPU.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     # module dropout skips whole adapters on a step, which DDP must be told about
     ddp = DistributedDataParallelKwargs(find_unused_parameters=any(
-        a.startswith("module_dropout") for a in args.network_args or []))
+        a.startswith("module_dropout") for a in config.network.network_args or []))
     accelerator = Accelerator(
         cpu=multi_cpu,
         kwargs_handlers=[ddp],
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=config.optimization.gradient_accumulation_steps,
+        mixed_precision=config.launch.mixed_precision,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(args.output_dir),
-                                            logging_dir=str(args.logging_dir) if args.logging_dir else None),
+        project_config=ProjectConfiguration(project_dir=str(config.saving.output_dir),
+                                            logging_dir=str(config.tracking.logging_dir) if config.tracking.logging_dir else None),
     )
     saved = None
-    if args.resume:
-        state_file = Path(args.resume) / "train_state.json"
+    if config.saving.resume:
+        state_file = Path(config.saving.resume) / "train_state.json"
         if not state_file.is_file():
-            raise ValueError(f"--resume {args.resume}: no train_state.json there; give a folder written "
+            raise ValueError(f"--resume {config.saving.resume}: no train_state.json there; give a folder written "
                              "by --save_state (OUTPUT_DIR/NAME-stepXXXXXXXX-state)")
         saved = json.loads(state_file.read_text())
-        args.seed = saved["seed"]
-    if args.seed is None:  # one seed for all processes: they must draw the same experts
-        args.seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
-        log.info("no --seed given; using %d", args.seed)
-    set_seed(args.seed)
+    seed = saved["seed"] if saved is not None else config.optimization.seed
+    if seed is None:  # one seed for all processes: they must draw the same experts
+        seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
+        log.info("no --seed given; using %d", seed)
+    set_seed(seed)
     device, rank = accelerator.device, accelerator.process_index
     main = accelerator.is_main_process
     if not main:  # one process speaks; the others only warn
         logging.getLogger("wanlora").setLevel(logging.WARNING)
-    output_dir = Path(args.output_dir)
+    output_dir = Path(config.saving.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
     for note in plan.notes:
@@ -505,60 +479,61 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
         log.warning(warning)
     log.info("task %s, %s: %s", task.name, plan.mode, ", ".join(
         f"{e or 'model'} t in [{lo:g}, {hi:g})" for e, (lo, hi) in plan.ranges.items()))
-    schedule = _expert_schedule(plan, sampler, args.expert_switch_every, args.seed)  # which expert each step
+    schedule = _expert_schedule(plan, sampler, config.experts.expert_switch_every, seed)  # which expert each step
 
     def mean_p(p: float) -> float:  # flux_shift: processes with other bucket sizes agree on P(high)
         return accelerator.reduce(torch.tensor([p], dtype=torch.float64, device=device), "mean").item()
 
     # ---- data
-    positions, loader = _build_dataloader(args, task, dataset)
+    positions, loader = _build_dataloader(config, task, seed, dataset)
     loader = accelerator.prepare(loader)
-    accum = args.gradient_accumulation_steps
+    accum = config.optimization.gradient_accumulation_steps
     steps_per_epoch = max(math.ceil(len(loader) / accum), 1)
-    max_steps = args.max_train_steps
-    if args.max_train_epochs:
-        max_steps = args.max_train_epochs * steps_per_epoch
+    max_steps = config.optimization.max_train_steps
+    if config.optimization.max_train_epochs:
+        max_steps = config.optimization.max_train_epochs * steps_per_epoch
     log.info("%d batches per epoch per process, %d optimizer steps per epoch, %d steps (%d epochs)",
              len(loader), steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch))
 
     # ---- model and experts
-    dit_dtype = _dit_dtype(args, accelerator.mixed_precision)
-    dit, expert_weights = _load_dit_and_experts(args, task, plan, device, dit_dtype, load_dit)
+    dit_dtype = _dit_dtype(config, accelerator.mixed_precision)
+    dit, expert_weights = _load_dit_and_experts(config, task, plan, device, dit_dtype, load_dit)
 
     # ---- LoRA networks, optimizers, schedulers (one set per trained LoRA)
     networks, wrappers, optimizers, schedulers = {}, {}, {}, {}
     for key in plan.loras:
-        net = _build_network(args, module, key, dit).to(device)
+        settings = config.lora(key, alone=len(plan.loras) == 1)
+        net = _build_network(config, module, key, dit, settings).to(device)
         _check_lora_modules(net, task, len(dit.blocks), key, warn=main)
-        lr = _lora_flags(args, key)[3]
+        lr = settings.learning_rate
         groups, _ = net.prepare_optimizer_params(unet_lr=lr)
-        opt = build_optimizer(args.optimizer_type, groups, lr, args.optimizer_args)
-        sched = build_lr_scheduler(args.lr_scheduler, opt, args.lr_warmup_steps, max_steps,
-                                   args.lr_scheduler_num_cycles, args.lr_scheduler_power)
+        opt = build_optimizer(config.optimization.optimizer_type, groups, lr, config.optimization.optimizer_args)
+        sched = build_lr_scheduler(config.optimization.lr_scheduler, opt, config.optimization.lr_warmup_steps, max_steps,
+                                   config.optimization.lr_scheduler_num_cycles, config.optimization.lr_scheduler_power)
         wrapper, opt = accelerator.prepare(LoRAForward(net), opt)
         accelerator.register_for_checkpointing(sched)
         networks[key], wrappers[key], optimizers[key], schedulers[key] = net, wrapper, opt, sched
     trainable = {key: [p for p in net.parameters() if p.requires_grad] for key, net in networks.items()}
 
     # ---- resume
-    state = TrainState(seed=args.seed)
+    state = TrainState(seed=seed)
     if saved is not None:
-        accelerator.load_state(str(args.resume))
+        accelerator.load_state(str(config.saving.resume))
         state = TrainState(**saved)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", args.resume, state.global_step,
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", config.saving.resume, state.global_step,
                  state.epoch + 1, state.batch_in_epoch)
 
     if log_with:
-        accelerator.init_trackers(args.log_prefix + args.log_tracker_name)
+        accelerator.init_trackers(config.tracking.log_prefix + config.tracking.log_tracker_name)
 
     # ---- saving
-    save_dtype = DTYPES[args.save_precision]
-    stem = args.output_name
+    save_dtype = config.saving.save_precision
+    stem = config.saving.output_name
 
     def lora_files(tag: str) -> dict:
         return {key: output_dir / f"{tag}{plan.file_suffix(key)}.safetensors" for key in plan.loras}
 
-    run_metadata = _run_metadata(args, plan, max_steps, accelerator.mixed_precision)
+    run_metadata = _run_metadata(config, plan, max_steps, accelerator.mixed_precision, seed)
     base_hashes: dict = {}
 
     def save_loras(tag: str) -> None:
@@ -569,15 +544,15 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
             files = lora_files(tag)
             for key, file in files.items():
                 net = accelerator.unwrap_model(wrappers[key]).network
-                rank_, alpha_ = _lora_rank_alpha(net, args, key)
+                rank_, alpha_ = _lora_rank_alpha(net, config.lora(key, alone=len(plan.loras) == 1))
                 dit_path = plan.dit_paths[plan.loras[key][0]]
                 if dit_path not in base_hashes:
                     base_hashes[dit_path] = _quick_hash(checkpoint_quick_hash, dit_path)
                 other = [f.name for k, f in files.items() if k != key]
                 md = build_lora_metadata(
                     task, network_dim=rank_, network_alpha=alpha_, expert=plan.metadata_expert(key),
-                    network_module=args.network_module,
-                    network_args=parse_kv_args(args.network_args, "--network_args"),
+                    network_module=config.network.network_module,
+                    network_args=parse_kv_args(config.network.network_args, "--network_args"),
                     title=stem, base_model=dit_path, base_model_hash=base_hashes[dit_path],
                     timestep_range=_lora_timestep_range(plan, sampler, key),
                     pair_file=other[0] if other else None,
@@ -595,7 +570,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
         """Save the LoRAs (and with --save_state the state) as ``tag``; then remove the saves
         named by the regex ``numbered`` (one int group) whose number is ``<= number - keep``."""
         save_loras(tag)
-        if args.save_state:
+        if config.saving.save_state:
             save_state(tag)
         if main and keep:
             _prune(output_dir, numbered + r"(_high_noise|_low_noise)?\.safetensors", lambda k: k > number - keep)
@@ -604,31 +579,31 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
 
     def after_step_saves() -> None:
         s = state.global_step
-        if args.save_every_n_steps and s % args.save_every_n_steps == 0 and s < max_steps:
-            save_and_prune(f"{stem}-step{s:08d}", s, rf"{re.escape(stem)}-step(\d+)", args.save_last_n_steps,
-                           args.save_last_n_steps_state or args.save_last_n_steps)
+        if config.saving.save_every_n_steps and s % config.saving.save_every_n_steps == 0 and s < max_steps:
+            save_and_prune(f"{stem}-step{s:08d}", s, rf"{re.escape(stem)}-step(\d+)", config.saving.save_last_n_steps,
+                           config.saving.save_last_n_steps_state or config.saving.save_last_n_steps)
 
     def after_epoch_saves(epoch_done: int) -> None:
-        every = args.save_every_n_epochs
+        every = config.saving.save_every_n_epochs
         if every and epoch_done % every == 0 and state.global_step < max_steps:
             save_and_prune(f"{stem}-{epoch_done:06d}", epoch_done, rf"{re.escape(stem)}-(\d{{6}})",
-                           (args.save_last_n_epochs or 0) * every,
-                           (args.save_last_n_epochs_state or args.save_last_n_epochs or 0) * every)
+                           (config.saving.save_last_n_epochs or 0) * every,
+                           (config.saving.save_last_n_epochs_state or config.saving.save_last_n_epochs or 0) * every)
 
     # ---- samples during training
     if sample_fn is None:
-        sample_fn = _make_sampler(args, task, plan, dit, expert_weights, accelerator)
+        sample_fn = _make_sampler(config, task, plan, dit, expert_weights, accelerator)
 
     def maybe_sample(step: int, epoch: int | None, first: bool = False) -> None:
         if sample_fn is None:
             return
-        due = first or (epoch is None and args.sample_every_n_steps and step % args.sample_every_n_steps == 0) \
-            or (epoch is not None and args.sample_every_n_epochs and epoch % args.sample_every_n_epochs == 0)
+        due = first or (epoch is None and config.sampling.sample_every_n_steps and step % config.sampling.sample_every_n_steps == 0) \
+            or (epoch is not None and config.sampling.sample_every_n_epochs and epoch % config.sampling.sample_every_n_epochs == 0)
         if due:
             sample_fn(step, epoch, networks)
             _set_active(networks, None)  # the loop re-activates its expert on the next step
 
-    if args.sample_at_first and state.global_step == 0:
+    if config.sampling.sample_at_first and state.global_step == 0:
         maybe_sample(0, None, first=True)
 
     # ---- the loop
@@ -654,16 +629,16 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
                 if expert_weights.activate(expert):
                     log.debug("step %d: swapped in the %s expert", state.global_step, expert)
                 _set_active(networks, active_lora)
-                torch.manual_seed(step_generator(args.seed, state.global_step, 0, rank).initial_seed())
+                torch.manual_seed(step_generator(seed, state.global_step, 0, rank).initial_seed())
                 window_open, window_losses, window_local, window_t, window_bad, micro = True, [], [], [], False, 0
 
             wrapper, opt = wrappers[active_lora], optimizers[active_lora]
             lo, hi = plan.ranges[expert]
             with accelerator.accumulate(wrapper):
-                g = step_generator(args.seed, state.global_step, micro, rank)
+                g = step_generator(seed, state.global_step, micro, rank)
                 loss, t = flow_matching_loss(
                     lambda x, ts, c, y: wrapper(dit, x, ts, c, y), batch, sampler, lo, hi, g, device,
-                    args.weighting_scheme, conditioning)
+                    config.timesteps.weighting_scheme, conditioning)
                 loss_all = accelerator.reduce(loss.detach().clone(), reduction="mean")
                 finite = bool(torch.isfinite(loss_all))
                 window_bad |= not finite
@@ -671,8 +646,8 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
                 grad_norm = None
                 if accelerator.sync_gradients and not window_bad:
                     params = trainable[active_lora]
-                    if args.max_grad_norm:
-                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    if config.optimization.max_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(params, config.optimization.max_grad_norm)
                     else:
                         grad_norm = torch.linalg.vector_norm(torch.stack(
                             [p.grad.detach().float().norm() for p in params if p.grad is not None]))
@@ -692,7 +667,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
                 state.nonfinite_in_row += 1
                 log.warning("step %d: non-finite loss (%s expert) — step skipped (%d in a row)",
                             state.global_step + 1, expert, state.nonfinite_in_row)
-                if state.nonfinite_in_row >= args.max_nonfinite_steps:
+                if state.nonfinite_in_row >= config.optimization.max_nonfinite_steps:
                     where = save_state(f"{stem}-nonfinite")
                     raise NonFiniteLossError(
                         f"{state.nonfinite_in_row} non-finite losses in a row at step {state.global_step}; "
@@ -728,6 +703,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
             if state.global_step >= max_steps:
                 if state.batch_in_epoch == len(loader):  # it was the epoch's last batch
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                    maybe_sample(state.global_step, state.epoch)  # (its save is the final save)
                 break
         else:  # the epoch's batches are used up (accelerate stepped a partial accumulation window)
             state.epoch += 1
@@ -738,7 +714,7 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
 
     # ---- final save
     save_loras(stem)
-    if args.save_state or args.save_state_on_train_end:
+    if config.saving.save_state or config.saving.save_state_on_train_end:
         save_state(stem)
     if log_with:
         accelerator.end_training()
@@ -748,26 +724,26 @@ def train(args, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
     return state
 
 
-def _run_metadata(args, plan: ExpertPlan, max_steps: int, mixed_precision: str) -> dict:
+def _run_metadata(config: TrainConfig, plan: ExpertPlan, max_steps: int, mixed_precision: str, seed: int) -> dict:
     """The training options every saved LoRA records (musubi's ``ss_*`` names,
     ``reference/lora_formats.md`` §2, plus ``wan.expert_lora``), fixed for the run; the caller adds
     the per-save ``ss_steps``, ``ss_epoch`` and per-LoRA ``ss_learning_rate``."""
     return {
-        "ss_output_name": args.output_name, "ss_optimizer": args.optimizer_type,
-        "ss_lr_scheduler": args.lr_scheduler, "ss_lr_warmup_steps": args.lr_warmup_steps,
-        "ss_max_train_steps": max_steps, "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "ss_gradient_checkpointing": bool(args.gradient_checkpointing),
-        "ss_max_grad_norm": args.max_grad_norm, "ss_mixed_precision": mixed_precision,
-        "ss_seed": args.seed, "ss_timestep_sampling": args.timestep_sampling,
-        "ss_sigmoid_scale": args.sigmoid_scale, "ss_discrete_flow_shift": args.discrete_flow_shift,
-        "ss_weighting_scheme": args.weighting_scheme, "ss_logit_mean": args.logit_mean,
-        "ss_logit_std": args.logit_std, "ss_network_dropout": args.network_dropout,
-        "ss_training_comment": args.training_comment or "",
+        "ss_output_name": config.saving.output_name, "ss_optimizer": config.optimization.optimizer_type,
+        "ss_lr_scheduler": config.optimization.lr_scheduler, "ss_lr_warmup_steps": config.optimization.lr_warmup_steps,
+        "ss_max_train_steps": max_steps, "ss_gradient_accumulation_steps": config.optimization.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": bool(config.model.gradient_checkpointing),
+        "ss_max_grad_norm": config.optimization.max_grad_norm, "ss_mixed_precision": mixed_precision,
+        "ss_seed": seed, "ss_timestep_sampling": config.timesteps.timestep_sampling,
+        "ss_sigmoid_scale": config.timesteps.sigmoid_scale, "ss_discrete_flow_shift": config.timesteps.discrete_flow_shift,
+        "ss_weighting_scheme": config.timesteps.weighting_scheme, "ss_logit_mean": config.timesteps.logit_mean,
+        "ss_logit_std": config.timesteps.logit_std, "ss_network_dropout": config.network.network_dropout,
+        "ss_training_comment": config.saving.training_comment or "",
         "wan.expert_lora": plan.mode,
     }
 
 
-def _lora_timestep_range(plan: ExpertPlan, sampler: flow.TimestepSampler, lora_key) -> tuple[float, float]:
+def _lora_timestep_range(plan: ExpertPlan, sampler: flow.TimestepDistribution, lora_key) -> tuple[float, float]:
     """The timesteps (0..1000) a LoRA trained on: its experts' ranges cut to ``--min/max_timestep``."""
     served = plan.loras[lora_key]
     a, b = sampler.range
@@ -782,7 +758,7 @@ def _quick_hash(fn, path) -> str:
         return ""
 
 
-def _make_sampler(args, task, plan, dit, expert_weights, accelerator):
+def _make_sampler(config, task, plan, dit, expert_weights, accelerator):
     """The ``--sample_prompts`` hook ``fn(step, epoch, networks)``, or None without prompts.
 
     Samples are made on the main process by :class:`wanlora.training.validation.ValidationSampler`
@@ -790,7 +766,7 @@ def _make_sampler(args, task, plan, dit, expert_weights, accelerator):
     Each expert is shown to the pipeline as an :class:`~wanlora.training.experts.ExpertView` of the one
     DiT module, which swaps in that expert's weights and LoRA when called.
     """
-    if not args.sample_prompts:
+    if not config.sampling.sample_prompts:
         return None
     if task.has_experts and len(plan.dit_paths) == 1:
         log.warning("samples: only the %s expert is loaded, so it denoises every step of the samples; "
@@ -799,9 +775,9 @@ def _make_sampler(args, task, plan, dit, expert_weights, accelerator):
     if accelerator.is_main_process:
         from wanlora.training.validation import ValidationSampler
 
-        sampler = ValidationSampler(task, args.sample_prompts, vae_path=args.vae, t5_path=args.t5,
-                                  t5_tokenizer=args.t5_tokenizer, output_dir=args.output_dir,
-                                  output_name=args.output_name, device=accelerator.device)
+        sampler = ValidationSampler(task, config.sampling.sample_prompts, vae_path=config.model_files.vae, t5_path=config.model_files.t5,
+                                  t5_tokenizer=config.model_files.t5_tokenizer, output_dir=config.saving.output_dir,
+                                  output_name=config.saving.output_name, device=accelerator.device)
 
     def sample(step, epoch, networks):
         if sampler is not None:

@@ -4,9 +4,8 @@ the generation pipeline. ("Validation" as diffusers' training scripts call train
 Usage by the trainer (``--sample_prompts``, ``--sample_every_n_steps``, ``--sample_every_n_epochs``,
 ``--sample_at_first``)::
 
-    sampler = ValidationSampler(task, args.sample_prompts, vae_path=args.vae, t5_path=args.t5,
-                                t5_tokenizer=args.t5_tokenizer, output_dir=args.output_dir,
-                                output_name=args.output_name, device=accelerator.device)
+    sampler = ValidationSampler(task, "prompts.txt", vae_path="Wan2.1_VAE.pth", t5_path="umt5.pth",
+                                output_dir="output", output_name="mylora", device="cuda")
     ...
     samples = sampler.sample(global_step, {"high_noise": dit_h, "low_noise": dit_l}, epoch=epoch,
                              networks=[network])
@@ -36,6 +35,7 @@ import torch
 from wanlora.conditioning import conditioning_for
 from wanlora.inference.pipeline import GenerationRequest, WanPipeline, module_device
 from wanlora.inference.prompts import PromptSpec, read_prompt_file
+from wanlora.run_config import default_device
 from wanlora.tasks import get_task
 
 __all__ = ["ValidationSampler", "ValidationSample", "preserve_rng_state"]
@@ -117,7 +117,7 @@ class ValidationSampler:
         self.conditioning = conditioning_for(self.task)
         self.output_dir = Path(output_dir) / "sample"
         self.output_name = output_name
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.fps = fps or self.task.fps
         self.solver, self.cfg_batched = solver, cfg_batched
         specs = read_prompt_file(sample_prompts) if not isinstance(sample_prompts, (list, tuple)) else list(sample_prompts)
