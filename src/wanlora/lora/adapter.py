@@ -51,7 +51,8 @@ def _preview(items: list[str], n: int = 8) -> str:
 
 
 class LoRAModule(nn.Module):
-    """One low-rank adapter beside a base ``nn.Linear`` (``org_module``).
+    """One low-rank adapter beside a base ``nn.Linear`` (:attr:`base_layer`; kohya's name for it,
+    ``org_module``, is kept as an alias for plug-in code).
 
     Args:
         lora_name: default-layout name, e.g. ``lora_unet_blocks_0_self_attn_q``.
@@ -117,15 +118,17 @@ class LoRAModule(nn.Module):
         self.enabled = True
         # The base layer is held outside the module tree, so the network's state_dict holds
         # only adapter weights and the base is never moved or trained through the network.
-        self._org = [org_module]
+        self._base = [org_module]
         self._hook = None
         self._merged_multiplier: float | None = None
 
     # -- base layer -------------------------------------------------------------------------
     @property
-    def org_module(self) -> nn.Linear:
+    def base_layer(self) -> nn.Linear:
         """The base ``nn.Linear`` this adapter sits beside."""
-        return self._org[0]
+        return self._base[0]
+
+    org_module = base_layer  # the kohya / LyCORIS name
 
     @property
     def merged(self) -> bool:
@@ -135,7 +138,7 @@ class LoRAModule(nn.Module):
     def apply_to(self) -> None:
         """Hook the base layer's forward so its output gains the adapter's delta."""
         if self._hook is None:
-            self._hook = self.org_module.register_forward_hook(self._forward_hook)
+            self._hook = self.base_layer.register_forward_hook(self._forward_hook)
 
     def remove(self) -> None:
         """Take the hook off the base layer (unmerging first if merged)."""
@@ -184,10 +187,10 @@ class LoRAModule(nn.Module):
         return (base_out + d).to(base_out.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base layer plus adapter: ``org_module(x)`` when hooked, else computed here."""
+        """Base layer plus adapter: ``base_layer(x)`` when hooked, else computed here."""
         if self._hook is not None:
-            return self.org_module(x)
-        return self.add_delta(x, F.linear(x, self.org_module.weight, self.org_module.bias))
+            return self.base_layer(x)
+        return self.add_delta(x, F.linear(x, self.base_layer.weight, self.base_layer.bias))
 
     # -- merge ------------------------------------------------------------------------------
     def get_weight(self, multiplier: float | None = None) -> torch.Tensor:
@@ -205,7 +208,7 @@ class LoRAModule(nn.Module):
         if self.merged:
             raise RuntimeError(f"LoRA {self.lora_name} is already merged; unmerge() first")
         m = self.multiplier if multiplier is None else float(multiplier)
-        merge_delta_(self.org_module.weight, self.lora_down.weight, self.lora_up.weight, self.alpha_value, m)
+        merge_delta_(self.base_layer.weight, self.lora_down.weight, self.lora_up.weight, self.alpha_value, m)
         self._merged_multiplier = m
 
     @torch.no_grad()
@@ -217,7 +220,7 @@ class LoRAModule(nn.Module):
         """
         if not self.merged:
             raise RuntimeError(f"LoRA {self.lora_name} is not merged")
-        merge_delta_(self.org_module.weight, self.lora_down.weight, self.lora_up.weight,
+        merge_delta_(self.base_layer.weight, self.lora_down.weight, self.lora_up.weight,
                      self.alpha_value, -self._merged_multiplier)
         self._merged_multiplier = None
 
@@ -326,7 +329,7 @@ class LoRAAdapterSet(nn.Module):
         for lora in self.adapters:
             if lora._hook is not None:
                 continue  # already attached
-            for p in lora.org_module.parameters():
+            for p in lora.base_layer.parameters():
                 self._frozen.append((p, p.requires_grad))
                 p.requires_grad_(False)
             lora.apply_to()
