@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -249,10 +250,15 @@ class SelfAttention(nn.Module):
         return self.o(attention(q, k, v, mode).flatten(2).to(dtype))
 
     def forward(self, x, rope, dtype, mode):
-        """x: ``[B, L, D]``; rope: ``(cos, sin)`` for the grid. Returns ``[B, L, D]`` in ``dtype``."""
+        """x: ``[B, L, D]``; rope: ``(cos, sin)`` for the tokens, or ``(cos, sin, attend)`` under
+        sequence parallelism, ``attend(q, k, v, mode)`` being the Ulysses attention of this forward
+        (:meth:`wanlora.models.sequence_parallel.SequenceParallel.attention`). Returns ``[B, L, D]``
+        in ``dtype``."""
         x = x.to(dtype)
-        q = apply_rope(self._heads(self.norm_q(self.q(x))), *rope)
-        k = apply_rope(self._heads(self.norm_k(self.k(x))), *rope)
+        q = apply_rope(self._heads(self.norm_q(self.q(x))), *rope[:2])
+        k = apply_rope(self._heads(self.norm_k(self.k(x))), *rope[:2])
+        if len(rope) > 2:
+            return self.o(rope[2](q, k, self._heads(self.v(x)), mode).flatten(2).to(dtype))
         return self._attend(q, k, self._heads(self.v(x)), dtype, mode)
 
 
@@ -343,12 +349,30 @@ class WanDiT(nn.Module):
         )
         self.head = Head(d, config.out_channels, config.patch_size, config.eps)
         self._rope_cache: dict = {}
+        self.sequence_parallel = None
 
     # ---- switches
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in the backward pass (saves activation memory)."""
         self.gradient_checkpointing = bool(enabled)
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Split each sample's tokens across a sequence group (Ulysses), or ``None`` to stop.
+
+        Args:
+            sp: a :class:`wanlora.models.sequence_parallel.SequenceParallel` (every rank of its
+                group must run the same forward calls with the same inputs), or None.
+
+        Raises:
+            ValueError: the group size does not divide ``num_heads`` (one line, with the sizes
+                that fit).
+        """
+        if sp is not None:
+            from wanlora.models.sequence_parallel import check_ulysses_heads
+
+            check_ulysses_heads(self.config.num_heads, sp.size)
+        self.sequence_parallel = sp
 
     def set_attn_mode(self, mode: str) -> None:
         """Switch the attention backend. Raises ValueError/ImportError as :func:`check_attn_mode`."""
@@ -476,6 +500,10 @@ class WanDiT(nn.Module):
         e, e0 = self._time(timestep, b, grid[0])
         ctx = self.text_embedding(self._context(context, b))
         rope = self._rope(grid, tokens.device)
+        sp, length = self.sequence_parallel, tokens.shape[1]
+        if sp is not None:  # this rank's tokens only, until the head's output is gathered
+            tokens, rope, e, e0 = sp.shard(tokens, rope, e, e0, grid[1] * grid[2])
+            rope = (*rope, partial(sp.attention, length=length))
 
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
@@ -485,6 +513,8 @@ class WanDiT(nn.Module):
                 tokens = block(tokens, e0, ctx, rope, dtype, mode)
 
         out = self.head(tokens, e)
+        if sp is not None:
+            out = sp.gather(out, length)
         return self.unpatchify(out, grid)
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
