@@ -25,7 +25,7 @@ import time
 import torch
 
 from wanlora.models.dit import WanDiT, WanDiTConfig
-from wanlora.models.loading import keeps_float32
+from wanlora.models.loading import cast_dit
 
 
 def _rss_mb(field: str) -> float:
@@ -96,8 +96,7 @@ def main(argv=None) -> None:
                        in_channels=a.in_channels, out_channels=16, text_dim=a.text_dim)
     with torch.device(device):
         model = WanDiT(cfg, attn_mode=a.attn_mode)
-    for name, q in model.named_parameters():  # the dtype policy of load_dit: fp32 islands
-        q.data = q.data.to(torch.float32 if keeps_float32(name) else dtype)
+    cast_dit(model, dtype)  # the dtype policy of load_dit: fp32 islands
     model.requires_grad_(False)
     model.set_gradient_checkpointing(a.gradient_checkpointing)
 

@@ -21,6 +21,7 @@ import time
 import torch
 
 from wanlora.models.dit import WanDiT, WanDiTConfig
+from wanlora.models.loading import cast_dit
 from wanlora.inference.sampling import UniPCSolver, guided_velocity, make_schedule
 
 PRESETS = {  # dim, ffn_dim, heads, layers, text_dim
@@ -92,7 +93,8 @@ def main(argv=None) -> None:
     cfg = WanDiTConfig(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, in_channels=a.in_channels,
                        out_channels=a.in_channels, text_dim=text_dim)
     with torch.device(device):
-        dit = WanDiT(cfg, attn_mode=a.attn_mode).to(dtype).eval().requires_grad_(False)
+        dit = WanDiT(cfg, attn_mode=a.attn_mode)
+    cast_dit(dit, dtype).eval().requires_grad_(False)  # load_dit's precision: fp32 islands kept
     H, W = (int(v) for v in a.size.lower().split("x"))
     stride = 16 if a.in_channels == 48 else 8
     T = (a.frames - 1) // 4 + 1

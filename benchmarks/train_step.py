@@ -30,10 +30,13 @@ import sys
 import time
 
 
-def _build(a):
+def _build(a, device, dtype):
+    """The random-weight DiT in ``load_dit``'s precision (``cast_dit``: fp32 islands kept), as the
+    trainer gets it."""
     import torch
 
     from wanlora.models.dit import WanDiT, WanDiTConfig
+    from wanlora.models.loading import cast_dit
 
     torch.manual_seed(0)
     cfg = WanDiTConfig(dim=a.dim, ffn_dim=a.ffn, num_heads=a.heads, num_layers=a.layers, in_channels=16,
@@ -41,7 +44,7 @@ def _build(a):
     dit = WanDiT(cfg)
     for p in dit.parameters():  # the official init zeroes the head; give it weights
         torch.nn.init.normal_(p, std=0.02)
-    return dit
+    return cast_dit(dit, dtype, device).eval().requires_grad_(False)
 
 
 def _batch(a):
@@ -76,7 +79,7 @@ def run_bare(a) -> dict:
 
     dev = _device()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    dit = _build(a).to(dev, dtype).requires_grad_(False)
+    dit = _build(a, dev, dtype)
     dit.set_gradient_checkpointing(a.checkpointing)
     net = create_network(1.0, a.rank, a.rank, None, None, dit)
     net.apply_to(None, dit)
@@ -140,7 +143,7 @@ def run_trainer(a) -> dict:
                 "--mixed_precision", "bf16" if a.dtype == "bf16" else "no", "--dit_dtype", a.dtype]
         if a.checkpointing:
             argv.append("--gradient_checkpointing")
-        train(parse_config(argv), dataset=OneBatch(), load_dit=lambda *_, **k: _build(a).to(k["device"], k["dtype"]),
+        train(parse_config(argv), dataset=OneBatch(), load_dit=lambda *_, **k: _build(a, k["device"], k["dtype"]),
               sample_fn=hook)
     times = [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup:]
     return {"side": "trainer", "s_per_step": statistics.median(times), "peak_bytes": _peak_bytes()}

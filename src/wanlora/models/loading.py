@@ -41,6 +41,7 @@ __all__ = [
     "describe_checkpoint",
     "diffusers_dit_key",
     "dit_config_from_state_dict",
+    "cast_dit",
     "keeps_float32",
     "load_dit",
     "load_state_dict",
@@ -254,6 +255,28 @@ _FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
 def keeps_float32(key: str) -> bool:
     """Whether :func:`load_dit` keeps the parameter ``key`` in float32 (the fp32 islands)."""
     return key.startswith(_FP32_PREFIXES) or key.endswith("modulation") or ".norm" in key
+
+
+def cast_dit(model, dtype, device=None):
+    """Put a :class:`~wanlora.models.dit.WanDiT` built in code (random weights: benchmarks, tests)
+    in the precision :func:`load_dit` gives: every parameter in ``dtype`` except the float32
+    islands (:func:`keeps_float32`). Returns ``model`` (changed in place).
+
+    Args:
+        model: the DiT.
+        dtype: compute dtype of the Linear / conv weights (float32, bfloat16, float16 or a name
+            such as ``"bf16"``).
+        device: where the weights go (default: where they are).
+
+    Raises:
+        ValueError: an unsupported ``dtype``.
+    """
+    dtype = _as_dtype(dtype)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(device=device, dtype=torch.float32 if keeps_float32(name) else dtype)
+    for b in model.buffers():  # none in the DiT today; keep any on the same device
+        b.data = b.data.to(device=device)
+    return model
 
 
 def _as_dtype(dtype) -> torch.dtype:
