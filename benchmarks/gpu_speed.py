@@ -168,6 +168,7 @@ class Runner:
             self.rows.append(rec)
             print(f"  {section} | {name}: {rec['error']}", flush=True)
             return
+        torch._dynamo.reset()  # each row compiles its own graphs (compile time is part of the row)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -376,7 +376,7 @@ class WanDiT(nn.Module):
         self.sequence_parallel = sp
 
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None,
-                       fullgraph: bool = False) -> None:
+                       fullgraph: bool = False, recompile_limit: int = 32) -> None:
         """Regional compilation: ``torch.compile`` each transformer block in place.
 
         Every block runs the same code, so one compiled graph serves all of them (parameters are
@@ -396,12 +396,17 @@ class WanDiT(nn.Module):
                 ``False``: one graph per distinct shape (fastest kernels, one compile per bucket,
                 at most ``torch._dynamo.config.recompile_limit`` of them).
             fullgraph: make a graph break inside a block an error.
+            recompile_limit: raise ``torch._dynamo.config.recompile_limit`` (8 by default) to at
+                least this: the block's code object holds every graph (block 0 and the rest, with
+                and without gradient, each active LoRA of a two-expert run), and past the limit
+                PyTorch silently runs the block eagerly.
 
         Numerics: the compiled block computes the same formulas; with float32 on the CPU the
         output equals eager to ~1e-6 (fused kernels change the summation order).
         """
         opts = {"backend": backend, "mode": None if mode in (None, "default") else mode,
                 "dynamic": dynamic, "fullgraph": fullgraph}
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
         for block in self.blocks:
             block.compile(**opts)
         self.compiled_blocks = opts
