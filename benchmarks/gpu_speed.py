@@ -281,7 +281,7 @@ def _train_step_fn(dit, net, arch: Arch, size, device, compiled: bool, a):
     g = torch.Generator().manual_seed(0)
     batch = {"latents": torch.randn(1, arch.channels, *latent_grid(arch, size), generator=g),
              "context": [torch.randn(120, arch.text_dim, generator=g).to(device)]}
-    sampler = flow.TimestepSampler("shift", discrete_flow_shift=5.0)
+    sampler = flow.TimestepDistribution("shift", discrete_flow_shift=5.0)
     counter = [0]
 
     def step():
