@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 from wanlora.tasks import task_names
 
 __all__ = ["option", "group", "ModelFiles", "DTYPES", "DtypeError", "parse_dtype", "dtype_name", "default_device",
-           "device_option", "attn_option", "dtype_option"]
+           "device_option", "attn_option", "dtype_option", "CompileOptions"]
 
 _MISSING = dataclasses.MISSING
 
@@ -138,6 +138,31 @@ def dtype_option(default=None, help: str = "dtype") -> Any:
     """A dtype field: names as :func:`parse_dtype` (``bf16``, ``float16``, ...), held as a
     ``torch.dtype`` (None: the command's policy, said in ``help``)."""
     return option(default, help, type=parse_dtype, metavar="{fp32,fp16,bf16}")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """``--compile`` and its settings (musubi-tuner's flag names): regional compilation of the DiT,
+    :meth:`wanlora.models.dit.WanDiT.compile_blocks` (each block compiled once, one graph reused by
+    every block and every bucket shape)."""
+
+    compile: bool = option(False, "torch.compile each DiT block (regional compilation; the first steps "
+                           "compile, later ones run the fused kernels)")
+    compile_backend: str = option("inductor", "torch.compile backend")
+    compile_mode: str = option("default", "inductor mode", choices=(
+        "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"))
+    compile_dynamic: str = option("auto", "dynamic shapes: auto (the token count is symbolic: one graph for "
+                                  "every bucket), true (every dimension), false (a graph per bucket shape)",
+                                  choices=("auto", "true", "false"))
+    compile_fullgraph: bool = option(False, "make a graph break inside a block an error")
+    compile_cache_size_limit: int = option(32, "graphs torch.compile keeps per block before running it "
+                                           "eagerly (dynamo's recompile_limit)")
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of :meth:`~wanlora.models.dit.WanDiT.compile_blocks`."""
+        return {"backend": self.compile_backend, "mode": self.compile_mode,
+                "dynamic": {"auto": None, "true": True, "false": False}[self.compile_dynamic],
+                "fullgraph": self.compile_fullgraph, "recompile_limit": self.compile_cache_size_limit}
 
 
 @dataclass(frozen=True)

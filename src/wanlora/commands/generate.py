@@ -30,7 +30,7 @@ from wanlora.commands.args import CommandLine, config_from_namespace, setup_logg
 from wanlora.commands.cli import USER_ERRORS, run_cli
 from wanlora.conditioning import conditioning_for
 from wanlora.inference.outputs import OUTPUT_TYPES, save_outputs
-from wanlora.run_config import ModelFiles, attn_option, default_device, device_option, dtype_option, group, option
+from wanlora.run_config import CompileOptions, ModelFiles, attn_option, default_device, device_option, dtype_option, group, option
 from wanlora.tasks import get_task
 
 __all__ = ["GenerateConfig", "build_parser", "parse_args", "load_models", "run_one", "main"]
@@ -117,6 +117,7 @@ class GenerateConfig:
         "t5": "umT5 encoder checkpoint (models_t5_umt5-xxl-enc-bf16.pth; required)",
         "t5_tokenizer": "umT5 tokenizer folder (default: found beside --t5)"})
     runtime: RuntimeOptions = group(RuntimeOptions, "runtime")
+    compile: CompileOptions = group(CompileOptions, "torch.compile")
     request: RequestOptions = group(RequestOptions, "what to generate")
     lora: LoraOptions = group(LoraOptions, "LoRA")
     output: OutputOptions = group(OutputOptions, "output")
@@ -217,6 +218,9 @@ def load_models(config: GenerateConfig, device, dtype):
                       config.lora.lora_multiplier_high_noise, config.lora.include_patterns, config.lora.exclude_patterns)
     pipe = WanPipeline(task, dits, vae=vae, text_encoder=te, device=device, offload=offload, progress=True)
     lora_log = apply_loras(pipe, plan, dynamic=config.lora.lora_dynamic)
+    if config.compile.compile:  # after the LoRAs (merged, or hooked with --lora_dynamic)
+        for d in dits.values():
+            d.compile_blocks(**config.compile.kwargs())
     return pipe, lora_log
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from wanlora.run_config import ModelFiles, attn_option, dtype_option, group, option
+from wanlora.run_config import CompileOptions, ModelFiles, attn_option, dtype_option, group, option
 
 __all__ = ["TrainConfig", "ModelConfig", "ExpertConfig", "DataConfig", "NetworkConfig", "OptimizationConfig",
            "TimestepConfig", "SavingConfig", "TrackingConfig", "SamplingConfig", "LaunchConfig", "LoraSettings",
@@ -203,6 +203,7 @@ class TrainConfig:
         "vae": "VAE checkpoint (for samples)", "t5": "umT5 encoder checkpoint (for samples)",
         "t5_tokenizer": "umT5 tokenizer folder (for samples)"})
     model: ModelConfig = group(ModelConfig, "model")
+    compile: CompileOptions = group(CompileOptions, "torch.compile")
     experts: ExpertConfig = group(ExpertConfig, "experts (A14B)")
     data: DataConfig = group(DataConfig, "data")
     network: NetworkConfig = group(NetworkConfig, "network")

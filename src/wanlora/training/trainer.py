@@ -514,6 +514,8 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
         accelerator.register_for_checkpointing(sched)
         networks[key], wrappers[key], optimizers[key], schedulers[key] = net, wrapper, opt, sched
     trainable = {key: [p for p in net.parameters() if p.requires_grad] for key, net in networks.items()}
+    if config.compile.compile:  # after the LoRA hooks are in: they are traced into the block graphs
+        dit.compile_blocks(**config.compile.kwargs())
 
     # ---- resume
     state = TrainState(seed=seed)
