@@ -187,3 +187,37 @@ def test_a_failed_state_save_leaves_no_tmp_folder_and_the_old_state(tmp_path, mo
     assert str(e.value).startswith(f"cannot save training state to {folder}: no space left on the device: free space")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no s.tmp
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_an_error_on_another_process_fails_the_save_on_every_process(tmp_path):
+    """The ranks agree after each phase (``gather``): rank 1's failure makes rank 0 raise too,
+    with rank 1's message, and remove the temporary folder — nobody waits for a dead rank."""
+    seen = []
+
+    def gather(err):  # rank 0's view of a 2-process run whose rank 1 failed writing its RNG file
+        seen.append(err)
+        return [err, "cannot save training state to X: no space left on the device" if len(seen) == 2 else None]
+
+    with pytest.raises(SaveError, match="^cannot save training state to X: no space left on the device$"):
+        write_state_dir(tmp_path / "s", {"lora": {"w": torch.zeros(1)}}, {}, {}, num_processes=2, gather=gather)
+    assert seen == [None, None] and list(tmp_path.iterdir()) == []
+
+
+def test_training_components_round_trip_with_the_accelerator_counter():
+    from types import SimpleNamespace
+
+    from wanlora.training.state_io import restore_training_components, training_components
+
+    model, opt, sched = _tiny_run()
+    _step(model, opt, sched)
+    acc = SimpleNamespace(step=5, scaler=None)
+    comps = decode_state(*encode_state(training_components({"high_noise": model}, {"high_noise": opt},
+                                                           {"high_noise": sched}, acc)))
+    assert sorted(comps) == ["accelerator", "lora.high_noise", "optimizer.high_noise", "scheduler.high_noise"]
+    model2, opt2, sched2 = _tiny_run(seed=5)
+    acc2 = SimpleNamespace(step=0, scaler=None)
+    restore_training_components(comps, {"high_noise": model2}, {"high_noise": opt2}, {"high_noise": sched2}, acc2)
+    assert acc2.step == 5 and sched2.state_dict() == sched.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    with pytest.raises(StateError, match="the state has no lora.low_noise"):
+        restore_training_components(comps, {"low_noise": model2}, {"low_noise": opt2}, {"low_noise": sched2})

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from wanlora.io_utils import save_error, save_safetensors, write_json
+from wanlora.io_utils import SaveError, save_error, save_safetensors, write_json
 
 __all__ = [
     "STATE_FORMAT",
@@ -52,6 +52,8 @@ __all__ = [
     "set_rng_state",
     "layout_differences",
     "write_state_dir",
+    "training_components",
+    "restore_training_components",
     "check_state_dir",
     "read_state_dir",
     "remove_interrupted_saves",
@@ -231,7 +233,7 @@ def _check_name(name: str) -> str:
 
 def write_state_dir(final: str | os.PathLike, components: dict[str, Any], position: dict, layout: dict, *,
                     process_index: int = 0, num_processes: int = 1, is_main: bool = True,
-                    barrier: Callable[[], None] | None = None) -> Path:
+                    gather: Callable[[Any], list] | None = None) -> Path:
     """Write a state folder (module docstring) to ``<final>.tmp`` and rename it to ``final``.
 
     Args:
@@ -242,27 +244,47 @@ def write_state_dir(final: str | os.PathLike, components: dict[str, Any], positi
         layout: what a resume must match (:func:`layout_differences`).
         process_index, num_processes, is_main: this process; every process writes its own
             ``rng_<process_index>.safetensors``.
-        barrier: ``accelerator.wait_for_everyone`` with several processes.
+        gather: with several processes, ``x -> [x of every process]`` (e.g.
+            ``lambda x: accelerate.utils.gather_object([x])``); it is also the barrier, and it
+            carries each process's error so that all of them raise together instead of waiting
+            for one that failed.
     Returns:
         ``final``.
     Raises:
-        SaveError: a write failed (one line naming the file, the cause and the fix); the
-            temporary folder is removed and an earlier ``final`` is left as it was.
+        SaveError: a write failed on any process (one line naming the folder, the cause and the
+            fix); the temporary folder is removed and an earlier ``final`` is left as it was.
     """
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
-    wait = barrier or (lambda: None)
-    try:
+    gather = gather or (lambda x: [x])
+
+    def step(fn) -> None:
+        """Run ``fn`` (on this process), then agree: every process raises the first error of any."""
+        err = None
+        try:
+            fn()
+        except OSError as e:
+            err = str(save_error(e, "training state", final))
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            err = f"cannot save training state to {final}: {type(e).__name__}: {e}"
+        errors = [x for x in gather(err) if x]
+        if errors:
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise SaveError(errors[0], final)
+
+    def prepare():
         if is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        wait()
+
+    def write_files():
         save_state_file(tmp / f"rng_{process_index}.safetensors", rng_state())
         if is_main:
             for name, obj in components.items():
                 save_state_file(tmp / f"{_check_name(name)}.safetensors", obj)
-        wait()  # every process's RNG file is in before train_state.json lists it
+
+    def publish():  # every process's RNG file is in before train_state.json lists it
         if is_main:
             names = [f"{n}.safetensors" for n in components] + [f"rng_{i}.safetensors" for i in range(num_processes)]
             files = {n: (tmp / n).stat().st_size for n in names}
@@ -275,16 +297,53 @@ def write_state_dir(final: str | os.PathLike, components: dict[str, Any], positi
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-    except OSError as e:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise save_error(e, "training state", final) from None
-    except BaseException:
+
+    try:
+        step(prepare)
+        step(write_files)
+        step(publish)
+    except BaseException:  # a kill signal, KeyboardInterrupt: no half folder left behind
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    wait()
     return final
+
+
+def training_components(networks: dict, optimizers: dict, schedulers: dict, accelerator=None) -> dict[str, Any]:
+    """The state dicts a resume needs, named for :func:`write_state_dir`: per LoRA key ``k``
+    ``lora.k`` (the network's weights, float32 as trained), ``optimizer.k``, ``scheduler.k``; and
+    ``accelerator`` (its micro-batch counter ``step``, which places the gradient-accumulation
+    window, and the fp16 grad scaler's state or None)."""
+    comps: dict[str, Any] = {}
+    for key in networks:
+        comps[f"lora.{key}"] = networks[key].state_dict()
+        comps[f"optimizer.{key}"] = optimizers[key].state_dict()
+        comps[f"scheduler.{key}"] = schedulers[key].state_dict()
+    if accelerator is not None:
+        scaler = getattr(accelerator, "scaler", None)
+        comps["accelerator"] = {"step": int(accelerator.step), "scaler": scaler.state_dict() if scaler else None}
+    return comps
+
+
+def restore_training_components(components: dict[str, Any], networks: dict, optimizers: dict, schedulers: dict,
+                                accelerator=None) -> None:
+    """Load the state dicts of :func:`training_components` back (strictly).
+
+    Raises:
+        StateError: a component the run needs is missing from the state.
+    """
+    for key in networks:
+        for kind in ("lora", "optimizer", "scheduler"):
+            if f"{kind}.{key}" not in components:
+                raise StateError(f"the state has no {kind}.{key} (it holds {sorted(components)})")
+        networks[key].load_state_dict(components[f"lora.{key}"])
+        optimizers[key].load_state_dict(components[f"optimizer.{key}"])
+        schedulers[key].load_state_dict(components[f"scheduler.{key}"])
+    acc = components.get("accelerator")
+    if accelerator is not None and acc is not None:
+        accelerator.step = acc["step"]
+        if acc.get("scaler") is not None and getattr(accelerator, "scaler", None) is not None:
+            accelerator.scaler.load_state_dict(acc["scaler"])
 
 
 def check_state_dir(folder: str | os.PathLike, layout: dict | None = None, *,
