@@ -19,6 +19,7 @@ import torch
 
 from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
 from wanlora.commands.cli import run_cli
+from wanlora.commands.preflight import preflight_cache_latents
 from wanlora.run_config import ModelFiles, default_device, device_option, dtype_option, group, option
 
 __all__ = ["CacheLatentsConfig", "build_parser", "main"]
@@ -71,10 +72,12 @@ def _main(argv: list[str] | None) -> int:
     dataset = load_dataset_config(config.dataset_config, files.task)
     if config.batch_size < 1 or config.num_workers < 0:
         raise ValueError("--batch_size must be >= 1 and --num_workers >= 0")
+    if config.debug_mode is None and not files.vae:
+        raise ValueError("--vae is required (Wan2.1_VAE.pth or Wan2.2_VAE.pth) unless --debug_mode is set")
+    # the VAE's kind and a non-empty dataset, before the VAE loads
+    preflight_cache_latents(dataset, dataset.task, files.vae if config.debug_mode is None else None)
     vae = None
     if config.debug_mode is None:
-        if not files.vae:
-            raise ValueError("--vae is required (Wan2.1_VAE.pth or Wan2.2_VAE.pth) unless --debug_mode is set")
         from wanlora.models import load_vae
 
         vae = load_vae(files.vae, dtype=config.vae_dtype or torch.float32, device=default_device(config.device))

@@ -28,6 +28,7 @@ import torch
 
 from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
 from wanlora.commands.cli import USER_ERRORS, run_cli
+from wanlora.commands.preflight import preflight_generate
 from wanlora.conditioning import conditioning_for
 from wanlora.inference.outputs import OUTPUT_TYPES, save_outputs
 from wanlora.run_config import CompileOptions, ModelFiles, attn_option, default_device, device_option, dtype_option, group, option
@@ -201,6 +202,9 @@ def load_models(config: GenerateConfig, device, dtype):
     from wanlora.inference.pipeline import WanPipeline
 
     task = get_task(config.model_files.task)
+    # the LoRA files are read (and refused: layout, NaN/Inf weights) before any model loads
+    plan = plan_loras(task, config.lora.lora_weight, config.lora.lora_multiplier, config.lora.lora_weight_high_noise,
+                      config.lora.lora_multiplier_high_noise, config.lora.include_patterns, config.lora.exclude_patterns)
     offload = device.type != "cpu" and not config.runtime.no_offload
     home = "cpu" if (offload and task.has_experts) else device
     t0 = time.perf_counter()
@@ -214,8 +218,6 @@ def load_models(config: GenerateConfig, device, dtype):
     vae = load_vae(config.model_files.vae, dtype=torch.float32, device=device) if config.model_files.vae else None
     te = load_text_encoder(config.model_files.t5, config.model_files.t5_tokenizer, dtype=dtype, device="cpu" if offload else device)
     logger.info("models loaded in %.1f s", time.perf_counter() - t0)
-    plan = plan_loras(task, config.lora.lora_weight, config.lora.lora_multiplier, config.lora.lora_weight_high_noise,
-                      config.lora.lora_multiplier_high_noise, config.lora.include_patterns, config.lora.exclude_patterns)
     pipe = WanPipeline(task, dits, vae=vae, text_encoder=te, device=device, offload=offload, progress=True)
     lora_log = apply_loras(pipe, plan, dynamic=config.lora.lora_dynamic)
     if config.compile.compile:  # after the LoRAs (merged, or hooked with --lora_dynamic)
@@ -303,6 +305,7 @@ def _main(argv=None) -> int:
     else:
         specs = []
     requests = _requests(config, specs)  # reads the images: a bad --i fails before the models load
+    preflight_generate(config)  # --save_path, the VAE's kind, the LoRAs' task: before the models load
     device, dtype = _device_dtype(config.runtime)
     pipe, lora_log = load_models(config, device, dtype)
     written = []

@@ -22,6 +22,7 @@ import torch
 
 from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
 from wanlora.commands.cli import run_cli
+from wanlora.commands.preflight import preflight_merge
 from wanlora.lora.apply import per_file_values
 from wanlora.lora.merge import MergeError, dit_expert_from_path, merge_loras
 from wanlora.run_config import ModelFiles, dtype_option, group, option
@@ -72,6 +73,7 @@ def _main(argv: list[str] | None) -> int:
     config = config_from_namespace(MergeConfig, ns)
     weights = config.lora_weight
     mults = per_file_values(list(config.lora_multiplier) or None, len(weights), 1.0, "--lora_multiplier")
+    preflight_merge(config.model_files.dit, config.save_merged_model, config.save_dtype)
     summary = merge_loras(config.model_files.dit, list(zip(weights, mults)), config.save_merged_model,
                           config.model_files.task, expert=config.expert, save_dtype=config.save_dtype,
                           force=config.force)
