@@ -261,3 +261,157 @@ def test_duplicate_jsonl_line_is_named_and_the_rest_is_cached(tiny_dir, tmp_path
     rc = main(["--task", "t2v-A14B", "--dataset_config", str(tmp_path / "d.toml"), "--vae", _flags(tiny_dir)["--vae"],
                "--no_progress", "--num_workers", "0"])
     assert "0 cache file(s) written, 1 skipped as up to date" in capsys.readouterr().out
+
+
+# ---- checked before any model loads (commands) ----------------------------------------------------
+
+
+def _no_model_loads(monkeypatch):
+    """Make every model loader fail the test: what follows must be refused before loading."""
+    from wanlora import models
+
+    def loaded(*a, **k):
+        raise AssertionError("a model was loaded before the check")
+
+    for name in ("load_dit", "load_vae", "load_text_encoder"):
+        monkeypatch.setattr(models, name, loaded)
+
+
+def _generate_argv(flags, tmp_path, *extra):
+    return ["--task", "t2v-A14B", "--dit", flags["--dit"], "--dit_high_noise", flags["--dit_high_noise"],
+            "--vae", flags["--vae"], "--t5", flags["--t5"], "--t5_tokenizer", flags["--t5_tokenizer"],
+            "--prompt", "a cat", "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2",
+            "--save_path", str(tmp_path / "gen"), *extra]
+
+
+def test_generate_refuses_wrong_vae_foreign_lora_nan_lora_and_unwritable_output_before_loading(
+        tiny_dir, tmp_path, capsys, monkeypatch):
+    from wanlora.commands.generate import main
+
+    flags = _flags(tiny_dir)
+    _no_model_loads(monkeypatch)
+    vae22 = _flags(tiny_dir, "ti2v-5B")["--vae"]
+    cases = {
+        "wrong VAE": (["--vae", vae22], f"--vae {vae22} is the wan2.2 VAE but task t2v-A14B uses the wan2.1 VAE"),
+        "LoRA of another task": (["--lora_weight", str(_lora(tmp_path / "ti2v.safetensors", {"wan.task": "ti2v-5B"}))],
+                                 "refusing to apply: " + str(tmp_path / "ti2v.safetensors") + ": made for task ti2v-5B"),
+        "NaN LoRA": (["--lora_weight", str(_lora(tmp_path / "nan.safetensors", bad=float("nan")))],
+                     "1 of 6 tensors hold NaN or Inf values"),
+    }
+    (tmp_path / "file").write_text("x")
+    cases["--save_path a file"] = (["--save_path", str(tmp_path / "file")],
+                                   f"--save_path {tmp_path / 'file'}: is a file, not a folder")
+    for name, (extra, expected) in cases.items():
+        rc, err = _run(main, _generate_argv(flags, tmp_path, *extra), capsys)
+        assert rc == 2 and err.count("\n") == 1 and expected in err, (name, err)
+    assert not (tmp_path / "gen").exists() or not any((tmp_path / "gen").iterdir())
+
+
+def test_read_only_output_is_refused_before_any_model_loads(tiny_dir, tmp_path, capsys, monkeypatch):
+    from wanlora.commands import preflight
+    from wanlora.commands.generate import main as generate
+    from wanlora.commands.merge_lora import main as merge
+
+    flags = _flags(tiny_dir)
+    _no_model_loads(monkeypatch)
+    lora = _lora(tmp_path / "style_low_noise.safetensors")
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(preflight.tempfile, "mkstemp", read_only)  # the probe write meets a read-only disk
+    rc, err = _run(generate, _generate_argv(flags, tmp_path), capsys)
+    assert rc == 2 and err == (f"wanlora-generate: error: --save_path {tmp_path / 'gen'}: cannot write there: the file "
+                               "system is read-only: choose a folder on a writable disk\n")
+    rc, err = _run(merge, ["--task", "t2v-A14B", "--dit", flags["--dit"], "--lora_weight", str(lora),
+                           "--save_merged_model", str(tmp_path / "out" / "m.safetensors")], capsys)
+    assert rc == 2 and "cannot write there: the file system is read-only" in err and err.count("\n") == 1
+
+
+def test_caching_an_empty_dataset_is_an_error_not_success(tiny_dir, tmp_path, capsys):
+    from wanlora.commands.cache_latents import main
+
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "d.toml").write_text('[[datasets]]\nvideo_directory = "clips"\ncache_directory = "c"\n')
+    rc, err = _run(main, ["--task", "t2v-A14B", "--dataset_config", str(tmp_path / "d.toml"),
+                          "--vae", _flags(tiny_dir)["--vae"]], capsys)
+    assert rc == 2 and "the dataset has no media files (video_directory" in err and err.count("\n") == 1
+
+
+# ---- no traceback for a user error, on any command -------------------------------------------------
+
+_COMMANDS = {"generate": "wanlora.commands.generate", "merge": "wanlora.commands.merge_lora",
+             "convert": "wanlora.commands.convert_lora", "cache-latents": "wanlora.commands.cache_latents",
+             "cache-text": "wanlora.commands.cache_text", "train": "wanlora.commands.train"}
+
+
+def _hostile_cases(tmp: Path, tiny_dir) -> dict[str, tuple[str, list[str]]]:
+    """``{case: (command, argv)}``: one bad input each, made in ``tmp``."""
+    f = _flags(tiny_dir)
+    evil = tmp / "evil.pth"
+    torch.save({"w": Planted(tmp / "PWNED")}, evil)
+    nan = _lora(tmp / "nan_low_noise.safetensors", bad=float("nan"))
+    good = _lora(tmp / "ok_low_noise.safetensors")
+    (tmp / "a_file").write_text("x")
+    (tmp / "empty").mkdir()
+    (tmp / "d.toml").write_text(f'[[datasets]]\nimage_directory = "{tmp / "empty"}"\ncache_directory = "{tmp / "c"}"\n')
+    gen = ["--task", "t2v-A14B", "--dit", f["--dit"], "--dit_high_noise", f["--dit_high_noise"], "--vae", f["--vae"],
+           "--t5", f["--t5"], "--t5_tokenizer", f["--t5_tokenizer"], "--prompt", "a cat", "--video_size", "32", "32",
+           "--video_length", "5", "--infer_steps", "1", "--save_path", str(tmp / "gen")]
+    merge = ["--task", "t2v-A14B", "--dit", f["--dit"], "--lora_weight", str(good),
+             "--save_merged_model", str(tmp / "m.safetensors")]
+    train = ["--task", "t2v-A14B", "--dit", f["--dit"], "--dataset_config", str(tmp / "d.toml"),
+             "--max_data_loader_n_workers", "0", "--output_dir", str(tmp / "out")]
+    return {
+        "malicious .pth as --dit (merge)": ("merge", ["--task", "t2v-1.3B", "--dit", str(evil), "--lora_weight",
+                                                      str(good), "--save_merged_model", str(tmp / "m2.safetensors")]),
+        "malicious .pth as --t5 (generate)": ("generate", [*gen[:8], "--t5", str(evil), *gen[10:]]),
+        "malicious .pth as --vae (cache-latents)": ("cache-latents", ["--task", "t2v-A14B", "--dataset_config",
+                                                                       str(tmp / "d.toml"), "--vae", str(evil)]),
+        "malicious .pth as --t5 (cache-text)": ("cache-text", ["--dataset_config", str(tmp / "d.toml"),
+                                                                "--t5", str(evil), "--t5_tokenizer", f["--t5_tokenizer"]]),
+        "NaN LoRA (merge)": ("merge", [*merge[:5], str(nan), *merge[6:]]),
+        "NaN LoRA (convert)": ("convert", ["--input", str(nan), "--output", str(tmp / "c.safetensors")]),
+        "NaN LoRA (generate)": ("generate", [*gen, "--lora_weight", str(nan)]),
+        "--save_merged_model is a folder": ("merge", [*merge[:-1], str(tmp)]),
+        "--save_path is a file": ("generate", [*gen[:-1], str(tmp / "a_file")]),
+        "empty dataset (cache-latents)": ("cache-latents", ["--task", "t2v-A14B", "--dataset_config",
+                                                             str(tmp / "d.toml"), "--vae", f["--vae"]]),
+        "--gradient_accumulation_steps 0 (train)": ("train", [*train, "--gradient_accumulation_steps", "0"]),
+        "--output_dir is a file (train)": ("train", [*train[:-1], str(tmp / "a_file")]),
+    }
+
+
+def test_no_command_prints_a_traceback_for_a_user_error(tiny_dir, tmp_path):
+    """Every hostile case, as a user runs it (a fresh process): exit status 2, one line on stderr
+    (``<command>: error: ...``), no ``Traceback``, and no planted code run."""
+    cases = _hostile_cases(tmp_path, tiny_dir)
+    driver = textwrap.dedent("""
+        import importlib, io, json, sys, contextlib
+        results = {}
+        for name, (module, argv) in json.loads(sys.argv[1]).items():
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                try:
+                    rc = importlib.import_module(module).main(argv)
+                except SystemExit as e:
+                    rc = e.code
+                except BaseException:
+                    import traceback
+                    traceback.print_exc()
+                    rc = "raised"
+            results[name] = [rc, err.getvalue()]
+        print(json.dumps(results))
+    """)
+    payload = json.dumps({k: (_COMMANDS[c], argv) for k, (c, argv) in cases.items()})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANLORA_TRACEBACK": "0"}
+    r = subprocess.run([sys.executable, "-c", driver, payload], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    bad = {}
+    for name, (rc, err) in results.items():
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("WARNING", "INFO"))]
+        if rc != 2 or "Traceback" in err or len(lines) != 1 or ": error: " not in lines[0]:
+            bad[name] = (rc, err[-600:])
+    assert not bad, json.dumps(bad, indent=1)
+    assert not (tmp_path / "PWNED").exists()
