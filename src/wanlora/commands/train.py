@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from wanlora.commands.preflight import preflight_train
     from wanlora.training.trainer import NonFiniteLossError, plan_run, train
 
     ns = parse_args(argv)
@@ -107,6 +108,7 @@ def _main(argv: list[str] | None) -> int:
         image = Path(config.saving.output_dir or ".") / f"{config.saving.output_name}_timesteps.png"
         print(describe_timesteps(distribution, plan, command.show_timesteps, image))
         return 0
+    preflight_train(config)  # folders, numbers, ranks, the samples' VAE: before the dataset and the DiT
     try:
         train(config)
     except NonFiniteLossError as e:
