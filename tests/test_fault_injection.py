@@ -415,3 +415,17 @@ def test_no_command_prints_a_traceback_for_a_user_error(tiny_dir, tmp_path):
             bad[name] = (rc, err[-600:])
     assert not bad, json.dumps(bad, indent=1)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_the_troubleshooting_table_names_real_tests():
+    """docs/troubleshooting.md §9 lists the hostile cases; every test it names exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    table = doc[doc.index("## 9. Hostile inputs"):]
+    named = re.findall(r"`(?:tests/(test_\w+)\.py::)?(test_\w+)`", table)
+    assert len(named) >= 15
+    for module, name in named:
+        source = (root / "tests" / f"{module or 'test_fault_injection'}.py").read_text(encoding="utf-8")
+        assert re.search(rf"^def {name}\(", source, re.M), f"§9 names {module or 'test_fault_injection'}::{name}"
