@@ -5,8 +5,12 @@ release's, read from the configs of the official repositories:
 
 * Wan2.2 (``Wan-Video/Wan2.2``): ``wan/configs/shared_config.py``, ``wan_t2v_A14B.py``,
   ``wan_i2v_A14B.py``, ``wan_ti2v_5B.py`` and ``generate.py`` (default sizes);
-* Wan2.1 (``Wan-Video/Wan2.1``): ``wan/configs/wan_t2v_14B.py``, ``wan_t2v_1_3B.py`` and the
-  defaults of its ``generate.py`` (50 steps, shift 5.0, guidance 5.0 for text-to-video).
+* Wan2.1 (``Wan-Video/Wan2.1``): ``wan/configs/__init__.py``, ``wan_t2v_14B.py``,
+  ``wan_t2v_1_3B.py``, ``wan_i2v_14B.py`` and the defaults of its ``generate.py``: 50 steps,
+  shift 5.0, guidance 5.0 for text-to-video; 40 steps and shift 5.0 (3.0 at 480P) for
+  ``i2v-14B``; 50 steps and shift 16 for ``flf2v-14B`` (``generate.py`` gives 40 steps only to
+  task names containing ``"i2v"``). The two image tasks prepend a phrase to the shared negative
+  prompt (``"镜头晃动，"``; FLF2V adds ``"镜头切换，"`` in front of that).
 
 Architecture sizes in the table are the official ones. They are used to *check* a checkpoint and
 to name what a file holds; the model itself is built from the checkpoint's weight shapes
@@ -19,7 +23,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "Task", "TASKS", "get_task", "task_names", "EXPERTS", "expert_from_path", "DEFAULT_NEGATIVE_PROMPT",
-    "Release", "T5_FILE", "TOKENIZER_DIR", "VAE_FILES", "release_task",
+    "Release", "T5_FILE", "TOKENIZER_DIR", "VAE_FILES", "release_task", "CLIP_FILE", "I2V_NEGATIVE_PROMPT",
+    "FLF2V_NEGATIVE_PROMPT",
 ]
 
 #: ``wan_shared_cfg.sample_neg_prompt`` of both official repositories (identical in Wan2.1 and
@@ -30,6 +35,12 @@ DEFAULT_NEGATIVE_PROMPT = (
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
+
+#: ``wan/configs/wan_i2v_14B.py`` of Wan2.1: ``"镜头晃动，"`` ("shaky camera") + the shared prompt.
+I2V_NEGATIVE_PROMPT = "镜头晃动，" + DEFAULT_NEGATIVE_PROMPT
+
+#: ``wan/configs/__init__.py`` of Wan2.1: ``"镜头切换，"`` ("scene cut") + the I2V-14B prompt.
+FLF2V_NEGATIVE_PROMPT = "镜头切换，" + I2V_NEGATIVE_PROMPT
 
 #: The two Wan2.2 A14B experts, in the order the sampler meets them.
 EXPERTS = ("high_noise", "low_noise")
@@ -90,6 +101,17 @@ def _release(repo: str, vae: str, experts: bool, weights: str = _SHARDED) -> Rel
                    dit_weights=weights, vae_file=VAE_FILES[vae])
 
 
+#: The CLIP image encoder file of the Wan2.1 I2V-14B / FLF2V-14B releases.
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+
+
+def _clip_release(repo: str) -> Release:
+    """A Wan2.1 image-to-video release: sharded DiT at the top, Wan2.1 VAE, umT5 and the CLIP file."""
+    r = _release(repo, "wan2.1", experts=False)
+    return Release(repo=r.repo, diffusers_repo=r.diffusers_repo, dit_folders=r.dit_folders,
+                   dit_weights=r.dit_weights, vae_file=r.vae_file, clip_file=CLIP_FILE)
+
+
 @dataclass(frozen=True)
 class Task:
     """One ``--task``: the facts of one official Wan model.
@@ -101,9 +123,15 @@ class Task:
             16 noisy latent + 4 mask + 16 image latent).
         conditioning: the kind of image conditioning, a key of
             :data:`wanlora.conditioning.KINDS`: ``"none"`` (text-to-video), ``"i2v"`` (mask +
-            image latent concatenated to the input, ``wan/image2video.py``) or ``"ti2v"`` (clean
-            first latent frame at timestep 0, ``wan/textimage2video.py``). Code asks
-            :func:`wanlora.conditioning.conditioning_for`, never this name.
+            image latent concatenated to the input, ``wan/image2video.py``), ``"i2v_clip"`` (the
+            same plus the CLIP features of the image, Wan2.1 I2V-14B), ``"flf2v"`` (first and last
+            frame, with CLIP features of both, Wan2.1 ``wan/first_last_frame2video.py``) or
+            ``"ti2v"`` (clean first latent frame at timestep 0, ``wan/textimage2video.py``). Code
+            asks :func:`wanlora.conditioning.conditioning_for`, never this name.
+        clip_frames: frames the CLIP image encoder sees (Wan2.1 ``clip_fea``): 0 for models
+            without the image branch, 1 for ``i2v-14B`` (the first frame, 257 tokens), 2 for
+            ``flf2v-14B`` (first and last frame, 2x257 tokens). A fact of the DiT's architecture
+            (``img_emb``, FLF2V's ``emb_pos``), checked against checkpoints.
         vae: ``"wan2.1"`` (z=16, stride 4x8x8) or ``"wan2.2"`` (z=48, stride 4x16x16).
         vae_stride: (time, height, width) compression of the VAE.
         latent_channels: channels of the VAE latent (16 or 48).
@@ -113,6 +141,8 @@ class Task:
             over to the low-noise one (``t >= boundary * 1000`` is high noise); ``None`` for
             single-model tasks.
         flow_shift: default sampling shift (``sample_shift``).
+        flow_shift_480p: the official default shift at 480P (832x480 or 480x832) when it differs
+            from ``flow_shift`` (3.0 for ``i2v-14B``), else ``None``; see :meth:`default_flow_shift`.
         guidance_scale: classifier-free guidance of the low-noise expert (or the only model).
         guidance_scale_high_noise: guidance of the high-noise expert (``None`` without experts).
         sample_steps: default denoising steps.
@@ -153,6 +183,8 @@ class Task:
     freq_dim: int = 256
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     release: Release | None = None
+    clip_frames: int = 0
+    flow_shift_480p: float | None = None
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -200,6 +232,22 @@ class Task:
             raise ValueError(f"task {self.name} is a single model and has no {expert} expert")
         b = self.boundary_timestep
         return (b, 1000.0) if expert == "high_noise" else (0.0, b)
+
+    @property
+    def uses_clip(self) -> bool:
+        """Whether the DiT takes CLIP image features (``clip_fea``; Wan2.1 I2V-14B / FLF2V-14B)."""
+        return self.clip_frames > 0
+
+    def default_flow_shift(self, width: int | None = None, height: int | None = None) -> float:
+        """The official default sampling shift for a video of ``width`` x ``height`` pixels.
+
+        ``flow_shift_480p`` when set and the area is at most 832x480 (Wan2.1 ``generate.py``:
+        shift 3.0 for ``i2v-14B`` at ``832*480`` / ``480*832``), else ``flow_shift``.
+        """
+        if (self.flow_shift_480p is not None and width is not None and height is not None
+                and width * height <= 832 * 480):
+            return self.flow_shift_480p
+        return self.flow_shift
 
     def guidance_for(self, expert: str | None) -> float:
         """Default guidance scale of an expert (the official ``sample_guide_scale`` tuple)."""
@@ -259,6 +307,23 @@ TASKS: dict[str, Task] = {
             size=(832, 480), architecture="wan-2_1-text2video-1_3b/lora",
             release=_release("Wan-AI/Wan2.1-T2V-1.3B", "wan2.1", experts=False,
                              weights="diffusion_pytorch_model.safetensors"),
+        ),
+        Task(
+            name="i2v-14B", family="wan2.1", in_channels=36, out_channels=16,
+            conditioning="i2v_clip", clip_frames=1, **_WAN21_VAE, **_A14B,
+            flow_shift=5.0, flow_shift_480p=3.0, guidance_scale=5.0, sample_steps=40, fps=16,
+            frame_num=81, size=(1280, 720), negative_prompt=I2V_NEGATIVE_PROMPT,
+            architecture="wan-2_1-image2video-14b/lora",
+            # the 720P checkpoint (the default size); Wan-AI/Wan2.1-I2V-14B-480P has the same files
+            release=_clip_release("Wan-AI/Wan2.1-I2V-14B-720P"),
+        ),
+        Task(
+            name="flf2v-14B", family="wan2.1", in_channels=36, out_channels=16,
+            conditioning="flf2v", clip_frames=2, **_WAN21_VAE, **_A14B,
+            flow_shift=16.0, guidance_scale=5.0, sample_steps=50, fps=16,
+            frame_num=81, size=(1280, 720), negative_prompt=FLF2V_NEGATIVE_PROMPT,
+            architecture="wan-2_1-flf2v-14b/lora",
+            release=_clip_release("Wan-AI/Wan2.1-FLF2V-14B-720P"),
         ),
     )
 }

@@ -1,18 +1,20 @@
-"""The Wan model zoo: DiT, VAEs and the umT5 text encoder, loaded from official files.
+"""The Wan model zoo: DiT, VAEs, the umT5 text encoder and the Wan2.1 CLIP image encoder,
+loaded from official files.
 
 Public API (see DESIGN.md)::
 
-    from wanlora.models import load_dit, load_vae, load_text_encoder
+    from wanlora.models import load_dit, load_vae, load_text_encoder, load_clip
 """
 
 from __future__ import annotations
 
-__all__ = ["load_dit", "load_vae", "load_text_encoder"]
+__all__ = ["load_dit", "load_vae", "load_text_encoder", "load_clip"]
 
 _HOME = {
     "load_dit": "wanlora.models.loading",
     "load_vae": "wanlora.models.vae",
     "load_text_encoder": "wanlora.models.text_encoder",
+    "load_clip": "wanlora.models.clip",
 }
 
 
