@@ -21,6 +21,10 @@ def random_dit_state_dict(cfg: WanDiTConfig, seed: int = 0) -> dict[str, torch.T
         r = torch.randn(shape, generator=g)
         if k.endswith("modulation"):
             sd[k] = 0.3 * r
+        elif k == "img_emb.emb_pos":
+            sd[k] = 0.5 * r
+        elif k.startswith(("img_emb.proj.0.", "img_emb.proj.4.")) and k.endswith("weight"):
+            sd[k] = 1.0 + 0.2 * r
         elif len(shape) >= 2:
             sd[k] = r / math.sqrt(math.prod(shape[1:]))
         elif "norm" in k and k.endswith("weight"):
@@ -51,7 +55,11 @@ class Float64Sinusoid(torch.nn.Module):
 def diffusers_transformer(cfg: WanDiTConfig, official_sd: dict[str, torch.Tensor],
                           float64_sinusoid: bool = True):
     """diffusers' ``WanTransformer3DModel`` with ``official_sd`` converted by diffusers' own
-    converter (given a copy: it empties its input), loaded strictly, in eval mode."""
+    converter (given a copy: it empties its input), loaded strictly, in eval mode.
+
+    With ``cfg.image_dim`` it is diffusers' Wan2.1 I2V/FLF2V transformer (``image_dim``,
+    ``added_kv_proj_dim``, ``pos_embed_seq_len``); its converter leaves FLF2V's ``img_emb.emb_pos``
+    unrenamed, so that one key is mapped here to ``condition_embedder.image_embedder.pos_embed``."""
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
@@ -60,10 +68,13 @@ def diffusers_transformer(cfg: WanDiTConfig, official_sd: dict[str, torch.Tensor
         attention_head_dim=cfg.dim // cfg.num_heads, in_channels=cfg.in_channels,
         out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
         ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps,
+        qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=cfg.image_dim,
+        added_kv_proj_dim=cfg.dim if cfg.image_dim else None, pos_embed_seq_len=cfg.image_pos_len,
     )
-    m.load_state_dict(convert_wan_transformer_to_diffusers({k: v.clone() for k, v in official_sd.items()}),
-                      strict=True)
+    sd = convert_wan_transformer_to_diffusers({k: v.clone() for k, v in official_sd.items()})
+    if "img_emb.emb_pos" in sd:
+        sd["condition_embedder.image_embedder.pos_embed"] = sd.pop("img_emb.emb_pos")
+    m.load_state_dict(sd, strict=True)
     if float64_sinusoid:
         m.condition_embedder.timesteps_proj = Float64Sinusoid(cfg.freq_dim)
     return m.eval()

@@ -22,9 +22,13 @@ torch.set_num_threads(1)
 TEXT_DIM = 32
 
 
-def _config(in_ch=16, out_ch=16, layers=2):
+IMAGE_DIM = 40  # CLIP feature width of the tiny image models (1280 in the release)
+
+
+def _config(in_ch=16, out_ch=16, layers=2, image_dim=None, image_pos_len=None):
     return WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=layers, in_channels=in_ch,
-                        out_channels=out_ch, text_dim=TEXT_DIM)
+                        out_channels=out_ch, text_dim=TEXT_DIM, image_dim=image_dim,
+                        image_pos_len=image_pos_len)
 
 
 def _ours(cfg, sd):
@@ -57,8 +61,23 @@ GRAD_PARAMS = {
 }
 
 
-def _parity(cfg, shape, timestep, y_channels=0, seed=0, float32_sinusoid=False, ctx_rows=7):
-    """Forward + backward of both models on the same inputs; returns the relative errors."""
+# ... and those of the Wan2.1 image branch
+IMAGE_GRAD_PARAMS = {
+    "blocks.0.cross_attn.k_img.weight": "blocks.0.attn2.add_k_proj.weight",
+    "blocks.1.cross_attn.v_img.bias": "blocks.1.attn2.add_v_proj.bias",
+    "blocks.1.cross_attn.norm_k_img.weight": "blocks.1.attn2.norm_added_k.weight",
+    "img_emb.proj.0.weight": "condition_embedder.image_embedder.norm1.weight",
+    "img_emb.proj.1.weight": "condition_embedder.image_embedder.ff.net.0.proj.weight",
+    "img_emb.proj.4.bias": "condition_embedder.image_embedder.norm2.bias",
+}
+
+
+def _parity(cfg, shape, timestep, y_channels=0, seed=0, float32_sinusoid=False, ctx_rows=7, clip_tokens=0):
+    """Forward + backward of both models on the same inputs; returns the relative errors.
+
+    ``clip_tokens``: CLIP tokens per sample for the image models (I2V: one image's, FLF2V: two
+    images' — diffusers takes FLF2V's as ``[2B, n, C]``, first and last image of each sample
+    consecutive, and regroups them in pairs)."""
     sd = random_dit_state_dict(cfg, seed)
     ours, ref = _ours(cfg, sd), _diffusers(cfg, sd)
     if float32_sinusoid:
@@ -70,7 +89,9 @@ def _parity(cfg, shape, timestep, y_channels=0, seed=0, float32_sinusoid=False, 
     x = torch.randn(shape, generator=g, requires_grad=True)
     y = torch.randn(b, y_channels, f, h, w, generator=g, requires_grad=True) if y_channels else None
     ctx = torch.randn(b, ctx_rows, cfg.text_dim, generator=g, requires_grad=True)  # padded inside
-    out = ours(x, timestep, ctx, y=y)
+    clip = (torch.randn(b, clip_tokens, cfg.image_dim, generator=g, requires_grad=True)
+            if clip_tokens else None)
+    out = ours(x, timestep, ctx, y=y, clip_fea=clip)
 
     # diffusers: inputs concatenated on channels, context zero-padded to 512 rows by hand,
     # per-frame timesteps expanded per token (its Wan2.2 TI2V `[B, seq_len]` path).
@@ -79,18 +100,25 @@ def _parity(cfg, shape, timestep, y_channels=0, seed=0, float32_sinusoid=False, 
     t_ref = timestep
     if timestep.ndim == 2:
         t_ref = timestep.repeat_interleave((h // 2) * (w // 2), dim=1)
-    expected = ref(hidden, t_ref, ctx_ref, return_dict=False)[0]
+    clip_ref = None
+    if clip is not None:
+        clip_ref = clip.reshape(-1, clip_tokens // 2, cfg.image_dim) if cfg.image_pos_len else clip
+    expected = ref(hidden, t_ref, ctx_ref, encoder_hidden_states_image=clip_ref, return_dict=False)[0]
 
     errs = {"out": _rel(out, expected)}
     probe = torch.randn(out.shape, generator=g)
-    leaves = [x, ctx] + ([y] if y is not None else [])
+    leaves = {"x": x, "context": ctx, "y": y, "clip_fea": clip}
+    leaves = {k: v for k, v in leaves.items() if v is not None}
+    names = {**GRAD_PARAMS, **(IMAGE_GRAD_PARAMS if clip is not None else {})}
+    if cfg.image_pos_len:
+        names["img_emb.emb_pos"] = "condition_embedder.image_embedder.pos_embed"
     ours_params = dict(ours.named_parameters())
     ref_params = dict(ref.named_parameters())
-    pa = [ours_params[k] for k in GRAD_PARAMS]
-    pb = [ref_params[v] for v in GRAD_PARAMS.values()]
-    ga = torch.autograd.grad((out * probe).sum(), leaves + pa)
-    gb = torch.autograd.grad((expected * probe).sum(), leaves + pb)
-    for name, a, bb in zip(["x", "context", "y"][: len(leaves)] + list(GRAD_PARAMS), ga, gb):
+    pa = [ours_params[k] for k in names]
+    pb = [ref_params[v] for v in names.values()]
+    ga = torch.autograd.grad((out * probe).sum(), list(leaves.values()) + pa)
+    gb = torch.autograd.grad((expected * probe).sum(), list(leaves.values()) + pb)
+    for name, a, bb in zip(list(leaves) + list(names), ga, gb):
         errs[name] = _rel(a, bb)
     return errs
 
@@ -111,6 +139,40 @@ def test_i2v_parity_with_diffusers(shape):
     # Wan2.2 I2V-A14B layout: 36 input channels (x 16 + y 20), no CLIP img_emb.
     t = torch.tensor([901.0, 450.0][: shape[0]])
     _assert_small(_parity(_config(in_ch=36), shape, t, y_channels=20))
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 3, 6, 4), (2, 16, 2, 4, 4)])
+def test_wan21_i2v_clip_parity_with_diffusers(shape):
+    # Wan2.1 I2V-14B layout: 36 input channels and the CLIP image branch (img_emb, k_img/v_img).
+    t = torch.tensor([990.0, 120.0][: shape[0]])
+    cfg = _config(in_ch=36, image_dim=IMAGE_DIM)
+    _assert_small(_parity(cfg, shape, t, y_channels=20, clip_tokens=17))
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 3, 4, 4), (2, 16, 2, 4, 6)])
+def test_wan21_flf2v_clip_parity_with_diffusers(shape):
+    # Wan2.1 FLF2V-14B layout: as I2V-14B plus the learned emb_pos over 2 x 17 tokens.
+    t = torch.tensor([640.0, 8.0][: shape[0]])
+    cfg = _config(in_ch=36, image_dim=IMAGE_DIM, image_pos_len=34)
+    _assert_small(_parity(cfg, shape, t, y_channels=20, clip_tokens=34))
+
+
+def test_clip_fea_required_exactly_by_image_models():
+    m = _tiny_model(in_ch=36, image_dim=IMAGE_DIM, image_pos_len=34)
+    x, y = torch.randn(1, 16, 1, 2, 2), torch.randn(1, 20, 1, 2, 2)
+    t, ctx = torch.tensor([1.0]), torch.randn(1, 3, TEXT_DIM)
+    with pytest.raises(ValueError, match="needs clip_fea"):
+        m(x, t, ctx, y=y)
+    with pytest.raises(ValueError, match=r"takes \[B, 34, 40\] \(first and last frame"):
+        m(x, t, ctx, y=y, clip_fea=torch.randn(1, 17, IMAGE_DIM))
+    with pytest.raises(ValueError, match="without the CLIP image branch"):
+        _tiny_model(in_ch=36)(x, t, ctx, y=y, clip_fea=torch.randn(1, 17, IMAGE_DIM))
+
+
+def test_image_lora_targets_are_plain_linear():
+    m = _tiny_model(in_ch=36, image_dim=IMAGE_DIM)
+    for n in ("k_img", "v_img", "q", "k", "v", "o"):
+        assert type(m.blocks[0].cross_attn.get_submodule(n)) is torch.nn.Linear, n
 
 
 @pytest.mark.parametrize("shape", [(1, 48, 3, 4, 6), (2, 48, 5, 2, 4)])

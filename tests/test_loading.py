@@ -201,6 +201,38 @@ def test_i2v_and_ti2v_layouts_load_for_their_tasks(tmp_path):
         assert load_dit(path, task).config == cfg
 
 
+@pytest.mark.parametrize("task, pos_len", [("i2v-14B", None), ("flf2v-14B", 34)])
+def test_wan21_image_models_load_with_their_image_branch(tmp_path, task, pos_len):
+    """Official key names of the Wan2.1 image branch (ComfyUI prefix too) load as they are; the
+    CLIP width and FLF2V's emb_pos rows come from the weights; the LayerNorms of img_emb and
+    emb_pos stay float32 like the other norms."""
+    sd, cfg = make_sd(in_ch=36, image_dim=40, image_pos_len=pos_len)
+    path = tmp_path / f"{task}.safetensors"
+    save_safetensors({"model.diffusion_model." + k: v.to(torch.bfloat16) for k, v in sd.items()}, path,
+                     metadata={"num_heads": "2"})
+    m = load_dit(path, task, dtype=torch.bfloat16)
+    assert m.config == cfg
+    assert m.img_emb.proj[0].weight.dtype == m.img_emb.proj[4].bias.dtype == torch.float32
+    assert m.img_emb.proj[1].weight.dtype == m.blocks[0].cross_attn.k_img.weight.dtype == torch.bfloat16
+    assert m.blocks[1].cross_attn.norm_k_img.weight.dtype == torch.float32
+    assert (getattr(m.img_emb, "emb_pos", None) is None) == (pos_len is None)
+
+
+def test_wan21_image_dits_given_for_other_tasks():
+    i2v = _official(A14B, 36, 16)
+    i2v.image_dim = 1280
+    with pytest.raises(CheckpointError, match=r"I2V-14B DiT .*CLIP image branch.*pass --task i2v-14B"):
+        check_dit_task(i2v, "i2v-A14B")
+    with pytest.raises(CheckpointError, match=r"pass --task i2v-14B"):
+        check_dit_task(i2v, "flf2v-14B")
+    i2v.image_pos_len = 514
+    with pytest.raises(CheckpointError, match=r"FLF2V-14B DiT.*pass --task flf2v-14B"):
+        check_dit_task(i2v, "i2v-14B")
+    check_dit_task(i2v, "flf2v-14B")
+    with pytest.raises(CheckpointError, match=r"I2V-A14B expert.*pass --task i2v-A14B"):
+        check_dit_task(_official(A14B, 36, 16), "i2v-14B")
+
+
 def test_smaller_model_of_the_family_is_accepted_with_a_notice(tmp_path, caplog):
     sd, _ = make_sd()
     path = tmp_path / "tiny.safetensors"
@@ -263,6 +295,7 @@ def test_tiny_i2v_file_given_as_t2v(tmp_path):
         # the patch embedding and head is still no DiT
         ({"blocks.0.attn1.to_q.weight": (4, 4), "condition_embedder.time_proj.weight": (4, 4)},
          r"not a Wan DiT \(no patch_embedding"),
+        ({"visual.transformer.0.attn.to_qkv.weight": (12, 4), "log_scale": ()}, r"CLIP image encoder.*--clip"),
     ],
 )
 def test_non_dit_files_say_what_they_are(tmp_path, keys, match):

@@ -1,7 +1,9 @@
 """The Wan diffusion transformer (DiT): one implementation for every Wan2.1/Wan2.2 task.
 
 Matches the official ``wan/modules/model.py: WanModel`` (Wan-Video/Wan2.2) formula by formula;
-``reference/wan_numerics.md`` §2–§4 lists the facts. The module tree *is* the checkpoint: attribute
+``reference/wan_numerics.md`` §2–§4 lists the facts. The Wan2.1 I2V-14B / FLF2V-14B image branch
+(``img_emb``, ``k_img``/``v_img``/``norm_k_img``; Wan-Video/Wan2.1 ``wan/modules/model.py``) is
+built when the checkpoint has it (``reference/wan21_image_models.md``). The module tree *is* the checkpoint: attribute
 names equal the official key names (``blocks.N.self_attn.q.weight``, ``head.modulation``, ...), so
 official shards and ComfyUI's repackaged files load without renaming.
 
@@ -15,7 +17,10 @@ Differences from the official code, none of which changes a number (float32, sam
 * a 1-D timestep works for B > 1 (the official ``t.expand(B, seq_len)`` only works for B == 1);
 * RoPE cos/sin tables are computed in float64, cached per grid, and applied in float32 (the
   official rotates in complex128 and casts to float32; the two differ by about one float32 ulp);
-* attention goes through :mod:`wanlora.models.attention` (SDPA by default, no hard flash-attn).
+* attention goes through :mod:`wanlora.models.attention` (SDPA by default, no hard flash-attn);
+* the CLIP image tokens reach the cross-attention as their own tensor instead of being
+  prepended to the text context and split off again at ``length − 512``; FLF2V's ``emb_pos`` is
+  added to ``clip_fea [B, 514, 1280]`` directly (the official reshape only works for B = 1).
 
 Precision policy (the official inference keeps fp32 weights and runs under bf16 autocast): the
 residual stream, norms, modulation, time embedding, RoPE and the head run in float32; the Linear
@@ -36,7 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 from wanlora.models.attention import attention, check_attn_mode
 
-__all__ = ["WanDiTConfig", "WanDiT", "sinusoidal_embedding", "rope_tables", "apply_rope"]
+__all__ = ["WanDiTConfig", "WanDiT", "sinusoidal_embedding", "rope_tables", "apply_rope", "MLPProj",
+           "ImageCrossAttention"]
 
 
 @dataclass
@@ -55,6 +61,11 @@ class WanDiTConfig:
         patch_size: (time, height, width) patch, (1, 2, 2) in every release.
         text_len: text rows after zero padding (512).
         eps: epsilon of every LayerNorm / RMSNorm (1e-6).
+        image_dim: width of the CLIP image features (1280) for the Wan2.1 I2V-14B / FLF2V-14B
+            image branch (``img_emb`` and the ``k_img``/``v_img`` cross-attention), ``None``
+            for models without it.
+        image_pos_len: rows of FLF2V's learned ``img_emb.emb_pos`` (514 = 2 x 257 CLIP tokens),
+            ``None`` for I2V-14B and the models without an image branch.
     """
 
     dim: int
@@ -68,6 +79,8 @@ class WanDiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     text_len: int = 512
     eps: float = 1e-6
+    image_dim: int | None = None
+    image_pos_len: int | None = None
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -273,29 +286,103 @@ class CrossAttention(SelfAttention):
         return self._attend(q, k, self._heads(self.v(context)), dtype, mode)
 
 
+class ImageCrossAttention(CrossAttention):
+    """Text + CLIP-image cross-attention of Wan2.1 I2V-14B / FLF2V-14B (Wan2.1 ``model.py:
+    WanI2VCrossAttention``).
+
+    The normed text query attends to the text keys and, separately, to the image keys
+    ``norm_k_img(k_img(ctx_img))`` (RMSNorm over the full width, eps 1e-6) and values
+    ``v_img(ctx_img)``; neither is masked. The two attention outputs are summed before the one
+    output projection ``o`` (its bias counted once). ``k_img``, ``v_img`` are plain ``nn.Linear``
+    (LoRA targets like q/k/v/o)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__(dim, num_heads, eps)
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x, context, dtype, mode, context_img=None):
+        """x: ``[B, L, D]``; context: ``[B, 512, D]`` embedded text; context_img: ``[B, L_img, D]``
+        embedded image tokens (257, or 514 for FLF2V). Returns ``[B, L, D]`` in ``dtype``.
+
+        Raises:
+            ValueError: no image tokens (the model takes ``clip_fea``).
+        """
+        if context_img is None:
+            raise ValueError("WanDiT: this model has the CLIP image branch (Wan2.1 I2V/FLF2V); pass clip_fea")
+        x = x.to(dtype)
+        q = self._heads(self.norm_q(self.q(x)))
+        k = self._heads(self.norm_k(self.k(context)))
+        k_img = self._heads(self.norm_k_img(self.k_img(context_img)))
+        out = attention(q, k, self._heads(self.v(context)), mode).to(dtype)
+        out_img = attention(q, k_img, self._heads(self.v_img(context_img)), mode).to(dtype)
+        return self.o((out + out_img).flatten(2))
+
+
+class MLPProj(nn.Module):
+    """The CLIP-feature projection ``img_emb`` (Wan2.1 ``model.py: MLPProj``): ``proj`` =
+    LayerNorm(C) → Linear(C, C) → GELU (exact) → Linear(C, D) → LayerNorm(D), both LayerNorms
+    affine with eps 1e-5 (the torch defaults), computed in float32; FLF2V first adds the learned
+    ``emb_pos [1, 514, C]`` to the raw features."""
+
+    def __init__(self, in_dim: int, out_dim: int, pos_len: int | None = None):
+        super().__init__()
+        self.proj = nn.Sequential(
+            LayerNorm32(in_dim, 1e-5, elementwise_affine=True), nn.Linear(in_dim, in_dim), nn.GELU(),
+            nn.Linear(in_dim, out_dim), LayerNorm32(out_dim, 1e-5, elementwise_affine=True),
+        )
+        if pos_len is not None:
+            self.emb_pos = nn.Parameter(torch.zeros(1, pos_len, in_dim))
+
+    def forward(self, clip_fea: torch.Tensor, dtype) -> torch.Tensor:
+        """clip_fea: ``[B, L_img, C]``. Returns ``[B, L_img, D]`` in ``dtype``.
+
+        Raises:
+            ValueError: a feature width other than C, or (FLF2V) a token count other than
+                ``emb_pos``'s rows.
+        """
+        c = self.proj[0].normalized_shape[0]
+        pos = getattr(self, "emb_pos", None)
+        if clip_fea.ndim != 3 or clip_fea.shape[-1] != c or (pos is not None and clip_fea.shape[1] != pos.shape[1]):
+            want = f"[B, {pos.shape[1]}, {c}] (first and last frame, 2 x {pos.shape[1] // 2} tokens)" if pos is not None else f"[B, L, {c}]"
+            raise ValueError(f"WanDiT: clip_fea of shape {tuple(clip_fea.shape)}; this model takes {want} "
+                             "(the CLIP image encoder's output, load_clip(...).encode)")
+        x = clip_fea.float()
+        if pos is not None:
+            x = x + pos.float()
+        x = self.proj[2](self.proj[1](self.proj[0](x).to(dtype)))
+        return self.proj[4](self.proj[3](x)).to(dtype)
+
+
 class WanBlock(nn.Module):
     """One transformer block (``model.py: WanAttentionBlock``), with ``(c0..c5) = modulation + e0``:
 
     ``x += SelfAttn(LN(x)(1+c1)+c0)·c2``; ``x += CrossAttn(norm3(x), ctx)``;
-    ``x += FFN(LN(x)(1+c4)+c3)·c5``.
+    ``x += FFN(LN(x)(1+c4)+c3)·c5``. With ``image=True`` the cross-attention also attends to the
+    CLIP image tokens (:class:`ImageCrossAttention`).
     """
 
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float = 1e-6):
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float = 1e-6, image: bool = False):
         super().__init__()
         self.norm1 = LayerNorm32(dim, eps)
         self.self_attn = SelfAttention(dim, num_heads, eps)
         self.norm3 = LayerNorm32(dim, eps, elementwise_affine=True)
-        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.cross_attn = (ImageCrossAttention if image else CrossAttention)(dim, num_heads, eps)
         self.norm2 = LayerNorm32(dim, eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e0, context, rope, dtype, mode):
+    def forward(self, x, e0, context, rope, dtype, mode, context_img=None):
         """x: ``[B, L, D]`` float32 residual stream; e0: ``[B, T', 6, D]`` float32 (T' = 1 or
-        frames); context: ``[B, 512, D]``. Returns ``[B, L, D]`` float32."""
+        frames); context: ``[B, 512, D]``; context_img: ``[B, L_img, D]`` embedded CLIP tokens
+        (image models only). Returns ``[B, L, D]`` float32."""
         c = (self.modulation.float().unsqueeze(0) + e0).unbind(2)
         x = x + _gate(self.self_attn(_modulate(self.norm1(x), c[1], c[0]), rope, dtype, mode), c[2])
-        x = x + self.cross_attn(self.norm3(x), context, dtype, mode).float()
+        if context_img is None:
+            x = x + self.cross_attn(self.norm3(x), context, dtype, mode).float()
+        else:
+            x = x + self.cross_attn(self.norm3(x), context, dtype, mode, context_img).float()
         y = self.ffn(_modulate(self.norm2(x), c[4], c[3]).to(dtype))
         return x + _gate(y, c[5])
 
@@ -321,7 +408,8 @@ class Head(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """The Wan DiT (``wan/modules/model.py: WanModel``) for T2V, I2V-A14B and TI2V-5B.
+    """The Wan DiT (``wan/modules/model.py: WanModel``) for T2V, I2V-A14B, TI2V-5B and (with
+    ``config.image_dim``) Wan2.1 I2V-14B / FLF2V-14B.
 
     Args:
         config: the architecture (:class:`WanDiTConfig`).
@@ -345,10 +433,13 @@ class WanDiT(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        image = config.image_dim is not None
         self.blocks = nn.ModuleList(
-            WanBlock(d, config.ffn_dim, config.num_heads, config.eps) for _ in range(config.num_layers)
+            WanBlock(d, config.ffn_dim, config.num_heads, config.eps, image) for _ in range(config.num_layers)
         )
         self.head = Head(d, config.out_channels, config.patch_size, config.eps)
+        if image:
+            self.img_emb = MLPProj(config.image_dim, d, config.image_pos_len)
         self._rope_cache: dict = {}
         self.sequence_parallel = None
 
@@ -493,7 +584,8 @@ class WanDiT(nn.Module):
         e0 = _linear32(self.time_projection[1], F.silu(e)).unflatten(-1, (6, self.config.dim))
         return e, e0
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context, y: torch.Tensor | None = None,
+                clip_fea: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the flow velocity (``noise − x0``) (``model.py: WanModel.forward``).
 
         Args:
@@ -504,14 +596,24 @@ class WanDiT(nn.Module):
                 to 512 rows inside, never masked.
             y: ``[B, C_y, F, H, W]`` I2V conditioning (mask 4 + image latent 16), concatenated
                 after x on channels; ``C_x + C_y`` must equal ``config.in_channels``.
+            clip_fea: CLIP image features for the Wan2.1 image models (``load_clip(...).encode``):
+                ``[B, 257, 1280]`` for I2V-14B, ``[B, 514, 1280]`` for FLF2V-14B (first-frame
+                tokens, then last-frame tokens). Required by them, rejected by the others.
 
         Returns:
             ``[B, C_out, F, H, W]`` float32.
 
         Raises:
-            ValueError: channel count, grid, timestep or context shapes that do not fit.
+            ValueError: channel count, grid, timestep, context or clip_fea shapes that do not fit.
         """
         cfg = self.config
+        if (clip_fea is None) != (cfg.image_dim is None):
+            raise ValueError(
+                "WanDiT: this model has the CLIP image branch (Wan2.1 I2V-14B / FLF2V-14B) and needs "
+                "clip_fea (--clip)" if clip_fea is None else
+                "WanDiT: clip_fea given to a model without the CLIP image branch (only the Wan2.1 "
+                "I2V-14B / FLF2V-14B DiTs take it)"
+            )
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
@@ -536,6 +638,11 @@ class WanDiT(nn.Module):
         tokens = self.patch_embedding(x.to(self.device, dtype)).flatten(2).transpose(1, 2).float().contiguous()
         e, e0 = self._time(timestep, b, grid[0])
         ctx = self.text_embedding(self._context(context, b))
+        ctx_img = None
+        if clip_fea is not None:
+            if clip_fea.shape[0] != b:
+                raise ValueError(f"WanDiT: clip_fea for {clip_fea.shape[0]} images, a batch of {b} latents")
+            ctx_img = self.img_emb(clip_fea.to(self.device), dtype)
         rope = self._rope(grid, tokens.device)
         sp, length = self.sequence_parallel, tokens.shape[1]
         if sp is not None:  # this rank's tokens only, until the head's output is gathered
@@ -552,9 +659,9 @@ class WanDiT(nn.Module):
             if mark:
                 torch._dynamo.maybe_mark_dynamic(tokens, 1)
             if use_ckpt:
-                tokens = checkpoint(block, tokens, e0, ctx, rope, dtype, mode, use_reentrant=False)
+                tokens = checkpoint(block, tokens, e0, ctx, rope, dtype, mode, ctx_img, use_reentrant=False)
             else:
-                tokens = block(tokens, e0, ctx, rope, dtype, mode)
+                tokens = block(tokens, e0, ctx, rope, dtype, mode, ctx_img)
 
         out = self.head(tokens, e)
         if sp is not None:

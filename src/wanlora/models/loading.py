@@ -252,9 +252,14 @@ _DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
 
 
+#: The LayerNorms and FLF2V position embedding of the Wan2.1 CLIP projection ``img_emb``.
+_FP32_IMG_EMB = ("img_emb.proj.0.", "img_emb.proj.4.", "img_emb.emb_pos")
+
+
 def keeps_float32(key: str) -> bool:
     """Whether :func:`load_dit` keeps the parameter ``key`` in float32 (the fp32 islands)."""
-    return key.startswith(_FP32_PREFIXES) or key.endswith("modulation") or ".norm" in key
+    return (key.startswith(_FP32_PREFIXES + _FP32_IMG_EMB) or key.endswith("modulation")
+            or ".norm" in key)
 
 
 def cast_dit(model, dtype, device=None):
@@ -292,8 +297,8 @@ def describe_checkpoint(sd: dict[str, torch.Tensor]) -> str | None:
     """Name what a state dict holds when it is not an official-layout Wan DiT, else ``None``.
 
     Recognizes the Wan VAEs, the umT5 encoder (official and Hugging Face layouts), the CLIP
-    image encoder of Wan2.1 I2V, LoRA files, diffusers-layout transformers and Wan2.1 I2V/FLF2V
-    DiTs (CLIP ``img_emb``), each with the flag or task that takes it.
+    image encoder of Wan2.1 I2V, LoRA files and diffusers-layout transformers, each with the flag
+    that takes it. Wan2.1 I2V/FLF2V DiTs (CLIP ``img_emb``) are DiTs (``None``).
     """
     keys = sd.keys()
 
@@ -312,13 +317,11 @@ def describe_checkpoint(sd: dict[str, torch.Tensor]) -> str | None:
             z, "Wan VAE (Wan2.1_VAE.pth or Wan2.2_VAE.pth)")
         return f"a {kind}, not a diffusion model; pass it as --vae"
     if has("visual.transformer") or "log_scale" in keys:
-        return "the CLIP image encoder of Wan2.1 I2V, which Wan2.2 does not use; it is not a DiT"
+        return ("the CLIP image encoder of Wan2.1 I2V-14B / FLF2V-14B, not a diffusion model; pass it "
+                "as --clip")
     if has("condition_embedder.") or has("attn1.to_q"):
         return ("a diffusers-layout Wan transformer (WanTransformer3DModel, a transformer/ folder); "
                 "pass it as --dit (or --dit_high_noise)")
-    if has("img_emb.") or has("k_img"):
-        return ("a Wan2.1 I2V / FLF2V DiT (CLIP img_emb, k_img/v_img); no task of this trainer uses "
-                "it — for image-to-video use the Wan2.2 I2V-A14B experts with --task i2v-A14B")
     if "patch_embedding.weight" not in keys or "head.head.weight" not in keys:
         return "not a Wan DiT (no patch_embedding.weight / head.head.weight keys)"
     return None
@@ -403,6 +406,8 @@ def _official_name(task) -> str:
         "i2v-A14B": "Wan2.2 I2V-A14B expert DiT",
         "ti2v-5B": "Wan2.2 TI2V-5B DiT",
         "t2v-1.3B": "Wan2.1 T2V-1.3B DiT",
+        "i2v-14B": "Wan2.1 I2V-14B DiT (480P or 720P, with the CLIP image branch)",
+        "flf2v-14B": "Wan2.1 FLF2V-14B DiT (with the CLIP image branch and emb_pos)",
     }.get(task.name, f"{task.name} DiT")
 
 
@@ -473,6 +478,9 @@ def dit_config_from_state_dict(
         ) from None
     num_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     out_channels = sd["head.head.weight"].shape[0] // math.prod(patch)
+    # the Wan2.1 I2V-14B / FLF2V-14B image branch: CLIP width from img_emb, FLF2V's emb_pos rows
+    image_dim = sd["img_emb.proj.0.weight"].shape[0] if "img_emb.proj.0.weight" in sd else None
+    image_pos_len = sd["img_emb.emb_pos"].shape[1] if "img_emb.emb_pos" in sd else None
     if num_heads is None:
         if dim % 128:
             raise CheckpointError(
@@ -483,7 +491,8 @@ def dit_config_from_state_dict(
     return WanDiTConfig(
         dim=dim, ffn_dim=ffn_dim, num_heads=int(num_heads), num_layers=num_layers,
         in_channels=in_channels, out_channels=out_channels, text_dim=text_dim,
-        freq_dim=freq_dim, patch_size=patch, text_len=text_len,
+        freq_dim=freq_dim, patch_size=patch, text_len=text_len, image_dim=image_dim,
+        image_pos_len=image_pos_len,
     )
 
 
@@ -518,18 +527,22 @@ def check_dit_task(config, task, path="checkpoint") -> None:
 
     task = get_task(task)
     sizes = (config.dim, config.ffn_dim, config.num_layers)
+    # CLIP frames the checkpoint's image branch takes: none, 1 (I2V-14B) or 2 (FLF2V's emb_pos)
+    clip_frames = 0 if config.image_dim is None else 2 if config.image_pos_len else 1
+    io = (config.in_channels, config.out_channels, clip_frames)
     official = [t for t in TASKS.values()
-                if (t.in_channels, t.out_channels, t.dim, t.ffn_dim, t.num_layers)
-                == (config.in_channels, config.out_channels, *sizes)]
+                if (t.in_channels, t.out_channels, t.clip_frames, t.dim, t.ffn_dim, t.num_layers)
+                == (*io, *sizes)]
     what = (_official_name(official[0]) if official else
             f"a DiT with dim {config.dim}, ffn_dim {config.ffn_dim}, {config.num_layers} layers")
-    what += f" ({config.in_channels} input / {config.out_channels} output channels)"
+    what += f" ({config.in_channels} input / {config.out_channels} output channels"
+    what += {0: ")", 1: ", CLIP image branch)", 2: ", CLIP image branch with emb_pos)"}[clip_frames]
     if task in official:
         return
-    channels_fit = (config.in_channels, config.out_channels) == (task.in_channels, task.out_channels)
+    channels_fit = io == (task.in_channels, task.out_channels, task.clip_frames)
     if official or not channels_fit:
         fits = official or [t for t in TASKS.values()
-                            if (t.in_channels, t.out_channels) == (config.in_channels, config.out_channels)]
+                            if (t.in_channels, t.out_channels, t.clip_frames) == io]
         fix = (f"pass --task {' or --task '.join(t.name for t in fits)}" if fits
                else "no task of this trainer takes it")
         raise CheckpointError(
