@@ -158,6 +158,8 @@ def test_train_config_parses_and_is_what_its_name_says(path):
     needs_image = conditioning_for(task).requires_image
     assert all(bool(s.image_path) == needs_image for s in specs), \
         "I2V samples need --i on every prompt; the other tasks none"
+    assert all(bool(s.end_image_path) == conditioning_for(task).requires_end_image for s in specs), \
+        "FLF2V samples need --ei (the last frame) on every prompt; the other tasks none"
     assert args.sample_every_n_epochs or args.sample_every_n_steps
     assert args.vae and args.t5 and args.t5_tokenizer
     assert Path(args.vae).name == ("Wan2.2_VAE.pth" if task.vae == "wan2.2" else "Wan2.1_VAE.pth")

@@ -35,7 +35,7 @@ def check_dit_folder(folder: Path, task: str):
     assert (cfg["dim"], cfg["num_heads"], cfg["ffn_dim"], cfg["num_layers"]) == (64, 2, 128, 2)
     assert (cfg["in_dim"], cfg["out_dim"], cfg["text_len"]) == (t.in_channels, t.out_channels, 512)
     assert cfg["model_type"] == {"t2v-A14B": "t2v", "i2v-A14B": "i2v", "ti2v-5B": "ti2v", "t2v-14B": "t2v",
-                                 "t2v-1.3B": "t2v"}[t.name]
+                                 "t2v-1.3B": "t2v", "i2v-14B": "i2v", "flf2v-14B": "flf2v"}[t.name]
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if task == "t2v-1.3B":  # released as one file
         assert not index.exists() and (folder / "diffusion_pytorch_model.safetensors").is_file()
@@ -62,6 +62,9 @@ def test_tiny_set_formats(task, tmp_path):
     import wanlora.models.dit  # noqa: F401
     import wanlora.models.vae  # noqa: F401
 
+    with torch.device("meta"):  # the imports torch makes on its first meta-device ops are not timed either
+        wanlora.models.dit.WanDiT(wanlora.models.dit.WanDiTConfig(
+            dim=64, ffn_dim=8, num_heads=2, num_layers=1, in_channels=4, out_channels=4, image_dim=8))
     start = time.perf_counter()
     m = make_tiny(task, tmp_path / "set")
     elapsed = time.perf_counter() - start
@@ -102,6 +105,25 @@ def test_tiny_set_formats(task, tmp_path):
     assert sd["text_embedding.0.weight"].shape == (TINY_DIT["dim"], TINY_T5["d_model"])
     assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in sd.values())  # no zero init
     assert read_config_json(m["flags"]["--dit"])["num_heads"] == 2
+    # Wan2.1 I2V-14B / FLF2V-14B: the image branch and both CLIP files (official .pth, ComfyUI)
+    assert ("img_emb.proj.0.weight" in sd) == t.uses_clip == ("--clip" in m["flags"])
+    assert ("img_emb.emb_pos" in sd) == (t.clip_frames == 2)
+    if t.uses_clip:
+        from wanlora.models import load_clip
+
+        clip = torch.load(m["flags"]["--clip"], weights_only=True)
+        assert Path(m["flags"]["--clip"]).name == "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+        assert {"visual.transformer.1.attn.to_qkv.weight", "visual.cls_embedding", "log_scale"} <= clip.keys()
+        assert any(k.startswith("textual.") for k in clip)
+        assert Path(m["files"]["clip_comfyui"]).name == "clip_vision_h.safetensors"
+        with safe_open(m["files"]["clip_comfyui"], "pt") as f:
+            assert "vision_model.encoder.layers.1.self_attn.q_proj.weight" in f.keys()
+            assert f.get_tensor("vision_model.embeddings.class_embedding").dtype == torch.float16
+        a, b = load_clip(m["flags"]["--clip"]), load_clip(m["files"]["clip_comfyui"])
+        assert a.identity == b.identity and (a.num_tokens, a.dim) == (257, 160)
+        assert sd["img_emb.proj.0.weight"].shape == (a.dim,)
+        if t.clip_frames == 2:
+            assert sd["img_emb.emb_pos"].shape == (1, 2 * 257, a.dim)
 
 
 def test_deterministic_for_a_seed(tmp_path):
@@ -176,7 +198,7 @@ def test_17_frame_64px_clip_runs_in_seconds(task, tiny_dir):
         dit = load_dit(path, task)
         assert dit.config.num_heads == 2 and dit.config.text_dim == 32
         with torch.no_grad():
-            v = dit(z, torch.tensor([500.0]), context, y=y)
+            v = dit(z, torch.tensor([500.0]), context, y=y, clip_fea=clip_fea)
         assert v.shape == z.shape and torch.isfinite(v).all()
     out = vae.decode(z)
     assert out.shape == video.shape

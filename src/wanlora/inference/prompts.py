@@ -49,6 +49,7 @@ INLINE_OPTIONS = {
     "l": ("guidance_scale", float),
     "fs": ("flow_shift", float),
     "i": ("image_path", str),
+    "ei": ("end_image_path", str),
     "n": ("negative_prompt", str),
 }
 
@@ -62,7 +63,8 @@ class PromptSpec:
     Attributes:
         prompt: the text.
         width, height: pixels; frames: pixel frame count; seed; steps; guidance_scale;
-        flow_shift; image_path; negative_prompt.
+        flow_shift; image_path; end_image_path (the last frame of FLF2V-14B, musubi's ``--ei``);
+        negative_prompt.
         line: 1-based line number in its file (0 for prompts not from a file).
     """
 
@@ -76,6 +78,7 @@ class PromptSpec:
     flow_shift: float | None = None
     image_path: str | None = None
     negative_prompt: str | None = None
+    end_image_path: str | None = None
     line: int = 0
 
     def to_dict(self) -> dict:
@@ -127,8 +130,8 @@ def parse_prompt_line(text: str, line: int = 0, source: str = "<prompt>") -> Pro
 
 
 def read_prompt_file(path: str | Path) -> list[PromptSpec]:
-    """All prompts of a prompt file, in order. Relative ``--i`` image paths that do not exist from
-    the current folder are taken relative to the prompt file's folder.
+    """All prompts of a prompt file, in order. Relative ``--i`` / ``--ei`` image paths that do not
+    exist from the current folder are taken relative to the prompt file's folder.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -142,10 +145,12 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
         spec = parse_prompt_line(text, n, str(path))
         if spec is None:
             continue
-        if spec.image_path and not Path(spec.image_path).is_absolute() and not Path(spec.image_path).exists():
-            alt = path.parent / spec.image_path
-            if alt.exists():
-                spec = replace(spec, image_path=str(alt))
+        for field in ("image_path", "end_image_path"):
+            value = getattr(spec, field)
+            if value and not Path(value).is_absolute() and not Path(value).exists():
+                alt = path.parent / value
+                if alt.exists():
+                    spec = replace(spec, **{field: str(alt)})
         specs.append(spec)
     if not specs:
         raise PromptFileError(f"{path}: no prompts found (every line is empty or a # comment)")

@@ -213,12 +213,13 @@ def _vision_config(sd: dict[str, torch.Tensor], num_heads: int | None, path):
 
 
 def _identity(sd: dict[str, torch.Tensor], layers: int, dim: int) -> str:
-    """``clip-<width>x<blocks>-<12 hex>``: a hash of a few weights rounded to bfloat16, so the
-    official float32 ``.pth`` and a float16 copy in the ComfyUI layout share an identity."""
+    """``clip-<width>x<blocks>-<12 hex>``: a hash of a few weights rounded to float16 and then to
+    bfloat16, so the official float32 ``.pth`` and ComfyUI's float16 copy share an identity (the
+    float16 file's values pass the first rounding unchanged)."""
     h = hashlib.sha256()
     for key in ("embeddings.class_embedding", "embeddings.patch_embedding.weight",
                 "encoder.layers.0.self_attn.q_proj.weight", f"encoder.layers.{layers - 2}.mlp.fc2.weight"):
-        t = sd[key].reshape(-1)[:8192].to(torch.bfloat16).contiguous().view(torch.int16)
+        t = sd[key].reshape(-1)[:8192].to(torch.float16).to(torch.bfloat16).contiguous().view(torch.int16)
         h.update(key.encode())
         h.update(t.numpy().tobytes())
     return f"clip-{dim}x{layers}-{h.hexdigest()[:12]}"

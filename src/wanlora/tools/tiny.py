@@ -12,6 +12,10 @@ task needs, laid out and named like the official release, so every command runs 
 * Wan2.1 T2V-1.3B: one ``DIR/diffusion_pytorch_model.safetensors`` + ``config.json`` (as released);
 * ``DIR/Wan2.1_VAE.pth`` or ``DIR/Wan2.2_VAE.pth``: the task's VAE, official keys, float32;
 * ``DIR/models_t5_umt5-xxl-enc-bf16.pth``: umT5 encoder, official keys, bfloat16;
+* Wan2.1 I2V-14B / FLF2V-14B (the DiT with the CLIP image branch, sharded as the release):
+  ``DIR/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` (the official XLM-RoBERTa-CLIP
+  layout: ``visual.*``, a stub ``textual.*``, ``log_scale``; float32) and the same vision weights
+  as ComfyUI ships them, ``DIR/clip_vision_h.safetensors`` (transformers key names, float16);
 * ``DIR/google/umt5-xxl/``: a real SentencePiece unigram tokenizer (``spiece.model``,
   ``tokenizer_config.json``, ``special_tokens_map.json``) with umT5's special ids;
 * ``DIR/manifest.json``: the files and the command-line flags that use them.
@@ -19,7 +23,8 @@ task needs, laid out and named like the official release, so every command runs 
 Sizes: DiT dim 64, 2 heads of 32, FFN 128, 2 layers, text_dim 32; umT5 d_model 32, 2 layers,
 4 heads of 8, d_ff 64, vocabulary = the tokenizer's (~600 pieces trained at make time on
 ``wanlora/data/tiny_tokenizer_corpus.txt``, English captions and the Chinese default negative
-prompt); VAEs at base width 8 (:data:`TINY_VAE`). Values are a pure function of (seed, tensor
+prompt); VAEs at base width 8 (:data:`TINY_VAE`); CLIP ViT width 160 (2 heads of 80, the ViT-H
+head width), 2 blocks, patch 14 at 224x224, so it gives the real 257 tokens (:data:`TINY_CLIP`). Values are a pure function of (seed, tensor
 name, shape), drawn from a generator per tensor, so they do not depend on any module's init code;
 the files are byte-identical for the same seed.
 """
@@ -39,6 +44,7 @@ import torch
 
 from wanlora.conditioning import conditioning_for
 from wanlora.io_utils import atomic_path, save_safetensors, save_torch_state_dict, write_json
+from wanlora.models.clip import CLIP_CHECKPOINT_NAME
 from wanlora.models.text_encoder import T5_CHECKPOINT_NAME, TOKENIZER_NAME
 from wanlora.tasks import TASKS, VAE_FILES, get_task
 
@@ -48,11 +54,13 @@ __all__ = [
     "tiny_t5_state_dict",
     "tiny_dit_state_dict",
     "tiny_vae_state_dict",
+    "tiny_clip_state_dict",
     "write_dit_folder",
     "dit_config_json",
     "TINY_DIT",
     "TINY_T5",
     "TINY_VAE",
+    "TINY_CLIP",
     "main",
 ]
 
@@ -62,6 +70,8 @@ TINY_DIT = {"dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 2}
 TINY_T5 = {"d_model": 32, "num_layers": 2, "num_heads": 4, "d_kv": 8, "d_ff": 64, "num_buckets": 32}
 #: VAE widths of the tiny sets (keyword arguments of the VAE model classes).
 TINY_VAE = {"wan2.1": {"dim": 8}, "wan2.2": {"dim": 8, "dec_dim": 8}}
+#: CLIP vision tower of the tiny Wan2.1 image sets (official: width 1280, 32 blocks, MLP 5120).
+TINY_CLIP = {"dim": 160, "num_layers": 2, "mlp_dim": 320, "patch": 14, "image_size": 224, "embed_dim": 32}
 #: Target vocabulary of the tiny tokenizer (the trainer may stop a little below it).
 TINY_VOCAB = 600
 
@@ -69,6 +79,8 @@ CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny_tokenizer_corpus.t
 T5_FILE = T5_CHECKPOINT_NAME  # the official release's names, where load_text_encoder looks
 TOKENIZER_DIR = TOKENIZER_NAME
 VAE_FILE = VAE_FILES
+CLIP_FILE = CLIP_CHECKPOINT_NAME
+CLIP_COMFY_FILE = "clip_vision_h.safetensors"
 DIT_SHARDS = 2
 _DIFFUSERS_VERSION = "0.33.0"
 
@@ -196,8 +208,10 @@ def tiny_dit_state_dict(task: str, seed: int = 0, expert: str | None = None,
     from wanlora.models.dit import WanDiT, WanDiTConfig
 
     t = get_task(task)
+    image = dict(image_dim=TINY_CLIP["dim"] if t.uses_clip else None,
+                 image_pos_len=t.clip_frames * _clip_tokens() if t.clip_frames > 1 else None)
     cfg = WanDiTConfig(in_channels=t.in_channels, out_channels=t.out_channels, text_dim=text_dim,
-                       **TINY_DIT)
+                       **TINY_DIT, **image)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in WanDiT(cfg).state_dict().items()}
     tag = f"{seed}:{expert or 'dit'}"
@@ -285,6 +299,59 @@ def tiny_vae_state_dict(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
+# CLIP image encoder (Wan2.1 I2V-14B / FLF2V-14B)
+
+
+def _clip_tokens() -> int:
+    """CLIP tokens per image of the tiny encoder: class token + (224 / 14)² = 257, as the release."""
+    return 1 + (TINY_CLIP["image_size"] // TINY_CLIP["patch"]) ** 2
+
+
+def tiny_clip_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random XLM-RoBERTa-CLIP weights in the official layout (``wan/modules/clip.py:
+    XLMRobertaCLIP``): the full ``visual.*`` tower at :data:`TINY_CLIP` sizes (fused
+    ``attn.to_qkv``, ``cls_embedding [1, 1, D]``, ``pos_embedding [1, 257, D]``, bias-free patch
+    conv, ``pre_norm``, ``post_norm``, ``head``), a stub text tower and ``log_scale``; float32."""
+    c = TINY_CLIP
+    d, m = c["dim"], c["mlp_dim"]
+    spec: dict[str, tuple] = {
+        "visual.patch_embedding.weight": (d, 3, c["patch"], c["patch"]),
+        "visual.cls_embedding": (1, 1, d),
+        "visual.pos_embedding": (1, _clip_tokens(), d),
+        "visual.pre_norm.weight": (d,), "visual.pre_norm.bias": (d,),
+        "visual.post_norm.weight": (d,), "visual.post_norm.bias": (d,),
+        "visual.head": (d, c["embed_dim"]),
+        "textual.token_embedding.weight": (16, c["embed_dim"]),
+        "textual.head.0.weight": (c["embed_dim"], c["embed_dim"]),
+    }
+    for i in range(c["num_layers"]):
+        b = f"visual.transformer.{i}."
+        spec.update({
+            b + "norm1.weight": (d,), b + "norm1.bias": (d,),
+            b + "attn.to_qkv.weight": (3 * d, d), b + "attn.to_qkv.bias": (3 * d,),
+            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
+            b + "norm2.weight": (d,), b + "norm2.bias": (d,),
+            b + "mlp.0.weight": (m, d), b + "mlp.0.bias": (m,),
+            b + "mlp.2.weight": (d, m), b + "mlp.2.bias": (d,),
+        })
+    tag = f"{seed}:clip"
+    sd = {k: _random_like(k, shape, tag, 0.5 if k.endswith(("cls_embedding", "pos_embedding")) else None)
+          for k, shape in spec.items()}
+    sd["log_scale"] = torch.tensor(math.log(1 / 0.07))
+    return sd
+
+
+def comfy_clip_state_dict(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The vision weights of :func:`tiny_clip_state_dict` as ComfyUI's ``clip_vision_h.safetensors``
+    holds them: transformers names behind ``vision_model.``, ``visual_projection.weight``, float16."""
+    from wanlora.models.clip import official_to_hf_state_dict
+
+    sd = {"vision_model." + k: v for k, v in official_to_hf_state_dict(official).items()}
+    sd["visual_projection.weight"] = official["visual.head"].t()
+    return {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------------------------
 # The set
 
 
@@ -301,11 +368,12 @@ def make_tiny(task: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
 
             {"task": ..., "seed": ..., "files": {role: absolute path},
              "flags": {"--task": task, "--dit": ..., ["--dit_high_noise": ...,]
-                       "--vae": ..., "--t5": ..., "--t5_tokenizer": ...},
+                       "--vae": ..., "--t5": ..., "--t5_tokenizer": ..., ["--clip": ...]},
              "sizes": {"dit": ..., "t5": ..., "vae": ...}}
 
         For A14B tasks ``--dit`` is the low-noise expert and ``--dit_high_noise`` the
-        high-noise one (the convention of the Wan LoRA tools).
+        high-noise one (the convention of the Wan LoRA tools). The Wan2.1 image tasks add
+        ``--clip`` (the official ``.pth``) and ``files["clip_comfyui"]``.
 
     Raises:
         ValueError: unknown task (the message lists the tasks; :func:`wanlora.tasks.get_task`).
@@ -338,6 +406,15 @@ def make_tiny(task: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
         flags["--dit"] = str(path)
     files.update(vae=str(vae_path), t5=str(t5_path), t5_tokenizer=str(tok_dir))
     flags.update({"--vae": str(vae_path), "--t5": str(t5_path), "--t5_tokenizer": str(tok_dir)})
+    sizes = {}
+    if t.uses_clip:
+        clip_sd = tiny_clip_state_dict(seed)
+        clip_path, comfy_path = out / CLIP_FILE, out / CLIP_COMFY_FILE
+        save_torch_state_dict(clip_sd, clip_path)
+        save_safetensors(comfy_clip_state_dict(clip_sd), comfy_path)
+        files.update(clip=str(clip_path), clip_comfyui=str(comfy_path))
+        flags["--clip"] = str(clip_path)
+        sizes["clip"] = dict(TINY_CLIP)
     manifest = {
         "task": task,
         "seed": seed,
@@ -345,7 +422,7 @@ def make_tiny(task: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
         "flags": flags,
         "sizes": {"dit": {**TINY_DIT, "text_dim": TINY_T5["d_model"]},
                   "t5": {**TINY_T5, "vocab_size": vocab},
-                  "vae": {"kind": t.vae, **TINY_VAE[t.vae]}},
+                  "vae": {"kind": t.vae, **TINY_VAE[t.vae]}, **sizes},
     }
     write_json(out / "manifest.json", manifest)
     return manifest
