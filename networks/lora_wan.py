@@ -2,11 +2,12 @@
 
 Targets (``reference/lora_formats.md`` §1–§2): every ``nn.Linear`` inside a transformer block
 ``blocks.N`` — ``self_attn.{q,k,v,o}``, ``cross_attn.{q,k,v,o}``, ``ffn.0``, ``ffn.2``: 10 per
-block, 400 for a 40-layer A14B expert or Wan2.1-14B, 300 for TI2V-5B and Wan2.1-1.3B. That is
-exactly the set musubi-tuner's ``networks.lora_wan`` trains, so the files load in ComfyUI,
-diffusers, musubi and Wan2GP. The Wan2.1-I2V-only ``cross_attn.k_img/v_img`` are excluded by
-default (Wan2.2 has none; a LoRA meant for Wan2.2 must never carry them), as are the embeddings,
-norms, modulation and head (outside the blocks or not Linear).
+block, 400 for a 40-layer A14B expert or Wan2.1-14B, 300 for TI2V-5B and Wan2.1-1.3B; the Wan2.1
+I2V-14B / FLF2V-14B DiTs add their image cross-attention ``cross_attn.k_img/v_img`` (12 per block,
+480). That is exactly the set musubi-tuner's ``networks.lora_wan`` trains (every Linear of a
+``WanAttentionBlock``), so the files load in ComfyUI, diffusers, musubi and Wan2GP. The CLIP
+projection ``img_emb``, the embeddings, norms, modulation and head are never targeted (outside the
+blocks or not Linear).
 
 ``--network_args`` (strings, ``key=value``) understood here:
 
@@ -50,10 +51,9 @@ _BLOCK_LINEAR = re.compile(r"blocks\.\d+\..+")
 
 WAN_DEFAULT_EXCLUDE_PATTERNS = (
     r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head|modulation).*",
-    r".*\.(k_img|v_img)",
     r".*img_emb.*",
 )
-"""Always-added excludes: musubi's (embeddings, norms, head) plus the Wan2.1-I2V image branch."""
+"""Always-added excludes: musubi's (embeddings, norms, head) plus the CLIP projection ``img_emb``."""
 
 _KNOWN_ARGS = {"exclude_patterns", "include_patterns", "rank_dropout", "module_dropout",
                "loraplus_lr_ratio", "verbose"}

@@ -238,6 +238,8 @@ def test_wan21_i2v_modules_refused_for_wan22():
     with pytest.raises(ValueError, match="k_img.*i2v-A14B"):
         check_lora_for_task(sd, "i2v-A14B")
     check_lora_for_task(make_lora(), "i2v-A14B")
+    check_lora_for_task(sd, "i2v-14B")  # the Wan2.1 image models have them
+    check_lora_for_task(sd, "flf2v-14B")
 
 
 def test_expert_file_names(tmp_path):

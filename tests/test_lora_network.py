@@ -96,10 +96,12 @@ def test_targets_are_the_ten_block_linears(model):
     assert sorted(net.dotted_names) == sorted("lora_unet_" + n.replace(".", "_") for n in expected)
 
 
-def test_wan21_i2v_image_branch_never_targeted():
+def test_wan21_i2v_image_cross_attention_targeted_as_musubi_does():
+    """Wan2.1 I2V-14B / FLF2V-14B: every Linear of a block, k_img and v_img included (12 per block)."""
     net = lora_wan.create_network(1.0, 4, 1.0, None, None, FakeWan(img=True))
-    assert len(net.unet_loras) == 20
-    assert not any("img" in n for n in net.dotted_names.values())
+    assert len(net.unet_loras) == 24
+    assert sorted(n for n in net.dotted_names.values() if "img" in n) == [
+        f"blocks.{i}.cross_attn.{m}" for i in (0, 1) for m in ("k_img", "v_img")]
 
 
 def test_init_changes_nothing(model, x):

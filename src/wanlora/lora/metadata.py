@@ -329,12 +329,14 @@ def _ranges(xs: list[int]) -> str:
 
 def check_lora_for_task(state_dict_or_paths, task: str | Task) -> None:
     """Refuse Wan2.1-I2V-only modules (``k_img``, ``v_img``, ``img_emb``) in a LoRA for a task
-    that has none (every task of the table: Wan2.2 A14B I2V has no CLIP branch).
+    that has none (every task but ``i2v-14B`` / ``flf2v-14B``: Wan2.2 A14B I2V has no CLIP branch).
 
     Raises:
         ValueError: naming the modules and the fix (exclude them).
     """
     t = get_task(task)
+    if t.uses_clip:
+        return
     if hasattr(state_dict_or_paths, "items"):
         paths = set(lora_modules(state_dict_or_paths))
     else:
