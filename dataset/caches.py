@@ -53,8 +53,9 @@ TEXT_SUFFIX = "_wan_te.safetensors"
 #: Latent cache metadata: format, source (absolute path), source_size (bytes), source_mtime_ns,
 #: window_start, window_frames, frame_indices (JSON list of the file's frame numbers), source_fps
 #: (the resampling asked, or ""), width, height (pixels), vae (identity), vae_kind, task,
-#: conditioning (none|i2v|ti2v), has_y ("1"/"0"), dataset (entry name), config (TOML path),
-#: options (JSON of the entry's shaping options).
+#: conditioning (none|i2v|i2v_clip|flf2v|ti2v), has_y ("1"/"0"), dataset (entry name), config
+#: (TOML path), options (JSON of the entry's shaping options). The Wan2.1 image tasks add
+#: has_clip_fea and clip (the CLIP encoder's identity), which the content check compares.
 LATENT_META_KEYS = (
     "format", "source", "source_size", "source_mtime_ns", "window_start", "window_frames",
     "frame_indices", "source_fps", "width", "height", "vae", "vae_kind", "task", "conditioning",
@@ -62,7 +63,7 @@ LATENT_META_KEYS = (
 )
 LATENT_CONTENT_KEYS = (
     "format", "source", "source_size", "source_mtime_ns", "frame_indices", "width", "height",
-    "vae", "has_y",
+    "vae", "has_y", "clip",
 )
 #: Text cache metadata: format, caption, text_encoder (identity), source (media path), dataset.
 TEXT_META_KEYS = ("format", "caption", "text_encoder", "source", "dataset")

@@ -8,7 +8,9 @@ recorded with its reason and never stops the others.
 
 A task's image conditioning (:mod:`wanlora.conditioning`) adds its tensors to every cache file:
 for I2V-A14B the ``y`` of each window's first frame (mask 4 + image latent 16 channels, the same
-``y`` the generation pipeline builds for that frame), recorded as ``has_y = "1"``.
+``y`` the generation pipeline builds for that frame), recorded as ``has_y = "1"``; for the Wan2.1
+image models also ``clip_fea``, the CLIP features of the window's first (FLF2V: first and last)
+frame, with the CLIP encoder's identity recorded as ``clip`` (another encoder makes the cache stale).
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ def _frame_sequence(ds: DatasetConfig, info, task: Task) -> tuple[list[int] | No
 
 
 def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str, vae_kind: str,
-              force: bool = False) -> tuple[ItemJob | None, int, str | None]:
-    """Plan one item: ``(job or None, windows up to date, failure reason or None)``."""
+              force: bool = False, clip_identity: str | None = None) -> tuple[ItemJob | None, int, str | None]:
+    """Plan one item: ``(job or None, windows up to date, failure reason or None)``; ``clip_identity``
+    is recorded for the conditionings that cache CLIP features."""
     if item.problem:
         return None, 0, item.problem
     try:
@@ -138,6 +141,7 @@ def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str,
         "format": C.LATENT_FORMAT, **ident, "source_fps": "" if ds.source_fps is None else f"{ds.source_fps:g}",
         "width": str(size[0]), "height": str(size[1]), "vae": vae_identity, "vae_kind": vae_kind,
         "task": task.name, "conditioning": cond.kind, "has_y": "0", **{f"has_{k}": "1" for k in cond.cache_keys},
+        **({"clip": clip_identity or "none"} if cond.uses_clip else {}),
         "dataset": ds.name, "config": str(ds.config_path), "options": C.dumps(ds.shaping_options()),
     }
     jobs, current = [], 0
@@ -157,13 +161,14 @@ def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str,
     return job, current, None
 
 
-def plan_latent_caches(config: DatasetGroupConfig, vae_identity: str, vae_kind: str, force: bool = False) -> CachePlan:
+def plan_latent_caches(config: DatasetGroupConfig, vae_identity: str, vae_kind: str, force: bool = False,
+                       clip_identity: str | None = None) -> CachePlan:
     """Plan every item of every entry (probing only; nothing decoded). See :func:`plan_item`."""
     jobs, failed, current, n = [], [], 0, 0
     for ds in config.datasets:
         for item in list_items(ds):
             n += 1
-            job, cur, why = plan_item(ds, item, config.task, vae_identity, vae_kind, force)
+            job, cur, why = plan_item(ds, item, config.task, vae_identity, vae_kind, force, clip_identity)
             current += cur
             if why:
                 failed.append((str(item.path), why))
@@ -238,6 +243,7 @@ def cache_latents(
     force: bool = False,
     debug_mode: str | None = None,
     progress: bool = True,
+    clip=None,
 ) -> CacheReport:
     """Build every missing or stale latent cache of ``config``.
 
@@ -250,9 +256,14 @@ def cache_latents(
         debug_mode: ``"video"`` or ``"image"``: write the exact frames that would be trained to
             ``{cache_directory}/debug/`` (an MP4, or a folder of PNGs, per window) and encode nothing.
         progress: show a tqdm bar (items/s).
+        clip: the CLIP image encoder (:func:`wanlora.models.load_clip`) for the tasks whose
+            conditioning caches CLIP features (``i2v-14B``, ``flf2v-14B``); ignored by the others.
 
     Returns:
         :class:`CacheReport`; a failed item is listed with its reason, the others are still cached.
+
+    Raises:
+        ValueError: a VAE of the wrong family, or no ``clip`` for a task that needs it.
     """
     from tqdm import tqdm
 
@@ -266,7 +277,11 @@ def cache_latents(
     if vae is not None and vae.kind != task.vae:
         raise ValueError(f"--vae is the {vae.kind} VAE but task {task.name} uses the {task.vae} VAE; "
                          f"pass the {'Wan2.1_VAE.pth' if task.vae == 'wan2.1' else 'Wan2.2_VAE.pth'} file")
-    plan = plan_latent_caches(config, identity, vae_kind, force=force or bool(debug_mode))
+    if cond.uses_clip and clip is None and not debug_mode:
+        raise ValueError(f"task {task.name} caches CLIP image features: pass the CLIP image encoder with --clip "
+                         "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
+    clip_identity = clip.identity if clip is not None and cond.uses_clip else None
+    plan = plan_latent_caches(config, identity, vae_kind, force=force or bool(debug_mode), clip_identity=clip_identity)
     report = CacheReport(skipped=0 if debug_mode else plan.up_to_date, failed=list(plan.failed), items=plan.items)
     for src, why in plan.failed:
         log.warning("skipping %s", why)
@@ -293,7 +308,7 @@ def cache_latents(
         videos = torch.stack([v for _, _, v in entries])
         try:
             lat = vae.encode(videos).float().cpu()
-            extra = {k: v.cpu() for k, v in cond.cache_tensors(vae, videos).items()}
+            extra = {k: v.cpu() for k, v in cond.cache_tensors(vae, videos, clip).items()}
         except Exception as e:  # noqa: BLE001
             for j, _, _ in entries:
                 if j not in failed_jobs:

@@ -193,6 +193,14 @@ def test_17_frame_64px_clip_runs_in_seconds(task, tiny_dir):
     assert z.shape == (1, t.latent_channels, 5, 64 // t.vae_stride[1], 64 // t.vae_stride[2])
     context = te.encode(["a cat on a surfboard"])
     y = torch.randn(1, t.in_channels - t.out_channels, *z.shape[2:]) if t.in_channels > t.out_channels else None
+    clip_fea = None
+    if t.uses_clip:  # the CLIP features of the first (and last) frame, [1, 257 * frames, width]
+        from wanlora.models import load_clip
+
+        clip = load_clip(m["flags"]["--clip"])
+        frames = video[0, :, [0, -1][: t.clip_frames]].transpose(0, 1)  # [frames, 3, H, W]
+        clip_fea = clip.encode(frames).reshape(1, -1, clip.dim)
+        assert clip_fea.shape == (1, 257 * t.clip_frames, 160)
     paths = [m["flags"]["--dit"]] + ([m["flags"]["--dit_high_noise"]] if t.experts else [])
     for path in paths:
         dit = load_dit(path, task)

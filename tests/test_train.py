@@ -102,7 +102,7 @@ def _eval_loss(task, dit_path, lora_file, toml, lo, hi, n_draws=3) -> float:
         for i in range(len(ds)):
             for d in range(n_draws):
                 g = torch.Generator().manual_seed(1000 * i + d)
-                loss, _ = flow_matching_loss(lambda x, t, c, y: dit(x, t, c, y), ds[i], sampler, lo, hi, g, "cpu",
+                loss, _ = flow_matching_loss(lambda x, t, c, y, clip: dit(x, t, c, y), ds[i], sampler, lo, hi, g, "cpu",
                                              conditioning=ds.conditioning)
                 total.append(loss.item())
     return sum(total) / len(total)

@@ -223,7 +223,7 @@ def test_flow_matching_loss_relation_and_ti2v_first_frame():
     sampler = flow.TimestepDistribution("uniform")
     seen = {}
 
-    def oracle(x_t, t, ctx, y):  # predicts the exact target for frames > 0, garbage on frame 0
+    def oracle(x_t, t, ctx, y, clip_fea):  # predicts the exact target for frames > 0, garbage on frame 0
         seen["x_t"], seen["t"] = x_t, t
         g = torch.Generator().manual_seed(5)
         noise = torch.randn(x0.shape, generator=g)

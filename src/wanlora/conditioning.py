@@ -32,16 +32,12 @@ Numerics follow the official code (``reference/wan_numerics.md`` §5 for I2V-A14
 TI2V-5B); the cached ``y`` equals, bit for bit, the ``y`` the pipeline builds for the same image
 at the same size (``tests/test_conditioning.py``).
 
-Extension point (Wan2.1 ``i2v-14B`` / ``flf2v-14B``, CLIP image features): give the task a new
-kind in the task table and register a subclass of :class:`ImageToVideo` in :data:`KINDS` — no
-other module tests the kind's name. Its ``known_frames`` says which pixel frames the mask marks
-and the VAE sees (first frame: ``(0,)``; first and last frame: ``(0, -1)``, the official FLF2V
-``msk[:, 1:-1] = 0``); its ``cache_keys`` add ``"clip_fea"`` beside ``"y"`` (cached by
-:meth:`~Conditioning.cache_tensors`, checked and loaded by the training dataset through the
-keys); its ``model_type`` is the official ``"i2v"`` / ``"flf2v"``. The CLIP features reach the
-DiT as one more field beside ``y`` in :class:`TrainingInputs` and :class:`ImageInputs`, which the
-two DiT call sites (the trainer's model function and
-:func:`wanlora.inference.sampling.guided_velocity`) pass on as ``clip_fea``.
+The Wan2.1 image models (``reference/wan21_image_models.md``) add CLIP image features
+(``clip_fea``, from :func:`wanlora.models.load_clip`): cached beside ``y`` (``--clip`` of
+``wanlora-cache-latents``), passed to the DiT as ``clip_fea`` by both DiT call sites (the trainer's
+model function and :func:`wanlora.inference.sampling.guided_velocity`) through
+:class:`TrainingInputs` / :class:`ImageInputs`. FLF2V's mask and ``y`` mark the first and the last
+frame (``known_frames = (0, -1)``, the official ``msk[:, 1:-1] = 0``).
 """
 
 from __future__ import annotations
@@ -57,7 +53,8 @@ import torch.nn.functional as F
 from wanlora.tasks import TASKS, Task, get_task
 
 __all__ = [
-    "Conditioning", "TextToVideo", "ImageToVideo", "FirstFrameLatent", "KINDS", "conditioning_for",
+    "Conditioning", "TextToVideo", "ImageToVideo", "ClipImageToVideo", "FirstLastFrameToVideo", "FirstFrameLatent",
+    "KINDS", "conditioning_for", "clip_features", "flf2v_last_frame",
     "TrainingInputs", "ImageInputs",
     "i2v_mask", "i2v_y", "clean_first_frame", "with_clean_first_frame", "per_sample_mse",
     "i2v_size", "best_output_size", "image_to_tensor", "i2v_image", "ti2v_image",
@@ -258,21 +255,26 @@ class TrainingInputs:
         timestep: ``[B]``, or ``[B, F]`` when some sample has a clean first frame; 0..1000.
         y: ``[B, C_y, F, h, w]`` float32 I2V conditioning from the cache, or ``None``.
         loss_mask: ``[B, 1, F, 1, 1]`` 0/1 frames counted by the loss, or ``None`` (all).
+        clip_fea: ``[B, 257·n, 1280]`` float32 CLIP features from the cache (Wan2.1 image
+            models), or ``None``.
     """
 
     x_t: torch.Tensor
     timestep: torch.Tensor
     y: torch.Tensor | None = None
     loss_mask: torch.Tensor | None = None
+    clip_fea: torch.Tensor | None = None
 
 
 @dataclass
 class ImageInputs:
     """What generation derives from the image: ``y`` ``[C_y, T, h, w]`` (I2V) or the clean first
-    latent ``[C, 1, h, w]`` (TI2V), float32 on the pipeline's device; ``None`` where not used."""
+    latent ``[C, 1, h, w]`` (TI2V), and the CLIP features ``clip_fea`` ``[257·n, 1280]`` (Wan2.1
+    image models); float32 on the pipeline's device; ``None`` where not used."""
 
     y: torch.Tensor | None = None
     first_latent: torch.Tensor | None = None
+    clip_fea: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -286,9 +288,13 @@ class Conditioning:
         cache_keys: tensors a latent cache holds besides ``latents``.
         label: how messages name the cached conditioning.
         trains_first_frame: whether ``--ti2v_first_frame`` applies; first_frame_note: why not.
+        requires_end_image: generation needs a last frame too (``--end_image_path`` / ``--ei``).
+        uses_clip: caching and generation need the CLIP image encoder (``--clip``).
     """
 
     kind: ClassVar[str] = "none"
+    requires_end_image: ClassVar[bool] = False
+    uses_clip: ClassVar[bool] = False
     model_type: ClassVar[str] = "t2v"
     image_input: ClassVar[str] = "ignored"
     cache_keys: ClassVar[tuple[str, ...]] = ()
@@ -307,9 +313,10 @@ class Conditioning:
         return self.image_input != "ignored"
 
     # -- caching -------------------------------------------------------------------------------
-    def cache_tensors(self, vae, videos: torch.Tensor) -> dict[str, torch.Tensor]:
+    def cache_tensors(self, vae, videos: torch.Tensor, clip=None) -> dict[str, torch.Tensor]:
         """The tensors a latent cache holds besides ``latents``, each ``[B, ...]`` float32, for
-        pixel videos ``[B, 3, F, H, W]`` in [−1, 1] (keys: :attr:`cache_keys`)."""
+        pixel videos ``[B, 3, F, H, W]`` in [−1, 1] (keys: :attr:`cache_keys`); ``clip`` is the
+        CLIP image encoder where :attr:`uses_clip`."""
         return {}
 
     # -- training ------------------------------------------------------------------------------
@@ -331,8 +338,11 @@ class Conditioning:
         ``None`` when this conditioning does not use an image (then the request's size applies)."""
         return None
 
-    def encode_image(self, vae, pixels: torch.Tensor, frames: int, device) -> ImageInputs:
-        """The image inputs of generation (:class:`ImageInputs`) from :meth:`image_pixels`'s pixels."""
+    def encode_image(self, vae, pixels: torch.Tensor, frames: int, device, clip=None, image=None,
+                     end_image=None) -> ImageInputs:
+        """The image inputs of generation (:class:`ImageInputs`) from :meth:`image_pixels`'s pixels;
+        the Wan2.1 image models also read ``clip`` (the CLIP encoder), the PIL ``image`` as given
+        and the PIL ``end_image`` (FLF2V's last frame)."""
         return ImageInputs()
 
     def model_timestep(self, t: torch.Tensor, frames: int, first_latent: bool, device) -> torch.Tensor:
@@ -361,7 +371,7 @@ class ImageToVideo(Conditioning):
     first_frame_note: ClassVar[str] = "takes its first frame from the cached y"
     known_frames: tuple[int, ...] = (0,)
 
-    def cache_tensors(self, vae, videos):
+    def cache_tensors(self, vae, videos, clip=None):
         """``{"y": [B, 20, T, h, w]}`` from each window's first frame (:func:`i2v_y`)."""
         return {"y": i2v_y(vae, videos, self.known_frames)}
 
@@ -374,11 +384,128 @@ class ImageToVideo(Conditioning):
         h, w = i2v_size(image.width, image.height, max_area, task.vae_stride[1], task.patch_size[1])
         return i2v_image(image, h, w), (h, w)
 
-    def encode_image(self, vae, pixels, frames, device):
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None):
         """``y`` ``[20, T, h, w]``: the image as frame 0 of ``frames`` pixel frames (:func:`i2v_y`)."""
         _, h, w = pixels.shape
         video = torch.cat([pixels[:, None], torch.zeros(3, frames - 1, h, w)], dim=1)
         return ImageInputs(y=i2v_y(vae, video[None], self.known_frames)[0].to(device, torch.float32))
+
+
+def clip_features(clip, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """CLIP features of one sample's images, concatenated along tokens in the given order.
+
+    Args:
+        clip: the CLIP image encoder (:func:`wanlora.models.load_clip`), or ``None``.
+        images: ``n`` tensors ``[B, 3, H_i, W_i]`` in [−1, 1] (any sizes; each is resized to 224
+            inside): the first frame, then (FLF2V) the last frame.
+
+    Returns:
+        ``[B, n·257, 1280]`` float32: ``[first frame's tokens | last frame's tokens]``, the order
+        of the official ``clip.visual([first, last])`` that FLF2V's ``emb_pos`` is learned on.
+
+    Raises:
+        ValueError: ``clip`` is ``None`` (the message names ``--clip`` and the files it takes).
+    """
+    if clip is None:
+        raise ValueError("this task conditions on CLIP image features: pass the CLIP image encoder with --clip "
+                         "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
+    return torch.cat([clip.encode(x) for x in images], dim=1)
+
+
+def flf2v_last_frame(end_image, width: int, height: int) -> torch.Tensor:
+    """FLF2V's last frame ``[3, height, width]`` in [−1, 1], at the first frame's pixel size.
+
+    ``wan/first_last_frame2video.py`` means to bring a last frame of another size to the first
+    frame's: scale by ``max(W / w, H / h)`` (rounded sizes) and center-crop. Its code computes the
+    scaled size but only ``center_crop``s the unscaled image to it (with width and height swapped),
+    which pads with black instead; this function does what the comment says — PIL bicubic resize
+    to cover, center crop — and a last frame of the first frame's size is used as it is.
+
+    Args:
+        end_image: PIL image; width, height: the first image's size in pixels.
+    """
+    from PIL import Image
+
+    if (end_image.width, end_image.height) != (width, height):
+        scale = max(width / end_image.width, height / end_image.height)
+        img = end_image.convert("RGB").resize((round(end_image.width * scale), round(end_image.height * scale)),
+                                              Image.BICUBIC)
+        x1, y1 = (img.width - width) // 2, (img.height - height) // 2
+        end_image = img.crop((x1, y1, x1 + width, y1 + height))
+    return image_to_tensor(end_image)
+
+
+@dataclass(frozen=True)
+class ClipImageToVideo(ImageToVideo):
+    """Wan2.1 I2V-14B (``wan/image2video.py`` of Wan2.1): ``y`` as :class:`ImageToVideo` plus the
+    CLIP features of the image, ``clip_fea [257, 1280]``, read by the DiT's image cross-attention.
+
+    Generation gives CLIP the input image at its own resolution (not the frame resized for the
+    VAE), as the official pipeline does; caching gives it the window's first frame at the
+    training size. CLIP resizes either to 224x224, so the two differ only by that resampling.
+    """
+
+    kind: ClassVar[str] = "i2v_clip"
+    model_type: ClassVar[str] = "i2v"
+    cache_keys: ClassVar[tuple[str, ...]] = ("y", "clip_fea")
+    label: ClassVar[str] = "I2V conditioning 'y' and CLIP features 'clip_fea'"
+    uses_clip: ClassVar[bool] = True
+
+    def cache_tensors(self, vae, videos, clip=None):
+        """``{"y": [B, 20, T, h, w], "clip_fea": [B, 257·n, 1280]}``: ``y`` of the window's known
+        frames (:func:`i2v_y`) and the CLIP features of the same frames (:func:`clip_features`)."""
+        frames = [videos[:, :, i] for i in _frame_indices(self.known_frames, videos.shape[2])]
+        fea = clip_features(clip, frames)
+        return {"y": i2v_y(vae, videos, self.known_frames), "clip_fea": fea}
+
+    def training_inputs(self, batch, x0, x_t, timestep, generator):
+        """The cached ``y`` and ``clip_fea`` in float32 on ``x0``'s device."""
+        inputs = super().training_inputs(batch, x0, x_t, timestep, generator)
+        inputs.clip_fea = batch["clip_fea"].to(device=x0.device, dtype=torch.float32)
+        return inputs
+
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None):
+        """``y`` ``[20, T, h, w]`` (as I2V-A14B) and ``clip_fea`` ``[257, 1280]`` of ``image``."""
+        fea = clip_features(clip, [image_to_tensor(image)[None]])
+        inputs = super().encode_image(vae, pixels, frames, device)
+        inputs.clip_fea = fea[0].to(device, torch.float32)
+        return inputs
+
+
+@dataclass(frozen=True)
+class FirstLastFrameToVideo(ClipImageToVideo):
+    """Wan2.1 FLF2V-14B (``wan/first_last_frame2video.py``): the mask marks the first and the last
+    pixel frame, ``y`` encodes ``[first, zeros, last]``, ``clip_fea`` ``[2·257, 1280]`` holds the
+    first frame's tokens then the last frame's. The last frame is brought to the first frame's size
+    by :func:`flf2v_last_frame`, then resized with the first frame to the output size (bicubic, no
+    antialias, as the official code)."""
+
+    kind: ClassVar[str] = "flf2v"
+    model_type: ClassVar[str] = "flf2v"
+    label: ClassVar[str] = "FLF2V conditioning 'y' and CLIP features 'clip_fea' of the first and last frame"
+    requires_end_image: ClassVar[bool] = True
+    known_frames: tuple[int, ...] = (0, -1)
+
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None):
+        """``y`` ``[20, T, h, w]`` of ``[first, zeros, last]`` and ``clip_fea`` ``[514, 1280]``.
+
+        Raises:
+            ValueError: no ``end_image`` (the message names ``--end_image_path`` / ``--ei``), or
+                fewer than 2 frames.
+        """
+        if end_image is None:
+            raise ValueError("flf2v-14B generates from a first and a last frame: give --end_image_path "
+                             "(or --ei in a prompt file)")
+        if frames < 2:
+            raise ValueError("flf2v-14B needs at least 5 frames (the first and the last are given)")
+        first = image_to_tensor(image)
+        last = flf2v_last_frame(end_image, image.width, image.height)
+        fea = clip_features(clip, [first[None], last[None]])
+        _, h, w = pixels.shape
+        last_px = F.interpolate(last[None], size=(h, w), mode="bicubic")[0]
+        video = torch.cat([pixels[:, None], torch.zeros(3, frames - 2, h, w), last_px[:, None]], dim=1)
+        y = i2v_y(vae, video[None], self.known_frames)[0]
+        return ImageInputs(y=y.to(device, torch.float32), clip_fea=fea[0].to(device, torch.float32))
 
 
 @dataclass(frozen=True)
@@ -415,7 +542,7 @@ class FirstFrameLatent(Conditioning):
         pixels, (h, w) = ti2v_image(image, max_area, task.pixel_unit)
         return pixels, (h, w)
 
-    def encode_image(self, vae, pixels, frames, device):
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None):
         """The clean first latent ``[48, 1, h, w]`` of the image alone."""
         return ImageInputs(first_latent=vae.encode(pixels[:, None][None])[0].to(device, torch.float32))
 
@@ -430,7 +557,8 @@ class FirstFrameLatent(Conditioning):
 
 
 #: conditioning kind (``Task.conditioning``) -> class; the one place a kind's name is looked up.
-KINDS: dict[str, type[Conditioning]] = {c.kind: c for c in (TextToVideo, ImageToVideo, FirstFrameLatent)}
+KINDS: dict[str, type[Conditioning]] = {
+    c.kind: c for c in (TextToVideo, ImageToVideo, ClipImageToVideo, FirstLastFrameToVideo, FirstFrameLatent)}
 
 
 def conditioning_for(task: str | Task, first_frame_prob: float = 0.0) -> Conditioning:

@@ -98,8 +98,10 @@ class GenerationRequest:
         frames: pixel frames ``4n+1`` (1 = an image).
         seed: noise seed. steps, guidance_scale (low-noise / only model),
         guidance_scale_high_noise (A14B), flow_shift, solver (``unipc``/``euler``/``dpm++``).
-        image: PIL RGB first frame (``i2v-A14B`` needs one; ``ti2v-5B`` optional; ignored by the
-            text-to-video tasks). image_path: where it came from (recorded in the settings only).
+        image: PIL RGB first frame (``i2v-A14B``, ``i2v-14B``, ``flf2v-14B`` need one; ``ti2v-5B``
+            optional; ignored by the text-to-video tasks). image_path: where it came from
+            (recorded in the settings only).
+        end_image / end_image_path: the last frame of ``flf2v-14B`` (PIL RGB) and its path.
         cfg_skip_mode / cfg_apply_ratio: see :func:`wanlora.inference.sampling.cfg_apply_pattern`.
         cfg_batched: run the conditional and unconditional passes as one batch of 2.
     """
@@ -117,13 +119,15 @@ class GenerationRequest:
     solver: str = "unipc"
     image: object = None
     image_path: str | None = None
+    end_image: object = None
+    end_image_path: str | None = None
     cfg_skip_mode: str = "none"
     cfg_apply_ratio: float | None = None
     cfg_batched: bool = True
 
     def settings(self) -> dict:
         """JSON-able settings (everything but the image object)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "end_image")}
 
 
 @dataclass
@@ -135,6 +139,7 @@ class Prepared:
         noise: float32 ``[C, T, h, w]``.
         y: I2V conditioning ``[20, T, h, w]`` (mask 4 + image latent 16) or ``None``.
         first_latent: TI2V clean image latent ``[C, 1, h, w]`` or ``None``.
+        clip_fea: CLIP image features ``[257·n, 1280]`` (Wan2.1 I2V-14B / FLF2V-14B) or ``None``.
         context / context_null: the prompt's and the negative prompt's umT5 embeddings, each a list
             of one ``[L, d]`` tensor (unpadded; the DiT pads to 512).
     """
@@ -143,6 +148,7 @@ class Prepared:
     noise: torch.Tensor
     y: torch.Tensor | None = None
     first_latent: torch.Tensor | None = None
+    clip_fea: torch.Tensor | None = None
     context: list = field(default_factory=list)
     context_null: list = field(default_factory=list)
 
@@ -159,6 +165,8 @@ class WanPipeline:
         dits: ``{"high_noise": dit, "low_noise": dit}`` for A14B tasks, or one model (or
             ``{None: dit}``) for single-model tasks. Each is called ``dit(x, timestep, context, y)``.
         vae: a ``WanVAE`` (``encode``/``decode``), needed for images and decoding.
+        clip: the CLIP image encoder (:func:`wanlora.models.load_clip`), needed by the Wan2.1
+            image tasks (``i2v-14B``, ``flf2v-14B``).
         text_encoder: a ``TextEncoder`` (``encode(list[str])``) or ``None`` when contexts are
             given to :meth:`prepare`.
         device: where the denoising runs.
@@ -169,7 +177,7 @@ class WanPipeline:
     """
 
     def __init__(self, task, dits, vae=None, text_encoder=None, device="cpu", offload: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, clip=None):
         self.task = get_task(task)
         if not isinstance(dits, Mapping):
             dits = {None: dits}
@@ -182,6 +190,7 @@ class WanPipeline:
             raise ValueError(f"{self.task.name} is a single model; got {len(dits)} DiTs")
         self.dits = dict(dits)
         self.vae = vae
+        self.clip = clip
         self.text_encoder = text_encoder
         self.device = torch.device(device)
         self.offload = offload
@@ -242,7 +251,8 @@ class WanPipeline:
             r.guidance_scale_high_noise = (
                 t.guidance_scale_high_noise if req.guidance_scale is None else r.guidance_scale
             )
-        r.flow_shift = t.flow_shift if r.flow_shift is None else r.flow_shift
+        if r.flow_shift is None:  # the official default at this area (i2v-14B: 3.0 at 480P)
+            r.flow_shift = t.default_flow_shift(r.width, r.height)
         return r
 
     @torch.no_grad()
@@ -266,6 +276,9 @@ class WanPipeline:
         T = (frames - 1) // st + 1
         if r.image is None and cond.requires_image:
             raise ValueError(f"{t.name} is image-to-video: give --image_path (or --i in a prompt file)")
+        if r.end_image is None and cond.requires_end_image:
+            raise ValueError(f"{t.name} generates from a first and a last frame: give --end_image_path "
+                             "(or --ei in a prompt file)")
         image = None if r.image is None else cond.image_pixels(t, r.image, r.width * r.height)
         if image is None:
             if r.image is not None:
@@ -275,16 +288,21 @@ class WanPipeline:
             pixels, (H, W) = image
         r.height, r.width = H, W
         noise = initial_noise((t.latent_channels, T, H // sh, W // sw), r.seed, self.device, cpu_noise)
-        y = first = None
+        y = first = clip_fea = None
         if image is not None:
             self._need_vae()
-            inputs = cond.encode_image(self.vae, pixels, frames, self.device)
-            y, first = inputs.y, inputs.first_latent
+            if self.offload and self.clip is not None:
+                self.clip.to(self.device)
+            inputs = cond.encode_image(self.vae, pixels, frames, self.device, clip=self.clip, image=r.image,
+                                       end_image=r.end_image)
+            if self.offload and self.clip is not None:
+                self.clip.to("cpu")
+            y, first, clip_fea = inputs.y, inputs.first_latent, inputs.clip_fea
         if context is None:
             context, context_null = self.encode_text([r.prompt]), self.encode_text([r.negative_prompt])
         elif context_null is None:
             context_null = self.encode_text([r.negative_prompt])
-        return Prepared(request=r, noise=noise, y=y, first_latent=first,
+        return Prepared(request=r, noise=noise, y=y, first_latent=first, clip_fea=clip_fea,
                         context=_as_list(context), context_null=_as_list(context_null))
 
     def _need_vae(self):
@@ -320,6 +338,7 @@ class WanPipeline:
         if z is not None:
             x = with_clean_first_frame(x, z)
         y = None if p.y is None else p.y[None].to(self.device)
+        clip_fea = None if p.clip_fea is None else p.clip_fea[None].to(self.device)
         steps = sched.timesteps
         it = enumerate(steps)
         if self.progress:
@@ -336,7 +355,7 @@ class WanPipeline:
                 last_expert = expert
             tt = self.conditioning.model_timestep(ts, x.shape[2], z is not None, self.device)
             v = guided_velocity(model, x, tt, ctx, null, guidance[expert], y=y,
-                                apply_cfg=apply[i], batched=r.cfg_batched)
+                                apply_cfg=apply[i], batched=r.cfg_batched, clip_fea=clip_fea)
             x = solver.step(v.to(x.device), x)
             if z is not None:
                 x = with_clean_first_frame(x, z)

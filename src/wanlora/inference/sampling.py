@@ -325,11 +325,13 @@ def guided_velocity(
     y: torch.Tensor | None = None,
     apply_cfg: bool = True,
     batched: bool = True,
+    clip_fea: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Classifier-free guided velocity ``v_u + g·(v_c − v_u)`` (``wan/text2video.py`` §9.5).
 
     Args:
-        model: ``model(x, timestep, context, y=None) -> [B, C_out, T, h, w]`` (a ``WanDiT``).
+        model: ``model(x, timestep, context, y=None[, clip_fea=...]) -> [B, C_out, T, h, w]`` (a
+            ``WanDiT``).
         x: ``[B, C, T, h, w]`` latents.
         timestep: ``[B]`` or ``[B, T]`` (0..1000).
         context / context_null: conditional and unconditional text, each a ``[B, L, d]`` tensor or a
@@ -339,24 +341,29 @@ def guided_velocity(
         y: ``[B, C_y, T, h, w]`` I2V conditioning, shared by both passes, or ``None``.
         batched: run the two passes as one forward of batch ``2B`` (default) or as two forwards.
             Both give the same result up to float32 rounding of the batched matmuls.
+        clip_fea: ``[B, 257·n, 1280]`` CLIP image features (Wan2.1 I2V-14B / FLF2V-14B), shared
+            by both passes as in the official ``arg_c`` / ``arg_null``, or ``None`` (not passed).
 
     Returns:
         float32 ``[B, C_out, T, h, w]``.
     """
+    kw = {} if clip_fea is None else {"clip_fea": clip_fea}
     if not apply_cfg or guidance_scale == 1.0:
-        return model(x, timestep, context, y=y).float()
+        return model(x, timestep, context, y=y, **kw).float()
     if batched:
         b = x.shape[0]
+        kw2 = {k: torch.cat([v, v]) for k, v in kw.items()}
         out = model(
             torch.cat([x, x]),
             torch.cat([timestep, timestep]),
             _cat_context(context, context_null),
             y=None if y is None else torch.cat([y, y]),
+            **kw2,
         ).float()
         v_c, v_u = out[:b], out[b:]
     else:
-        v_c = model(x, timestep, context, y=y).float()
-        v_u = model(x, timestep, context_null, y=y).float()
+        v_c = model(x, timestep, context, y=y, **kw).float()
+        v_u = model(x, timestep, context_null, y=y, **kw).float()
     return v_u + guidance_scale * (v_c - v_u)
 
 

@@ -91,11 +91,13 @@ class LoRAForward(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, dit, x, timestep, context, y=None):
-        """``dit(x, timestep, context, y)``: shapes as :meth:`wanlora.models.dit.WanDiT.forward`
-        (``x [B, C, F, H, W]``, ``timestep [B]`` or ``[B, F]`` on 0..1000); returns the velocity
-        ``[B, C_out, F, H, W]`` float32."""
-        return dit(x, timestep, context, y)
+    def forward(self, dit, x, timestep, context, y=None, clip_fea=None):
+        """``dit(x, timestep, context, y)`` (``clip_fea=`` for the Wan2.1 image models): shapes as
+        :meth:`wanlora.models.dit.WanDiT.forward` (``x [B, C, F, H, W]``, ``timestep [B]`` or
+        ``[B, F]`` on 0..1000); returns the velocity ``[B, C_out, F, H, W]`` float32."""
+        if clip_fea is None:
+            return dit(x, timestep, context, y)
+        return dit(x, timestep, context, y, clip_fea=clip_fea)
 
 
 def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
@@ -111,9 +113,9 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
     """One batch's flow-matching loss (module docstring).
 
     Args:
-        model_fn: ``(x_t, timestep, context, y) -> v`` — the DiT with LoRA.
+        model_fn: ``(x_t, timestep, context, y, clip_fea) -> v`` — the DiT with LoRA.
         batch: ``latents [B, C, F, h, w]``, ``context`` (list of ``[L_i, d]``), the conditioning's
-            cached tensors (``y``).
+            cached tensors (``y``, ``clip_fea``).
         sampler: the timestep law; ``lo``/``hi`` restrict it to the active expert's range.
         generator: CPU generator for noise, timesteps and the conditioning's draws (in that order).
         conditioning: the task's :class:`wanlora.conditioning.Conditioning` (``conditioning_for``):
@@ -132,7 +134,7 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
     x_t = flow.add_noise(x0, noise, sigma)
     target = flow.flow_target(x0, noise)
     inputs = conditioning.training_inputs(batch, x0, x_t, t.to(device), generator)
-    pred = model_fn(inputs.x_t, inputs.timestep, batch["context"], inputs.y)
+    pred = model_fn(inputs.x_t, inputs.timestep, batch["context"], inputs.y, inputs.clip_fea)
     per_sample = per_sample_mse((pred.float() - target) ** 2, inputs.loss_mask)
     weights = flow.loss_weighting(weighting_scheme, sigma)
     if weights is not None:
@@ -639,7 +641,7 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
             with accelerator.accumulate(wrapper):
                 g = step_generator(seed, state.global_step, micro, rank)
                 loss, t = flow_matching_loss(
-                    lambda x, ts, c, y: wrapper(dit, x, ts, c, y), batch, sampler, lo, hi, g, device,
+                    lambda x, ts, c, y, clip: wrapper(dit, x, ts, c, y, clip), batch, sampler, lo, hi, g, device,
                     config.timesteps.weighting_scheme, conditioning)
                 loss_all = accelerator.reduce(loss.detach().clone(), reduction="mean")
                 finite = bool(torch.isfinite(loss_all))
