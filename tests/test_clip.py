@@ -169,7 +169,7 @@ def test_last_block_and_post_norm_unused(files, tmp_path):
 def test_preprocess_on_real_photos(media_dir, name):
     """Portrait (832x1104) and landscape (1280x720) photos: the library's preprocessing equals the
     official per-image loop bit for bit; the result is 224x224, the full frame, not antialiased."""
-    from wanlora.inference.pipeline import image_to_tensor
+    from wanlora.conditioning import image_to_tensor
     from wanlora.video_io import read_image
 
     img = image_to_tensor(read_image(media_dir / name))
