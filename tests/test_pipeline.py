@@ -299,3 +299,81 @@ def test_ti2v_text_to_video_matches_diffusers(tiny_dir):
                        latents=p.noise[None].clone(), output_type="latent").frames[0]
     got = ours.denoise(p)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-6
+
+
+class _FixedClipEncoder(torch.nn.Module):
+    """Stands in for diffusers' ``image_encoder`` (a ``CLIPVisionModel``): returns our CLIP features
+    as the next-to-last hidden state, so both pipelines condition on the very same ``clip_fea``."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives diffusers a device and dtype to read
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    def forward(self, pixel_values=None, output_hidden_states=True):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(hidden_states=(self.features, None))
+
+
+class _NoProcessor:
+    def __call__(self, images=None, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        return BatchFeature({"pixel_values": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("task", ["i2v-14B", "flf2v-14B"])
+def test_wan21_image_models_match_diffusers_i2v_pipeline(tiny_dir, task):
+    """Wan2.1 I2V-14B and FLF2V-14B against diffusers' WanImageToVideoPipeline (Wan2.1 branch:
+    ``image_dim`` set, no boundary) on the same tiny DiT and VAE weights, embeddings, initial latents,
+    first (and last) frame and CLIP features; aligned as the I2V-A14B test. diffusers builds the FLF2V
+    mask and ``[first, zeros, last]`` video itself (``last_image``) and hands its image embeddings to
+    both CFG passes, so this checks the mask, ``y``, the ``clip_fea`` path and the image
+    cross-attention in the loop."""
+    import diffusers
+    from diffusers import WanImageToVideoPipeline
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from wanlora.conditioning import i2v_image
+    from wanlora.models import load_clip
+
+    dits, vae, flags = _tiny_models(tiny_dir, task)
+    clip = load_clip(flags["--clip"])
+    steps, shift, frames = 5, 5.0, 9
+    cfg = vae.model.config
+    dvae = diffusers.AutoencoderKLWan(base_dim=cfg["dim"], z_dim=cfg["z_dim"])
+    dvae.load_state_dict(convert_wan_vae_to_diffusers(vae.model.state_dict()), strict=True)
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    last = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) if task == "flf2v-14B" else None
+    d = dits[None].config.text_dim
+    ctx, null = _ctx(d, 4, 5), _ctx(d, 5, 9)
+    ours = WanPipeline(task, dits, vae=vae, clip=clip)
+    p = ours.prepare(GenerationRequest("x", height=64, width=96, frames=frames, steps=steps, flow_shift=shift,
+                                       guidance_scale=5.0, seed=3, image=img, end_image=last, cfg_batched=False),
+                     ctx, null)
+    H, W = p.request.height, p.request.width
+    n = 2 if last is not None else 1
+    ref_pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=dvae.eval(), scheduler=_official_unipc(shift),
+        image_processor=_NoProcessor(), image_encoder=_FixedClipEncoder(p.clip_fea.view(n, -1, clip.dim)),
+        transformer=_diffusers_transformer(dits[None]), transformer_2=None, boundary_ratio=None,
+    )
+    # the last frame has the first frame's size, so flf2v_last_frame keeps it as it is
+    kw = {} if last is None else {"last_image": i2v_image(last, H, W)[None]}
+    with torch.no_grad():
+        ref = ref_pipe(image=i2v_image(img, H, W)[None], prompt_embeds=_pad512(ctx), negative_prompt_embeds=_pad512(null),
+                       height=H, width=W, num_frames=frames, num_inference_steps=steps, guidance_scale=5.0,
+                       latents=p.noise[None].clone(), output_type="latent", **kw).frames[0]
+    got = ours.denoise(p)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 1e-5, rel

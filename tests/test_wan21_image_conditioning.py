@@ -152,3 +152,26 @@ def test_guided_velocity_gives_clip_fea_to_both_passes():
     b = guided_velocity(model, x, t, [torch.ones(2, 3)], [torch.zeros(2, 3)], 4.0, clip_fea=fea, batched=False)
     torch.testing.assert_close(a, b)
     assert seen == [(2, 6, 3), (1, 6, 3), (1, 6, 3)]
+
+
+def test_training_samples_of_flf2v_use_clip_and_both_frames(tiny_dir, tmp_path, media_dir):
+    from wanlora.training.validation import ValidationSampler
+
+    task = "flf2v-14B"
+    flags = json.loads((tiny_dir(task) / "manifest.json").read_text())["flags"]
+    pf = tmp_path / "prompts.txt"
+    pf.write_text(f"a cat --i {media_dir / 'cat_sunglasses.jpg'} --ei {media_dir / 'elf_portrait.jpg'} --s 2 --d 3\n",
+                  encoding="utf-8")
+    args = (task, pf, flags["--vae"], flags["--t5"], flags["--t5_tokenizer"])
+    with pytest.raises(ValueError, match="--clip"):
+        ValidationSampler(*args, output_dir=tmp_path, device="cpu")
+    sampler = ValidationSampler(*args, output_dir=tmp_path, output_name="l", width=32, height=32, frames=5,
+                                device="cpu", clip_path=flags["--clip"])
+    (req,) = sampler.requests()
+    assert req.end_image is not None and req.end_image_path.endswith("elf_portrait.jpg")
+    (s,) = sampler.sample(7, load_dit(flags["--dit"], task))
+    assert s.path.name == "l_000007_00_3.mp4" and s.frames.shape[0] == 5
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"a cat --i {media_dir / 'cat_sunglasses.jpg'}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="needs a last frame: add --ei"):
+        ValidationSampler(task, bad, *args[2:], device="cpu", clip_path=flags["--clip"])

@@ -86,6 +86,8 @@ class ValidationSampler:
         task: ``--task``.
         sample_prompts: prompt file (same format as ``--from_file``, :mod:`wanlora.inference.prompts`).
         vae_path, t5_path, t5_tokenizer: ``--vae``, ``--t5``, ``--t5_tokenizer``.
+        clip_path: ``--clip``, the CLIP image encoder the Wan2.1 image tasks need (``i2v-14B``,
+            ``flf2v-14B``); not loaded for the others.
         output_dir, output_name: files go to ``output_dir/sample/{output_name}_{step:06d}_{index:02d}_{seed}.mp4``.
         device: where sampling runs (default: CUDA when available).
         width, height, frames, steps, seed, guidance_scale, guidance_scale_high_noise, flow_shift:
@@ -100,7 +102,7 @@ class ValidationSampler:
 
     Raises:
         FileNotFoundError / PromptFileError: the prompt file; ValueError: an image-to-video task
-        with a prompt lacking ``--i``.
+        with a prompt lacking ``--i`` (FLF2V: ``--ei``), or a Wan2.1 image task without ``clip_path``.
     """
 
     def __init__(self, task, sample_prompts, vae_path, t5_path, t5_tokenizer=None, output_dir=".",
@@ -109,8 +111,8 @@ class ValidationSampler:
                  guidance_scale_high_noise: float | None = None, flow_shift: float | None = None,
                  negative_prompt: str | None = None, solver: str = "unipc", cfg_batched: bool = True,
                  text_encoder_dtype: torch.dtype | None = None, text_encoder_device=None,
-                 fps: int | None = None):
-        from wanlora.models import load_text_encoder, load_vae
+                 fps: int | None = None, clip_path=None):
+        from wanlora.models import load_clip, load_text_encoder, load_vae
         from wanlora.video_io import read_image
 
         self.task = get_task(task)
@@ -126,11 +128,21 @@ class ValidationSampler:
                         negative_prompt=negative_prompt or self.task.negative_prompt)
         self.specs: list[PromptSpec] = [s.with_defaults(**defaults) for s in specs]
         self.guidance_scale_high_noise = guidance_scale_high_noise
-        self.images = []
+        self.images, self.end_images = [], []
         for s in self.specs:
             if self.conditioning.requires_image and not s.image_path:
                 raise ValueError(f"{sample_prompts}:{s.line}: {self.task.name} needs a first frame: add --i IMAGE")
+            if self.conditioning.requires_end_image and not s.end_image_path:
+                raise ValueError(f"{sample_prompts}:{s.line}: {self.task.name} needs a last frame: add --ei IMAGE")
             self.images.append(read_image(s.image_path) if s.image_path else None)
+            self.end_images.append(read_image(s.end_image_path) if s.end_image_path else None)
+        self.clip = None
+        if self.conditioning.uses_clip:
+            if clip_path is None:
+                raise ValueError(f"{self.task.name} samples need the CLIP image encoder: give --clip "
+                                 "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
+            clip_dtype = torch.float16 if self.device.type == "cuda" else torch.float32  # the official clip_dtype
+            self.clip = load_clip(clip_path, dtype=clip_dtype, device="cpu")
 
         dtype = text_encoder_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         te = load_text_encoder(t5_path, t5_tokenizer, dtype=dtype, device=text_encoder_device or self.device)
@@ -149,13 +161,13 @@ class ValidationSampler:
     def requests(self) -> list[GenerationRequest]:
         """The generation request of each prompt (fixed seeds: the same noise at every sampling)."""
         out = []
-        for s, img in zip(self.specs, self.images):
+        for s, img, end in zip(self.specs, self.images, self.end_images):
             out.append(GenerationRequest(
                 prompt=s.prompt, negative_prompt=s.negative_prompt, height=s.height, width=s.width,
                 frames=s.frames, seed=s.seed, steps=s.steps, guidance_scale=s.guidance_scale,
                 guidance_scale_high_noise=self.guidance_scale_high_noise if s.guidance_scale is None else None,
                 flow_shift=s.flow_shift, solver=self.solver, image=img, image_path=s.image_path,
-                cfg_batched=self.cfg_batched))
+                end_image=end, end_image_path=s.end_image_path, cfg_batched=self.cfg_batched))
         return out
 
     def sample(self, step: int, dits, epoch: int | None = None,
@@ -188,7 +200,9 @@ class ValidationSampler:
                 for m in mods:
                     m.eval()
                 self.vae.to(self.device)
-                pipe = WanPipeline(self.task, dits, vae=self.vae, device=self.device, offload=offload)
+                if self.clip is not None:
+                    self.clip.to(self.device)
+                pipe = WanPipeline(self.task, dits, vae=self.vae, device=self.device, offload=offload, clip=self.clip)
                 for i, req in enumerate(self.requests()):
                     latent, video, r = pipe.generate(req, [self.contexts[i]], [self.contexts_null[i]])
                     path = self.output_dir / f"{self.output_name}_{step:06d}_{i:02d}_{r.seed}.mp4"
@@ -199,6 +213,8 @@ class ValidationSampler:
                     logger.info("sample %d (step %d, epoch %s): %s", i, step, epoch, path)
             finally:
                 self.vae.to("cpu")
+                if self.clip is not None:
+                    self.clip.to("cpu")
                 for m, was, home in zip(mods, modes, homes):
                     m.train(was)
                     if offload and module_device(m) != home:
