@@ -181,3 +181,5 @@ class ModelFiles:
     t5: str | None = option(None, "umT5 encoder checkpoint (models_t5_umt5-xxl-enc-bf16.pth)")
     t5_tokenizer: str | None = option(None, "umT5 tokenizer folder (google/umt5-xxl); default: "
                                       "beside --t5, then the Hugging Face cache")
+    clip: str | None = option(None, "CLIP image encoder of i2v-14B / flf2v-14B: "
+                              "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors")

@@ -29,9 +29,11 @@ __all__ = ["CacheLatentsConfig", "build_parser", "main"]
 class CacheLatentsConfig:
     """The settings of ``wanlora-cache-latents``."""
 
-    model_files: ModelFiles = group(ModelFiles, "model files", include=("task", "vae"), help={
+    model_files: ModelFiles = group(ModelFiles, "model files", include=("task", "vae", "clip"), help={
         "task": "which Wan model the caches are for (required)",
-        "vae": "Wan2.1_VAE.pth (t2v/i2v tasks) or Wan2.2_VAE.pth (ti2v-5B); not needed with --debug_mode"})
+        "vae": "Wan2.1_VAE.pth (t2v/i2v tasks) or Wan2.2_VAE.pth (ti2v-5B); not needed with --debug_mode",
+        "clip": "i2v-14B / flf2v-14B: the CLIP image encoder whose features are cached "
+                "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)"})
     dataset_config: Path | None = option(None, "dataset TOML (docs/dataset.md; required)")
     device: str | None = device_option("VAE device (default: cuda when available, else cpu)")
     vae_dtype: torch.dtype | None = dtype_option(None, "VAE compute dtype (default: fp32)")
@@ -66,6 +68,7 @@ def _main(argv: list[str] | None) -> int:
     setup_logging(ns.verbose)
     config = config_from_namespace(CacheLatentsConfig, ns)
     from wanlora.dataset.config import load_dataset_config
+    from wanlora.conditioning import conditioning_for
     from wanlora.dataset.latent_caching import cache_latents
 
     files = config.model_files
@@ -81,8 +84,18 @@ def _main(argv: list[str] | None) -> int:
         from wanlora.models import load_vae
 
         vae = load_vae(files.vae, dtype=config.vae_dtype or torch.float32, device=default_device(config.device))
+    clip = None
+    if config.debug_mode is None and conditioning_for(dataset.task).uses_clip:
+        if not files.clip:
+            raise ValueError(f"--clip is required for --task {dataset.task.name} (its caches hold CLIP image "
+                             "features): models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or "
+                             "clip_vision_h.safetensors")
+        from wanlora.models import load_clip
+
+        clip = load_clip(files.clip, dtype=torch.float32, device=default_device(config.device))
     report = cache_latents(dataset, vae, batch_size=config.batch_size, num_workers=config.num_workers,
-                           force=config.recache, debug_mode=config.debug_mode, progress=not config.no_progress)
+                           force=config.recache, debug_mode=config.debug_mode, progress=not config.no_progress,
+                           clip=clip)
     print(report.summary())
     return 0 if report.ok else 1
 

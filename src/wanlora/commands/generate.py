@@ -56,8 +56,10 @@ class RequestOptions:
 
     prompt: str | None = option(None, "the prompt (or --from_file / --interactive)")
     negative_prompt: str | None = option(None, "default: the task's official negative prompt")
-    image_path: str | None = option(None, "first frame for i2v-A14B / ti2v-5B; the size follows its aspect ratio",
-                                    aliases=("--image",))
+    image_path: str | None = option(None, "first frame for i2v-A14B / i2v-14B / flf2v-14B / ti2v-5B; the size "
+                                    "follows its aspect ratio", aliases=("--image",))
+    end_image_path: str | None = option(None, "last frame for flf2v-14B (resized to cover the first frame's size "
+                                        "and center-cropped)", aliases=("--end_image",))
     video_size: tuple[int, ...] | None = option(None, "height width in pixels (default: the task's); with an "
                                                 "image only the area counts", nargs=2, metavar=("HEIGHT", "WIDTH"))
     size: str | None = option(None, "official spelling WIDTH*HEIGHT, e.g. 832*480 (alias of --video_size)")
@@ -78,7 +80,7 @@ class RequestOptions:
     cfg_apply_ratio: float | None = option(None, "fraction of steps that keep CFG with --cfg_skip_mode (default 0.5)")
     cfg_separate: bool = option(False, "run CFG's two passes separately (default: one batch of 2)")
     from_file: str | None = option(None, "prompt file: one prompt per line with inline --w --h --f --d --s --g "
-                                   "--fs --i --n")
+                                   "--fs --i --ei --n")
     interactive: bool = option(False, "read prompts from the terminal until EOF (Ctrl+D)")
 
 
@@ -116,7 +118,9 @@ class GenerateConfig:
         "dit_high_noise": "high-noise expert checkpoint (A14B tasks)",
         "vae": "Wan2.1_VAE.pth / Wan2.2_VAE.pth (needed unless --output_type latent without image)",
         "t5": "umT5 encoder checkpoint (models_t5_umt5-xxl-enc-bf16.pth; required)",
-        "t5_tokenizer": "umT5 tokenizer folder (default: found beside --t5)"})
+        "t5_tokenizer": "umT5 tokenizer folder (default: found beside --t5)",
+        "clip": "CLIP image encoder (i2v-14B / flf2v-14B; required there): "
+                "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors"})
     runtime: RuntimeOptions = group(RuntimeOptions, "runtime")
     compile: CompileOptions = group(CompileOptions, "torch.compile")
     request: RequestOptions = group(RequestOptions, "what to generate")
@@ -174,6 +178,9 @@ def _checked(cl: CommandLine, ns) -> GenerateConfig:
         cl.error("--vae is needed to decode (or use --output_type latent)")
     if conditioning_for(task).requires_image and files.vae is None:
         cl.error(f"--task {task.name} encodes the first frame: give --vae")
+    if conditioning_for(task).uses_clip and files.clip is None:
+        cl.error(f"--task {task.name} conditions on CLIP image features: give --clip "
+                 "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
     return config
 
 
@@ -218,7 +225,13 @@ def load_models(config: GenerateConfig, device, dtype):
     vae = load_vae(config.model_files.vae, dtype=torch.float32, device=device) if config.model_files.vae else None
     te = load_text_encoder(config.model_files.t5, config.model_files.t5_tokenizer, dtype=dtype, device="cpu" if offload else device)
     logger.info("models loaded in %.1f s", time.perf_counter() - t0)
-    pipe = WanPipeline(task, dits, vae=vae, text_encoder=te, device=device, offload=offload, progress=True)
+    clip = None
+    if config.model_files.clip and conditioning_for(task).uses_clip:  # the official clip_dtype: fp16 on a GPU
+        from wanlora.models import load_clip
+
+        clip = load_clip(config.model_files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32,
+                         device="cpu" if offload else device)
+    pipe = WanPipeline(task, dits, vae=vae, text_encoder=te, device=device, offload=offload, progress=True, clip=clip)
     lora_log = apply_loras(pipe, plan, dynamic=config.lora.lora_dynamic)
     if config.compile.compile:  # after the LoRAs (merged, or hooked with --lora_dynamic)
         for d in dits.values():
@@ -237,6 +250,7 @@ def _requests(config: GenerateConfig, specs):
     out = []
     for spec in specs:
         image_path = spec.image_path or config.request.image_path
+        end_image_path = spec.end_image_path or config.request.end_image_path
         seed = spec.seed if spec.seed is not None else config.request.seed
         if seed is None or seed < 0:
             seed = random.randint(0, 2**31 - 1)
@@ -253,6 +267,8 @@ def _requests(config: GenerateConfig, specs):
             solver=config.request.sample_solver,
             image=read_image(image_path) if image_path else None,
             image_path=str(image_path) if image_path else None,
+            end_image=read_image(end_image_path) if end_image_path else None,
+            end_image_path=str(end_image_path) if end_image_path else None,
             cfg_skip_mode=config.request.cfg_skip_mode, cfg_apply_ratio=config.request.cfg_apply_ratio,
             cfg_batched=not config.request.cfg_separate,
         ))

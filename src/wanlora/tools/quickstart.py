@@ -103,7 +103,62 @@ I2V_ONE_EXPERT = Recipe(
     ),
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (T2V_BOTH_EXPERTS, I2V_ONE_EXPERT)}
+_CLIP = "$MODELS/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+_CLIP_COMFY = "$MODELS/clip_vision_h.safetensors"
+
+I2V_14B = Recipe(
+    name="i2v-14b",
+    task="i2v-14B",
+    title="Wan2.1 I2V-14B: image to video with the CLIP image encoder",
+    doc="docs/training.md",
+    commands=(
+        "python -m wanlora.tools.tiny --task i2v-14B --out $MODELS",
+        "wanlora-cache-latents --task i2v-14B --dataset_config $WORK/dataset.toml "
+        f"--vae $MODELS/Wan2.1_VAE.pth --clip {_CLIP}",
+        f"wanlora-cache-text --dataset_config $WORK/dataset.toml {_T5}",
+        "accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no "
+        "--dynamo_backend no -m wanlora.train --task i2v-14B --dit $MODELS "
+        "--dataset_config $WORK/dataset.toml --network_module networks.lora_wan "
+        "--network_dim 8 --network_alpha 8 --learning_rate 2e-3 --max_train_steps 12 "
+        "--output_dir $WORK/output --output_name myi2v14b --logging_dir $WORK/logs --seed 42",
+        f"wanlora-generate --task i2v-14B --dit $MODELS --vae $MODELS/Wan2.1_VAE.pth {_T5} "
+        f"--clip {_CLIP_COMFY} --lora_weight $WORK/output/myi2v14b.safetensors "
+        "--image_path $WORK/first_frame.png "
+        '--prompt "the cat turns its head towards the sea" '
+        "--video_size 64 48 --video_length 17 --infer_steps 8 --seed 42 "
+        "--save_path $WORK/generated",
+        "wanlora-convert-lora --input $WORK/output/myi2v14b.safetensors "
+        "--output $WORK/comfy/myi2v14b.safetensors --target comfy",
+    ),
+)
+
+FLF2V_14B = Recipe(
+    name="flf2v-14b",
+    task="flf2v-14B",
+    title="Wan2.1 FLF2V-14B: first and last frame to video",
+    doc="docs/training.md",
+    commands=(
+        "python -m wanlora.tools.tiny --task flf2v-14B --out $MODELS",
+        "wanlora-cache-latents --task flf2v-14B --dataset_config $WORK/dataset.toml "
+        f"--vae $MODELS/Wan2.1_VAE.pth --clip {_CLIP_COMFY}",
+        f"wanlora-cache-text --dataset_config $WORK/dataset.toml {_T5}",
+        "accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no "
+        "--dynamo_backend no -m wanlora.train --task flf2v-14B --dit $MODELS "
+        "--dataset_config $WORK/dataset.toml --network_module networks.lora_wan "
+        "--network_dim 8 --network_alpha 8 --learning_rate 2e-3 --max_train_steps 12 "
+        "--output_dir $WORK/output --output_name myflf2v --logging_dir $WORK/logs --seed 42",
+        f"wanlora-generate --task flf2v-14B --dit $MODELS --vae $MODELS/Wan2.1_VAE.pth {_T5} "
+        f"--clip {_CLIP} --lora_weight $WORK/output/myflf2v.safetensors "
+        "--image_path $WORK/first_frame.png --end_image_path $WORK/last_frame.png "
+        '--prompt "the cat turns its head towards the sea" '
+        "--video_size 64 48 --video_length 17 --infer_steps 8 --seed 42 "
+        "--save_path $WORK/generated",
+        "wanlora-convert-lora --input $WORK/output/myflf2v.safetensors "
+        "--output $WORK/comfy/myflf2v.safetensors --target comfy",
+    ),
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (T2V_BOTH_EXPERTS, I2V_ONE_EXPERT, I2V_14B, FLF2V_14B)}
 
 
 def render_block(recipe: Recipe) -> str:

@@ -201,7 +201,8 @@ class TrainConfig:
                "the low-noise expert (required)",
         "dit_high_noise": "A14B: the high-noise expert; trains both experts in one run",
         "vae": "VAE checkpoint (for samples)", "t5": "umT5 encoder checkpoint (for samples)",
-        "t5_tokenizer": "umT5 tokenizer folder (for samples)"})
+        "t5_tokenizer": "umT5 tokenizer folder (for samples)",
+        "clip": "CLIP image encoder (for samples of i2v-14B / flf2v-14B)"})
     model: ModelConfig = group(ModelConfig, "model")
     compile: CompileOptions = group(CompileOptions, "torch.compile")
     experts: ExpertConfig = group(ExpertConfig, "experts (A14B)")

@@ -780,7 +780,8 @@ def _make_sampler(config, task, plan, dit, expert_weights, accelerator):
         from wanlora.training.validation import ValidationSampler
 
         sampler = ValidationSampler(task, config.sampling.sample_prompts, vae_path=config.model_files.vae, t5_path=config.model_files.t5,
-                                  t5_tokenizer=config.model_files.t5_tokenizer, output_dir=config.saving.output_dir,
+                                  t5_tokenizer=config.model_files.t5_tokenizer, clip_path=config.model_files.clip,
+                                  output_dir=config.saving.output_dir,
                                   output_name=config.saving.output_name, device=accelerator.device)
 
     def sample(step, epoch, networks):
