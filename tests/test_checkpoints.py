@@ -175,3 +175,20 @@ def test_download_into_a_folder_then_ckpt_dir_folder(tmp_path, tiny_dir):
         src = d / p.relative_to(tmp_path / "models")
         assert (p.read_bytes() == src.read_bytes()) if p.is_file() else p.is_dir()
     assert not (tmp_path / "hub").exists() or not list((tmp_path / "hub").rglob("*.safetensors"))
+
+
+def test_wan21_image_tasks_resolve_the_clip_file(tiny_dir):
+    """i2v-14B / flf2v-14B have a ``clip`` role: the official CLIP file of the release folder (the
+    other tasks none, and ``wanlora-download`` asks for it without ``--only``)."""
+    assert roles_for("i2v-14B") == ("dit", "vae", "t5", "t5_tokenizer", "clip")
+    assert "clip" not in roles_for("i2v-A14B") and roles_for("flf2v-14B", ["clip"]) == ("clip",)
+    assert download_command("i2v-14B", roles_for("i2v-14B")) == "wanlora-download --task i2v-14B"
+    assert download_command("flf2v-14B", ["clip"]) == "wanlora-download --task flf2v-14B --only clip"
+    assert download_command("t2v-1.3B", roles_for("t2v-1.3B")) == "wanlora-download --task t2v-1.3B"
+    for task in ("i2v-14B", "flf2v-14B"):
+        d = tiny_dir(task)
+        files = resolve_ckpt_dir(d, task, roles_for(task))
+        assert files.paths["clip"] == d / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+        assert files.paths["dit"] == d / "diffusion_pytorch_model.safetensors.index.json"
+    with pytest.raises(ValueError, match="no model file role"):
+        resolve_ckpt_dir(tiny_dir("t2v-1.3B"), "t2v-1.3B", ["clip"])

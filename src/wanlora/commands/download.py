@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the task's diffusers-format repository (Wan-AI/...-Diffusers)")
     p.add_argument("--expert", choices=["high", "low"],
                    help="A14B tasks: only this expert's DiT (e.g. to train one expert)")
-    p.add_argument("--only", nargs="+", choices=["dit", "vae", "t5"], default=["dit", "vae", "t5"],
-                   help="model file groups to fetch (default: all; t5 includes the tokenizer)")
+    p.add_argument("--only", nargs="+", choices=["dit", "vae", "t5", "clip"], default=["dit", "vae", "t5", "clip"],
+                   help="model file groups to fetch (default: all; t5 includes the tokenizer; clip: the CLIP "
+                        "image encoder of i2v-14B / flf2v-14B)")
     p.add_argument("--dir", help="put the files in this folder (then --ckpt_dir DIR) instead of the HF cache")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
     return p

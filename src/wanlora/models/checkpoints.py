@@ -16,7 +16,9 @@ A ``--ckpt_dir`` is one of
   fetches it.
 
 The roles are named after the flags they fill: ``dit_high_noise`` / ``dit_low_noise`` (the A14B
-experts), ``dit`` (a single-DiT task), ``vae``, ``t5``, ``t5_tokenizer`` (:data:`ROLES`). The
+experts), ``dit`` (a single-DiT task), ``vae``, ``t5``, ``t5_tokenizer`` and, for the Wan2.1
+image tasks (``i2v-14B``, ``flf2v-14B``), ``clip`` (the CLIP image encoder; diffusers:
+``image_encoder/``) (:data:`ROLES`). The
 file names come from the task table (:class:`wanlora.tasks.Release`). A flag given explicitly
 wins: the command asks here only for the roles it still lacks.
 """
@@ -48,9 +50,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Every role a ``--ckpt_dir`` can fill, in the order they are printed.
-ROLES = ("dit_high_noise", "dit_low_noise", "dit", "vae", "t5", "t5_tokenizer")
-#: The role groups ``wanlora-download --only`` takes.
-GROUPS = {"dit": ("dit_high_noise", "dit_low_noise", "dit"), "vae": ("vae",), "t5": ("t5", "t5_tokenizer")}
+ROLES = ("dit_high_noise", "dit_low_noise", "dit", "vae", "t5", "t5_tokenizer", "clip")
+#: The role groups ``wanlora-download --only`` takes (``clip``: only the tasks that use CLIP).
+GROUPS = {"dit": ("dit_high_noise", "dit_low_noise", "dit"), "vae": ("vae",), "t5": ("t5", "t5_tokenizer"),
+          "clip": ("clip",)}
 
 _INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _SINGLE = "diffusion_pytorch_model.safetensors"
@@ -139,9 +142,11 @@ def layout_of_folder(folder: str | os.PathLike) -> str:
     return "diffusers" if any((f / d).is_dir() for d in ("transformer", "transformer_2", "text_encoder")) else "official"
 
 
-def roles_for(task: str | Task, groups: Iterable[str] = ("dit", "vae", "t5"), expert: str | None = None) -> tuple[str, ...]:
-    """The roles of ``task`` in the given groups (``dit``, ``vae``, ``t5``); ``expert``
-    (``high_noise`` / ``low_noise``, or ``high`` / ``low``) keeps one A14B expert.
+def roles_for(task: str | Task, groups: Iterable[str] = ("dit", "vae", "t5", "clip"),
+              expert: str | None = None) -> tuple[str, ...]:
+    """The roles of ``task`` in the given groups (``dit``, ``vae``, ``t5``, ``clip``; ``clip`` gives
+    nothing for a task without the CLIP image encoder); ``expert`` (``high_noise`` / ``low_noise``, or
+    ``high`` / ``low``) keeps one A14B expert.
 
     Raises:
         ValueError: an unknown group, or an expert for a single-DiT task.
@@ -159,6 +164,8 @@ def roles_for(task: str | Task, groups: Iterable[str] = ("dit", "vae", "t5"), ex
     wanted = set(groups)
     roles = [r for r in dit_roles if "dit" in wanted]
     roles += [r for g in ("vae", "t5") if g in wanted for r in GROUPS[g]]
+    if "clip" in wanted and task.uses_clip:
+        roles.append("clip")
     return tuple(r for r in ROLES if r in roles)
 
 
@@ -174,7 +181,7 @@ def download_command(task: str | Task, roles: Iterable[str], repo_id: str | None
     if task.has_experts and len(dits) == 1:
         parts += ["--expert", dits[0][len("dit_"):-len("_noise")]]
     groups = [g for g, rs in GROUPS.items() if roles & set(rs)]
-    if set(groups) != set(GROUPS):
+    if set(groups) != {g for g in GROUPS if g != "clip" or task.uses_clip}:
         parts += ["--only", *groups]
     if local_dir is not None:
         parts += ["--dir", str(local_dir)]
@@ -208,6 +215,9 @@ def _entries(task: Task, layout: str, roles: Iterable[str]) -> list[_Entry]:
             out.append(_Entry("t5", "text_encoder", ("model.safetensors.index.json", "model.safetensors"),
                               optional=("config.json",), as_folder=True) if layout == "diffusers"
                        else _Entry("t5", "", (rel.t5_file,)))
+        elif role == "clip":  # transformers CLIPVisionModel weights in diffusers' image_encoder/
+            out.append(_Entry("clip", "image_encoder", ("model.safetensors",), optional=("config.json",))
+                       if layout == "diffusers" else _Entry("clip", "", (rel.clip_file,)))
         else:  # t5_tokenizer
             folder = "tokenizer" if layout == "diffusers" else rel.tokenizer_dir
             out.append(_Entry("t5_tokenizer", folder, _TOKENIZER_FILES, optional=_TOKENIZER_FILES + _TOKENIZER_EXTRAS,
@@ -217,7 +227,7 @@ def _entries(task: Task, layout: str, roles: Iterable[str]) -> list[_Entry]:
 
 def _check_roles(task: Task, roles: Iterable[str]) -> tuple[str, ...]:
     roles = tuple(roles)
-    allowed = set(task.dit_roles) | {"vae", "t5", "t5_tokenizer"}
+    allowed = set(task.dit_roles) | {"vae", "t5", "t5_tokenizer"} | ({"clip"} if task.uses_clip else set())
     bad = [r for r in roles if r not in allowed]
     if bad:
         raise ValueError(f"task {task.name} has no model file role(s) {bad}; its roles: {sorted(allowed)}")
