@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 from wanlora.tasks import task_names
 
 __all__ = ["option", "group", "ModelFiles", "DTYPES", "DtypeError", "parse_dtype", "dtype_name", "default_device",
-           "device_option", "attn_option", "dtype_option", "CompileOptions"]
+           "device_option", "attn_option", "dtype_option", "CompileOptions", "ParallelOptions"]
 
 _MISSING = dataclasses.MISSING
 
@@ -183,3 +183,13 @@ class ModelFiles:
                                       "beside --t5, then the Hugging Face cache")
     clip: str | None = option(None, "CLIP image encoder of i2v-14B / flf2v-14B: "
                               "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors")
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """How the DiT spreads over the processes of a ``torchrun`` / ``accelerate launch`` run
+    (:mod:`wanlora.models.distributed`, ``docs/distributed.md``); the official ``generate.py`` flags."""
+
+    ulysses_size: int = option(1, "sequence parallelism (Ulysses): ranks that split each sample's tokens; "
+                               "must divide the process count and the DiT's attention heads")
+    dit_fsdp: bool = option(False, "shard the frozen DiT's weights over all processes with FSDP2")

@@ -31,7 +31,8 @@ from wanlora.commands.cli import USER_ERRORS, run_cli
 from wanlora.commands.preflight import preflight_generate
 from wanlora.conditioning import conditioning_for
 from wanlora.inference.outputs import OUTPUT_TYPES, save_outputs
-from wanlora.run_config import CompileOptions, ModelFiles, attn_option, default_device, device_option, dtype_option, group, option
+from wanlora.run_config import (CompileOptions, ModelFiles, ParallelOptions, attn_option, default_device, device_option,
+                                dtype_option, group, option)
 from wanlora.tasks import get_task
 
 __all__ = ["GenerateConfig", "build_parser", "parse_args", "load_models", "run_one", "main"]
@@ -126,6 +127,7 @@ class GenerateConfig:
     request: RequestOptions = group(RequestOptions, "what to generate")
     lora: LoraOptions = group(LoraOptions, "LoRA")
     output: OutputOptions = group(OutputOptions, "output")
+    parallel: ParallelOptions = group(ParallelOptions, "distribution (under torchrun / accelerate launch)")
 
 
 def command_line() -> CommandLine:
@@ -181,6 +183,8 @@ def _checked(cl: CommandLine, ns) -> GenerateConfig:
     if conditioning_for(task).uses_clip and files.clip is None:
         cl.error(f"--task {task.name} conditions on CLIP image features: give --clip "
                  "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
+    if r.interactive and (config.parallel.ulysses_size > 1 or config.parallel.dit_fsdp):
+        cl.error("--interactive reads one terminal: it runs in one process, without --ulysses_size / --dit_fsdp")
     return config
 
 
@@ -193,11 +197,13 @@ def _device_dtype(runtime: RuntimeOptions):
     return device, dtype
 
 
-def load_models(config: GenerateConfig, device, dtype):
+def load_models(config: GenerateConfig, device, dtype, layout=None):
     """Load the DiT(s) (``dtype``), the VAE (float32) and the text encoder; apply the LoRAs.
 
-    With offloading (CUDA without ``--no_offload``) the A14B experts and the text encoder start on
-    the CPU and visit ``device`` when used.
+    With offloading (CUDA without ``--no_offload``, and without ``--dit_fsdp``) the A14B experts and
+    the text encoder start on the CPU and visit ``device`` when used. ``layout``
+    (:class:`wanlora.models.distributed.ParallelLayout`) puts each DiT, LoRAs applied, on its
+    sequence group and FSDP2 shards.
 
     Returns:
         ``(WanPipeline, lora_log)``; ``lora_log`` is :func:`wanlora.lora.apply.apply_loras`'s list.
@@ -212,7 +218,7 @@ def load_models(config: GenerateConfig, device, dtype):
     # the LoRA files are read (and refused: layout, NaN/Inf weights) before any model loads
     plan = plan_loras(task, config.lora.lora_weight, config.lora.lora_multiplier, config.lora.lora_weight_high_noise,
                       config.lora.lora_multiplier_high_noise, config.lora.include_patterns, config.lora.exclude_patterns)
-    offload = device.type != "cpu" and not config.runtime.no_offload
+    offload = device.type != "cpu" and not config.runtime.no_offload and not (layout and layout.fsdp)
     home = "cpu" if (offload and task.has_experts) else device
     t0 = time.perf_counter()
     if task.has_experts:
@@ -225,14 +231,21 @@ def load_models(config: GenerateConfig, device, dtype):
     vae = load_vae(config.model_files.vae, dtype=torch.float32, device=device) if config.model_files.vae else None
     te = load_text_encoder(config.model_files.t5, config.model_files.t5_tokenizer, dtype=dtype, device="cpu" if offload else device)
     logger.info("models loaded in %.1f s", time.perf_counter() - t0)
+    main_rank = layout is None or layout.rank == 0
     clip = None
     if config.model_files.clip and conditioning_for(task).uses_clip:  # the official clip_dtype: fp16 on a GPU
         from wanlora.models import load_clip
 
         clip = load_clip(config.model_files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32,
                          device="cpu" if offload else device)
-    pipe = WanPipeline(task, dits, vae=vae, text_encoder=te, device=device, offload=offload, progress=True, clip=clip)
+    pipe = WanPipeline(task, dits, vae=vae, text_encoder=te, device=device, offload=offload, progress=main_rank,
+                       clip=clip)
     lora_log = apply_loras(pipe, plan, dynamic=config.lora.lora_dynamic)
+    if layout is not None and layout.world_size > 1:
+        from wanlora.models.distributed import distribute_dit
+
+        for d in dits.values():
+            distribute_dit(d, layout)
     if config.compile.compile:  # after the LoRAs (merged, or hooked with --lora_dynamic)
         for d in dits.values():
             d.compile_blocks(**config.compile.kwargs())
@@ -275,11 +288,13 @@ def _requests(config: GenerateConfig, specs):
     return out
 
 
-def run_one(pipe, request, config: GenerateConfig, index: int | None, lora_log, context=None, context_null=None) -> list[Path]:
+def run_one(pipe, request, config: GenerateConfig, index: int | None, lora_log, context=None, context_null=None,
+            write: bool = True) -> list[Path]:
     """Generate one request and write its files (:func:`save_outputs`); returns their paths.
 
     ``context``/``context_null``: precomputed embeddings (``[[L, d]]``), else the pipeline's text
     encoder runs. ``index`` numbers the file stem in a batch (``None`` for a single prompt).
+    ``write=False`` (the other ranks of a multi-process run): denoise only, no decode, no files.
 
     Raises:
         ValueError: a request the task rejects (size, frame count, missing image).
@@ -287,7 +302,9 @@ def run_one(pipe, request, config: GenerateConfig, index: int | None, lora_log, 
     task = pipe.task
     t0 = time.perf_counter()
     latent, video, resolved = pipe.generate(request, context, context_null, cpu_noise=config.request.cpu_noise,
-                                            decode=config.output.output_type != "latent")
+                                            decode=write and config.output.output_type != "latent")
+    if not write:
+        return []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = f"{stamp}_{resolved.seed}" if index is None else f"{stamp}_{index:03d}_{resolved.seed}"
     fps = config.request.fps or task.fps
@@ -320,10 +337,18 @@ def _main(argv=None) -> int:
         specs = [PromptSpec(config.request.prompt)]
     else:
         specs = []
+    from wanlora.models.distributed import init_from_env, parallel_layout
+
+    device, dtype = _device_dtype(config.runtime)
+    device = init_from_env(device)  # under torchrun / accelerate launch: join the process group
+    layout = parallel_layout(config.parallel.ulysses_size, config.parallel.dit_fsdp, device)
+    if layout.world_size > 1:
+        _same_random_draws(layout)
+        logger.info("layout: %s", layout.describe())
     requests = _requests(config, specs)  # reads the images: a bad --i fails before the models load
     preflight_generate(config)  # --save_path, the VAE's kind, the LoRAs' task: before the models load
-    device, dtype = _device_dtype(config.runtime)
-    pipe, lora_log = load_models(config, device, dtype)
+    pipe, lora_log = load_models(config, device, dtype, layout)
+    write = layout.rank == 0
     written = []
     with torch.no_grad():
         if requests:
@@ -335,10 +360,26 @@ def _main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             for i, req in enumerate(requests):
-                written += run_one(pipe, req, config, i if n > 1 else None, lora_log, [embs[i]], [embs[n + i]])
+                written += run_one(pipe, req, config, i if n > 1 else None, lora_log, [embs[i]], [embs[n + i]],
+                                   write=write)
         else:
             written += _interactive(pipe, config, lora_log)
+    if layout.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
+
+
+def _same_random_draws(layout) -> None:
+    """Seed Python's ``random`` with one number drawn on rank 0 and broadcast, so that every rank
+    draws the same random seeds (``--seed`` missing or negative) for the same requests: under
+    ``--ulysses_size`` / ``--dit_fsdp`` all ranks must denoise the same noise."""
+    import torch.distributed as dist
+
+    box = [random.randint(0, 2**62) if layout.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    random.seed(box[0])
 
 
 def _interactive(pipe, config: GenerateConfig, lora_log) -> list[Path]:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from wanlora.models.sequence_parallel import SequenceParallel
 
-__all__ = ["ParallelLayout", "parallel_layout", "shard_dit"]
+__all__ = ["ParallelLayout", "parallel_layout", "shard_dit", "distribute_dit", "init_from_env"]
 
 log = logging.getLogger(__name__)
 
@@ -138,4 +138,45 @@ def shard_dit(dit: nn.Module, layout: ParallelLayout) -> nn.Module:
     for block in dit.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(dit, mesh=mesh, reshard_after_forward=True)
+    return dit
+
+
+def init_from_env(device: torch.device | str | None = None) -> torch.device:
+    """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
+    environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``), for a
+    command that runs without Accelerate (``wanlora-generate``).
+
+    Args:
+        device: the device asked for (``--device``), or None (CUDA when available).
+
+    Returns:
+        This process's device: ``cuda:LOCAL_RANK`` for a bare ``cuda`` request under a launcher
+        of several processes, else ``device``. The group uses NCCL on CUDA, gloo on the CPU. With
+        ``WORLD_SIZE`` unset or 1 nothing is initialized.
+    """
+    import os
+
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dev
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return dev
+
+
+def distribute_dit(dit: nn.Module, layout: ParallelLayout) -> nn.Module:
+    """Put a loaded (and LoRA-merged or hooked) DiT on the layout: its sequence group
+    (:meth:`WanDiT.set_sequence_parallel`) and, with ``layout.fsdp``, FSDP2 shards
+    (:func:`shard_dit`). A one-process layout returns ``dit`` unchanged.
+
+    Raises:
+        ValueError: the sequence-group size does not divide the DiT's head count.
+    """
+    sp = layout.sequence_parallel()
+    if sp is not None:
+        dit.set_sequence_parallel(sp)
+    if layout.fsdp:
+        shard_dit(dit, layout)
     return dit
