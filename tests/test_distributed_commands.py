@@ -64,3 +64,52 @@ def test_generate_ulysses_and_fsdp_equal_one_process(tiny_dir, tmp_path):
     torchrun("wanlora.commands.generate", common + ["--ulysses_size", "2", "--dit_fsdp", "--save_path",
                                                     str(tmp_path / "fsdp")])
     assert _rel(_latent(tmp_path / "fsdp"), one) <= 1e-5
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+PROBE = Path(__file__).with_name("distributed_train_probe.py")
+
+
+def _train_flags(tiny_dir, out: Path, *extra: str) -> list[str]:
+    flags = json.loads((tiny_dir("t2v-1.3B") / "manifest.json").read_text())["flags"]
+    return ["--task", "t2v-1.3B", "--dit", flags["--dit"], "--dataset_config", "unused.toml",
+            "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4", "--network_alpha", "4",
+            "--learning_rate", "1e-2", "--seed", "7", "--max_train_steps", "4", "--max_data_loader_n_workers", "0",
+            *extra]
+
+
+def _lora(out: Path) -> dict:
+    return load_file(str(out / "lora.safetensors"))
+
+
+def _run_probe(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(PROBE.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(PROBE), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(_rel(a[k].double(), b[k].double()) for k in a if b[k].norm() > 0)
+
+
+def test_train_ulysses_equals_one_process(tiny_dir, tmp_path):
+    _run_probe(_train_flags(tiny_dir, tmp_path / "one"), 1)
+    r = _run_probe(_train_flags(tiny_dir, tmp_path / "sp", "--ulysses_size", "2"), 2)
+    assert "world 2 = 1 data-parallel × 2 sequence-parallel (Ulysses); FSDP2 sharded frozen DiT: off" in r.stderr
+    one, sp = _lora(tmp_path / "one"), _lora(tmp_path / "sp")
+    assert _max_rel(sp, one) <= 1e-4
+    ups = [v for k, v in one.items() if "lora_up" in k]  # zero at the start: it trained
+    assert ups and all(v.norm() > 0 for v in ups)
+
+
+def test_train_fsdp_equals_ddp(tiny_dir, tmp_path):
+    _run_probe(_train_flags(tiny_dir, tmp_path / "ddp"), 2)
+    r = _run_probe(_train_flags(tiny_dir, tmp_path / "fsdp", "--dit_fsdp"), 2)
+    assert "world 2 = 2 data-parallel × 1 sequence-parallel (Ulysses); FSDP2 sharded frozen DiT: on" in r.stderr
+    assert _max_rel(_lora(tmp_path / "fsdp"), _lora(tmp_path / "ddp")) <= 1e-5

@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 from wanlora.tasks import task_names
 
 __all__ = ["option", "group", "ModelFiles", "DTYPES", "DtypeError", "parse_dtype", "dtype_name", "default_device",
-           "device_option", "attn_option", "dtype_option", "CompileOptions", "ParallelOptions"]
+           "device_option", "attn_option", "dtype_option", "CompileOptions", "ulysses_option", "fsdp_option",
+           "ParallelOptions"]
 
 _MISSING = dataclasses.MISSING
 
@@ -185,11 +186,21 @@ class ModelFiles:
                               "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors")
 
 
+def ulysses_option() -> Any:
+    """The ``--ulysses_size`` field (the official ``generate.py`` flag): ranks per sequence group."""
+    return option(1, "sequence parallelism (Ulysses): processes that split each sample's tokens; must divide "
+                  "the process count and the DiT's attention heads (docs/distributed.md)")
+
+
+def fsdp_option() -> Any:
+    """The ``--dit_fsdp`` field (the official ``generate.py`` flag): FSDP2 shards of the frozen DiT."""
+    return option(False, "shard the frozen DiT's weights over all processes with FSDP2 (docs/distributed.md)")
+
+
 @dataclass(frozen=True)
 class ParallelOptions:
     """How the DiT spreads over the processes of a ``torchrun`` / ``accelerate launch`` run
-    (:mod:`wanlora.models.distributed`, ``docs/distributed.md``); the official ``generate.py`` flags."""
+    (:mod:`wanlora.models.distributed`, ``docs/distributed.md``)."""
 
-    ulysses_size: int = option(1, "sequence parallelism (Ulysses): ranks that split each sample's tokens; "
-                               "must divide the process count and the DiT's attention heads")
-    dit_fsdp: bool = option(False, "shard the frozen DiT's weights over all processes with FSDP2")
+    ulysses_size: int = ulysses_option()
+    dit_fsdp: bool = fsdp_option()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from wanlora.run_config import CompileOptions, ModelFiles, attn_option, dtype_option, group, option
+from wanlora.run_config import (CompileOptions, ModelFiles, attn_option, dtype_option, fsdp_option, group, option,
+                                ulysses_option)
 
 __all__ = ["TrainConfig", "ModelConfig", "ExpertConfig", "DataConfig", "NetworkConfig", "OptimizationConfig",
            "TimestepConfig", "SavingConfig", "TrackingConfig", "SamplingConfig", "LaunchConfig", "LoraSettings",
@@ -179,6 +180,8 @@ class LaunchConfig:
 
     mixed_precision: str | None = option(None, "autocast precision (default: the `accelerate launch` "
                                          "setting, else no)", choices=("no", "fp16", "bf16"))
+    ulysses_size: int = ulysses_option()
+    dit_fsdp: bool = fsdp_option()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,12 @@ Facts the loop relies on:
 * Multi-process (``accelerate launch --multi_gpu`` or ``torchrun``, gloo on CPU): each LoRA is
   wrapped in a small module whose forward calls the DiT, and that wrapper is what Accelerate
   prepares (DDP over the LoRA parameters only; the frozen DiT is never wrapped).
+* ``--ulysses_size N`` / ``--dit_fsdp`` (:mod:`wanlora.models.distributed`, ``docs/distributed.md``):
+  the processes form ``dp × N`` ranks; a sequence group of N ranks gets the same batches and the
+  same random draws (its data-parallel index takes the process index's place) and splits each
+  sample's tokens; FSDP2 shards the frozen DiT over all ranks. The LoRAs stay replicated under DDP:
+  the gathered output's backward sums the group's gradients, so DDP's mean over all ranks is the
+  data-parallel mean, exactly as without sequence parallelism.
 """
 
 from __future__ import annotations
@@ -468,10 +474,12 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
         seed = broadcast_object_list([random.randint(0, 2**31 - 1)])[0]
         log.info("no --seed given; using %d", seed)
     set_seed(seed)
-    device, rank = accelerator.device, accelerator.process_index
-    main = accelerator.is_main_process
+    device, main = accelerator.device, accelerator.is_main_process
     if not main:  # one process speaks; the others only warn
         logging.getLogger("wanlora").setLevel(logging.WARNING)
+    layout = _parallel_layout(config, plan, device)
+    rank = layout.dp_rank  # the data and random streams: one per sequence group
+    log.info("layout: %s", layout.describe())
     output_dir = Path(config.saving.output_dir)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -488,7 +496,13 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
 
     # ---- data
     positions, loader = _build_dataloader(config, task, seed, dataset)
-    loader = accelerator.prepare(loader)
+    if layout.sp_size > 1:  # a sequence group shares its batches: shard over the data-parallel groups
+        from accelerate.data_loader import prepare_data_loader
+
+        loader = prepare_data_loader(loader, device, num_processes=layout.dp_size, process_index=layout.dp_rank,
+                                     put_on_device=True)
+    else:
+        loader = accelerator.prepare(loader)
     accum = config.optimization.gradient_accumulation_steps
     steps_per_epoch = max(math.ceil(len(loader) / accum), 1)
     max_steps = config.optimization.max_train_steps
@@ -499,7 +513,13 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
 
     # ---- model and experts
     dit_dtype = _dit_dtype(config, accelerator.mixed_precision)
-    dit, expert_weights = _load_dit_and_experts(config, task, plan, device, dit_dtype, load_dit)
+    # under FSDP each rank loads on the CPU and keeps only its shards on the device
+    dit, expert_weights = _load_dit_and_experts(config, task, plan, "cpu" if layout.fsdp else device, dit_dtype,
+                                                load_dit)
+    if layout.world_size > 1:
+        from wanlora.models.distributed import distribute_dit
+
+        distribute_dit(dit, layout)
 
     # ---- LoRA networks, optimizers, schedulers (one set per trained LoRA)
     networks, wrappers, optimizers, schedulers = {}, {}, {}, {}
@@ -762,6 +782,28 @@ def _quick_hash(fn, path) -> str:
         return ""
 
 
+def _parallel_layout(config: TrainConfig, plan: ExpertPlan, device):
+    """The run's :class:`wanlora.models.distributed.ParallelLayout` from ``--ulysses_size`` and
+    ``--dit_fsdp`` (every process calls it once, after the process group exists).
+
+    Raises:
+        ValueError: ``--ulysses_size`` not dividing the process count; ``--dit_fsdp`` with both
+            A14B experts in one run (the expert swap rebinds whole weights, FSDP2 owns sharded
+            ones) or with ``--sample_prompts`` (samples run on the main process alone).
+    """
+    from wanlora.models.distributed import parallel_layout
+
+    launch = config.launch
+    if launch.dit_fsdp and len(plan.dit_paths) > 1:
+        raise ValueError("--dit_fsdp trains one A14B expert per run: give --dit (low noise) alone, then the "
+                         "high-noise expert in a second run with --dit_high_noise alone")
+    if launch.dit_fsdp and config.sampling.sample_prompts:
+        raise ValueError("--dit_fsdp makes no samples during training (the sharded DiT runs on every process); drop "
+                         "--sample_prompts and render the saved LoRA with `torchrun ... -m wanlora.commands.generate "
+                         "--dit_fsdp`")
+    return parallel_layout(launch.ulysses_size, launch.dit_fsdp, device)
+
+
 def _make_sampler(config, task, plan, dit, expert_weights, accelerator):
     """The ``--sample_prompts`` hook ``fn(step, epoch, networks)``, or None without prompts.
 
@@ -795,7 +837,12 @@ def _make_sampler(config, task, plan, dit, expert_weights, accelerator):
                         for e in task.experts}
             else:
                 dits = ExpertView(dit, None, activate)
-            samples = sampler.sample(step, dits, epoch=epoch, networks=list(networks.values()))
+            sp = dit.sequence_parallel  # the main process samples alone: the whole sequence on it
+            dit.set_sequence_parallel(None)
+            try:
+                samples = sampler.sample(step, dits, epoch=epoch, networks=list(networks.values()))
+            finally:
+                dit.set_sequence_parallel(sp)
             if importlib.util.find_spec("moviepy") is not None:  # TensorBoard's add_video needs it
                 for tracker in accelerator.trackers:
                     writer = getattr(tracker, "writer", None)
