@@ -220,12 +220,14 @@ def load_models(config: GenerateConfig, device, dtype, layout=None):
                       config.lora.lora_multiplier_high_noise, config.lora.include_patterns, config.lora.exclude_patterns)
     offload = device.type != "cpu" and not config.runtime.no_offload and not (layout and layout.fsdp)
     home = "cpu" if (offload and task.has_experts) else device
+    if layout is not None and layout.fsdp:
+        home = "cpu"  # each process keeps only its FSDP2 shards on the device (moved there by fully_shard)
     t0 = time.perf_counter()
     if task.has_experts:
         dits = {"low_noise": load_dit(config.model_files.dit, task.name, dtype=dtype, device=home, attn_mode=config.runtime.attn_mode),
                 "high_noise": load_dit(config.model_files.dit_high_noise, task.name, dtype=dtype, device=home, attn_mode=config.runtime.attn_mode)}
     else:
-        dits = {None: load_dit(config.model_files.dit, task.name, dtype=dtype, device=device, attn_mode=config.runtime.attn_mode)}
+        dits = {None: load_dit(config.model_files.dit, task.name, dtype=dtype, device=home, attn_mode=config.runtime.attn_mode)}
     for d in dits.values():
         d.eval().requires_grad_(False)
     vae = load_vae(config.model_files.vae, dtype=torch.float32, device=device) if config.model_files.vae else None

@@ -15,9 +15,10 @@ of masked with ``k_lens``; RoPE tables and the per-frame modulation are sliced t
 token positions (``rope_tables`` rows ``r·Lc ..``, frame ``t // (H·W)``), so a chunk that starts
 or ends inside a frame still uses that frame's timestep embedding.
 
-Gradients: the collectives are the differentiable ones of ``torch.distributed.nn.functional``.
-The all-to-all's adjoint is the reverse all-to-all; the output all-gather's adjoint sums the
-ranks' gradients (reduce-scatter). Every rank of a group computes the same loss on the gathered
+Gradients: the collectives are torch's differentiable functional collectives
+(``torch.distributed._functional_collectives.*_autograd``, the replacement torch 2.13 names for the
+deprecated ``torch.distributed.nn.functional``). The all-to-all's adjoint is the reverse
+all-to-all; the output all-gather's adjoint sums the ranks' gradients (reduce-scatter). Every rank of a group computes the same loss on the gathered
 output, so the summed objective is ``P · loss`` and each rank's LoRA gradient holds its tokens'
 share of ``P · ∇loss``: averaging the gradients over all ``dp · P`` ranks (what DDP and FSDP do)
 gives the data-parallel mean of ``∇loss`` exactly.
@@ -29,7 +30,7 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
 from wanlora.models.attention import attention
@@ -125,7 +126,7 @@ class SequenceParallel:
         b, lc, n, d = t.shape
         p = self.size
         send = t.reshape(b, lc, p, n // p, d).permute(2, 0, 1, 3, 4).contiguous()
-        recv = dist_fn.all_to_all_single(torch.empty_like(send), send, group=self.group)
+        recv = fc.all_to_all_single_autograd(send, None, None, self.group)
         return recv.permute(1, 0, 2, 3, 4).reshape(b, p * lc, n // p, d)
 
     def _to_tokens(self, t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +134,7 @@ class SequenceParallel:
         b, lpad, h, d = t.shape
         p = self.size
         send = t.reshape(b, p, lpad // p, h, d).transpose(0, 1).contiguous()
-        recv = dist_fn.all_to_all_single(torch.empty_like(send), send, group=self.group)
+        recv = fc.all_to_all_single_autograd(send, None, None, self.group)
         return recv.permute(1, 2, 0, 3, 4).reshape(b, lpad // p, p * h, d)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sdpa", *,
@@ -167,5 +168,4 @@ class SequenceParallel:
         """
         if self.size == 1:
             return local[:, :length]
-        parts = dist_fn.all_gather(local.contiguous(), group=self.group)
-        return torch.cat(parts, dim=1)[:, :length]
+        return fc.all_gather_single_autograd(local.contiguous(), 1, self.group)[:, :length]
