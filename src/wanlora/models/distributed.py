@@ -44,7 +44,7 @@ class ParallelLayout:
             seeds its noise and timesteps (equal on every rank of the group).
         sp_rank: its place in the group, ``rank % sp_size`` (which token chunk it holds).
         fsdp: the frozen DiT is sharded with FSDP2 over all ranks.
-        mesh: the ``("dp", "sp")`` DeviceMesh, or None in a one-process run without FSDP.
+        mesh: the ``("dp", "sp")`` DeviceMesh, or None without sequence parallelism and FSDP.
         fsdp_mesh: the 1-D DeviceMesh of all ranks that shards the DiT, or None without FSDP.
     """
 
@@ -80,8 +80,8 @@ def parallel_layout(ulysses_size: int = 1, fsdp: bool = False, device: torch.dev
             ``cpu`` → gloo).
 
     Returns:
-        The :class:`ParallelLayout`. Without ``torch.distributed`` initialized and with
-        ``ulysses_size == 1`` and no FSDP, the one-process layout (no mesh).
+        The :class:`ParallelLayout`. With ``ulysses_size == 1`` and no FSDP no process group is
+        created (plain data parallel, or one process without ``torch.distributed``).
 
     Raises:
         ValueError: ``ulysses_size`` < 1, or not dividing the world size; ``--ulysses_size`` > 1 or
@@ -100,9 +100,11 @@ def parallel_layout(ulysses_size: int = 1, fsdp: bool = False, device: torch.dev
     if world % ulysses_size:
         raise ValueError(f"--ulysses_size {ulysses_size} must divide the number of processes ({world}); "
                          f"launch {ulysses_size}·k processes or choose a divisor of {world}")
+    dp = world // ulysses_size
+    if ulysses_size == 1 and not fsdp:  # plain data parallel: no groups beyond the launcher's
+        return ParallelLayout(world_size=world, dp_size=world, rank=rank, dp_rank=rank)
     from torch.distributed.device_mesh import init_device_mesh
 
-    dp = world // ulysses_size
     kind = torch.device(device).type
     mesh = init_device_mesh(kind, (dp, ulysses_size), mesh_dim_names=("dp", "sp"))
     fsdp_mesh = init_device_mesh(kind, (world,), mesh_dim_names=("fsdp",)) if fsdp else None
