@@ -7,7 +7,8 @@
   (``HEAD``/``GET /{repo}/resolve/{revision}/{path}`` with ``X-Repo-Commit``, ``ETag`` and
   ``Content-Length``, byte ranges, ``X-Error-Code: EntryNotFound`` for a missing file), so
   ``hf_hub_download`` runs its real download path with ``HF_ENDPOINT`` pointed at it. It records
-  every path requested.
+  every request (method, path, ``Range``) and can break a download off halfway once
+  (``cut_once``) to show that it resumes.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def fill_hf_cache(cache_dir: Path, repo_id: str, folder: Path, commit: str = COM
 class FixtureHub:
     """A local HTTP server with the Hub's file-resolve protocol for a few repositories."""
 
-    def __init__(self, repos: dict[str, Path], commit: str = COMMIT):
+    def __init__(self, repos: dict[str, Path], commit: str = COMMIT, cut_once: tuple[str, ...] = ()):
         self.repos = {rid: _files(Path(f)) for rid, f in repos.items()}
         self.commit = commit
-        self.requests: list[tuple[str, str]] = []
+        self.cut_once = set(cut_once)  # repo paths whose first GET breaks off halfway
+        self.requests: list[tuple[str, str, str | None]] = []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,7 +73,7 @@ class FixtureHub:
                 return None
 
             def _answer(self, body: bool):
-                hub.requests.append((self.command, self.path))
+                hub.requests.append((self.command, self.path, self.headers.get("Range")))
                 f = self._lookup()
                 if f is None:
                     self.send_response(404)
@@ -89,7 +91,12 @@ class FixtureHub:
                 self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
-                if body:
+                rel = self.path.split("/resolve/", 1)[1].split("/", 1)[1]
+                if body and rel in hub.cut_once:  # a dropped connection: half the promised bytes
+                    hub.cut_once.discard(rel)
+                    self.wfile.write(data[start:start + (len(data) - start) // 2])
+                    self.close_connection = True
+                elif body:
                     self.wfile.write(data[start:])
 
             def do_HEAD(self):
@@ -113,7 +120,7 @@ class FixtureHub:
     def fetched(self) -> set[str]:
         """Repository paths that were downloaded (GET)."""
         out = set()
-        for method, path in self.requests:
+        for method, path, _ in self.requests:
             if method == "GET":
                 for rid in self.repos:
                     prefix = f"/{rid}/resolve/"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,24 @@ def test_wan21_image_tasks_resolve_the_clip_file(tiny_dir):
         assert files.paths["dit"] == d / "diffusion_pytorch_model.safetensors.index.json"
     with pytest.raises(ValueError, match="no model file role"):
         resolve_ckpt_dir(tiny_dir("t2v-1.3B"), "t2v-1.3B", ["clip"])
+
+
+def test_broken_download_resumes(tmp_path, tiny_dir):
+    """A connection that drops halfway through a 24 MB file: huggingface_hub asks for the rest with
+    a ``Range`` request (after its first 10 MiB chunk reached the disk) and the cached file is
+    the server's byte for byte."""
+    repo = "Wan-AI/Wan2.1-T2V-1.3B"
+    src = tmp_path / "repo"
+    shutil.copytree(tiny_dir("t2v-1.3B") / "google", src / "google")
+    big = src / "models_t5_umt5-xxl-enc-bf16.pth"
+    big.write_bytes(torch.randint(0, 256, (24 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+                    .numpy().tobytes())
+    with FixtureHub({repo: src}, cut_once=(big.name,)) as hub:
+        r = run(["wanlora.commands.download", "--task", "t2v-1.3B", "--only", "t5"],
+                env_for(tmp_path, offline=False, endpoint=hub.url))
+        assert r.returncode == 0, r.stderr
+        ranges = [rng for m, p, rng in hub.requests if m == "GET" and p.endswith(big.name)]
+    assert ranges == [None, f"bytes={10 << 20}-"]
+    cached = tmp_path / "hub" / "models--Wan-AI--Wan2.1-T2V-1.3B" / "snapshots" / COMMIT / big.name
+    assert cached.read_bytes() == big.read_bytes()
+    assert not list((tmp_path / "hub").rglob("*.incomplete"))

@@ -120,3 +120,29 @@ def test_ckpt_dir_diffusers_folder_and_repo_id(sets, tmp_path, monkeypatch):
     _same_dit(load_dit(by_repo.paths["dit_low_noise"], "t2v-A14B"), load_dit(official / "low_noise_model", "t2v-A14B"))
     te = load_text_encoder(by_repo.paths["t5"], tokenizer=by_repo.paths["t5_tokenizer"])
     assert te.identity == load_text_encoder(official / "models_t5_umt5-xxl-enc-bf16.pth").identity
+
+
+def test_merge_into_diffusers_transformer_equals_official(sets, tmp_path):
+    """A LoRA (official module names) merges into a diffusers transformer/ under its diffusers names;
+    the merged model loads to the same weights as the official checkpoint merged with it."""
+    from wanlora.io_utils import save_safetensors
+    from wanlora.lora.merge import merge_loras
+
+    official, diff = sets("t2v-A14B")
+    dit = load_dit(official / "low_noise_model", "t2v-A14B")
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name in ("blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.0.ffn.2"):
+        m = dit.get_submodule(name)
+        key = "lora_unet_" + name.replace(".", "_")
+        lora[f"{key}.lora_down.weight"] = torch.randn(2, m.in_features, generator=g)
+        lora[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 2, generator=g)
+        lora[f"{key}.alpha"] = torch.tensor(2.0)
+    save_safetensors(lora, tmp_path / "l.safetensors")
+    for src, out in ((official / "low_noise_model", "official.safetensors"), (diff / "transformer_2", "diff.safetensors")):
+        summary = merge_loras(src, [(tmp_path / "l.safetensors", 1.0)], tmp_path / out, "t2v-A14B", expert="low_noise")
+        assert summary["merged_modules"] == 3
+    a = load_dit(tmp_path / "diff.safetensors", "t2v-A14B").state_dict()
+    b = load_dit(tmp_path / "official.safetensors", "t2v-A14B").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(b["blocks.0.self_attn.q.weight"], dit.state_dict()["blocks.0.self_attn.q.weight"])

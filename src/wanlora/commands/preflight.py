@@ -179,9 +179,9 @@ def dit_widths(path: str | os.PathLike) -> tuple[int, int, int]:
     Raises:
         CheckpointError: unreadable; PreflightError: not a Wan DiT (no ``patch_embedding``).
     """
-    from wanlora.models.loading import checkpoint_shapes
+    from wanlora.models.loading import checkpoint_shapes, official_dit_keys
 
-    shapes = checkpoint_shapes(path, prefixes=("model.diffusion_model.", "diffusion_model."))
+    shapes = official_dit_keys(checkpoint_shapes(path, prefixes=("model.diffusion_model.", "diffusion_model.")))
     if "patch_embedding.weight" not in shapes:
         raise PreflightError(f"{path}: not a Wan DiT checkpoint (no patch_embedding.weight)")
     dim = shapes["patch_embedding.weight"][0]
@@ -218,10 +218,12 @@ def vae_kind_of(path: str | os.PathLike) -> str:
         CheckpointError: unreadable, or not a Wan VAE (the message names the flag that takes it).
     """
     from wanlora.models.loading import checkpoint_shapes
-    from wanlora.models.vae import _PREFIXES, detect_vae_kind
+    from wanlora.models.vae import _PREFIXES, detect_vae_kind, diffusers_vae_to_official, is_diffusers_vae
 
-    shapes = checkpoint_shapes(path, prefixes=_PREFIXES)
-    return detect_vae_kind({k: torch.empty(s, device="meta") for k, s in shapes.items()}, source=str(path))
+    sd = {k: torch.empty(s, device="meta") for k, s in checkpoint_shapes(path, prefixes=_PREFIXES).items()}
+    if is_diffusers_vae(sd):  # a diffusers AutoencoderKLWan (vae/ of the -Diffusers repositories)
+        sd = diffusers_vae_to_official(sd, source=str(path))
+    return detect_vae_kind(sd, source=str(path))
 
 
 def check_vae_for_task(path: str | os.PathLike, task: Task, flag: str = "--vae", purpose: str = "") -> str:

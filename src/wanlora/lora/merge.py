@@ -31,8 +31,8 @@ import torch
 from wanlora.lora.algebra import lora_delta
 from wanlora.lora.layouts import load_lora_file, lora_modules
 from wanlora.lora.metadata import read_lora_metadata
-from wanlora.models.loading import (CheckpointError, checkpoint_files, load_torch_file, read_config_json,
-                                   read_metadata)
+from wanlora.models.loading import (CheckpointError, checkpoint_files, config_num_heads, load_torch_file,
+                                    official_dit_keys, read_config_json, read_metadata)
 from wanlora.models.safetensors_stream import SafetensorsReader, SafetensorsStreamWriter
 from wanlora.tasks import EXPERTS, expert_from_path, get_task
 
@@ -167,6 +167,9 @@ def merge_loras(
     source = _Source(dit)
     try:
         infos = {k: (dt, sh) for k, dt, sh in source.items()}
+        # LoRA modules carry official names; a diffusers-layout transformer is merged under its own
+        names = {k[len(source.prefix):]: k for k in infos}
+        by_official = official_dit_keys(names)
         patch = infos.get(source.prefix + "patch_embedding.weight")
         problems = []
         if patch is not None and patch[1][1] != t.in_channels:
@@ -181,7 +184,7 @@ def merge_loras(
             problems += lora_metadata_problems(lora_path, md, t, dit_expert)
             n = 0
             for path, e in lora_modules(sd, "default").items():
-                key = source.prefix + path + ".weight"
+                key = by_official.get(path + ".weight", source.prefix + path + ".weight")
                 shape = (e["up"].shape[0], e["down"].shape[1])
                 if key not in infos:
                     skipped.append(f"{lora_path}: {path} (not in the checkpoint)")
@@ -216,9 +219,9 @@ def merge_loras(
 
         specs = {k[len(source.prefix):]: (out_dtype(dt), sh) for k, dt, sh in source.items()}
         metadata = dict(read_metadata(dit))
-        cfg = read_config_json(dit)
-        if "num_heads" in cfg and "num_heads" not in metadata:
-            metadata["num_heads"] = str(cfg["num_heads"])
+        heads = config_num_heads(read_config_json(dit))  # official num_heads or diffusers num_attention_heads
+        if heads is not None and "num_heads" not in metadata:
+            metadata["num_heads"] = str(heads)
         metadata["wan.task"] = t.name
         if dit_expert:
             metadata["wan.expert"] = dit_expert

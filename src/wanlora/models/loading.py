@@ -37,9 +37,11 @@ __all__ = [
     "CheckpointError",
     "check_dit_task",
     "checkpoint_files",
+    "config_num_heads",
     "checkpoint_shapes",
     "describe_checkpoint",
     "diffusers_dit_key",
+    "official_dit_keys",
     "dit_config_from_state_dict",
     "cast_dit",
     "keeps_float32",
@@ -391,9 +393,9 @@ def _is_diffusers_dit(keys) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1.to_q." in k for k in keys)
 
 
-def _official_keys(entries: dict) -> dict:
-    """``entries`` with diffusers DiT keys renamed to official ones (unknown keys kept, so that
-    the key check reports them); official-layout input is returned unchanged."""
+def official_dit_keys(entries: dict) -> dict:
+    """``entries`` (``{key: anything}``) with diffusers DiT keys renamed to official ones (unknown
+    keys kept, so that the key check reports them); official-layout input is returned unchanged."""
     if not _is_diffusers_dit(entries):
         return entries
     return {(diffusers_dit_key(k) or k): v for k, v in entries.items()}
@@ -443,7 +445,7 @@ def _plain_readers(path, stack: contextlib.ExitStack) -> dict[str, tuple]:
         except ValueError as e:  # the message names the file
             raise CheckpointError(f"{e}; download it again") from None
         entries.update({k: (reader, k) for k in reader.keys()})
-    return _official_keys(strip_prefix(entries, _DIT_PREFIXES))
+    return official_dit_keys(strip_prefix(entries, _DIT_PREFIXES))
 
 
 def dit_config_from_state_dict(
@@ -496,14 +498,23 @@ def dit_config_from_state_dict(
     )
 
 
-def _num_heads(path, dim: int) -> int | None:
-    """``num_heads`` from the folder's ``config.json`` (when its ``dim`` agrees), else from the
-    safetensors metadata, else ``None`` (the caller uses ``dim // 128``)."""
-    cfg = read_config_json(path)
-    if cfg.get("num_heads") and cfg.get("dim", dim) == dim:
+def config_num_heads(cfg: dict, dim: int | None = None) -> int | None:
+    """The DiT head count a ``config.json`` gives: the official ``num_heads`` (with ``dim``), or
+    diffusers' ``num_attention_heads`` (with ``attention_head_dim``); ``None`` when it gives none
+    or its width disagrees with ``dim`` (when ``dim`` is known)."""
+    if cfg.get("num_heads") and (dim is None or cfg.get("dim", dim) == dim):
         return int(cfg["num_heads"])
-    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")  # diffusers
-    if isinstance(heads, int) and isinstance(head_dim, int) and heads * head_dim == dim:
+    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int) and (dim is None or heads * head_dim == dim):
+        return heads
+    return None
+
+
+def _num_heads(path, dim: int) -> int | None:
+    """``num_heads`` from the folder's ``config.json`` (:func:`config_num_heads`), else from the
+    safetensors metadata, else ``None`` (the caller uses ``dim // 128``)."""
+    heads = config_num_heads(read_config_json(path), dim)
+    if heads is not None:
         return heads
     meta = read_metadata(path)
     if meta.get("num_heads"):
@@ -599,7 +610,7 @@ def load_dit(
     task = get_task(task)
     dtype = _as_dtype(dtype)
     # Memory-mapped: nothing is read until a tensor's data is touched.
-    sd, scales = _split_fp8_scales(_official_keys(load_state_dict(path, prefixes=_DIT_PREFIXES)))
+    sd, scales = _split_fp8_scales(official_dit_keys(load_state_dict(path, prefixes=_DIT_PREFIXES)))
     try:
         pe = sd.get("patch_embedding.weight")
         heads = _num_heads(path, pe.shape[0]) if pe is not None else None

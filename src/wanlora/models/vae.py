@@ -39,6 +39,7 @@ __all__ = [
     "save_vae_pth",
     "detect_vae_kind",
     "diffusers_vae_to_official",
+    "is_diffusers_vae",
     "vae_config_from_state_dict",
     "weights_identity",
     "LATENT_MEAN",
@@ -161,6 +162,11 @@ def _resnet_key(rest: str) -> str | None:
         if rest.startswith(old):
             return new + rest[len(old):]
     return None
+
+
+def is_diffusers_vae(sd) -> bool:
+    """Whether a VAE state dict (or ``{key: shape}``) has diffusers ``AutoencoderKLWan`` names."""
+    return "encoder.conv_in.weight" in sd and "quant_conv.weight" in sd
 
 
 def diffusers_vae_to_official(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -416,7 +422,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
             as such); missing, unexpected or mis-shaped keys.
     """
     sd = load_state_dict(path, prefixes=_PREFIXES)
-    diffusers = "encoder.conv_in.weight" in sd and "quant_conv.weight" in sd  # AutoencoderKLWan
+    diffusers = is_diffusers_vae(sd)
     if diffusers:
         sd = diffusers_vae_to_official(sd, source=str(path))
     try:
