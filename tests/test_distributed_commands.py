@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from wanlora.commands.generate import main as generate_main
@@ -113,3 +114,32 @@ def test_train_fsdp_equals_ddp(tiny_dir, tmp_path):
     r = _run_probe(_train_flags(tiny_dir, tmp_path / "fsdp", "--dit_fsdp"), 2)
     assert "world 2 = 2 data-parallel × 1 sequence-parallel (Ulysses); FSDP2 sharded frozen DiT: on" in r.stderr
     assert _max_rel(_lora(tmp_path / "fsdp"), _lora(tmp_path / "ddp")) <= 1e-5
+
+
+def test_layout_errors_are_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from tests.distributed_train_probe import SeqBatches
+    from wanlora.commands.train import parse_config
+    from wanlora.training.trainer import train
+
+    monkeypatch.delenv("WANLORA_TRACEBACK", raising=False)
+    flags = _flags(tiny_dir, "t2v-1.3B") + ["--output_type", "latent", "--save_path", str(tmp_path / "g")]
+    with pytest.raises(SystemExit) as e:  # a flag error: argparse's usage and one line
+        generate_main(flags + ["--interactive", "--ulysses_size", "2"])
+    assert e.value.code == 2
+    assert "--interactive reads one terminal: it runs in one process" in capsys.readouterr().err
+    assert generate_main(flags + ["--prompt", "a ball", "--ulysses_size", "2"]) == 2
+    assert "error: --ulysses_size 2 needs several processes: launch with `torchrun" in capsys.readouterr().err
+
+    a14b = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
+    argv = ["--task", "t2v-A14B", "--dit", a14b["--dit"], "--dataset_config", "unused.toml", "--output_dir",
+            str(tmp_path / "t"), "--max_train_steps", "1", "--dit_fsdp"]
+    try:
+        with pytest.raises(ValueError, match="--dit_fsdp trains one A14B expert per run"):
+            train(parse_config(argv + ["--dit_high_noise", a14b["--dit_high_noise"]]), dataset=SeqBatches())
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises(ValueError, match="--dit_fsdp needs several processes"):
+            train(parse_config(argv), dataset=SeqBatches())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
