@@ -92,7 +92,10 @@ def build(side: str, dim, ffn, heads, layers, dtype):
     m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim // heads,
                               in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=ffn,
                               num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                              eps=1e-6).to(dtype).requires_grad_(False)
+                              eps=1e-6).requires_grad_(False)
+    for name, p in m.named_parameters():  # from_pretrained(torch_dtype=...)'s policy: fp32 modules kept
+        keep = any(k in name.split(".") for k in m._keep_in_fp32_modules)
+        p.data = p.data.to(torch.float32 if keep else dtype)
     m.enable_gradient_checkpointing()
     m.train()
     return m, m.blocks, TARGETS_DIFFUSERS, lambda x, t, ctx: m(x, t, ctx, return_dict=False)[0]

@@ -77,9 +77,10 @@ def test_backend_equals_math_forward_and_backward(mode, dtype):
         assert _rel(g, r) < (3e-2 if low else 1e-5), name
 
 
-def test_sdpa_gets_contiguous_heads_first_inputs_in_the_compute_dtype(monkeypatch):
-    """SDPA is handed what its flash / cuDNN kernels need: contiguous ``[B, N, L, d]``, one dtype
-    (bf16 for a bf16 DiT: q/k come out of RoPE in float32 and are cast), no mask, no dropout."""
+def test_sdpa_gets_heads_first_inputs_in_the_compute_dtype_without_mask(monkeypatch):
+    """SDPA is handed what its flash kernel needs: ``[B, N, L, d]`` with a contiguous last dim
+    (views, no copy), one dtype (bf16 for a bf16 DiT: q/k come out of RoPE in float32 and are cast),
+    no mask, no dropout; the cudnn path hands contiguous copies."""
     seen = []
     real = attn_mod.F.scaled_dot_product_attention
 
@@ -102,7 +103,15 @@ def test_sdpa_gets_contiguous_heads_first_inputs_in_the_compute_dtype(monkeypatc
             assert args == () and kwargs == {}
             assert q.shape == (1, 2, 8, 32) and k.shape == v.shape == (1, 2, lk, 32)
             for tensor in (q, k, v):
-                assert tensor.is_contiguous() and tensor.dtype == want
+                assert tensor.stride(-1) == 1 and tensor.dtype == want
+    seen.clear()
+    q, k, v = _qkv(torch.float32)
+    with torch.no_grad():
+        out = attn_mod._sdpa(q, k, v, torch.bfloat16, contiguous=True)
+        ref = attn_mod._sdpa(q, k, v, torch.bfloat16)
+    assert all(t.is_contiguous() and t.dtype == torch.bfloat16 for t in seen[0][:3])
+    assert not seen[1][0].is_contiguous()  # the view path made no copy
+    assert torch.equal(out, ref)
 
 
 def test_sage_is_refused_for_training_with_one_line():

@@ -32,10 +32,13 @@ as the official GPU path does (``wan/modules/attention.py: flash_attention`` cas
 The kernels that only take fp16/bf16 (``cudnn``, ``flash``, ``flash3``, ``sage``) cast float32
 inputs to bf16 (the official ``half_dtype``) and their output back to float32.
 
-**Layout.** q/k/v arrive as ``[B, L, N, d]``. The SDPA modes hand PyTorch contiguous
-``[B, N, L, d]`` tensors (the cast and the transpose are one copy), with no mask, no dropout and
-the default scale, which is what its flash and cuDNN kernels need to be chosen; the other kernels
-take ``[B, L, N, d]`` (their native layout) as it is.
+**Layout.** q/k/v arrive as ``[B, L, N, d]``. ``sdpa`` hands PyTorch ``[B, N, L, d]`` views of
+them (last dimension contiguous: what its FlashAttention kernel needs, and that kernel's native
+memory layout, so no copy is made; a copy would also be held for backward: +23 MiB per block at
+1950 tokens in float32, ``benchmarks/checkpoint_memory.py``), with no mask, no dropout and the
+default scale, so PyTorch can choose its flash kernel for bf16/fp16 and head dim 128.
+``cudnn`` hands it contiguous ``[B, N, L, d]`` copies (cast and transpose in one kernel). The
+other kernels take ``[B, L, N, d]`` (their native layout) as it is.
 
 No mask, no dropout, softmax scale ``1/sqrt(d)``: Wan's self-attention sees only real tokens (no
 padding: a batch shares one grid) and its cross-attention does not mask the zero-padded text rows
@@ -102,10 +105,17 @@ def check_attn_mode(mode: str, training: bool = False):
         ) from None
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """SDPA on contiguous ``[B, N, L, d]`` copies in ``dtype`` (cast + transpose in one copy);
-    returns ``[B, L, N, d]`` (a transposed view)."""
-    return F.scaled_dot_product_attention(*(_heads_first(t, dtype) for t in (q, k, v))).transpose(1, 2)
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, contiguous: bool = False) -> torch.Tensor:
+    """SDPA on ``[B, N, L, d]`` in ``dtype``; returns ``[B, L, N, d]`` (a transposed view).
+
+    The inputs are transposed views of ``[B, L, N, d]`` (last dim contiguous, the layout the
+    FlashAttention kernel reads natively; q/k are cast in the same kernel) unless ``contiguous``,
+    which makes contiguous ``[B, N, L, d]`` copies (for cuDNN attention)."""
+    if contiguous:
+        qkv = [_heads_first(t, dtype) for t in (q, k, v)]
+    else:
+        qkv = [t.transpose(1, 2).to(dtype) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*qkv).transpose(1, 2)
 
 
 def _heads_first(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -149,7 +159,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str = "sd
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return _sdpa(q, k, v, dtype).to(out_dtype)
+            return _sdpa(q, k, v, dtype, contiguous=True).to(out_dtype)
     if mode == "sage" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError(_NO_BACKWARD.format("/".join(TRAINING_ATTN_MODES)))
     lib = check_attn_mode(mode)
