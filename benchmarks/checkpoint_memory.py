@@ -114,10 +114,13 @@ def measure(side: str, a) -> dict:
         x = torch.randn(1, 16, *a.grid)
         t = torch.tensor([500.0])
         ctx = torch.randn(1, 512, 4096)  # zero-padded text (both models take 512 rows)
-        saved = Counter()
+        saved, seen = Counter(), WeakIdKeyDictionary()
 
-        def pack(tensor):
-            saved[(tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))] += tensor.untyped_storage().nbytes()
+        def pack(tensor):  # each storage counted once (the text context is saved by every block)
+            st = tensor.untyped_storage()
+            if st not in seen:
+                seen[st] = True
+                saved[(tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))] += st.nbytes()
             return tensor
 
         with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):

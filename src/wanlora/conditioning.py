@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from wanlora.tasks import TASKS, Task, get_task
+from wanlora.transfer import to_device
 
 __all__ = [
     "Conditioning", "TextToVideo", "ImageToVideo", "ClipImageToVideo", "FirstLastFrameToVideo", "FirstFrameLatent",
@@ -127,6 +128,8 @@ def clean_first_frame(x0: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tenso
         timestep: ``[B]`` on 0..1000.
         chosen: bool ``[B]`` on ``x0``'s device: samples whose frame 0 is given.
 
+    No host synchronization (selections by ``torch.where``, not boolean indexing).
+
     Returns:
         ``(x_t, timestep, loss_mask)``: ``x_t`` with frame 0 of the chosen samples replaced by
         ``x0``'s; ``timestep`` ``[B, F]``, each frame at the sample's timestep and frame 0 of the
@@ -135,11 +138,11 @@ def clean_first_frame(x0: torch.Tensor, x_t: torch.Tensor, timestep: torch.Tenso
     """
     b, f = x0.shape[0], x0.shape[2]
     x_t = x_t.clone()
-    x_t[chosen, :, 0] = x0[chosen, :, 0]
+    x_t[:, :, 0] = torch.where(chosen.view(b, 1, 1, 1), x0[:, :, 0], x_t[:, :, 0])
     timestep = timestep[:, None].repeat(1, f)
-    timestep[chosen, 0] = 0.0
+    timestep[:, 0] = torch.where(chosen, torch.zeros_like(timestep[:, 0]), timestep[:, 0])
     keep = torch.ones(b, 1, f, 1, 1, device=x0.device)
-    keep[chosen, :, 0] = 0.0
+    keep[:, 0, 0] = (~chosen).to(keep.dtype).view(b, 1, 1)
     return x_t, timestep, keep
 
 
@@ -531,9 +534,9 @@ class FirstFrameLatent(Conditioning):
         (:func:`clean_first_frame`)."""
         b, f = x0.shape[0], x0.shape[2]
         if self.first_frame_prob > 0 and f > 1:
-            chosen = (torch.rand(b, generator=generator) < self.first_frame_prob).to(x0.device)
+            chosen = torch.rand(b, generator=generator) < self.first_frame_prob  # drawn and tested on the host
             if bool(chosen.any()):
-                x_t, timestep, keep = clean_first_frame(x0, x_t, timestep, chosen)
+                x_t, timestep, keep = clean_first_frame(x0, x_t, timestep, to_device(chosen, x0.device))
                 return TrainingInputs(x_t, timestep, loss_mask=keep)
         return TrainingInputs(x_t, timestep)
 
