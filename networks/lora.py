@@ -110,12 +110,12 @@ class LoRANetwork(LoRAAdapterSet):
     def prepare_network(self, args) -> None:
         """Called once after creation (kohya convention); nothing to do."""
 
-    def prepare_grad_etc(self, unet=None) -> None:
-        """Make the adapters trainable (kohya convention)."""
+    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
+        """Make the adapters trainable (kohya convention: called with ``(text_encoder, unet)``)."""
         self.requires_grad_(True)
 
-    def on_epoch_start(self, unet=None) -> None:
-        """Put the adapters in training mode (dropouts on; kohya convention)."""
+    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
+        """Put the adapters in training mode (dropouts on; kohya convention: ``(text_encoder, unet)``)."""
         self.train()
 
     def on_step_start(self) -> None:

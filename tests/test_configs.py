@@ -27,7 +27,7 @@ import torch
 from wanlora.conditioning import conditioning_for
 from wanlora.dataset import DatasetConfigError, DatasetConfigWarning, load_dataset_config
 from wanlora.dataset.latent_caching import plan_latent_caches
-from wanlora.training.experts import boundary_timestep, expert_from_path, normalize_expert, plan_experts
+from wanlora.training.experts import ONE_MODEL, boundary_timestep, expert_from_path, normalize_expert, plan_experts
 from wanlora.training.flow import WEIGHTING_SCHEMES, TimestepDistribution
 from wanlora.models.attention import ATTN_MODES
 from wanlora.training.optim import SCHEDULERS, build_optimizer, parse_kv_args
@@ -119,11 +119,11 @@ def test_train_config_parses_and_is_what_its_name_says(path):
         assert args.dit_high_noise is None and args.expert is None
     plan = plan_experts(task, args.dit, args.dit_high_noise, args.expert, args.expert_lora, args.timestep_boundary)
     assert plan.mode == LAYOUTS[layout]
-    assert set(plan.ranges) == ({layout} if layout in EXPERTS else set(EXPERTS) if layout else {None})
+    assert set(plan.ranges) == ({layout} if layout in EXPERTS else set(EXPERTS) if layout else {ONE_MODEL})
     b = boundary_timestep(task, args.timestep_boundary)
     for expert, (lo, hi) in plan.ranges.items():
         assert 0.0 <= lo < hi <= 1000.0
-        if expert is not None:
+        if expert != ONE_MODEL:
             assert (lo, hi) == ((b, 1000.0) if expert == "high_noise" else (0.0, b))
     for v in (args.min_timestep, args.max_timestep):
         assert v is None or 0.0 <= v <= 1000.0

@@ -11,13 +11,14 @@ import torch
 
 from wanlora.training import flow
 from wanlora.training.experts import (
+    ONE_LORA,
     ExpertSchedule,
     ExpertWeights,
     boundary_timestep,
     expert_from_path,
     plan_experts,
 )
-from wanlora.training.optim import build_lr_scheduler, build_optimizer, lr_lambda, parse_kv_args
+from wanlora.training.optim import build_lr_scheduler, build_optimizer, parse_kv_args
 from wanlora.tasks import get_task
 from wanlora.commands.train import ConfigFileError, parse_args
 from wanlora.conditioning import conditioning_for
@@ -79,21 +80,35 @@ def test_optimizer_args_and_class_path():
         build_optimizer("adamw", p, 0.1, ["bogus_arg=1"])
 
 
+def _multipliers(name, W, N, steps, **kw):
+    """The learning-rate multiplier of schedule ``name`` at each of ``steps`` (base lr 1)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = build_lr_scheduler(name, opt, W, N, **kw)
+    out, at = {}, 0
+    for step in sorted(steps):
+        while at < step:
+            opt.step()
+            s.step()
+            at += 1
+        out[step] = s.get_last_lr()[0]
+    return out
+
+
 def test_lr_schedules():
     W, N = 10, 110
-    f = lr_lambda("cosine", W, N)
-    assert f(0) == 0 and f(5) == 0.5 and f(W) == 1.0 and f(60) == pytest.approx(0.5) and f(N) == pytest.approx(0)
-    assert lr_lambda("linear", W, N)(60) == pytest.approx(0.5)
-    assert lr_lambda("constant", W, N)(0) == 1.0
-    assert lr_lambda("constant_with_warmup", W, N)(5) == 0.5
-    assert lr_lambda("polynomial", 0, 100, power=2.0)(50) == pytest.approx(0.25)
-    r = lr_lambda("cosine_with_restarts", 0, 100, num_cycles=2)
-    assert r(0) == 1.0 and r(25) == pytest.approx(0.5) and r(50) == 1.0
+    f = _multipliers("cosine", W, N, [0, 5, W, 60, N])
+    assert f[0] == 0 and f[5] == 0.5 and f[W] == 1.0 and f[60] == pytest.approx(0.5) and f[N] == pytest.approx(0)
+    assert _multipliers("linear", W, N, [60])[60] == pytest.approx(0.5)
+    assert _multipliers("constant", W, N, [0])[0] == 1.0
+    assert _multipliers("constant_with_warmup", W, N, [5])[5] == 0.5
+    assert _multipliers("polynomial", 0, 100, [50], power=2.0)[50] == pytest.approx(0.25)
+    r = _multipliers("cosine_with_restarts", 0, 100, [0, 25, 50], num_cycles=2)
+    assert r[0] == 1.0 and r[25] == pytest.approx(0.5) and r[50] == 1.0
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     s = build_lr_scheduler("linear", opt, 0.1, 100)  # below 1: a fraction of the steps
     assert s.get_last_lr()[0] == 0.0
     with pytest.raises(ValueError, match="lr_scheduler"):
-        lr_lambda("nosuch", 0, 10)
+        build_lr_scheduler("nosuch", opt, 0, 10)
 
 
 # ---- experts ----------------------------------------------------------------------------------
@@ -111,7 +126,7 @@ def test_expert_plans():
     assert p.mode == "separate" and p.ranges["high_noise"] == (875.0, 1000.0)
     assert p.file_suffix("high_noise") == "_high_noise" and p.lora_for("low_noise") == "low_noise"
     p = plan_experts(t2v, "LOW", "HIGH", expert_lora="shared")
-    assert p.lora_for("high_noise") is None and p.metadata_expert(None) == "both"
+    assert p.lora_for("high_noise") == ONE_LORA and p.metadata_expert(ONE_LORA) == "both"
     p = plan_experts(get_task("i2v-A14B"), "dit.safetensors", expert="high", timestep_boundary=0.8)
     assert p.ranges == {"high_noise": (800.0, 1000.0)}
     p = plan_experts(t2v, "m/low_noise_model", expert="high")  # flag and path disagree: a warning
@@ -143,12 +158,12 @@ def test_expert_schedule_matches_the_timestep_law():
 def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
     """flux_shift: P(high) comes from each step's latent size; a --min/--max_timestep range on one
     side of the boundary is refused for two LoRAs (one would never train), a warning when shared."""
-    from wanlora.training.trainer import _expert_of_step, _expert_schedule
+    from wanlora.training.experts import expert_of_step, expert_schedule
 
     t2v = get_task("t2v-A14B")
     sep = plan_experts(t2v, "LOW", "HIGH")
     flux = flow.TimestepDistribution("flux_shift")
-    sched = _expert_schedule(sep, flux, 1, 5)
+    sched = expert_schedule(sep, flux, 1, 5)
     assert sched.p_high is None
     with pytest.raises(ValueError, match="give p_high"):
         sched.expert_at(0)
@@ -156,28 +171,28 @@ def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
     p_small, p_large = (flux.with_latent_size(h, h).mass(875, 1000) for h in (16, 128))
     assert p_small < p_large  # more tokens, more shift, more high-noise steps
     for step in range(40):
-        assert _expert_of_step(sched, sep, flux, step, small) == ExpertSchedule(p_small, 1, 5).expert_at(step)
-        assert _expert_of_step(sched, sep, flux, step, large) == ExpertSchedule(p_large, 1, 5).expert_at(step)
+        assert expert_of_step(sched, sep, flux, step, small) == ExpertSchedule(p_small, 1, 5).expert_at(step)
+        assert expert_of_step(sched, sep, flux, step, large) == ExpertSchedule(p_large, 1, 5).expert_at(step)
         # several processes (other buckets) agree on one P(high): the mean over processes
-        both = _expert_of_step(sched, sep, flux, step, small, lambda p: (p + p_large) / 2)
+        both = expert_of_step(sched, sep, flux, step, small, lambda p: (p + p_large) / 2)
         assert both == ExpertSchedule((p_small + p_large) / 2, 1, 5).expert_at(step)
     assert ExpertSchedule(0.3, 1, 5).expert_at(7, p_high=1.0) == "high_noise"  # a per-step p_high wins
-    assert _expert_of_step(None, plan_experts(t2v, "m/low_noise_model"), flux, 0, small) == "low_noise"
+    assert expert_of_step(None, plan_experts(t2v, "m/low_noise_model"), flux, 0, small) == "low_noise"
 
     low_only = flow.TimestepDistribution("uniform", max_timestep=800)
     with pytest.raises(ValueError, match="high_noise expert gets no timesteps and its LoRA would never train"):
-        _expert_schedule(sep, low_only, 1, 0)
+        expert_schedule(sep, low_only, 1, 0)
     with caplog.at_level("WARNING", logger="wanlora.train"):
-        shared = _expert_schedule(plan_experts(t2v, "LOW", "HIGH", expert_lora="shared"), low_only, 1, 0)
+        shared = expert_schedule(plan_experts(t2v, "LOW", "HIGH", expert_lora="shared"), low_only, 1, 0)
     assert shared.p_high == 0.0 and "the shared LoRA trains on the other expert only" in caplog.text
     with pytest.raises(ValueError, match="low_noise expert gets no timesteps"):
-        _expert_schedule(sep, flow.TimestepDistribution("uniform", min_timestep=900), 1, 0)
+        expert_schedule(sep, flow.TimestepDistribution("uniform", min_timestep=900), 1, 0)
 
 
 def test_state_folder_waits_for_every_process_before_the_rename(tmp_path):
     """accelerate's save_state has no barrier at its end: the other processes may still be writing
     their RNG files into the temporary folder, so it is renamed only after a barrier."""
-    from wanlora.training.trainer import TrainState, _atomic_state_dir
+    from wanlora.training.checkpoint import TrainState, write_state_folder
 
     calls = []
 
@@ -194,7 +209,7 @@ def test_state_folder_waits_for_every_process_before_the_rename(tmp_path):
     final = tmp_path / "lora-state"
     final.mkdir()
     (final / "old.bin").write_bytes(b"x")
-    assert _atomic_state_dir(FakeAccelerator(), final, TrainState(global_step=3)) == final
+    assert write_state_folder(FakeAccelerator(), final, TrainState(global_step=3)) == final
     assert calls == ["barrier", "save", "barrier", "barrier"]
     assert sorted(p.name for p in final.iterdir()) == ["train_state.json"]  # the old folder replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-state"]  # no .tmp / .old left
@@ -290,23 +305,23 @@ def test_partial_lora_warned_once_and_clip_modules_refused(caplog):
     built; Wan2.1-I2V-only modules (k_img) are refused for a Wan2.2 task."""
     from wanlora.models.dit import WanDiT, WanDiTConfig
     from wanlora.networks import lora_wan
-    from wanlora.training.trainer import _check_lora_modules, log
+    from wanlora.training.lora_bundle import check_lora_modules, log
 
     torch.manual_seed(0)
     dit = WanDiT(WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=16, out_channels=16,
                               text_dim=32))
     task = get_task("t2v-A14B")
     full = lora_wan.create_network(1.0, 4, 4, None, None, dit)
-    assert _check_lora_modules(full, task, 2) == []
+    assert check_lora_modules(full, task, 2) == []
     part = lora_wan.create_network(1.0, 4, 4, None, None, dit, exclude_patterns="['.*ffn.*']")
     with caplog.at_level("WARNING", logger=log.name):  # the logger the check writes to
-        found = _check_lora_modules(part, task, 2, "high_noise")
+        found = check_lora_modules(part, task, 2, "high_noise")
     assert len(found) == 1 and "layers missing in 2 block(s): ffn.0, ffn.2" in found[0]
     assert "LoRA high_noise: " in caplog.text and "diffusers' loader refuses" in caplog.text
     assert {r.name for r in caplog.records} == {log.name}
     caplog.clear()
     with caplog.at_level("WARNING", logger=log.name):
-        _check_lora_modules(part, task, 2, warn=False)  # other processes: no duplicate warning
+        check_lora_modules(part, task, 2, warn=False)  # other processes: no duplicate warning
     assert caplog.text == ""
 
     class ClipLoRA:
@@ -314,4 +329,4 @@ def test_partial_lora_warned_once_and_clip_modules_refused(caplog):
             return {f"lora_unet_blocks_0_cross_attn_k_img.lora_{n}.weight": torch.zeros(4, 4) for n in ("down", "up")}
 
     with pytest.raises(ValueError, match="Wan2.1-I2V-only modules .*k_img.* exclude them"):
-        _check_lora_modules(ClipLoRA(), task, 2)
+        check_lora_modules(ClipLoRA(), task, 2)

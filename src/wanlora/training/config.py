@@ -21,17 +21,7 @@ from wanlora.run_config import (CompileOptions, ModelFiles, attn_option, dtype_o
                                 ulysses_option)
 
 __all__ = ["TrainConfig", "ModelConfig", "ExpertConfig", "DataConfig", "NetworkConfig", "OptimizationConfig",
-           "TimestepConfig", "SavingConfig", "TrackingConfig", "SamplingConfig", "LaunchConfig", "LoraSettings",
-           "SINGLE", "lora_label"]
-
-#: The key of the one LoRA of a run that trains a single model or one LoRA shared by both experts
-#: (the others are keyed by their expert, ``"high_noise"`` / ``"low_noise"``).
-SINGLE = "single"
-
-
-def lora_label(key: str) -> str:
-    """A LoRA key for logs and log tags: ``high_noise`` / ``low_noise``, ``lora`` for :data:`SINGLE`."""
-    return "lora" if key == SINGLE else key
+           "TimestepConfig", "SavingConfig", "TrackingConfig", "SamplingConfig", "LaunchConfig", "LoraSettings"]
 
 
 @dataclass(frozen=True)
@@ -225,7 +215,7 @@ class TrainConfig:
                 for f in fields(group_)}
 
     def lora(self, key: str, alone: bool = False) -> LoraSettings:
-        """The settings of the LoRA ``key`` (``high_noise``, ``low_noise`` or :data:`SINGLE`): the
+        """The settings of the LoRA ``key`` (``high_noise``, ``low_noise`` or ``lora``): the
         ``--*_high_noise`` flag for the high-noise LoRA where given (``0`` counts as given), else the
         shared flag. ``alone``: this is the run's only LoRA (one expert trained), so
         ``--network_weights`` starts it when ``--network_weights_high_noise`` is not given."""

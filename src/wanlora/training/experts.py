@@ -36,19 +36,29 @@ from dataclasses import dataclass, field
 import torch
 
 from wanlora.tasks import EXPERTS, Task, expert_from_path  # noqa: F401 (re-exported)
+from wanlora.training import seeds
 
 __all__ = [
+    "ONE_MODEL",
+    "ONE_LORA",
     "ExpertPlan",
     "plan_experts",
     "expert_from_path",
     "normalize_expert",
     "boundary_timestep",
     "ExpertSchedule",
+    "expert_schedule",
+    "expert_of_step",
     "ExpertWeights",
     "ExpertView",
 ]
 
 log = logging.getLogger(__name__)
+
+#: The expert key of a single-model run (TI2V-5B, Wan2.1): its one DiT and its timestep range.
+ONE_MODEL = "model"
+#: The LoRA key of a run that trains one LoRA for a single model or shared by both experts.
+ONE_LORA = "lora"
 
 
 def normalize_expert(name: str | None) -> str | None:
@@ -90,11 +100,11 @@ class ExpertPlan:
 
     Attributes:
         mode: ``single`` | ``one`` | ``separate`` | ``shared``.
-        dit_paths: ``{expert: checkpoint}`` of the DiTs to load (key None for ``single``).
+        dit_paths: ``{expert: checkpoint}`` of the DiTs to load (key :data:`ONE_MODEL` for ``single``).
         loras: the trained LoRAs as ``{lora_key: experts it serves}``; lora_key is an expert
-            name (``one``/``separate``) or None (``single``/``shared``).
-        ranges: ``{expert: (lo, hi)}`` timesteps on 0..1000 each expert trains on (key None
-            for ``single``: the whole law).
+            name (``one``/``separate``) or :data:`ONE_LORA` (``single``/``shared``).
+        ranges: ``{expert: (lo, hi)}`` timesteps on 0..1000 each expert trains on (key
+            :data:`ONE_MODEL` for ``single``: the whole law).
         boundary: the boundary timestep (None for single-model tasks).
         notes: messages for the log at INFO level (the expert detected from the path).
         warnings: messages for the log at WARNING level (``--expert`` and the path disagree).
@@ -113,7 +123,7 @@ class ExpertPlan:
         """The experts (DiT keys) this run uses, in the sampler's order."""
         return list(self.dit_paths)
 
-    def lora_for(self, expert: str | None):
+    def lora_for(self, expert: str) -> str:
         """The LoRA key trained when ``expert`` is active."""
         for key, served in self.loras.items():
             if expert in served:
@@ -143,14 +153,14 @@ def plan_experts(task: Task, dit: str, dit_high_noise: str | None = None, expert
     if not task.has_experts:
         if dit_high_noise or expert:
             raise ValueError(f"task {task.name} is a single model: leave out --dit_high_noise and --expert")
-        return ExpertPlan("single", {None: dit}, {None: (None,)}, {None: (0.0, 1000.0)})
+        return ExpertPlan("single", {ONE_MODEL: dit}, {ONE_LORA: (ONE_MODEL,)}, {ONE_MODEL: (0.0, 1000.0)})
     ranges = {"high_noise": (b, 1000.0), "low_noise": (0.0, b)}
     if dit_high_noise:
         if expert:
             raise ValueError("--expert picks one expert; with --dit_high_noise both train. Drop one of them")
         paths = {"high_noise": dit_high_noise, "low_noise": dit}
         if expert_lora == "shared":
-            return ExpertPlan("shared", paths, {None: tuple(EXPERTS)}, ranges, b)
+            return ExpertPlan("shared", paths, {ONE_LORA: tuple(EXPERTS)}, ranges, b)
         return ExpertPlan("separate", paths, {e: (e,) for e in EXPERTS}, ranges, b)
     notes, warnings = [], []
     e = normalize_expert(expert)
@@ -170,9 +180,10 @@ def plan_experts(task: Task, dit: str, dit_high_noise: str | None = None, expert
 class ExpertSchedule:
     """Which expert trains on each optimizer step (both-experts runs).
 
-    The expert of step ``s`` is drawn once per group ``s // switch_every``: ``u ~ U(0, 1)`` from a
-    generator seeded with ``(seed, group)``, high-noise when ``u < p_high`` — stateless, the same
-    on every process and after a resume.
+    The expert of step ``s`` is drawn once per group ``s // switch_every``: ``u ~ U(0, 1)`` from the
+    generator of ``(seed, group)`` (:func:`wanlora.training.seeds.stream_generator`, stream
+    ``EXPERT``), high-noise when ``u < p_high`` — stateless, the same on every process and after a
+    resume.
 
     Args:
         p_high: probability of the high-noise expert in [0, 1] (``sampler.mass(boundary, 1000)``),
@@ -199,8 +210,58 @@ class ExpertSchedule:
         if p is None:
             raise ValueError("ExpertSchedule(p_high=None): give p_high for each step")
         group = step // self.switch_every
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + group * 7919 + 17) % (2**63))
+        g = seeds.stream_generator(self.seed, seeds.EXPERT, group)
         return "high_noise" if torch.rand((), generator=g).item() < p else "low_noise"
+
+
+def expert_schedule(plan: ExpertPlan, timesteps, switch_every: int, seed: int) -> ExpertSchedule | None:
+    """Both experts: the per-step expert draw with ``P(high) = timesteps.mass(boundary, 1000)``, so
+    that sampling each step's timesteps inside its expert's range reproduces the law; None for one
+    expert or a single model. ``flux_shift`` (the law depends on the latent size) leaves ``p_high``
+    to each step's batch (:func:`expert_of_step`).
+
+    Args:
+        timesteps: the run's :class:`wanlora.training.flow.TimestepDistribution`.
+    Raises:
+        ValueError: two LoRAs (``separate``) while ``--min_timestep``/``--max_timestep`` leave one
+            expert no timesteps, so its LoRA would never train.
+    """
+    if plan.mode not in ("separate", "shared"):
+        return None
+    lo, hi = timesteps.range
+    starved = "high_noise" if hi <= plan.boundary else "low_noise" if lo >= plan.boundary else None
+    if starved:
+        msg = (f"--min_timestep/--max_timestep {lo:g}..{hi:g} lie on one side of the expert boundary "
+               f"{plan.boundary:g}: the {starved} expert gets no timesteps")
+        if plan.mode == "separate":
+            raise ValueError(f"{msg} and its LoRA would never train; train one expert (--expert, "
+                             "without --dit_high_noise) or widen the range")
+        log.warning("%s; the shared LoRA trains on the other expert only", msg)
+    if timesteps.method == "flux_shift":
+        log.info("experts: high_noise with probability = the flux_shift law's mass above %g for each "
+                 "step's latent size, drawn every %d step(s)", plan.boundary, switch_every)
+        return ExpertSchedule(None, switch_every, seed)
+    p_high = timesteps.mass(plan.boundary, 1000.0)
+    log.info("experts: high_noise with probability %.4f, low_noise %.4f (%s), drawn every %d step(s)",
+             p_high, 1 - p_high, timesteps.describe(), switch_every)
+    return ExpertSchedule(p_high, switch_every, seed)
+
+
+def expert_of_step(schedule: ExpertSchedule | None, plan: ExpertPlan, timesteps, step: int, batch: dict,
+                   mean_over_processes=None) -> str:
+    """The expert optimizer step ``step`` trains: the schedule's draw, or the run's only one.
+
+    Under ``flux_shift`` ``p_high`` is the law's mass above the boundary at the latent size of the
+    step's first batch (``latents [B, C, F, h, w]``), averaged by ``mean_over_processes``
+    (``float -> float``, the same on every process) so that all processes train the same expert.
+    """
+    if schedule is None:
+        return plan.experts[0]
+    if schedule.p_high is not None:
+        return schedule.expert_at(step)
+    h, w = batch["latents"].shape[-2:]
+    p = timesteps.with_latent_size(h, w).mass(plan.boundary, 1000.0)
+    return schedule.expert_at(step, mean_over_processes(p) if mean_over_processes else p)
 
 
 class ExpertWeights:

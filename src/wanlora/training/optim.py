@@ -5,13 +5,14 @@
 ``--optimizer_args key=value ...`` become keyword arguments (values read as Python literals:
 ``weight_decay=0.01``, ``betas=(0.9,0.99)``, ``relative_step=False``).
 
-``--lr_scheduler``: the usual schedules as a multiplier ``f(step)`` of the base learning rate
-(``torch.optim.lr_scheduler.LambdaLR``), with ``W`` warm-up steps and ``N`` total steps:
+``--lr_scheduler``: the schedules of ``transformers.get_scheduler`` by their names, as a multiplier
+of the base learning rate (``torch.optim.lr_scheduler.LambdaLR``), with ``W`` warm-up steps (linear
+from 0) and ``N`` total steps:
 
 * ``constant``: 1 (warm-up ignored); ``constant_with_warmup``: ``step/W`` then 1;
 * ``linear``: warm-up, then ``(N - step)/(N - W)`` down to 0;
 * ``cosine``: warm-up, then ``0.5·(1 + cos(π·p))`` with ``p = (step - W)/(N - W)``;
-* ``cosine_with_restarts``: warm-up, then cosine restarted ``num_cycles`` times;
+* ``cosine_with_restarts``: warm-up, then cosine restarted ``num_cycles`` times (hard restarts);
 * ``polynomial``: warm-up, then ``(1 - p)^power`` (to 0).
 """
 
@@ -20,13 +21,12 @@ from __future__ import annotations
 import ast
 import importlib
 import logging
-import math
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
 __all__ = ["parse_kv_args", "build_optimizer", "build_lr_scheduler", "check_optimizer_type", "check_lr_scheduler",
-           "lr_lambda", "SCHEDULERS"]
+           "SCHEDULERS"]
 
 log = logging.getLogger(__name__)
 
@@ -114,57 +114,35 @@ def build_optimizer(name: str, params, lr: float, optimizer_args: Iterable[str] 
     return opt
 
 
-def lr_lambda(name: str, warmup_steps: int, total_steps: int, num_cycles: int = 1,
-              power: float = 1.0) -> Callable[[int], float]:
-    """The learning-rate multiplier ``f(step)`` of schedule ``name`` (module docstring).
-
-    Raises:
-        ValueError: an unknown schedule name (lists the valid ones).
-    """
-    W, N = int(warmup_steps), max(int(total_steps), 1)
-
-    def warm(step: int) -> float | None:
-        return step / W if step < W else None
-
-    def progress(step: int) -> float:
-        return min(max((step - W) / max(N - W, 1), 0.0), 1.0)
-
-    if name == "constant":
-        return lambda step: 1.0
-    if name == "constant_with_warmup":
-        return lambda step: warm(step) if step < W else 1.0
-    if name == "linear":
-        return lambda step: warm(step) if step < W else 1.0 - progress(step)
-    if name == "cosine":
-        return lambda step: warm(step) if step < W else 0.5 * (1.0 + math.cos(math.pi * progress(step)))
-    if name == "cosine_with_restarts":
-        def f(step: int) -> float:
-            if step < W:
-                return warm(step)
-            p = progress(step)
-            if p >= 1.0:
-                return 0.0
-            return 0.5 * (1.0 + math.cos(math.pi * ((num_cycles * p) % 1.0)))
-        return f
-    if name == "polynomial":
-        return lambda step: warm(step) if step < W else (1.0 - progress(step)) ** power
-    raise ValueError(f"--lr_scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
-
-
 def check_lr_scheduler(name: str) -> None:
     """Raise ``ValueError`` (naming the valid ones) when ``--lr_scheduler name`` is unknown."""
-    lr_lambda(name, 0, 1)
+    if name not in SCHEDULERS:
+        raise ValueError(f"--lr_scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
 
 
 def build_lr_scheduler(name: str, optimizer, warmup_steps: float, total_steps: int,
                        num_cycles: int = 1, power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` for ``optimizer``; ``warmup_steps`` below 1 is a fraction of ``total_steps``.
+    """The schedule ``name`` for ``optimizer`` (``transformers.get_scheduler``; module docstring);
+    ``warmup_steps`` below 1 is a fraction of ``total_steps``.
 
-    The schedule counts optimizer steps of *this* optimizer's owner as the trainer steps it
-    (the trainer steps every expert's schedule on every global step, so learning rates follow
-    the global step whichever expert was active).
+    The schedule counts optimizer steps of the run: the trainer steps every LoRA's schedule on
+    every global step, so learning rates follow the global step whichever expert was active.
+
+    Raises:
+        ValueError: an unknown schedule name (lists the valid ones).
     """
+    from transformers import get_scheduler
+
+    check_lr_scheduler(name)
     if 0 < warmup_steps < 1:
         warmup_steps = int(round(warmup_steps * total_steps))
-    f = lr_lambda(name, int(warmup_steps), total_steps, num_cycles, power)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+    kwargs = {}
+    if name == "cosine_with_restarts":
+        kwargs = {"num_cycles": int(num_cycles)}
+    elif name == "polynomial":
+        if not optimizer.defaults["lr"] > 0:  # every schedule of a zero rate is zero; transformers
+            name = "constant"                 # refuses a polynomial whose end rate is not below it
+        else:
+            kwargs = {"power": float(power), "lr_end": 0.0}
+    return get_scheduler(name, optimizer, num_warmup_steps=int(warmup_steps),
+                         num_training_steps=max(int(total_steps), 1), scheduler_specific_kwargs=kwargs or None)

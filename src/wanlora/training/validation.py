@@ -1,8 +1,8 @@
 """Validation samples: the videos the trainer makes during training (``--sample_prompts``), through
 the generation pipeline. ("Validation" as diffusers' training scripts call training-time sampling.)
 
-Usage by the trainer (``--sample_prompts``, ``--sample_every_n_steps``, ``--sample_every_n_epochs``,
-``--sample_at_first``)::
+The trainer calls a :class:`SampleHook` (``--sample_prompts``, ``--sample_every_n_steps``,
+``--sample_every_n_epochs``, ``--sample_at_first``), which wraps a :class:`ValidationSampler`::
 
     sampler = ValidationSampler(task, "prompts.txt", vae_path="Wan2.1_VAE.pth", t5_path="umt5.pth",
                                 output_dir="output", output_name="mylora", device="cuda")
@@ -22,6 +22,7 @@ The models are put in eval mode for the samples and given back in the mode they 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import random
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from wanlora.inference.prompts import PromptSpec, read_prompt_file
 from wanlora.run_config import default_device
 from wanlora.tasks import get_task
 
-__all__ = ["ValidationSampler", "ValidationSample", "preserve_rng_state"]
+__all__ = ["ValidationSampler", "SampleHook", "ValidationSample", "preserve_rng_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,3 +223,65 @@ class ValidationSampler:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         return samples
+
+
+class SampleHook:
+    """The trainer's ``--sample_prompts`` hook: ``hook(step, epoch, networks)`` makes the samples.
+
+    Samples are made on the main process by a :class:`ValidationSampler` (videos in
+    ``OUTPUT_DIR/sample/``, also logged to TensorBoard when moviepy is installed); the other
+    processes wait. Each expert is shown to the pipeline as an
+    :class:`~wanlora.training.experts.ExpertView` of the one DiT module, which swaps in that expert's
+    weights and enables its LoRA when called.
+
+    Args:
+        config: the run's :class:`wanlora.training.config.TrainConfig`.
+        task, plan: the run's task and :class:`~wanlora.training.experts.ExpertPlan`.
+        dit, experts: the DiT module and its :class:`~wanlora.training.experts.ExpertWeights`.
+        bundles: ``{lora key: LoraBundle}`` (:mod:`wanlora.training.lora_bundle`).
+        accelerator: the run's ``Accelerator``.
+    """
+
+    def __init__(self, config, task, plan, dit, experts, bundles, accelerator):
+        self.task, self.plan, self.dit, self.experts, self.bundles = task, plan, dit, experts, bundles
+        self.accelerator = accelerator
+        if task.has_experts and len(plan.dit_paths) == 1:
+            logger.warning("samples: only the %s expert is loaded, so it denoises every step of the samples; "
+                           "they show the LoRA, not the two-expert result", plan.experts[0])
+        self.sampler = None
+        if accelerator.is_main_process:
+            files = config.model_files
+            self.sampler = ValidationSampler(task, config.sampling.sample_prompts, vae_path=files.vae, t5_path=files.t5,
+                                           t5_tokenizer=files.t5_tokenizer, clip_path=files.clip,
+                                           output_dir=config.saving.output_dir,
+                                           output_name=config.saving.output_name, device=accelerator.device)
+
+    def _activate(self, expert: str) -> None:
+        from wanlora.training.lora_bundle import set_active
+
+        self.experts.activate(expert)
+        set_active(self.bundles, self.plan.lora_for(expert))
+
+    def __call__(self, step: int, epoch: int | None, networks: Mapping[str, torch.nn.Module]) -> None:
+        """Sample with the current weights (main process), then wait for every process."""
+        from wanlora.training.experts import ExpertView
+
+        if self.sampler is not None:
+            plan = self.plan
+            if self.task.has_experts:  # an expert this run does not have is stood in for by the one it has
+                dits = {e: ExpertView(self.dit, e if e in plan.dit_paths else plan.experts[0], self._activate)
+                        for e in self.task.experts}
+            else:
+                dits = ExpertView(self.dit, plan.experts[0], self._activate)
+            sp = self.dit.sequence_parallel  # the main process samples alone: the whole sequence on it
+            self.dit.set_sequence_parallel(None)
+            try:
+                samples = self.sampler.sample(step, dits, epoch=epoch, networks=list(networks.values()))
+            finally:
+                self.dit.set_sequence_parallel(sp)
+            if importlib.util.find_spec("moviepy") is not None:  # TensorBoard's add_video needs it
+                for tracker in self.accelerator.trackers:
+                    writer = getattr(tracker, "writer", None)
+                    for smp in samples if hasattr(writer, "add_video") else ():
+                        writer.add_video(f"sample/{smp.index:02d}", smp.video_tensor(), step, fps=smp.fps)
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,248 @@
+"""What a training run writes: LoRA files, training-state folders, and the pruning of old saves.
+
+Names in ``--output_dir`` (``NAME`` = ``--output_name``; an expert suffix ``_high_noise`` /
+``_low_noise`` on each LoRA file of a two-LoRA run, :meth:`ExpertPlan.file_suffix`):
+
+==========================  =========================================  ==========================
+when                        LoRA file(s)                               state folder (resume)
+==========================  =========================================  ==========================
+every N steps               ``NAME-step00000200.safetensors``          ``NAME-step00000200-state``
+every N epochs              ``NAME-000004.safetensors``                ``NAME-000004-state``
+the end                     ``NAME.safetensors``                       ``NAME-state``
+non-finite losses           —                                          ``NAME-nonfinite-state``
+==========================  =========================================  ==========================
+
+A state folder is ``accelerator.save_state`` (optimizers, schedulers, RNG states of every process)
+plus ``train_state.json`` (:class:`TrainState`), written to ``FOLDER.tmp`` and renamed into place
+after every process has written, so an interrupted save never leaves a half folder under the final
+name. ``--save_last_n_*`` prune older saves after each new one. The LoRA files carry the metadata of
+:func:`wanlora.lora.metadata.build_lora_metadata` (task, expert, rank, timestep range, training
+options as musubi's ``ss_*`` keys).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from wanlora.io_utils import write_json
+from wanlora.tasks import Task
+from wanlora.training.config import TrainConfig
+from wanlora.training.experts import ExpertPlan
+from wanlora.training.flow import TimestepDistribution
+from wanlora.training.optim import parse_kv_args
+
+__all__ = ["TrainState", "Checkpointer", "read_train_state", "write_state_folder"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """The loop's position, saved as ``train_state.json`` in every state folder.
+
+    ``global_step`` counts optimizer steps taken; ``epoch`` is 0-based; ``batch_in_epoch`` is the
+    number of this process's batches already consumed in that epoch.
+    """
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    seed: int = 0
+    nonfinite_in_row: int = 0
+    losses: list = field(default_factory=list)  # (step, expert, loss of all processes, this process's)
+
+
+def read_train_state(folder: str | Path) -> TrainState:
+    """The :class:`TrainState` of a state folder (``--resume``), before anything loads.
+
+    Raises:
+        ValueError: no ``train_state.json`` in ``folder`` (names the folders that have one).
+    """
+    state_file = Path(folder) / "train_state.json"
+    if not state_file.is_file():
+        raise ValueError(f"--resume {folder}: no train_state.json there; give a folder written "
+                         "by --save_state (OUTPUT_DIR/NAME-stepXXXXXXXX-state)")
+    return TrainState(**json.loads(state_file.read_text()))
+
+
+def write_state_folder(accelerator, final: Path, train_state: TrainState) -> Path:
+    """``accelerator.save_state`` plus ``train_state.json`` into ``final``, through a temporary
+    folder renamed into place once every process has written (accelerate's ``save_state`` has no
+    barrier at its end). Returns ``final``."""
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG file before the rename
+    if accelerator.is_main_process:
+        write_json(tmp / "train_state.json", asdict(train_state))
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class Checkpointer:
+    """Writes the run's LoRA files and state folders (module docstring) and prunes old saves.
+
+    Args:
+        accelerator: the run's ``accelerate.Accelerator`` (the main process writes LoRA files; every
+            process takes part in a state save).
+        config: the run's settings (``config.saving``; the rest goes into the metadata).
+        task, plan, timesteps: what the LoRAs were trained for (metadata).
+        max_steps: the run's optimizer steps (saves at the last step are the final save's).
+        seed: the run's seed (metadata).
+    """
+
+    def __init__(self, accelerator, config: TrainConfig, task: Task, plan: ExpertPlan,
+                 timesteps: TimestepDistribution, max_steps: int, seed: int):
+        self.accelerator, self.config, self.task, self.plan = accelerator, config, task, plan
+        self.timesteps, self.max_steps = timesteps, max_steps
+        self.saving = config.saving
+        self.output_dir = Path(config.saving.output_dir)
+        self.stem = config.saving.output_name
+        self.run_metadata = run_metadata(config, plan, max_steps, accelerator.mixed_precision, seed)
+        self._base_hashes: dict = {}
+
+    def lora_files(self, tag: str) -> dict[str, Path]:
+        """``{lora key: file}`` of the save ``tag``."""
+        return {key: self.output_dir / f"{tag}{self.plan.file_suffix(key)}.safetensors" for key in self.plan.loras}
+
+    def save_loras(self, tag: str, bundles: dict, state: TrainState) -> None:
+        """Write every LoRA of ``bundles`` (:class:`wanlora.training.lora_bundle.LoraBundle`) as
+        ``tag`` with its metadata (main process; the others wait)."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            from wanlora.lora.metadata import build_lora_metadata
+
+            files = self.lora_files(tag)
+            for key, file in files.items():
+                bundle = bundles[key]
+                rank, alpha = bundle.rank_alpha()
+                dit_path = self.plan.dit_paths[self.plan.loras[key][0]]
+                other = [f.name for k, f in files.items() if k != key]
+                md = build_lora_metadata(
+                    self.task, network_dim=rank, network_alpha=alpha, expert=self.plan.metadata_expert(key),
+                    network_module=self.config.network.network_module,
+                    network_args=parse_kv_args(self.config.network.network_args, "--network_args"),
+                    title=self.stem, base_model=dit_path, base_model_hash=self._base_hash(dit_path),
+                    timestep_range=lora_timestep_range(self.plan, self.timesteps, key),
+                    pair_file=other[0] if other else None,
+                    extra={**self.run_metadata, "ss_learning_rate": bundle.optimizer.param_groups[0]["initial_lr"],
+                           "ss_steps": state.global_step, "ss_epoch": state.epoch},
+                )
+                self.accelerator.unwrap_model(bundle.wrapper).network.save_weights(
+                    str(file), self.saving.save_precision, md)
+                log.info("saved %s", file)
+        self.accelerator.wait_for_everyone()
+
+    def save_state(self, tag: str, state: TrainState) -> Path:
+        """Write the state folder ``OUTPUT_DIR/{tag}-state`` (every process); returns it."""
+        return write_state_folder(self.accelerator, self.output_dir / f"{tag}-state", state)
+
+    def load_state(self, folder: str | Path) -> TrainState:
+        """Restore optimizers, schedulers and RNG states from a state folder (every process);
+        returns its :class:`TrainState`."""
+        state = read_train_state(folder)
+        self.accelerator.load_state(str(folder))
+        return state
+
+    def after_step(self, state: TrainState, bundles: dict) -> None:
+        """The ``--save_every_n_steps`` save (and pruning) due after optimizer step ``state.global_step``."""
+        s, every = state.global_step, self.saving.save_every_n_steps
+        if every and s % every == 0 and s < self.max_steps:
+            keep = self.saving.save_last_n_steps
+            self._save_and_prune(f"{self.stem}-step{s:08d}", s, rf"{re.escape(self.stem)}-step(\d+)", state, bundles,
+                                 keep, self.saving.save_last_n_steps_state or keep)
+
+    def after_epoch(self, state: TrainState, bundles: dict) -> None:
+        """The ``--save_every_n_epochs`` save (and pruning) due after epoch ``state.epoch`` (1-based
+        count of finished epochs)."""
+        every, done = self.saving.save_every_n_epochs, state.epoch
+        if every and done % every == 0 and state.global_step < self.max_steps:
+            keep = self.saving.save_last_n_epochs or 0
+            keep_state = self.saving.save_last_n_epochs_state or keep
+            self._save_and_prune(f"{self.stem}-{done:06d}", done, rf"{re.escape(self.stem)}-(\d{{6}})", state,
+                                 bundles, keep * every, keep_state * every)
+
+    def final(self, state: TrainState, bundles: dict) -> dict[str, Path]:
+        """The end-of-training save (``NAME`` files, and the state with ``--save_state`` or
+        ``--save_state_on_train_end``); returns the LoRA files."""
+        self.save_loras(self.stem, bundles, state)
+        if self.saving.save_state or self.saving.save_state_on_train_end:
+            self.save_state(self.stem, state)
+        return self.lora_files(self.stem)
+
+    def _save_and_prune(self, tag: str, number: int, numbered: str, state: TrainState, bundles: dict,
+                        keep: int | None, keep_state: int | None) -> None:
+        """Save the LoRAs (and with --save_state the state) as ``tag``; then remove the saves named
+        by the regex ``numbered`` (one int group) whose number is ``<= number - keep``."""
+        self.save_loras(tag, bundles, state)
+        if self.saving.save_state:
+            self.save_state(tag, state)
+        if self.accelerator.is_main_process and keep:
+            prune(self.output_dir, numbered + r"(_high_noise|_low_noise)?\.safetensors", lambda k: k > number - keep)
+        if self.accelerator.is_main_process and keep_state:
+            prune(self.output_dir, numbered + "-state", lambda k: k > number - keep_state)
+
+    def _base_hash(self, dit_path: str) -> str:
+        if dit_path not in self._base_hashes:
+            from wanlora.lora.metadata import checkpoint_quick_hash
+
+            try:
+                self._base_hashes[dit_path] = checkpoint_quick_hash(dit_path)
+            except (OSError, ValueError) as e:  # a test double path, say
+                log.debug("no base-model hash for %s: %s", dit_path, e)
+                self._base_hashes[dit_path] = ""
+        return self._base_hashes[dit_path]
+
+
+def prune(output_dir: Path, pattern: str, keep) -> None:
+    """Remove saves (files or state folders) whose name matches ``pattern`` (one int group) and
+    whose number fails ``keep(number)``."""
+    rx = re.compile(pattern)
+    for p in sorted(output_dir.iterdir()):
+        m = rx.fullmatch(p.name)
+        if m and not keep(int(m.group(1))):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            log.info("removed old save %s", p.name)
+
+
+def run_metadata(config: TrainConfig, plan: ExpertPlan, max_steps: int, mixed_precision: str, seed: int) -> dict:
+    """The training options every saved LoRA records (musubi's ``ss_*`` names,
+    ``reference/lora_formats.md`` §2, plus ``wan.expert_lora``), fixed for the run; each save adds
+    ``ss_steps``, ``ss_epoch`` and the LoRA's ``ss_learning_rate``."""
+    o, t = config.optimization, config.timesteps
+    return {
+        "ss_output_name": config.saving.output_name, "ss_optimizer": o.optimizer_type,
+        "ss_lr_scheduler": o.lr_scheduler, "ss_lr_warmup_steps": o.lr_warmup_steps,
+        "ss_max_train_steps": max_steps, "ss_gradient_accumulation_steps": o.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": bool(config.model.gradient_checkpointing),
+        "ss_max_grad_norm": o.max_grad_norm, "ss_mixed_precision": mixed_precision,
+        "ss_seed": seed, "ss_timestep_sampling": t.timestep_sampling,
+        "ss_sigmoid_scale": t.sigmoid_scale, "ss_discrete_flow_shift": t.discrete_flow_shift,
+        "ss_weighting_scheme": t.weighting_scheme, "ss_logit_mean": t.logit_mean,
+        "ss_logit_std": t.logit_std, "ss_network_dropout": config.network.network_dropout,
+        "ss_training_comment": config.saving.training_comment or "",
+        "wan.expert_lora": plan.mode,
+    }
+
+
+def lora_timestep_range(plan: ExpertPlan, timesteps: TimestepDistribution, lora_key: str) -> tuple[float, float]:
+    """The timesteps (0..1000) a LoRA trained on: its experts' ranges cut to ``--min/max_timestep``."""
+    served = plan.loras[lora_key]
+    a, b = timesteps.range
+    return max(min(plan.ranges[e][0] for e in served), a), min(max(plan.ranges[e][1] for e in served), b)
