@@ -158,7 +158,7 @@ def test_expert_schedule_matches_the_timestep_law():
 def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
     """flux_shift: P(high) comes from each step's latent size; a --min/--max_timestep range on one
     side of the boundary is refused for two LoRAs (one would never train), a warning when shared."""
-    from wanlora.training.experts import expert_of_step, expert_schedule
+    from wanlora.training.experts import expert_of_step, expert_schedule, log
 
     t2v = get_task("t2v-A14B")
     sep = plan_experts(t2v, "LOW", "HIGH")
@@ -182,9 +182,10 @@ def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
     low_only = flow.TimestepDistribution("uniform", max_timestep=800)
     with pytest.raises(ValueError, match="high_noise expert gets no timesteps and its LoRA would never train"):
         expert_schedule(sep, low_only, 1, 0)
-    with caplog.at_level("WARNING", logger="wanlora.train"):
+    with caplog.at_level("WARNING", logger=log.name):  # the logger expert_schedule writes to
         shared = expert_schedule(plan_experts(t2v, "LOW", "HIGH", expert_lora="shared"), low_only, 1, 0)
     assert shared.p_high == 0.0 and "the shared LoRA trains on the other expert only" in caplog.text
+    assert {r.name for r in caplog.records} == {log.name}
     with pytest.raises(ValueError, match="low_noise expert gets no timesteps"):
         expert_schedule(sep, flow.TimestepDistribution("uniform", min_timestep=900), 1, 0)
 
