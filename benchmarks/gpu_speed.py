@@ -270,8 +270,8 @@ def bench_block(run: Runner, arch: Arch, size_name: str, size, mode: str, compil
 def _train_step_fn(dit, net, arch: Arch, size, device, compiled: bool, a):
     """The trainer's step on one batch: flow-matching loss (wanlora.training.trainer), backward,
     clip, AdamW; returns a no-argument callable."""
-    from wanlora.training import flow
-    from wanlora.training.trainer import flow_matching_loss, step_generator
+    from wanlora.training import flow, seeds
+    from wanlora.training.trainer import flow_matching_loss
 
     dit.set_gradient_checkpointing(True)
     if compiled:
@@ -288,7 +288,7 @@ def _train_step_fn(dit, net, arch: Arch, size, device, compiled: bool, a):
         counter[0] += 1
         with _autocast(device):
             loss, _ = flow_matching_loss(lambda x, t, c, y: dit(x, t, c, y), batch, sampler, 0.0, 1000.0,
-                                         step_generator(0, counter[0], 0, 0), device)
+                                         seeds.stream_generator(0, seeds.NOISE, counter[0], 0, 0), device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
