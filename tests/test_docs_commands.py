@@ -26,6 +26,7 @@ COMMANDS = {
     "wanlora-generate": "wanlora.commands.generate",
     "wanlora-convert-lora": "wanlora.commands.convert_lora",
     "wanlora-merge-lora": "wanlora.commands.merge_lora",
+    "wanlora-download": "wanlora.commands.download",
 }
 MODULES = {
     "wanlora.commands.cache_latents": "wanlora.commands.cache_latents",
@@ -34,6 +35,7 @@ MODULES = {
     "wanlora.commands.generate": "wanlora.commands.generate",
     "wanlora.commands.convert_lora": "wanlora.commands.convert_lora",
     "wanlora.commands.merge_lora": "wanlora.commands.merge_lora",
+    "wanlora.commands.download": "wanlora.commands.download",
 }
 
 

@@ -344,6 +344,30 @@ def _lora_nan(tmp, tiny_dir):
                       "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(64, 4)}, path)
     return error_of(lambda: load_lora_file(path))
 
+def _ckpt_offline(tmp, tiny_dir):
+    from huggingface_hub import constants
+
+    from wanlora.models.checkpoints import resolve_ckpt_dir
+
+    saved = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(tmp / "empty-hub"), True
+    try:
+        return error_of(lambda: resolve_ckpt_dir("Wan-AI/Wan2.2-T2V-A14B", "t2v-A14B", ["vae"]))
+    finally:
+        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
+
+
+def _ckpt_folder_missing(tmp, tiny_dir):
+    from wanlora.models.checkpoints import resolve_ckpt_dir
+
+    return error_of(lambda: resolve_ckpt_dir(tmp, "t2v-A14B", ["vae"]))
+
+
+def _ckpt_other_task(tmp, tiny_dir):
+    from wanlora.models.checkpoints import resolve_ckpt_dir
+
+    return error_of(lambda: resolve_ckpt_dir("Wan-AI/Wan2.1-T2V-1.3B", "t2v-A14B", ["vae"]))
+
 
 TRIGGERS = {
     "attn-unknown": _attn_unknown,
@@ -373,6 +397,9 @@ TRIGGERS = {
     "resume-layout": _resume_layout,
     "generate-lora-task": _generate_lora_task,
     "lora-nan": _lora_nan,
+    "ckpt-offline": _ckpt_offline,
+    "ckpt-folder-missing": _ckpt_folder_missing,
+    "ckpt-other-task": _ckpt_other_task,
 }
 
 

@@ -45,6 +45,8 @@ __all__ = [
     "resolve_ckpt_dir",
     "roles_for",
     "download_command",
+    "fill_model_files",
+    "role_field",
 ]
 
 logger = logging.getLogger(__name__)
@@ -422,3 +424,53 @@ def _resolve_hub(repo_id: str, layout: str, task: Task, roles, *, download, loca
             commits.add(weights.parts[weights.parts.index("snapshots") + 1])
     revision_seen = commits.pop() if len(commits) == 1 else revision
     return ResolvedFiles(source=repo_id, layout=layout, paths=paths, repo_id=repo_id, revision=revision_seen)
+
+
+def role_field(role: str, expert: str | None = None) -> str:
+    """The flag (run-config field) a role fills: ``dit_low_noise`` -> ``dit``, ``dit_high_noise``
+    -> ``dit_high_noise`` (but ``dit`` when one ``expert`` is named: then ``--dit`` is that
+    expert, as ``--expert`` reads it), every other role -> its own name."""
+    if role == "dit_low_noise" or (expert is not None and role == f"dit_{_expert_name(expert)}"):
+        return "dit"
+    return role
+
+
+def _expert_name(expert: str) -> str:
+    return expert if expert.endswith("_noise") else f"{expert}_noise"
+
+
+def fill_model_files(files, groups: Iterable[str], *, expert: str | None = None, download: bool = True):
+    """Fill a run config's missing model-file flags from its ``ckpt_dir``.
+
+    Args:
+        files: a frozen dataclass with ``task``, ``ckpt_dir`` and the flag fields (``dit``,
+            ``dit_high_noise``, ``vae``, ``t5``, ``t5_tokenizer``; a command may lack some), e.g.
+            the commands' shared ``ModelFiles`` group.
+        groups: what the command needs: ``dit``, ``vae``, ``t5`` (:func:`roles_for`).
+        expert: one A14B expert (``high``/``low``/``high_noise``/``low_noise``): only its DiT,
+            written to ``dit``; ``None`` takes every expert of the task.
+        download: allow downloads for a repo id (:func:`resolve_ckpt_dir`).
+
+    Returns:
+        ``(files, resolved)``: a copy with every empty field of the needed roles filled (a flag
+        given explicitly is kept: it wins), and the :class:`ResolvedFiles` (``None`` when
+        ``ckpt_dir`` is unset or every needed flag was given).
+
+    Raises:
+        ValueError: ``ckpt_dir`` without ``task``; everything :func:`resolve_ckpt_dir` raises.
+    """
+    import dataclasses
+
+    if not getattr(files, "ckpt_dir", None):
+        return files, None
+    if not getattr(files, "task", None):
+        raise ValueError("--ckpt_dir needs --task (it says which model's files to take from the folder or repo)")
+    task = get_task(files.task)
+    fields = {f.name for f in dataclasses.fields(files)}
+    todo = [r for r in roles_for(task, groups, expert)
+            if role_field(r, expert) in fields and not getattr(files, role_field(r, expert))]
+    if not todo:
+        return files, None
+    resolved = resolve_ckpt_dir(files.ckpt_dir, task, todo, download=download)
+    values = {role_field(r, expert): str(p) for r, p in resolved.paths.items()}
+    return dataclasses.replace(files, **values), resolved
