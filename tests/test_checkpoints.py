@@ -214,3 +214,83 @@ def test_broken_download_resumes(tmp_path, tiny_dir):
     cached = tmp_path / "hub" / "models--Wan-AI--Wan2.1-T2V-1.3B" / "snapshots" / COMMIT / big.name
     assert cached.read_bytes() == big.read_bytes()
     assert not list((tmp_path / "hub").rglob("*.incomplete"))
+
+# ---- every command takes --ckpt_dir ------------------------------------------------------------
+
+
+def _latent_of(out: Path) -> torch.Tensor:
+    from safetensors import safe_open
+
+    (f,) = sorted(out.glob("*.safetensors"))
+    with safe_open(str(f), "pt") as sf:
+        return sf.get_tensor("latent")
+
+
+def test_generate_ckpt_dir_repo_and_folder_equal_file_flags(tiny_dir, hf_cache, tmp_path, capsys):
+    from wanlora.commands.generate import main
+
+    d = tiny_dir("t2v-A14B")
+    snap = fill_hf_cache(hf_cache, A14B, d)
+    flags = json.loads((d / "manifest.json").read_text())["flags"]
+    common = ["--prompt", "a red ball", "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2",
+              "--seed", "7", "--output_type", "latent"]
+    explicit = [x for kv in flags.items() for x in kv]
+    runs = {"flags": explicit, "folder": ["--task", "t2v-A14B", "--ckpt_dir", str(d)],
+            "repo": ["--task", "t2v-A14B", "--ckpt_dir", A14B]}
+    latents = {}
+    for name, args in runs.items():
+        out = tmp_path / name
+        assert main(args + common + ["--save_path", str(out)]) == 0
+        latents[name] = _latent_of(out)
+        meta = json.loads(next(out.glob("*.json")).read_text())
+        if name == "repo":  # the resolved files are printed and recorded with the output
+            assert meta["wan.ckpt_dir"] == A14B and meta["dit_high_noise"] == str(snap / "high_noise_model")
+            assert meta["wan.t5_tokenizer"] == str(snap / "google" / "umt5-xxl")
+            assert f"dit_low_noise: {snap / 'low_noise_model'}" in capsys.readouterr().err
+    assert torch.equal(latents["folder"], latents["flags"]) and torch.equal(latents["repo"], latents["flags"])
+    # an explicit flag wins over --ckpt_dir: the VAE-less folder still works with --vae given
+    bare = copy_without(d, tmp_path / "bare", "Wan2.1_VAE.pth")
+    out = tmp_path / "explicit-vae"
+    assert main(["--task", "t2v-A14B", "--ckpt_dir", str(bare), "--vae", flags["--vae"], *common,
+                 "--save_path", str(out)]) == 0
+    assert torch.equal(_latent_of(out), latents["flags"])
+
+
+def test_commands_offline_missing_file_one_line_exit_2(tmp_path, tiny_dir):
+    fill_hf_cache(tmp_path / "hub", A14B, tiny_dir("t2v-A14B"),
+                  skip=("low_noise_model/diffusion_pytorch_model-00001-of-00002.safetensors",))
+    r = run(["wanlora.commands.generate", "--task", "t2v-A14B", "--ckpt_dir", A14B, "--prompt", "x",
+             "--save_path", str(tmp_path / "o")], env_for(tmp_path, offline=True))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("wanlora-generate: error:")]
+    assert line.startswith(f"wanlora-generate: error: {A14B}: low_noise_model/diffusion_pytorch_model-00001-of-"
+                           "00002.safetensors is not in the Hugging Face cache")
+    assert line.endswith("fetch it with `wanlora-download --task t2v-A14B` where the network is reachable, "
+                         "then run again")
+    assert not (tmp_path / "o").exists()  # stopped before any model loaded or file was written
+
+
+def test_cache_text_train_merge_take_ckpt_dir(tiny_dir, hf_cache, tmp_path):
+    from wanlora.commands import cache_latents, cache_text, merge_lora, train
+
+    d = tiny_dir("t2v-A14B")
+    snap = fill_hf_cache(hf_cache, A14B, d)
+    # cache-text: only umT5 and its tokenizer (any task's repository gives the same encoder)
+    ns = cache_text.command_line().parse_namespace(["--dataset_config", "x.toml", "--ckpt_dir", A14B])
+    assert (ns.t5, ns.t5_tokenizer) == (str(snap / "models_t5_umt5-xxl-enc-bf16.pth"), str(snap / "google/umt5-xxl"))
+    ns = cache_latents.command_line().parse_namespace(["--dataset_config", "x.toml", "--task", "t2v-A14B",
+                                                       "--ckpt_dir", A14B])
+    assert ns.vae == str(snap / "Wan2.1_VAE.pth") and not hasattr(ns, "t5")
+    # training: both experts; one with --expert; VAE and umT5 only when samples are rendered
+    ns = train.parse_args(["--task", "t2v-A14B", "--ckpt_dir", A14B, "--dataset_config", "x.toml",
+                           "--output_dir", str(tmp_path)])
+    assert (ns.dit, ns.dit_high_noise, ns.vae) == (str(snap / "low_noise_model"), str(snap / "high_noise_model"), None)
+    ns = train.parse_args(["--task", "t2v-A14B", "--ckpt_dir", A14B, "--expert", "high", "--dataset_config",
+                           "x.toml", "--output_dir", str(tmp_path), "--sample_prompts", "p.txt"])
+    assert (ns.dit, ns.dit_high_noise, ns.vae) == (str(snap / "high_noise_model"), None, str(snap / "Wan2.1_VAE.pth"))
+    # merge takes one DiT: the expert must be named
+    cl = merge_lora.command_line()
+    base = ["--task", "t2v-A14B", "--ckpt_dir", A14B, "--lora_weight", "l.safetensors", "--save_merged_model", "m.st"]
+    assert cl.parse_namespace(base + ["--expert", "high_noise"]).dit == str(snap / "high_noise_model")
+    with pytest.raises(ValueError, match="takes one DiT; say which expert with --expert"):
+        cl.parse_namespace(base)

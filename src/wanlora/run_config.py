@@ -171,10 +171,15 @@ class ModelFiles:
     """The model files of a run (each command shows the ones it uses).
 
     Paths are strings as given: a file, a shard index ``.json`` or a folder (the loaders resolve
-    them, :mod:`wanlora.models.loading`).
+    them, :mod:`wanlora.models.loading`). ``ckpt_dir`` names the model once; the command layer
+    fills the file flags a command needs from it before anything reads them
+    (:meth:`wanlora.commands.args.CommandLine.parse_namespace`).
     """
 
     task: str | None = option(None, "which Wan model", choices=task_names)
+    ckpt_dir: str | None = option(None, "the model by name: an official or diffusers folder, or a Hugging Face "
+                                  "repo id (Wan-AI/Wan2.2-T2V-A14B); fills every model-file flag not given "
+                                  "(docs/models.md)")
     dit: str | None = option(None, "DiT checkpoint: a file, a shard index .json or a folder; the "
                              "low-noise expert for the A14B tasks")
     dit_high_noise: str | None = option(None, "A14B: the high-noise expert's checkpoint")
@@ -184,6 +189,17 @@ class ModelFiles:
                                       "beside --t5, then the Hugging Face cache")
     clip: str | None = option(None, "CLIP image encoder of i2v-14B / flf2v-14B: "
                               "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors")
+
+    def metadata(self) -> dict[str, str]:
+        """``wan.ckpt_dir`` and ``wan.<flag>`` per model file set (after ``--ckpt_dir`` filled
+        them), for a run's metadata; ``{}`` without ``--ckpt_dir``."""
+        if not self.ckpt_dir:
+            return {}
+        out = {"wan.ckpt_dir": str(self.ckpt_dir)}
+        for name in ("dit", "dit_high_noise", "vae", "t5", "t5_tokenizer", "clip"):
+            if getattr(self, name):
+                out[f"wan.{name}"] = str(getattr(self, name))
+        return out
 
 
 def ulysses_option() -> Any:

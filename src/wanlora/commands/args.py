@@ -221,12 +221,18 @@ class CommandLine:
         return set(vars(ns))
 
     def parse_namespace(self, argv: Sequence[str] | None = None,
-                        required: Sequence[str] = ()) -> argparse.Namespace:
-        """Parse ``argv`` over ``--config_file`` over the defaults (module docstring).
+                        required: Sequence[str] = (), ckpt_groups=None) -> argparse.Namespace:
+        """Parse ``argv`` over ``--config_file`` over the defaults (module docstring), then fill
+        the model-file flags from ``--ckpt_dir`` (:meth:`apply_ckpt_dir`).
+
+        Args:
+            ckpt_groups: ``ns -> groups`` (``dit``, ``vae``, ``t5``) the command needs from a
+                ``--ckpt_dir``; default: those whose flags the command has.
 
         Raises:
             SystemExit: argparse errors and missing ``required`` flags (status 2).
             ConfigFileError: see :meth:`load_config_file`.
+            ValueError: a ``--ckpt_dir`` that cannot give the files (one line, with the fix).
         """
         pre, _ = self.parser.parse_known_args(argv)
         file_values = {}
@@ -244,10 +250,42 @@ class CommandLine:
             ns = self.parser.parse_args(argv)
         finally:
             self.parser.set_defaults(**old)
+        self.apply_ckpt_dir(ns, ckpt_groups(ns) if ckpt_groups is not None else None)
         missing = [f"--{k}" for k in required if getattr(ns, k, None) is None]
         if missing:
             self.error(f"missing {', '.join(missing)} (on the command line or in --config_file)")
         return ns
+
+    def apply_ckpt_dir(self, ns: argparse.Namespace, groups=None) -> None:
+        """Fill ``ns``'s empty model-file flags from ``ns.ckpt_dir`` (a folder or Hugging Face repo id,
+        :func:`wanlora.models.checkpoints.fill_flags`) and print what each resolved to (stderr).
+
+        ``groups`` defaults to the model files this command has flags for; an ``expert`` flag, when
+        the command has one and it is set, keeps that A14B expert's DiT in ``--dit``. Flags given
+        explicitly win. Nothing happens without ``--ckpt_dir``.
+
+        Raises:
+            ValueError: ``--ckpt_dir`` without ``--task``; what :func:`fill_flags` raises.
+        """
+        if not getattr(ns, "ckpt_dir", None):
+            return
+        if not getattr(ns, "task", None):
+            raise ValueError("--ckpt_dir needs --task (it says which model's files to take from "
+                             f"{ns.ckpt_dir})")
+        from wanlora.models.checkpoints import fill_flags
+
+        given = {k: getattr(ns, k) for k in ("dit", "dit_high_noise", "vae", "t5", "t5_tokenizer", "clip")
+                 if hasattr(ns, k)}
+        if groups is None:
+            groups = [g for g, flags in (("dit", ("dit",)), ("vae", ("vae",)), ("t5", ("t5", "t5_tokenizer")),
+                                         ("clip", ("clip",))) if any(f in given for f in flags)]
+        values, resolved = fill_flags(ns.ckpt_dir, ns.task, given, groups, expert=getattr(ns, "expert", None))
+        for k, v in values.items():
+            setattr(ns, k, v)
+        if resolved is not None:
+            import sys
+
+            print(f"{self.prog}: {resolved.describe()}", file=sys.stderr, flush=True)
 
     def parse(self, argv: Sequence[str] | None = None, required: Sequence[str] = ()):
         """:meth:`parse_namespace`, then the frozen config (``self.cls``)."""

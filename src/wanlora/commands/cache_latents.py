@@ -29,7 +29,7 @@ __all__ = ["CacheLatentsConfig", "build_parser", "main"]
 class CacheLatentsConfig:
     """The settings of ``wanlora-cache-latents``."""
 
-    model_files: ModelFiles = group(ModelFiles, "model files", include=("task", "vae", "clip"), help={
+    model_files: ModelFiles = group(ModelFiles, "model files", include=("task", "ckpt_dir", "vae", "clip"), help={
         "task": "which Wan model the caches are for (required)",
         "vae": "Wan2.1_VAE.pth (t2v/i2v tasks) or Wan2.2_VAE.pth (ti2v-5B); not needed with --debug_mode",
         "clip": "i2v-14B / flf2v-14B: the CLIP image encoder whose features are cached "

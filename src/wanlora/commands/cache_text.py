@@ -27,7 +27,7 @@ __all__ = ["CacheTextConfig", "build_parser", "main"]
 class CacheTextConfig:
     """The settings of ``wanlora-cache-text``."""
 
-    model_files: ModelFiles = group(ModelFiles, "model files", include=("task", "t5", "t5_tokenizer"),
+    model_files: ModelFiles = group(ModelFiles, "model files", include=("task", "ckpt_dir", "t5", "t5_tokenizer"),
                                      defaults={"task": "t2v-A14B"}, help={
         "task": "any task (captions do not depend on it; used to read the dataset config)",
         "t5": "models_t5_umt5-xxl-enc-bf16.pth (or a transformers-layout .safetensors; required)"})

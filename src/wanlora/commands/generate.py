@@ -312,7 +312,8 @@ def run_one(pipe, request, config: GenerateConfig, index: int | None, lora_log, 
     fps = config.request.fps or task.fps
     paths = save_outputs(config.output.save_path, stem, latent, video, resolved, task, config.output.output_type, fps,
                          extra={"loras": lora_log, "cpu_noise": config.request.cpu_noise, "dit": config.model_files.dit,
-                                "dit_high_noise": config.model_files.dit_high_noise})
+                                "dit_high_noise": config.model_files.dit_high_noise,
+                                **config.model_files.metadata()})
     logger.info("%s: %dx%d, %d frames, seed %d, %.1f s -> %s", task.name, resolved.width, resolved.height,
                 resolved.frames, resolved.seed, time.perf_counter() - t0, ", ".join(map(str, paths)))
     return paths

@@ -37,7 +37,7 @@ log = logging.getLogger("wanlora.commands.merge_lora")
 class MergeConfig:
     """The settings of ``wanlora-merge-lora``."""
 
-    model_files: ModelFiles = group(ModelFiles, "model", include=("task", "dit"), help={
+    model_files: ModelFiles = group(ModelFiles, "model", include=("task", "ckpt_dir", "dit"), help={
         "task": "which Wan model (required)",
         "dit": "DiT checkpoint: .safetensors, shard index .json or folder (required)"})
     expert: str | None = option(None, "which A14B expert --dit is (default: from 'high_noise'/'low_noise' in "

@@ -62,12 +62,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ConfigFileError: an unusable ``--config_file`` (named key, file and fix).
     """
     cl = command_line()
-    ns = cl.parse_namespace(argv)
+    ns = cl.parse_namespace(argv, ckpt_groups=_ckpt_groups)
     required = ("task",) if ns.show_timesteps is not None else REQUIRED
     missing = [f"--{k}" for k in required if getattr(ns, k) is None]
     if missing:
         cl.error(f"missing {', '.join(missing)} (on the command line or in --config_file)")
     return ns
+
+
+def _ckpt_groups(ns) -> tuple[str, ...]:
+    """What training takes from ``--ckpt_dir``: the DiT(s); the VAE, umT5 (and CLIP for the Wan2.1
+    image tasks) only to render samples; nothing for ``--show_timesteps``."""
+    if ns.show_timesteps is not None:
+        return ()
+    return ("dit", "vae", "t5", "clip") if ns.sample_prompts else ("dit",)
 
 
 def parse_command(argv: list[str] | None = None) -> TrainCommand:

@@ -45,7 +45,7 @@ __all__ = [
     "resolve_ckpt_dir",
     "roles_for",
     "download_command",
-    "fill_model_files",
+    "fill_flags",
     "role_field",
 ]
 
@@ -285,7 +285,8 @@ def resolve_ckpt_dir(
             f"--ckpt_dir {source}: no such folder, and not a Hugging Face repo id (ORG/NAME such as "
             f"{(task.release.repo if task.release else 'Wan-AI/Wan2.2-T2V-A14B')})")
     other = release_task(source)
-    if other is not None and other.name != task.name:
+    text_only = set(roles) <= {"t5", "t5_tokenizer"}  # umT5 is the same in every release
+    if other is not None and other.name != task.name and not text_only:
         raise CheckpointError(
             f"--ckpt_dir {source} holds the {other.name} model, not {task.name}; pass --task {other.name}"
             + (f" or --ckpt_dir {task.release.repo}" if task.release else ""))
@@ -439,38 +440,36 @@ def _expert_name(expert: str) -> str:
     return expert if expert.endswith("_noise") else f"{expert}_noise"
 
 
-def fill_model_files(files, groups: Iterable[str], *, expert: str | None = None, download: bool = True):
-    """Fill a run config's missing model-file flags from its ``ckpt_dir``.
+def fill_flags(ckpt_dir: str | os.PathLike, task: str | Task, given: dict[str, str | None],
+               groups: Iterable[str], *, expert: str | None = None, download: bool = True):
+    """The model-file flags a ``--ckpt_dir`` fills for one command.
 
     Args:
-        files: a frozen dataclass with ``task``, ``ckpt_dir`` and the flag fields (``dit``,
-            ``dit_high_noise``, ``vae``, ``t5``, ``t5_tokenizer``; a command may lack some), e.g.
-            the commands' shared ``ModelFiles`` group.
+        ckpt_dir: the ``--ckpt_dir`` value (:func:`resolve_ckpt_dir`).
+        task: the ``--task``.
+        given: the command's model-file flags (``dit``, ``dit_high_noise``, ``vae``, ``t5``,
+            ``t5_tokenizer``; a command has some of them) and their values, ``None`` = not given.
         groups: what the command needs: ``dit``, ``vae``, ``t5`` (:func:`roles_for`).
-        expert: one A14B expert (``high``/``low``/``high_noise``/``low_noise``): only its DiT,
-            written to ``dit``; ``None`` takes every expert of the task.
-        download: allow downloads for a repo id (:func:`resolve_ckpt_dir`).
+        expert: one A14B expert (``high``/``low``/``high_noise``/``low_noise``) whose DiT goes
+            to ``dit``; ``None`` takes every expert of the task.
+        download: allow downloads for a repo id.
 
     Returns:
-        ``(files, resolved)``: a copy with every empty field of the needed roles filled (a flag
-        given explicitly is kept: it wins), and the :class:`ResolvedFiles` (``None`` when
-        ``ckpt_dir`` is unset or every needed flag was given).
+        ``(values, resolved)``: ``{flag: path}`` for every needed flag that was not given (a flag
+        given explicitly wins), and the :class:`ResolvedFiles` (``None`` when nothing was missing).
 
     Raises:
-        ValueError: ``ckpt_dir`` without ``task``; everything :func:`resolve_ckpt_dir` raises.
+        ValueError: an A14B task for a command that takes one DiT (``--dit`` only) without
+            ``expert``; everything :func:`resolve_ckpt_dir` raises.
     """
-    import dataclasses
-
-    if not getattr(files, "ckpt_dir", None):
-        return files, None
-    if not getattr(files, "task", None):
-        raise ValueError("--ckpt_dir needs --task (it says which model's files to take from the folder or repo)")
-    task = get_task(files.task)
-    fields = {f.name for f in dataclasses.fields(files)}
-    todo = [r for r in roles_for(task, groups, expert)
-            if role_field(r, expert) in fields and not getattr(files, role_field(r, expert))]
+    task = get_task(task)
+    roles = roles_for(task, groups, expert)
+    lost = [r for r in roles if role_field(r, expert) not in given]
+    if any(r.startswith("dit") for r in lost):
+        raise ValueError(f"--ckpt_dir with --task {task.name}: this command takes one DiT; say which "
+                         "expert with --expert high_noise or --expert low_noise")
+    todo = [r for r in roles if r not in lost and not given[role_field(r, expert)]]
     if not todo:
-        return files, None
-    resolved = resolve_ckpt_dir(files.ckpt_dir, task, todo, download=download)
-    values = {role_field(r, expert): str(p) for r, p in resolved.paths.items()}
-    return dataclasses.replace(files, **values), resolved
+        return {}, None
+    resolved = resolve_ckpt_dir(ckpt_dir, task, todo, download=download)
+    return {role_field(r, expert): str(p) for r, p in resolved.paths.items()}, resolved

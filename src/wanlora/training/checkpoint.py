@@ -238,6 +238,7 @@ def run_metadata(config: TrainConfig, plan: ExpertPlan, max_steps: int, mixed_pr
         "ss_logit_std": t.logit_std, "ss_network_dropout": config.network.network_dropout,
         "ss_training_comment": config.saving.training_comment or "",
         "wan.expert_lora": plan.mode,
+        **config.model_files.metadata(),  # wan.ckpt_dir and the files it resolved to
     }
 
 
