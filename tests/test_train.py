@@ -510,3 +510,17 @@ def test_training_leaves_the_wanlora_log_level_as_it_was():
     assert logger.level == before
     with _only_warnings_unless(True):
         assert logger.level == before
+
+
+def test_ckpt_dir_trains_both_experts_and_records_the_files(tiny_dir, tmp_path):
+    """--ckpt_dir fills --dit and --dit_high_noise (two LoRAs); each LoRA's metadata names the
+    --ckpt_dir and the files it resolved to."""
+    d = tiny_dir("t2v-A14B")
+    config = parse_config(["--task", "t2v-A14B", "--ckpt_dir", str(d), "--dataset_config", "unused.toml",
+                           "--output_dir", str(tmp_path), "--output_name", "lora", "--network_dim", "4",
+                           "--seed", "7", "--max_data_loader_n_workers", "0", "--max_train_steps", "2"])
+    train(config, dataset=_Batches())
+    for expert in ("high_noise", "low_noise"):
+        md = _meta(tmp_path / f"lora_{expert}.safetensors")
+        assert md["wan.expert"] == expert and md["wan.ckpt_dir"] == str(d)
+        assert md["wan.dit_high_noise"] == str(d / "high_noise_model") and md["wan.dit"] == str(d / "low_noise_model")
