@@ -404,3 +404,29 @@ def test_peak_ram_with_cast(big_checkpoint):
     print(f"file {file_mb:.0f} MB, peak above baseline {peak:.0f} MB (bf16 -> fp32)")
     assert peak < file_mb + 2 * file_mb  # the brief's bound: file + the float32 weights
     assert peak < 1.3 * 2 * file_mb  # converted tensor by tensor: about one float32 copy
+
+
+def test_refused_memory_map_reads_without_a_map(tmp_path, monkeypatch, caplog):
+    """A file larger than RAM + swap: the kernel refuses safe_open's copy-on-write map. The file
+    is intact, so it must load (plain reads) and never be called truncated; load_dit never maps."""
+    import wanlora.models.loading as loading
+
+    sd, cfg = make_sd()
+    path = tmp_path / "wan2.1_t2v_14B_fp16.safetensors"
+    save_safetensors(sd, path, metadata={"num_heads": "2"})
+
+    def refuse(*a, **k):
+        raise OSError(12, "Cannot allocate memory (os error 12)")
+
+    monkeypatch.setattr(loading, "safe_open", refuse)
+    with caplog.at_level(logging.WARNING):
+        got = loading.load_state_dict(path)
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    assert "memory map refused" in caplog.text and "truncated" not in caplog.text
+    m = load_dit(path, "t2v-A14B")  # never opens a map at all
+    _close(_run(m, cfg), reference_output(sd, cfg))
+    # a really truncated file still gets the truncation diagnosis, from our own length check
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.*download it again"):
+        loading.load_state_dict(path)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from wanlora.lora.adapter import LoRAAdapterSet, weight_targets
 from wanlora.lora.algebra import merge_delta_
 from wanlora.lora.layouts import key_to_module, load_lora_file, lora_modules, module_to_key
@@ -172,7 +174,8 @@ def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict
     Merging adds ``multiplier · (alpha/rank) · up @ down`` into each weight in float32 and casts back
     once (:func:`wanlora.lora.algebra.merge_delta_`). Dynamic adapters
     (:class:`wanlora.lora.adapter.LoRAAdapterSet`) are registered in ``pipe.extra_modules[expert]``
-    so they travel with their DiT.
+    so they travel with their DiT. A DiT with fp8 base weights always gets adapters (a delta merged
+    into float8 weights would be rounded away).
 
     Raises:
         ValueError: a LoRA whose modules the DiT lacks, or nothing left after the patterns.
@@ -185,7 +188,8 @@ def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict
         modules = lora_modules(sd, "default")
         for expert in plan.experts:
             dit = pipe.dits[expert] if expert in pipe.dits else next(iter(pipe.dits.values()))
-            if dynamic:
+            hooked = dynamic or any(q.dtype == torch.float8_e4m3fn for q in dit.parameters())
+            if hooked:
                 p = next(dit.parameters())
                 adapters = LoRAAdapterSet.from_weights(dit, sd, plan.multiplier, source=plan.path)
                 adapters.load_adapter_weights(sd, plan.path)
@@ -199,6 +203,6 @@ def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict
                 for path, e in modules.items():
                     merge_delta_(targets[path].weight, e["down"], e["up"], e["alpha"], plan.multiplier)
             log.append({"path": plan.path, "multiplier": plan.multiplier, "expert": expert,
-                        "modules": len(modules), "mode": "dynamic" if dynamic else "merged",
+                        "modules": len(modules), "mode": "dynamic" if hooked else "merged",
                         "reason": plan.reason})
     return log

@@ -135,16 +135,34 @@ def load_torch_file(f: str | os.PathLike, device: str | torch.device = "cpu", mm
         ) from None
 
 
+def _read_safetensors_plain(f: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of ``f`` read with plain file reads (no memory map).
+
+    Raises:
+        CheckpointError: a damaged header or a file shorter than its header says (the
+            :class:`~wanlora.models.safetensors_stream.SafetensorsReader` checks).
+    """
+    from wanlora.models.safetensors_stream import SafetensorsReader
+
+    try:
+        with SafetensorsReader(f) as reader:
+            return {k: reader.get(k) for k in reader.keys()}
+    except ValueError as e:  # the message names the file and what is wrong with it
+        raise CheckpointError(f"{e}; download it again") from None
+
+
 def _load_one(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     if f.suffix == ".safetensors":
         try:
             with safe_open(str(f), framework="pt", device=str(device)) as sf:
                 return {k: sf.get_tensor(k) for k in sf.keys()}
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(
-                f"{f}: cannot read as safetensors ({e}); the file is truncated or not a "
-                "safetensors file — download it again"
-            ) from None
+            # safe_open maps the file copy-on-write; a kernel that will not commit that much
+            # (a file larger than RAM + swap) refuses the map. Only our own header and length
+            # check may call a file damaged: an intact file is read without a map instead.
+            out = _read_safetensors_plain(f)
+            logger.warning("%s: memory map refused (%s); read with plain file reads instead", f, e)
+            return {k: v.to(device) for k, v in out.items()}
     obj = load_torch_file(f, device)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -208,15 +226,19 @@ def checkpoint_shapes(path: str | os.PathLike, prefixes: tuple[str, ...] = ()) -
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The safetensors header metadata of a checkpoint (merged over shards; ``{}`` for .pth)."""
+    """The safetensors header metadata of a checkpoint (merged over shards; ``{}`` for .pth).
+
+    Reads only the headers (no memory map). Raises CheckpointError for a damaged header."""
+    from wanlora.models.safetensors_stream import SafetensorsReader
+
     meta: dict[str, str] = {}
     for f in checkpoint_files(path):
         if f.suffix == ".safetensors":
             try:
-                with safe_open(str(f), framework="pt") as sf:
-                    meta.update(sf.metadata() or {})
-            except Exception as e:
-                raise CheckpointError(f"{f}: cannot read the safetensors header ({e})") from None
+                with SafetensorsReader(f) as reader:
+                    meta.update(reader.metadata)
+            except ValueError as e:
+                raise CheckpointError(f"cannot read the safetensors header: {e}") from None
     return meta
 
 
@@ -413,39 +435,94 @@ def _official_name(task) -> str:
     }.get(task.name, f"{task.name} DiT")
 
 
-def _split_fp8_scales(sd: dict[str, torch.Tensor]):
-    """ComfyUI "fp8 scaled" files store ``X.weight`` (float8) and ``X.scale_weight``; the real
-    weight is their product. Returns the state dict without the ``scaled_fp8`` marker and the
-    ``scale_weight`` / ``scale_input`` entries, and ``{"X.weight": scale}``."""
-    if "scaled_fp8" not in sd and not any(k.endswith(".scale_weight") for k in sd):
-        return sd, {}
-    scales = {k[: -len("scale_weight")] + "weight": v for k, v in sd.items() if k.endswith(".scale_weight")}
-    rest = {k: v for k, v in sd.items()
-            if k != "scaled_fp8" and not k.endswith((".scale_weight", ".scale_input"))}
-    return rest, scales
+#: Keys of ComfyUI's fp8 files that are not weights (a marker, activation scales, quant info).
+_FP8_EXTRAS = ("scaled_fp8",)
+_FP8_EXTRA_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 
 
-def _plain_readers(path, stack: contextlib.ExitStack) -> dict[str, tuple]:
-    """``{key (DiT prefix stripped): (reader, stored key)}`` over a checkpoint's safetensors
-    files, for reading single tensors with plain file reads (no mmap: the page cache is not
-    charged to the process, so converting a checkpoint tensor by tensor costs one converted copy,
-    not two). The readers close with ``stack``.
+class _Entry:
+    """One stored tensor of a checkpoint: ``dtype``, ``shape`` from the header, ``read()`` a
+    fresh CPU tensor (plain file read; ``.pth`` tensors are memory-mapped)."""
+
+    __slots__ = ("dtype", "shape", "_reader", "_key", "_tensor")
+
+    def __init__(self, dtype, shape, reader=None, key=None, tensor=None):
+        self.dtype, self.shape = dtype, tuple(shape)
+        self._reader, self._key, self._tensor = reader, key, tensor
+
+    def read(self) -> torch.Tensor:
+        if self._reader is None:
+            return self._tensor
+        try:
+            return self._reader.get(self._key)
+        except ValueError as e:  # the file shrank or ends early
+            raise CheckpointError(f"{e}; download it again") from None
+
+
+def _dit_entries(path, stack: contextlib.ExitStack) -> dict[str, _Entry]:
+    """``{key (DiT prefix stripped): _Entry}`` over a checkpoint's files.
+
+    Safetensors files are read tensor by tensor with plain positioned reads — never memory-
+    mapped: a copy-on-write map of a file larger than RAM + swap is refused by the kernel, and
+    the page cache of plain reads is not charged to the process, so loading holds the converted
+    model plus one tensor. The readers close with ``stack``.
 
     Raises:
-        CheckpointError: a safetensors file whose header or length is damaged.
+        CheckpointError: a damaged or truncated file, a key found in two shards.
     """
     from wanlora.models.safetensors_stream import SafetensorsReader
 
-    entries: dict[str, tuple] = {}
+    entries: dict[str, _Entry] = {}
     for f in checkpoint_files(path):
-        if f.suffix != ".safetensors":
-            continue
-        try:
-            reader = stack.enter_context(SafetensorsReader(f))
-        except ValueError as e:  # the message names the file
-            raise CheckpointError(f"{e}; download it again") from None
-        entries.update({k: (reader, k) for k in reader.keys()})
+        if f.suffix == ".safetensors":
+            try:
+                reader = stack.enter_context(SafetensorsReader(f))
+            except ValueError as e:  # the message names the file and the damage
+                raise CheckpointError(f"{e}; download it again") from None
+            part = {k: _Entry(*reader.info(k), reader=reader, key=k) for k in reader.keys()}
+        else:
+            part = {k: _Entry(t.dtype, t.shape, tensor=t) for k, t in _load_one(f, "cpu").items()}
+        dup = entries.keys() & part.keys()
+        if dup:
+            raise CheckpointError(f"{f}: keys also present in another shard: {sorted(dup)[:3]}")
+        entries.update(part)
     return official_dit_keys(strip_prefix(entries, _DIT_PREFIXES))
+
+
+def _split_fp8_scales(entries: dict) -> tuple[dict, dict]:
+    """Separate ComfyUI fp8 bookkeeping from the weights.
+
+    ``*_fp8_scaled.safetensors`` store ``X.weight`` (float8) with ``X.scale_weight`` (a scalar or
+    per-row scale; the newer layout names it ``X.weight_scale``), a ``scaled_fp8`` marker and
+    optional activation scales. Returns the weights alone and ``{"X.weight": scale entry}``.
+    """
+    from wanlora.models.fp8 import fp8_scale_key
+
+    keys = entries.keys()
+    scales = {}
+    for k in keys:
+        sk = fp8_scale_key(k, keys)
+        if sk is not None:
+            scales[k] = sk
+    drop = set(scales.values()) | {k for k in keys if k in _FP8_EXTRAS or k.endswith(_FP8_EXTRA_SUFFIXES)}
+    return ({k: v for k, v in entries.items() if k not in drop},
+            {k: entries[sk] for k, sk in scales.items()})
+
+
+def _as_row_scale(scale: torch.Tensor, rows: int, key: str, path) -> torch.Tensor:
+    """A stored fp8 scale (scalar, ``[1]``, ``[out]`` or ``[out, 1]``) as ``[out, 1]`` float32.
+
+    Raises:
+        CheckpointError: a block-wise or otherwise shaped scale.
+    """
+    s = scale.float()
+    if s.numel() == 1:
+        return s.reshape(1, 1).expand(rows, 1).contiguous()
+    if s.numel() == rows and (s.ndim == 1 or tuple(s.shape) == (rows, 1)):
+        return s.reshape(rows, 1)
+    raise CheckpointError(
+        f"{path}: the fp8 scale of {key} has shape {tuple(s.shape)}; only per-tensor or per-row "
+        "scales are supported — use the bf16/fp16 checkpoint instead")
 
 
 def dit_config_from_state_dict(
@@ -570,12 +647,24 @@ def check_dit_task(config, task, path="checkpoint") -> None:
         )
 
 
+def _fp8_mode(fp8) -> str | None:
+    """``None``/``False`` -> None, ``True``/``"base"`` -> ``"base"``, ``"scaled"`` -> ``"scaled"``."""
+    if fp8 in (None, False):
+        return None
+    if fp8 is True or fp8 == "base":
+        return "base"
+    if fp8 == "scaled":
+        return "scaled"
+    raise ValueError(f"load_dit: fp8={fp8!r}; use None, 'base' or 'scaled'")
+
+
 def load_dit(
     path: str | os.PathLike,
     task,
     dtype=torch.float32,
     device: str | torch.device = "cpu",
     attn_mode: str = "sdpa",
+    fp8=None,
 ):
     """Load a Wan DiT from an official, ComfyUI or tiny checkpoint.
 
@@ -584,18 +673,24 @@ def load_dit(
             ``high_noise_model/``, with ``config.json``; a diffusers ``transformer/``) or a
             ``.pth``. A ``model.diffusion_model.`` or ``diffusion_model.`` key prefix is stripped,
             diffusers names are renamed (:func:`diffusers_dit_key`); bf16 / fp16 / fp8_e4m3fn (also
-            ComfyUI's scaled fp8) stored weights are cast.
+            ComfyUI's scaled fp8, ``scale_weight`` or ``weight_scale``) stored weights are cast.
         task: the ``--task`` name (or :class:`~wanlora.tasks.Task`) the model must fit.
         dtype: compute dtype of the Linear / conv weights (float32, bfloat16, float16; strings
             such as ``"bf16"`` work). Modulation, time embedding, norms and head stay float32.
-        device: where the weights go. On CPU, weights already in the target dtype stay memory-
-            mapped from the file (no copy).
+        device: where the weights go.
         attn_mode: attention backend (:mod:`wanlora.models.attention`).
+        fp8: ``None`` (weights in ``dtype``), ``"base"`` (``--fp8_base``: the Linear weights of
+            the blocks cast to float8_e4m3fn) or ``"scaled"`` (``--fp8_scaled``: with one float32
+            scale per output channel); see :mod:`wanlora.models.fp8`. They compute in ``dtype``.
+            A file already stored in fp8 keeps its values (and scales) as they are.
 
     Returns:
         :class:`~wanlora.models.dit.WanDiT` in eval mode, ``requires_grad`` False on every
         parameter (LoRA adds the trainable ones).
 
+    Safetensors files are read one tensor at a time with plain file reads (never memory-mapped),
+    each converted (and quantized) and moved to ``device`` before the next is read: peak host
+    memory is the converted model on the host (nothing for a CUDA ``device``) plus one tensor.
     Architecture comes from the weight shapes; ``num_heads`` from the folder's ``config.json``,
     else the safetensors metadata ``num_heads``, else ``dim // 128``.
 
@@ -605,53 +700,72 @@ def load_dit(
             file is and what to pass instead.
     """
     from wanlora.models.dit import WanDiT
+    from wanlora.models.fp8 import FP8_DTYPE, convert_to_fp8_linears, is_fp8_target, quantize_weight
     from wanlora.tasks import get_task
 
     task = get_task(task)
     dtype = _as_dtype(dtype)
-    # Memory-mapped: nothing is read until a tensor's data is touched.
-    sd, scales = _split_fp8_scales(official_dit_keys(load_state_dict(path, prefixes=_DIT_PREFIXES)))
-    try:
-        pe = sd.get("patch_embedding.weight")
-        heads = _num_heads(path, pe.shape[0]) if pe is not None else None
-        config = dit_config_from_state_dict(sd, num_heads=heads)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e} (given as the DiT for --task {task.name})") from None
-    check_dit_task(config, task, path)
-
-    with torch.device("meta"):
-        model = WanDiT(config, attn_mode=attn_mode)
-    expected = model.state_dict().keys()
-    missing = sorted(expected - sd.keys())
-    unexpected = sorted(sd.keys() - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
-        raise CheckpointError(
-            f"{path}: {' and '.join(parts)} for a Wan DiT with {config.num_layers} layers; the "
-            "checkpoint is incomplete (a shard missing or cut short) or not an official-layout Wan DiT"
-        )
-    # Tensors already in the target dtype on the CPU are assigned as they are (memory-mapped,
-    # no copy); the others are read with plain file reads and converted one at a time.
-    on_cpu = torch.device(device).type == "cpu"
+    mode = _fp8_mode(fp8)
     with contextlib.ExitStack() as stack:
-        plain = _plain_readers(path, stack)
+        entries, scales = _split_fp8_scales(_dit_entries(path, stack))
+        shapes = {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in entries.items()}
+        try:
+            pe = shapes.get("patch_embedding.weight")
+            heads = _num_heads(path, pe.shape[0]) if pe is not None else None
+            config = dit_config_from_state_dict(shapes, num_heads=heads)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e} (given as the DiT for --task {task.name})") from None
+        check_dit_task(config, task, path)
 
-        def read(key: str, t: torch.Tensor) -> torch.Tensor:
-            reader, stored = plain.get(key, (None, None))
-            return t if reader is None else reader.get(stored)
-
-        for key in list(expected):
-            t = sd.pop(key)
-            want = torch.float32 if keeps_float32(key) else dtype
+        with torch.device("meta"):
+            model = WanDiT(config, attn_mode=attn_mode)
+        stored_fp8 = {k for k, e in entries.items() if e.dtype == FP8_DTYPE}
+        if mode is not None:
+            # A file already in fp8 keeps its layout: scales exactly where it has them.
+            already = any(is_fp8_target(k.rsplit(".", 1)[0]) for k in stored_fp8)
+            scaled_layers = ({k.rsplit(".", 1)[0] for k in scales} if already
+                             else None)
+            convert_to_fp8_linears(model, scaled=(mode == "scaled"), compute_dtype=dtype,
+                                   scaled_layers=scaled_layers)
+        expected = model.state_dict().keys()
+        weights = {k for k in expected if not k.endswith(".weight_scale")}
+        missing = sorted(weights - entries.keys())
+        unexpected = sorted(entries.keys() - weights)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
+            raise CheckpointError(
+                f"{path}: {' and '.join(parts)} for a Wan DiT with {config.num_layers} layers; the "
+                "checkpoint is incomplete (a shard missing or cut short) or not an official-layout Wan DiT"
+            )
+        params = dict(model.named_parameters())
+        sd: dict[str, torch.Tensor] = {}
+        for key in [k for k in entries if k in weights]:  # file order: sequential reads
+            t = entries.pop(key).read()
+            target = params[key]
+            scale = None
             if key in scales:
-                t = read(key, t).float() * scales[key].float()
-            elif not (t.dtype == want and on_cpu):
-                t = read(key, t)
-            sd[key] = t.to(device=device, dtype=want)
+                scale = _as_row_scale(scales[key].read(), t.shape[0], key, path)
+            if target.dtype == FP8_DTYPE:  # an fp8 layer of this model
+                module_scaled = key[: -len("weight")] + "weight_scale" in expected
+                if t.dtype == FP8_DTYPE:
+                    q = t
+                    if module_scaled:
+                        sd[key[: -len("weight")] + "weight_scale"] = (
+                            scale if scale is not None else torch.ones(t.shape[0], 1)).to(device)
+                else:
+                    q, s = quantize_weight(t.to(device), scaled=module_scaled)
+                    if s is not None:
+                        sd[key[: -len("weight")] + "weight_scale"] = s
+                sd[key] = q.to(device)
+            else:
+                want = torch.float32 if keeps_float32(key) else dtype
+                if scale is not None:  # a scaled fp8 weight loaded at full precision
+                    t = t.to(device).float() * scale.to(device)
+                sd[key] = t.to(device=device, dtype=want)
             del t
     try:
         model.load_state_dict(sd, strict=True, assign=True)
@@ -660,5 +774,6 @@ def load_dit(
     del sd
     model.requires_grad_(False)
     model.eval()
-    logger.info("loaded %s: %s on %s (%s)", path, config, device, dtype)
+    logger.info("loaded %s: %s on %s (%s%s)", path, config, device, dtype,
+                f", fp8 {mode}" if mode else "")
     return model
