@@ -221,7 +221,7 @@ def test_expert_weights_swap_in_place(offload):
     m = torch.nn.Linear(3, 2)
     a = {k: v.detach().clone() for k, v in m.state_dict().items()}
     b = {k: torch.randn_like(v) for k, v in a.items()}
-    w = ExpertWeights(m, "low_noise", {"high_noise": b}, offload=offload)
+    w = ExpertWeights(m, "low_noise", {"high_noise": dict(b)}, offload=offload)  # the dict is consumed
     param = m.weight
     assert w.activate("high_noise") and torch.equal(m.weight, b["weight"]) and m.weight is param
     assert not w.activate("high_noise")

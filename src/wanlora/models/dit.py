@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from wanlora.models.activation_offload import offloaded_checkpoint
 from wanlora.models.attention import attention, check_attn_mode
 
 __all__ = ["WanDiTConfig", "WanDiT", "sinusoidal_embedding", "rope_tables", "apply_rope", "MLPProj",
@@ -426,6 +427,8 @@ class WanDiT(nn.Module):
         self.attn_mode = attn_mode
         self.gradient_checkpointing = False
         self.compiled_blocks: dict | None = None  # compile_blocks() options once compiled
+        self.checkpoint_offload = False
+        self.checkpoint_stash_dtype: torch.dtype | None = None
         d = config.dim
         self.patch_embedding = nn.Conv3d(config.in_channels, d, config.patch_size, config.patch_size)
         self.text_embedding = nn.Sequential(
@@ -445,9 +448,19 @@ class WanDiT(nn.Module):
 
     # ---- switches
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block in the backward pass (saves activation memory)."""
+    def set_gradient_checkpointing(self, enabled: bool = True, cpu_offload: bool = False,
+                                   stash_dtype: torch.dtype | None = None) -> None:
+        """Recompute each block in the backward pass (saves activation memory).
+
+        Args:
+            enabled: checkpoint every block.
+            cpu_offload: keep the checkpointed block inputs in (pinned) host memory
+                (:mod:`wanlora.models.activation_offload`, ``--gradient_checkpointing_cpu_offload``).
+            stash_dtype: with ``cpu_offload``, store them in this dtype (``None``: float32, exact).
+        """
         self.gradient_checkpointing = bool(enabled)
+        self.checkpoint_offload = bool(enabled and cpu_offload)
+        self.checkpoint_stash_dtype = stash_dtype
 
     def set_sequence_parallel(self, sp) -> None:
         """Split each sample's tokens across a sequence group (Ulysses), or ``None`` to stop.
@@ -658,7 +671,10 @@ class WanDiT(nn.Module):
         for block in self.blocks:
             if mark:
                 torch._dynamo.maybe_mark_dynamic(tokens, 1)
-            if use_ckpt:
+            if use_ckpt and self.checkpoint_offload:
+                tokens = offloaded_checkpoint(block, tokens, e0, ctx, rope, dtype, mode, ctx_img,
+                                              stash_dtype=self.checkpoint_stash_dtype)
+            elif use_ckpt:
                 tokens = checkpoint(block, tokens, e0, ctx, rope, dtype, mode, ctx_img, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, ctx, rope, dtype, mode, ctx_img)

@@ -23,8 +23,8 @@ size, on the step's batch size), so every process draws the same expert and a re
 draws what the uninterrupted one would have.
 
 Both experts share one ``WanDiT`` module on the accelerator; :class:`ExpertWeights` swaps the
-base weights in place (rebinding on the device, or copying in from pinned CPU memory with
-``--offload_inactive_dit``). The LoRA adapters hook the module's Linear layers; the inactive
+base weights in place (rebinding on the device, or exchanging them with the one parked copy in
+pinned CPU memory with ``--offload_inactive_dit``). The LoRA adapters hook the module's Linear layers; the inactive
 expert's LoRA is disabled, so it neither changes the output nor receives gradients.
 """
 
@@ -51,6 +51,7 @@ __all__ = [
     "expert_of_step",
     "ExpertWeights",
     "ExpertView",
+    "base_tensors",
 ]
 
 log = logging.getLogger(__name__)
@@ -264,60 +265,105 @@ def expert_of_step(schedule: ExpertSchedule | None, plan: ExpertPlan, timesteps,
     return schedule.expert_at(step, mean_over_processes(p) if mean_over_processes else p)
 
 
+def base_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of a DiT's parameters and buffers (the frozen base weights, fp8 scales
+    included) — what an expert swap exchanges."""
+    out = dict(module.named_parameters())
+    out.update(dict(module.named_buffers()))
+    return out
+
+
 class ExpertWeights:
     """Several experts' frozen base weights behind one ``WanDiT`` module.
 
     Args:
-        module: the DiT (its parameters currently hold ``first``'s weights, on ``device``).
+        module: the DiT (its tensors currently hold ``first``'s weights, on ``device``).
         first: the expert whose weights the module holds.
-        others: ``{expert: state_dict}`` of the other experts (same keys and shapes).
-        offload: keep every expert's weights in (pinned, when CUDA is available) CPU memory and
-            copy the active one into the module; otherwise every expert stays on the device and
-            swapping only rebinds tensors.
+        others: ``{expert: state_dict}`` of the other experts (same keys, shapes; any device).
+            The dicts are consumed (emptied) so that no second host copy outlives its transfer.
+        offload: ``--offload_inactive_dit``: the inactive expert's weights wait in (pinned, on
+            CUDA) host memory — one expert's worth, never both; otherwise every expert stays
+            on the device and swapping only rebinds tensors.
+        swap: the module's :class:`~wanlora.models.block_swap.BlockSwap`, if any. The blocks it
+            moves are in host memory for every expert anyway: switching experts only points the
+            swap at the other expert's host copies (no copy); the rest follows ``offload``.
 
     :meth:`activate` swaps in place: parameter objects (and the LoRA hooks on their modules)
-    stay the same, only their data changes.
+    stay the same, only their data changes. With ``offload`` each tensor is exchanged through
+    its one host buffer: the incoming expert's tensor is copied host→device, then the outgoing
+    one device→host into the same buffer (in stream order), so the host holds one expert and the
+    device one tensor extra at most.
 
     Raises:
         ValueError: a state dict with missing/extra keys or other shapes (listed).
     """
 
-    def __init__(self, module: torch.nn.Module, first: str | None, others: dict, offload: bool = False):
+    def __init__(self, module: torch.nn.Module, first: str | None, others: dict, offload: bool = False,
+                 swap=None):
         self.module = module
         self.active = first
         self.offload = offload
-        own = dict(module.named_parameters())
+        self.swap = swap
+        own = base_tensors(module)
         self.device = next(iter(own.values())).device
-        pin = torch.cuda.is_available()
-        self.store: dict = {}
+        if swap is not None:
+            self.device = swap.device
+        swapped = self._swapped_names()
+        self._own = {k: t for k, t in own.items() if k not in swapped}
+        self.pin = torch.cuda.is_available() and self.device.type == "cuda"
+        self.store: dict = {}  # {expert: {name: tensor}} of the experts NOT active
+        self.swap_host: dict = {}  # {expert: BlockSwap host dict}
+        if swap is not None and first is not None:
+            self.swap_host[first] = swap.host_weights()
         for name, sd in others.items():
             bad = sorted(set(sd) ^ set(own)) + [k for k in own if k in sd and sd[k].shape != own[k].shape]
             if bad:
                 raise ValueError(f"expert {name}: its DiT does not match the other expert's "
                                  f"({len(bad)} keys differ, e.g. {bad[:3]}); both must be the same task")
-            self.store[name] = {k: self._park(sd[k].to(own[k].dtype), pin) for k in own}
-        if len(others) and first is not None:
-            self.store[first] = ({k: self._park(p.data, pin) for k, p in own.items()}
-                                 if offload else {k: p.data for k, p in own.items()})
+            if swap is not None:
+                self.swap_host[name] = {
+                    j: {n: swap.to_host(sd.pop(f"blocks.{j}.{n}").to(t.dtype)) for n, t in host.items()}
+                    for j, host in swap.host_weights().items()}
+            self.store[name] = {k: self._park(sd.pop(k).to(self._own[k].dtype)) for k in self._own}
 
-    def _park(self, t: torch.Tensor, pin: bool) -> torch.Tensor:
+    def _swapped_names(self) -> set[str]:
+        if self.swap is None:
+            return set()
+        return {f"blocks.{j}.{n}" for j in self.swap.host_weights() for n in self.swap.names}
+
+    def _park(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
         if not self.offload:
             return t.to(self.device)
-        t = t.detach()
-        return t.to("cpu").pin_memory() if pin else t.to("cpu", copy=True).contiguous()
+        t = t.to("cpu", copy=True).contiguous()
+        return t.pin_memory() if self.pin else t
+
+    def parked_bytes(self) -> int:
+        """Bytes of expert weights held outside the module (host with ``offload``, else device),
+        not counting block-swap host copies."""
+        return sum(t.numel() * t.element_size() for sd in self.store.values() for t in sd.values())
 
     def activate(self, expert: str | None) -> bool:
         """Make ``expert``'s weights the module's; returns True when weights were swapped."""
         if expert == self.active or expert not in self.store:
             return False
-        src = self.store[expert]
-        for k, p in self.module.named_parameters():
+        incoming = self.store.pop(expert)
+        outgoing = {}
+        for k, t in self._own.items():
+            src = incoming[k]
             if self.offload:
-                p.data.copy_(src[k], non_blocking=True)
+                new = src.to(self.device, non_blocking=True, copy=True)
+                src.copy_(t.data, non_blocking=True)  # same stream: runs after the read above
+                outgoing[k] = src
+                t.data = new
             else:
-                p.data = src[k]
+                outgoing[k] = t.data
+                t.data = src
+        if self.swap is not None:
+            self.swap.set_host_weights(self.swap_host[expert])
         if self.offload and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+        self.store[self.active] = outgoing
         self.active = expert
         return True
 
