@@ -174,3 +174,31 @@ def test_cpu_offloaded_checkpoints_give_equal_gradients(ckpt, with_swap):
     flat16 = torch.cat([results["offload_bf16"][1][n].reshape(-1) for n in grads])
     assert not torch.equal(flat, flat16)
     assert torch.nn.functional.cosine_similarity(flat, flat16, dim=0) > 0.999
+
+
+def test_two_models_share_one_set_of_slots(tmp_path):
+    """Generation with both A14B experts: one set of device slots, taken over by whichever expert
+    runs; ``model.to()`` leaves the swapped blocks to the swap."""
+    paths = {}
+    for seed, e in enumerate(("low", "high")):
+        sd, cfg = make_sd(num_layers=LAYERS, seed=seed)
+        paths[e] = tmp_path / f"{e}.safetensors"
+        save_safetensors(sd, paths[e], metadata={"num_heads": "2"})
+    refs = {e: load_dit(p, "t2v-A14B", dtype="fp32") for e, p in paths.items()}
+    models = {e: load_dit(p, "t2v-A14B", dtype="fp32") for e, p in paths.items()}
+    first = BlockSwap(models["high"].blocks, 4, "cpu")
+    second = BlockSwap(models["low"].blocks, 4, "cpu", share_slots_with=first)
+    assert second.slots is first.slots
+    x = torch.randn(1, cfg.in_channels, 2, 4, 4)
+    ctx = torch.randn(1, 3, cfg.text_dim)
+    with torch.no_grad():
+        for e in ("high", "low", "high", "low"):
+            assert torch.equal(models[e](x, torch.tensor([700.0]), ctx), refs[e](x, torch.tensor([700.0]), ctx)), e
+            assert len(first.resident) + len(second.resident) <= 2 * (LAYERS - 4) and \
+                not (first.slot_of and second.slot_of)
+    m = models["low"]
+    m.to(torch.float64)  # everything but the swapped blocks follows .to()
+    assert m.patch_embedding.weight.dtype == torch.float64
+    assert all(m.blocks[j].ffn[0].weight.dtype == torch.float32 for j in second.host)
+    with pytest.raises(ValueError, match="same shape"):
+        BlockSwap(load_dit(paths["low"], "t2v-A14B", dtype="fp32").blocks, 3, "cpu", share_slots_with=first)

@@ -47,6 +47,14 @@ def block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _keep_in_place(block: nn.Module):
+    """A replacement for ``block._apply`` that leaves the block alone (``model.to(...)`` then
+    moves every other part of the model)."""
+    def _apply(fn, recurse=True):
+        return block
+    return _apply
+
+
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward pass (a checkpointed block recomputing)."""
     return torch._C._current_graph_task_id() != -1
@@ -61,6 +69,9 @@ class BlockSwap:
             arriving).
         device: the compute device. ``"cpu"`` runs the host→host schedule.
         pin: pin the host copies (default: when ``device`` is CUDA).
+        share_slots_with: another model's swap (same block shapes and N) whose device slots this one
+            reuses — the two A14B experts in generation, which never run at once: the device then
+            holds one set of slots; whichever swap enters a block takes the slots over.
 
     The blocks may be anywhere when attached; afterwards the never-moving blocks are on
     ``device``, the moving ones have pinned host copies and the first window is loaded. The rest
@@ -76,7 +87,8 @@ class BlockSwap:
             inside a block (LoRA must hook from outside).
     """
 
-    def __init__(self, blocks: nn.ModuleList, blocks_to_swap: int, device, pin: bool | None = None):
+    def __init__(self, blocks: nn.ModuleList, blocks_to_swap: int, device, pin: bool | None = None,
+                 share_slots_with: "BlockSwap | None" = None):
         n_layers = len(blocks)
         n = int(blocks_to_swap)
         if not 1 <= n <= n_layers - 2:
@@ -111,12 +123,25 @@ class BlockSwap:
                 for name, t in block_tensors(blocks[j]).items():
                     t.data = self.host[j][name]
         n_slots = min(n, k)
-        self.slots = [{name: torch.empty_like(t, device=self.device) for name, t in first.items()}
-                      for _ in range(n_slots)]
         self.slot_of: dict[int, int] = {}
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.slot_free = [self._event() for _ in range(n_slots)]
-        self.slot_ready = [self._event() for _ in range(n_slots)]
+        if share_slots_with is not None:
+            other = share_slots_with
+            if (other.n_layers, other.n_swap, other.device) != (n_layers, n, self.device) or [
+                    (t.shape, t.dtype) for t in other.slots[0].values()] != [(t.shape, t.dtype) for t in first.values()]:
+                raise ValueError("block swap: slots can only be shared between models of the same shape, "
+                                 "dtype, device and --blocks_to_swap")
+            self.slots, self.copy_stream = other.slots, other.copy_stream
+            self.slot_free, self.slot_ready, self._pool = other.slot_free, other.slot_ready, other._pool
+        else:
+            self.slots = [{name: torch.empty_like(t, device=self.device) for name, t in first.items()}
+                          for _ in range(n_slots)]
+            self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+            self.slot_free = [self._event() for _ in range(n_slots)]
+            self.slot_ready = [self._event() for _ in range(n_slots)]
+            self._pool = {"owner": None}  # the swap whose blocks the slots hold
+        # Moving blocks stay out of module.to(): their tensors belong to this schedule.
+        for j in self.host:
+            blocks[j]._apply = _keep_in_place(blocks[j])
         self.max_resident = 0
         self.copies = 0
         self._hooks = [b.register_forward_pre_hook(self._pre_hook(j)) for j, b in enumerate(blocks)]
@@ -156,6 +181,12 @@ class BlockSwap:
     def enter(self, j: int, direction: int) -> None:
         """Make block ``j``'s window resident (evict behind, prefetch ahead) and make the compute
         stream wait until block ``j``'s weights have arrived."""
+        if self._pool["owner"] is not self:  # the slots hold another model's blocks
+            owner = self._pool["owner"]
+            if owner is not None:
+                for b in list(owner.slot_of):
+                    owner._evict(b)
+            self._pool["owner"] = self
         want = self.window(j, direction)
         for b in [b for b in self.slot_of if b not in want]:
             self._evict(b)
@@ -221,3 +252,5 @@ class BlockSwap:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for j in self.host:
+            self.blocks[j].__dict__.pop("_apply", None)

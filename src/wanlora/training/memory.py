@@ -75,19 +75,21 @@ def token_count(task, width: int, height: int, frames: int) -> int:
     return (f // pt) * (h // ph) * (w // pw)
 
 
-def dit_weight_bytes(task, dtype=torch.bfloat16, fp8: str | None = None) -> tuple[int, int]:
+def dit_weight_bytes(task, dtype=torch.bfloat16, fp8: str | None = None, config=None) -> tuple[int, int]:
     """``(bytes of one block, bytes outside the blocks)`` of the task's DiT as ``load_dit`` holds it.
 
     Exact: the model is built on the meta device and each tensor counted in its loaded dtype.
+    ``config`` (a :class:`~wanlora.models.dit.WanDiTConfig`) replaces the task's official sizes.
     """
     from wanlora.models.dit import WanDiT, WanDiTConfig
     from wanlora.models.fp8 import is_fp8_target
     from wanlora.models.loading import keeps_float32
 
     task = get_task(task)
-    cfg = WanDiTConfig(dim=task.dim, ffn_dim=task.ffn_dim, num_heads=task.num_heads, num_layers=task.num_layers,
-                       in_channels=task.in_channels, out_channels=task.out_channels, text_dim=task.text_dim,
-                       freq_dim=task.freq_dim, patch_size=task.patch_size)
+    cfg = config or WanDiTConfig(
+        dim=task.dim, ffn_dim=task.ffn_dim, num_heads=task.num_heads, num_layers=task.num_layers,
+        in_channels=task.in_channels, out_channels=task.out_channels, text_dim=task.text_dim,
+        freq_dim=task.freq_dim, patch_size=task.patch_size)
     with torch.device("meta"):
         model = WanDiT(cfg)
     block = outside = 0
