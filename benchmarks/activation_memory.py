@@ -63,7 +63,7 @@ class LiveBytes(TorchDispatchMode):
 def measure(dim: int, ffn: int, tokens: int, train: bool, rank: int = 32, dtype=torch.bfloat16) -> int:
     """Peak activation + temporary bytes of one block at ``tokens`` tokens (batch 1)."""
     from wanlora.models.dit import WanBlock, rope_tables
-    from wanlora.networks.lora import LoRAModule
+    from wanlora.lora.adapter import LoRAModule
 
     torch.manual_seed(0)
     block = WanBlock(dim, ffn, dim // 128).to(dtype)

@@ -180,6 +180,8 @@ def test_quantize_roundtrip_and_saturation():
     assert s is None and q.float().tolist() == [[448.0, -448.0, 0.5, 0.0]]  # saturates, never NaN
     q, s = quantize_weight(w, scaled=True)
     assert torch.equal(dequantize_weight(q, s, torch.float32)[0, :2], torch.tensor([1000.0, -1000.0]))
+    from wanlora.lora.algebra import merge_delta_
+
     lin = Fp8Linear(4, 1, bias=False, compute_dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="--lora_dynamic"):
-        lin.merge_delta_(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="--lora_dynamic"):
+        merge_delta_(lin.weight.data, torch.zeros(2, 4), torch.zeros(1, 2))

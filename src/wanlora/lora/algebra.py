@@ -85,8 +85,12 @@ def merge_delta_(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
     Returns:
         ``weight``.
     Raises:
-        ValueError: shapes that do not fit ``weight``.
+        ValueError: shapes that do not fit ``weight``; a float8 weight (fp8 base weights: the
+            delta would be rounded away — apply the LoRA as hooks instead).
     """
+    if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError("cannot merge a LoRA into fp8 base weights (the delta would be rounded away); "
+                         "apply it as hooks (--lora_dynamic) or load the DiT without --fp8_base")
     if tuple(weight.shape) != (up.shape[0], down.shape[1]):
         raise ValueError(f"LoRA ({up.shape[0]}, {down.shape[1]}) does not fit the weight {tuple(weight.shape)}")
     w32 = weight.float() if weight.dtype != torch.float32 else weight

@@ -139,7 +139,7 @@ class Fp8Linear(nn.Linear):
 
     ``forward(x)``: ``x [..., in]`` -> ``[..., out]`` in ``compute_dtype``. Under autocast the
     compute dtype is autocast's. It is an ``nn.Linear`` (``isinstance`` holds), so LoRA modules
-    hook it unchanged; merging a LoRA into it is refused (:meth:`merge_delta_`).
+    hook it unchanged; merging a LoRA into it is refused (:func:`wanlora.lora.algebra.merge_delta_`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scaled: bool = False,
@@ -170,10 +170,6 @@ class Fp8Linear(nn.Linear):
             dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             return _Fp8Matmul.apply(x, self.weight, self.weight_scale, self.bias, dtype)
-
-    def merge_delta_(self, delta: torch.Tensor) -> None:
-        """Refused: adding a LoRA into fp8 weights would round it away. Raises RuntimeError."""
-        raise RuntimeError("cannot merge a LoRA into fp8 base weights; apply it as a hook (--lora_dynamic)")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
