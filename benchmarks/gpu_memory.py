@@ -4,7 +4,7 @@
    Linears) forward + backward, bf16 weights vs fp8 (``--fp8_base``) vs fp8 scaled, at the token
    counts of 832x480x81 (32,760 tokens) and 1280x720x81 (75,600 tokens): time (median of 3 after a
    warm-up) and peak allocated memory (``torch.cuda.max_memory_allocated``), next to the memory
-   model's prediction for one block (:func:`wanlora.training.memory._block_activation`).
+   model's prediction for one block (:func:`wanlora.training.memory.block_activation_bytes`).
 2. Block-swap overlap: a stack of 8 A14B blocks (fp8) with gradient checkpointing, one training
    step at 832x480x81 with 0, 2, 4 and 6 blocks swapped: step time and peak memory. Equal times
    mean the copies hide behind the compute.
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     else:
         name = platform.processor() or platform.machine()
     res = {"device": name, "torch": torch.__version__, "block": [], "swap": []}
-    from wanlora.training.memory import _block_activation
+    from wanlora.training.memory import block_activation_bytes
 
     for size in SIZES:
         for precision in ("bf16", "fp8", "fp8_scaled"):
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
             except torch.cuda.OutOfMemoryError as e:
                 r = {"precision": precision, "size": size, "error": f"out of memory: {e}"[:200]}
             else:
-                r["predicted_activation_bytes"] = _block_activation(dims["dim"], "train", r["tokens"])
+                if not args.smoke:
+                    r["predicted_activation_bytes"] = block_activation_bytes("t2v-A14B", "train", r["tokens"])
             res["block"].append(r)
             print(json.dumps(r), flush=True)
     for swap, offload in ((0, False), (2, False), (4, False), (6, False), (0, True), (4, True)):

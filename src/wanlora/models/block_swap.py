@@ -34,7 +34,7 @@ import logging
 import torch
 import torch.nn as nn
 
-__all__ = ["BlockSwap", "block_tensors"]
+__all__ = ["BlockSwap", "block_tensors", "place_with_block_swap"]
 
 log = logging.getLogger(__name__)
 
@@ -254,3 +254,21 @@ class BlockSwap:
         self._hooks = []
         for j in self.host:
             self.blocks[j].__dict__.pop("_apply", None)
+
+
+def place_with_block_swap(model: nn.Module, blocks_to_swap: int, device, share_slots_with: BlockSwap | None = None
+                          ) -> BlockSwap | None:
+    """Put a DiT on ``device`` with ``blocks_to_swap`` of its blocks swapped (0: plain ``.to``).
+
+    Load the model on the CPU first (``load_dit(..., device="cpu")``): the swapped blocks then never
+    visit the device all at once. Returns the :class:`BlockSwap` (or ``None`` for 0).
+
+    Raises:
+        ValueError: as :class:`BlockSwap`.
+    """
+    if not blocks_to_swap:
+        model.to(device)
+        return None
+    swap = BlockSwap(model.blocks, blocks_to_swap, device, share_slots_with=share_slots_with)
+    model.to(device)  # everything else; the moving blocks' tensors stay with the swap
+    return swap

@@ -29,6 +29,8 @@ are not included (they visit the device before and after the DiT, not with it).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -36,24 +38,29 @@ import torch
 from wanlora.tasks import get_task
 
 __all__ = ["BLOCK_ACTIVATION", "MemorySettings", "MemoryEstimate", "estimate_memory", "dit_weight_bytes",
-           "token_count", "lora_parameter_count", "GiB"]
+           "token_count", "lora_parameter_count", "block_activation_bytes", "largest_clip", "GiB"]
 
 GiB = 2**30
 
 #: Measured activation memory of one block (bf16 compute, LoRA rank 32 on its ten Linears):
-#: ``{family dim: {"train" | "infer": (bytes per token, constant bytes)}}``. Fitted by
-#: ``python benchmarks/activation_memory.py --tokens 128 256 384 512`` (x86-64 CPU, torch 2.13);
-#: every point lies on its line within the residual given in docs/benchmarks.md.
+#: ``{family dim: {"train" | "infer": (bytes per token, constant bytes)}}``, least-squares fits of
+#: ``python benchmarks/activation_memory.py --tokens 128 256 384 512`` (x86-64 CPU, torch 2.13;
+#: largest residual 0.42 % for 14B train, below 0.01 % for the others). On the CPU the constant
+#: holds oneDNN's packed copy of the block's bf16 weights (it equals the block's weight bytes to
+#: within a context-sized rest); CUDA kernels make no such copy, so on CUDA
+#: :func:`block_activation_bytes` subtracts it.
 BLOCK_ACTIVATION: dict[int, dict[str, tuple[float, float]]] = {
-    5120: {"train": (0.0, 0.0), "infer": (0.0, 0.0)},
-    3072: {"train": (0.0, 0.0), "infer": (0.0, 0.0)},
-    1536: {"train": (198276.0, 114.4e6), "infer": (78459.0, 100.2e6)},
+    5120: {"train": (475861.0, 777448456.0), "infer": (164992.0, 723369984.0)},
+    3072: {"train": (359652.0, 368797704.0), "infer": (135296.0, 341196800.0)},
+    1536: {"train": (198276.0, 114374664.0), "infer": (78464.0, 100278272.0)},
 }
 
 #: Device allowance for the CUDA context, library workspaces and allocator slack (assumed).
 CUDA_RESERVE = int(1.5 * GiB)
-#: Host memory of the training process itself: Python, torch, CUDA libraries (assumed).
+#: Host memory of the process itself: Python, torch and the CUDA libraries (assumed), or a
+#: CPU-only torch process.
 HOST_BASE = int(3.0 * GiB)
+HOST_BASE_CPU = int(0.5 * GiB)
 
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -81,17 +88,30 @@ def dit_weight_bytes(task, dtype=torch.bfloat16, fp8: str | None = None, config=
     Exact: the model is built on the meta device and each tensor counted in its loaded dtype.
     ``config`` (a :class:`~wanlora.models.dit.WanDiTConfig`) replaces the task's official sizes.
     """
-    from wanlora.models.dit import WanDiT, WanDiTConfig
+    task = get_task(task)
+    if config is None:
+        return _official_weight_bytes(task.name, dtype, fp8)
+    return _weight_bytes(config, dtype, fp8)
+
+
+@functools.lru_cache(maxsize=64)
+def _official_weight_bytes(task_name: str, dtype, fp8) -> tuple[int, int]:
+    from wanlora.models.dit import WanDiTConfig
+
+    task = get_task(task_name)
+    return _weight_bytes(WanDiTConfig(
+        dim=task.dim, ffn_dim=task.ffn_dim, num_heads=task.num_heads, num_layers=task.num_layers,
+        in_channels=task.in_channels, out_channels=task.out_channels, text_dim=task.text_dim,
+        freq_dim=task.freq_dim, patch_size=task.patch_size), dtype, fp8)
+
+
+def _weight_bytes(cfg, dtype, fp8) -> tuple[int, int]:
+    from wanlora.models.dit import WanDiT
     from wanlora.models.fp8 import is_fp8_target
     from wanlora.models.loading import keeps_float32
 
-    task = get_task(task)
-    cfg = config or WanDiTConfig(
-        dim=task.dim, ffn_dim=task.ffn_dim, num_heads=task.num_heads, num_layers=task.num_layers,
-        in_channels=task.in_channels, out_channels=task.out_channels, text_dim=task.text_dim,
-        freq_dim=task.freq_dim, patch_size=task.patch_size)
-    with torch.device("meta"):
-        model = WanDiT(cfg)
+    with torch.device("meta"):  # blocks are identical: one is enough
+        model = WanDiT(dataclasses.replace(cfg, num_layers=1))
     block = outside = 0
     for key, t in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
@@ -177,15 +197,23 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _block_activation(dim: int, mode: str, tokens: int) -> int:
-    table = BLOCK_ACTIVATION.get(dim)
-    if table is None:  # another width: scale the nearest measured family by width
-        near = min(BLOCK_ACTIVATION, key=lambda d: abs(d - dim))
-        a, b = BLOCK_ACTIVATION[near][mode]
-        a, b = a * dim / near, b * dim / near
-    else:
-        a, b = table[mode]
-    return int(a * tokens + b)
+def block_activation_bytes(task, mode: str, rows: int, device: str = "cuda") -> int:
+    """Peak activation bytes of one block of ``task``'s DiT over ``rows`` tokens (batch × tokens).
+
+    Args:
+        mode: ``"train"`` (recomputation + backward) or ``"infer"`` (forward, no autograd).
+        device: ``"cuda"`` drops the CPU-only packed weight copy from the measured constant.
+
+    A width without a measurement scales the nearest measured family linearly in width.
+    """
+    task = get_task(task)
+    dim = task.dim
+    near = dim if dim in BLOCK_ACTIVATION else min(BLOCK_ACTIVATION, key=lambda d: abs(d - dim))
+    a, b = BLOCK_ACTIVATION[near][mode]
+    a, b = a * dim / near, b * dim / near
+    if device != "cpu":
+        b = max(0.0, b - dit_weight_bytes(task, torch.bfloat16)[0])
+    return int(a * rows + b)
 
 
 def estimate_memory(s: MemorySettings) -> MemoryEstimate:
@@ -220,13 +248,14 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
         if s.gradient_checkpointing:
             ckpt = n_layers * rows * dim * 4
             (host if s.checkpoint_offload else dev)["block checkpoints (float32)"] = ckpt
-            dev["one block's recompute + backward"] = _block_activation(dim, "train", rows)
+            dev["one block's recompute + backward"] = block_activation_bytes(task, "train", rows, s.device)
         else:
-            dev["every block's activations"] = n_layers * _block_activation(dim, "train", rows)
-        dev["embeddings, head, loss"] = 6 * rows * dim * 4
+            dev["every block's activations"] = n_layers * block_activation_bytes(task, "train", rows, s.device)
+        # residual stream entering the blocks, the head's input and the residual gradient (float32)
+        dev["embeddings, head, loss (estimated)"] = 3 * rows * dim * 4
     else:
-        dev["one block's forward"] = _block_activation(dim, "infer", rows)
-        dev["latents, embeddings, head"] = 4 * rows * dim * 4
+        dev["one block's forward"] = block_activation_bytes(task, "infer", rows, s.device)
+        dev["residual stream, head (estimated)"] = 2 * rows * dim * 4
     if s.fp8:  # one layer dequantized at a time: float32 upcast + compute-dtype copy
         dev["fp8 dequantization (largest layer)"] = dim * task.ffn_dim * (4 + _BYTES[s.dtype])
     if s.device == "cuda":
@@ -234,7 +263,7 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
         host["process (assumed)"] = HOST_BASE
     else:  # one memory: everything is host memory
         host.update({k: v for k, v in dev.items()})
-        host["process (assumed)"] = HOST_BASE
+        host["process (assumed)"] = HOST_BASE_CPU
         dev.clear()
     return est
 
@@ -246,3 +275,25 @@ def lora_parameter_count(task, rank: int) -> int:
     per_block = 8 * rank * (d + d) + rank * (d + f) + rank * (f + d)
     return task.num_layers * per_block
 
+
+
+def largest_clip(dataset_config, task) -> tuple[int, int, int, int]:
+    """``(width, height, frames, batch_size)`` of the largest item a dataset TOML produces (the
+    entry with the most tokens at its resolution and longest ``target_frames``; images count as 1
+    frame).
+
+    Raises:
+        DatasetConfigError: as :func:`wanlora.dataset.config.load_dataset_config`.
+    """
+    from wanlora.dataset.config import load_dataset_config
+
+    group = load_dataset_config(dataset_config, task)
+    best = None
+    for d in group.datasets:
+        w, h = d.resolution
+        frames = max(d.target_frames) if d.kind == "video" else 1
+        cand = (token_count(task, w, h, frames) * d.batch_size, (w, h, frames, d.batch_size))
+        best = cand if best is None or cand[0] > best[0] else best
+    if best is None:
+        raise ValueError(f"{dataset_config}: no dataset entries")
+    return best[1]
