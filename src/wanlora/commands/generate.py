@@ -49,6 +49,18 @@ class RuntimeOptions:
     dtype: torch.dtype | None = dtype_option(None, "DiT/T5 dtype (default bf16 on CUDA, float32 on CPU)")
     no_offload: bool = option(False, "keep every model on the device (default on CUDA: the text encoder and "
                               "the idle expert go to the CPU)")
+    fp8_base: bool = option(False, "store the DiT blocks' Linear weights in float8_e4m3fn (half of bf16), computed "
+                            "in --dtype; LoRAs are applied as hooks (docs/memory.md)", aliases=("--fp8",))
+    fp8_scaled: bool = option(False, "fp8 with one float32 scale per output channel (implies --fp8_base)")
+    blocks_to_swap: int = option(0, "DiT blocks kept in pinned host memory and copied to the GPU ahead of use "
+                                 "(both experts share the device slots)")
+    estimate_memory: bool = option(False, "print the predicted GPU and host memory peaks of the first prompt's "
+                                   "size and exit")
+
+    @property
+    def fp8(self) -> str | None:
+        """``load_dit``'s ``fp8``: ``"scaled"``, ``"base"`` or ``None``."""
+        return "scaled" if self.fp8_scaled else ("base" if self.fp8_base else None)
 
 
 @dataclass(frozen=True)
@@ -214,22 +226,30 @@ def load_models(config: GenerateConfig, device, dtype, layout=None):
     from wanlora.models import load_dit, load_text_encoder, load_vae
     from wanlora.inference.pipeline import WanPipeline
 
+    from wanlora.models.block_swap import BlockSwap
+
     task = get_task(config.model_files.task)
     # the LoRA files are read (and refused: layout, NaN/Inf weights) before any model loads
     plan = plan_loras(task, config.lora.lora_weight, config.lora.lora_multiplier, config.lora.lora_weight_high_noise,
                       config.lora.lora_multiplier_high_noise, config.lora.include_patterns, config.lora.exclude_patterns)
-    offload = device.type != "cpu" and not config.runtime.no_offload and not (layout and layout.fsdp)
-    home = "cpu" if (offload and task.has_experts) else device
-    if layout is not None and layout.fsdp:
-        home = "cpu"  # each process keeps only its FSDP2 shards on the device (moved there by fully_shard)
+    rt = config.runtime
+    fsdp = layout is not None and layout.fsdp
+    if rt.blocks_to_swap and fsdp:
+        raise ValueError("--blocks_to_swap and --dit_fsdp do not combine: FSDP already shards the DiT; drop one")
+    offload = device.type != "cpu" and not rt.no_offload and not fsdp
+    swap_n = rt.blocks_to_swap
+    home = "cpu" if ((offload and task.has_experts) or swap_n or fsdp) else device
     t0 = time.perf_counter()
-    if task.has_experts:
-        dits = {"low_noise": load_dit(config.model_files.dit, task.name, dtype=dtype, device=home, attn_mode=config.runtime.attn_mode),
-                "high_noise": load_dit(config.model_files.dit_high_noise, task.name, dtype=dtype, device=home, attn_mode=config.runtime.attn_mode)}
-    else:
-        dits = {None: load_dit(config.model_files.dit, task.name, dtype=dtype, device=home, attn_mode=config.runtime.attn_mode)}
-    for d in dits.values():
-        d.eval().requires_grad_(False)
+    paths = ({"low_noise": config.model_files.dit, "high_noise": config.model_files.dit_high_noise}
+             if task.has_experts else {None: config.model_files.dit})
+    dits, swaps = {}, []
+    for key, path in paths.items():
+        dit = load_dit(path, task.name, dtype=dtype, device=home, attn_mode=rt.attn_mode, fp8=rt.fp8)
+        if swap_n:  # the swapped blocks stay on the host; the experts share one set of device slots
+            swaps.append(BlockSwap(dit.blocks, swap_n, device, share_slots_with=swaps[0] if swaps else None))
+            if not (offload and task.has_experts):
+                dit.to(device)  # the rest (the swapped blocks stay with the swap)
+        dits[key] = dit.eval().requires_grad_(False)
     vae = load_vae(config.model_files.vae, dtype=torch.float32, device=device) if config.model_files.vae else None
     te = load_text_encoder(config.model_files.t5, config.model_files.t5_tokenizer, dtype=dtype, device="cpu" if offload else device)
     logger.info("models loaded in %.1f s", time.perf_counter() - t0)
@@ -343,6 +363,9 @@ def _main(argv=None) -> int:
     from wanlora.models.distributed import init_from_env, parallel_layout
 
     device, dtype = _device_dtype(config.runtime)
+    if config.runtime.estimate_memory:  # before any process group, file check or model load
+        print(_estimate(config, _requests(config, specs), dtype).format())
+        return 0
     device = init_from_env(device)  # under torchrun / accelerate launch: join the process group
     layout = parallel_layout(config.parallel.ulysses_size, config.parallel.dit_fsdp, device)
     if layout.world_size > 1:
@@ -383,6 +406,25 @@ def _same_random_draws(layout) -> None:
     box = [random.randint(0, 2**62) if layout.rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     random.seed(box[0])
+
+
+def _estimate(config: GenerateConfig, requests, dtype):
+    """The memory estimate of the first request's size (the task's defaults when none is given):
+    guidance batched (2) unless ``--cfg_separate``, both experts with the inactive one on the host
+    unless ``--no_offload``."""
+    from wanlora.training.memory import MemorySettings, estimate_memory
+
+    task = get_task(config.model_files.task)
+    req = requests[0] if requests else None
+    unit = task.pixel_unit
+    width = (req and req.width or task.size[0]) // unit * unit  # rounded down as the pipeline does
+    height = (req and req.height or task.size[1]) // unit * unit
+    frames = req and req.frames or task.frame_num
+    rt = config.runtime
+    return estimate_memory(MemorySettings(
+        task.name, width, height, frames, batch=1 if config.request.cfg_separate else 2, training=False,
+        dtype=dtype if dtype != torch.float32 else torch.bfloat16, fp8=rt.fp8, blocks_to_swap=rt.blocks_to_swap,
+        experts=2 if task.has_experts else 1, offload_inactive=not rt.no_offload))
 
 
 def _interactive(pipe, config: GenerateConfig, lora_log) -> list[Path]:

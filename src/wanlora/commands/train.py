@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     cl = command_line()
     ns = cl.parse_namespace(argv, ckpt_groups=_ckpt_groups)
-    required = ("task",) if ns.show_timesteps is not None else REQUIRED
+    required = ("task",) if ns.show_timesteps is not None else (
+        ("task", "dit", "dataset_config") if ns.estimate_memory else REQUIRED)
     missing = [f"--{k}" for k in required if getattr(ns, k) is None]
     if missing:
         cl.error(f"missing {', '.join(missing)} (on the command line or in --config_file)")
@@ -115,6 +116,11 @@ def _main(argv: list[str] | None) -> int:
         _, plan, distribution, _ = plan_run(config)
         image = Path(config.saving.output_dir or ".") / f"{config.saving.output_name}_timesteps.png"
         print(describe_timesteps(distribution, plan, command.show_timesteps, image))
+        return 0
+    if config.model.estimate_memory:
+        from wanlora.training.memory import estimate_for_training
+
+        print(estimate_for_training(config).format())
         return 0
     preflight_train(config)  # folders, numbers, ranks, the samples' VAE: before the dataset and the DiT
     try:

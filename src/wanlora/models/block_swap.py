@@ -65,8 +65,8 @@ class BlockSwap:
 
     Args:
         blocks: the DiT's ``nn.ModuleList`` of identical blocks (``WanDiT.blocks``).
-        blocks_to_swap: N, 1 <= N <= L − 2 (at least two blocks resident: one computing, one
-            arriving).
+        blocks_to_swap: N, 1 <= N <= L − 1. With one block resident (N = L − 1, musubi-tuner's
+            maximum) every copy waits for the block before it to finish: nothing overlaps.
         device: the compute device. ``"cpu"`` runs the host→host schedule.
         pin: pin the host copies (default: when ``device`` is CUDA).
         share_slots_with: another model's swap (same block shapes and N) whose device slots this one
@@ -91,9 +91,9 @@ class BlockSwap:
                  share_slots_with: "BlockSwap | None" = None):
         n_layers = len(blocks)
         n = int(blocks_to_swap)
-        if not 1 <= n <= n_layers - 2:
-            raise ValueError(f"--blocks_to_swap {n}: give 1 .. {n_layers - 2} for a DiT of {n_layers} "
-                             "blocks (at least two must stay on the device)")
+        if not 1 <= n <= n_layers - 1:
+            raise ValueError(f"--blocks_to_swap {n}: give 1 .. {n_layers - 1} for a DiT of {n_layers} "
+                             "blocks (at least one must be on the device)")
         self.blocks = blocks
         self.n_layers, self.n_swap, self.n_resident = n_layers, n, n_layers - n
         self.device = torch.device(device)

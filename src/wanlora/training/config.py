@@ -34,6 +34,21 @@ class ModelConfig:
                                  "(FlashAttention-3), xformers; torch = sdpa. sage has no backward and is refused "
                                  "for training")
     gradient_checkpointing: bool = option(False, "recompute DiT blocks in backward")
+    gradient_checkpointing_cpu_offload: bool = option(
+        False, "with --gradient_checkpointing: keep the checkpointed block inputs in pinned host memory "
+        "(docs/memory.md)")
+    fp8_base: bool = option(False, "store the frozen Linear weights of the DiT blocks in float8_e4m3fn (half of "
+                            "bf16), computed in --dit_dtype (docs/memory.md)")
+    fp8_scaled: bool = option(False, "fp8 with one float32 scale per output channel (implies --fp8_base)")
+    blocks_to_swap: int = option(0, "DiT blocks kept in pinned host memory and copied to the GPU ahead of use "
+                                 "(needs --gradient_checkpointing)")
+    estimate_memory: bool = option(False, "print the predicted GPU and host memory peaks for these settings "
+                                   "(largest clip of --dataset_config) and exit")
+
+    @property
+    def fp8(self) -> str | None:
+        """``load_dit``'s ``fp8``: ``"scaled"``, ``"base"`` or ``None``."""
+        return "scaled" if self.fp8_scaled else ("base" if self.fp8_base else None)
 
 
 @dataclass(frozen=True)

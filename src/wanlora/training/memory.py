@@ -220,12 +220,12 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
     """Predict the device and host peaks of a run (module docstring for each part).
 
     Raises:
-        ValueError: sizes that do not fit the task, or ``blocks_to_swap`` outside ``0 .. L−2``.
+        ValueError: sizes that do not fit the task, or ``blocks_to_swap`` outside ``0 .. L−1``.
     """
     task = get_task(s.task)
     n_layers, dim = task.num_layers, task.dim
-    if not 0 <= s.blocks_to_swap <= n_layers - 2:
-        raise ValueError(f"--blocks_to_swap {s.blocks_to_swap}: give 0 .. {n_layers - 2} for {task.name}")
+    if not 0 <= s.blocks_to_swap <= n_layers - 1:
+        raise ValueError(f"--blocks_to_swap {s.blocks_to_swap}: give 0 .. {n_layers - 1} for {task.name}")
     tokens = token_count(task, s.width, s.height, s.frames)
     est = MemoryEstimate(s, tokens)
     dev, host = est.device, est.host
@@ -297,3 +297,34 @@ def largest_clip(dataset_config, task) -> tuple[int, int, int, int]:
     if best is None:
         raise ValueError(f"{dataset_config}: no dataset entries")
     return best[1]
+
+
+def estimate_for_training(config) -> MemoryEstimate:
+    """The estimate of a ``wanlora-train`` run (``--estimate_memory``): the largest clip of its
+    dataset TOML, its rank (the larger of the two experts'), experts, dtype (``--dit_dtype``, else
+    bf16 as under ``--mixed_precision bf16``), fp8, swap and checkpoint settings, on CUDA.
+
+    Args:
+        config: a :class:`wanlora.training.config.TrainConfig`.
+
+    Raises:
+        ValueError: a missing or invalid ``--dataset_config``, settings that do not fit the task.
+    """
+    from wanlora.training.experts import plan_experts
+
+    task = get_task(config.model_files.task)
+    if config.data.dataset_config is None:
+        raise ValueError("--estimate_memory needs --dataset_config (its largest clip sets the size)")
+    width, height, frames, batch = largest_clip(config.data.dataset_config, task)
+    plan = plan_experts(task, config.model_files.dit, config.model_files.dit_high_noise, config.experts.expert,
+                        config.experts.expert_lora, config.experts.timestep_boundary)
+    m = config.model
+    ranks = [config.network.network_dim]
+    if config.network.network_dim_high_noise:
+        ranks.append(config.network.network_dim_high_noise)
+    dtype = m.dit_dtype or (torch.float16 if config.launch.mixed_precision == "fp16" else torch.bfloat16)
+    return estimate_memory(MemorySettings(
+        task.name, width, height, frames, batch=batch, rank=max(ranks), training=True, dtype=dtype, fp8=m.fp8,
+        blocks_to_swap=m.blocks_to_swap, gradient_checkpointing=m.gradient_checkpointing,
+        checkpoint_offload=m.gradient_checkpointing_cpu_offload, experts=len(plan.dit_paths),
+        offload_inactive=config.experts.offload_inactive_dit))

@@ -278,28 +278,44 @@ def _unbatch(items):
 
 
 def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, device, dtype, load_dit=None):
-    """One DiT module (the first expert's weights, on ``device``) and the expert weight store
-    (:class:`wanlora.training.experts.ExpertWeights`)."""
+    """One DiT module (first expert's weights, on ``device``) and the expert weight store.
+
+    ``--fp8_base``/``--fp8_scaled`` load the block Linears in fp8; with ``--blocks_to_swap N`` the DiT
+    is loaded on the CPU and N blocks stay there (:func:`wanlora.models.block_swap.place_with_block_swap`).
+
+    Raises:
+        ValueError: ``--blocks_to_swap`` without ``--gradient_checkpointing``, or out of range.
+    """
+    from wanlora.models.block_swap import place_with_block_swap
+    from wanlora.training.experts import base_tensors
+
     if load_dit is None:
         from wanlora.models import load_dit
+    m = config.model
+    if m.blocks_to_swap and not m.gradient_checkpointing:
+        raise ValueError("--blocks_to_swap needs --gradient_checkpointing (each block is reloaded while the "
+                         "backward pass recomputes it)")
+    kw = {"fp8": m.fp8} if m.fp8 else {}  # (a replacement load_dit need not know fp8)
     experts = plan.experts
     first = "low_noise" if "low_noise" in experts else experts[0]
-    attn, offload = config.model.attn_mode, config.experts.offload_inactive_dit
     t0 = time.perf_counter()
-    dit = load_dit(plan.dit_paths[first], task=task.name, dtype=dtype, device=device, attn_mode=attn)
+    dit = load_dit(plan.dit_paths[first], task=task.name, dtype=dtype, device="cpu" if m.blocks_to_swap else device,
+                   attn_mode=m.attn_mode, **kw)
+    swap = place_with_block_swap(dit, m.blocks_to_swap, device) if m.blocks_to_swap else None
     others = {}
     for e in experts:
         if e != first:
-            other = load_dit(plan.dit_paths[e], task=task.name, dtype=dtype, device="cpu", attn_mode=attn)
-            others[e] = {k: v.detach() for k, v in other.named_parameters()}
+            other = load_dit(plan.dit_paths[e], task=task.name, dtype=dtype, device="cpu", attn_mode=m.attn_mode, **kw)
+            others[e] = {k: v.detach() for k, v in base_tensors(other).items()}
             del other
-    weights = ExpertWeights(dit, first, others, offload=offload)
+    weights = ExpertWeights(dit, first, others, offload=config.experts.offload_inactive_dit, swap=swap)
     dit.requires_grad_(False)
-    dit.set_gradient_checkpointing(bool(config.model.gradient_checkpointing))
+    dit.set_gradient_checkpointing(bool(m.gradient_checkpointing), cpu_offload=m.gradient_checkpointing_cpu_offload)
     dit.train()  # no dropout in Wan; train() for checkpointing
-    log.info("DiT loaded in %.1fs (%s, %s)%s", time.perf_counter() - t0, dtype, ", ".join(
-        f"{e}: {plan.dit_paths[e]}" for e in experts),
-        " — inactive expert offloaded to CPU" if others and offload else "")
+    log.info("DiT loaded in %.1fs (%s%s, %s)%s%s", time.perf_counter() - t0, dtype, f", fp8 {m.fp8}" if m.fp8 else "",
+             ", ".join(f"{e or 'model'}: {plan.dit_paths[e]}" for e in experts),
+             " — inactive expert offloaded to CPU" if others and config.experts.offload_inactive_dit else "",
+             f" — {m.blocks_to_swap} blocks swapped" if swap else "")
     return dit, weights
 
 
