@@ -195,6 +195,9 @@ def parallel_layout(config: TrainConfig, plan: ExpertPlan, device):
     from wanlora.models.distributed import parallel_layout as layout_of
 
     launch = config.launch
+    if launch.dit_fsdp and config.model.blocks_to_swap:
+        raise ValueError("--blocks_to_swap and --dit_fsdp do not combine: FSDP already shards the DiT over the "
+                         "processes; drop one of them")
     if launch.dit_fsdp and len(plan.dit_paths) > 1:
         raise ValueError("--dit_fsdp trains one A14B expert per run: give --dit (low noise) alone, then the "
                          "high-noise expert in a second run with --dit_high_noise alone")
