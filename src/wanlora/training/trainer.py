@@ -534,7 +534,8 @@ def _step_schedulers(bundles: dict[str, LoraBundle]) -> None:
 
 def _report(accelerator, progress, tracking: bool, state: TrainState, window: _StepWindow,
             bundles: dict[str, LoraBundle], step_loss: float, it_s: float) -> None:
-    """The progress bar, and the tracker's scalars (losses, timesteps, grad norm, learning rates)."""
+    """The progress bar, and the tracker's scalars (losses, timesteps, grad norm, learning rates, and
+    on CUDA the peak memory)."""
     progress.update(1)
     progress.set_postfix(loss=f"{step_loss:.4f}", expert=window.expert, its=f"{it_s:.2f}")
     if not tracking:
@@ -547,6 +548,9 @@ def _report(accelerator, progress, tracking: bool, state: TrainState, window: _S
         logs["grad_norm"] = window.grad_norm
     for key, b in bundles.items():
         logs[f"lr/{key}"] = b.scheduler.get_last_lr()[0]
+    if accelerator.device.type == "cuda":  # the runtime peak, to compare with --estimate_memory
+        logs["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+        logs["memory/peak_reserved_gib"] = torch.cuda.max_memory_reserved(accelerator.device) / 2**30
     accelerator.log(logs, step=state.global_step)
 
 
