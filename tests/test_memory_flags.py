@@ -30,7 +30,7 @@ def test_musubi_memory_flags_accepted_as_written(tmp_path):
 def test_fp8_swap_offload_train_the_same_loras(tiny_dir, tmp_path):
     flags = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
     common = ("--dit_high_noise", flags["--dit_high_noise"], "--fp8_base", "--fp8_scaled", "--gradient_checkpointing",
-              "--timestep_boundary", "0.5", "--max_train_steps", "4", "--network_dropout", "0.1")
+              "--timestep_boundary", "0.5", "--max_train_steps", "8", "--network_dropout", "0.1")
     train(_args(flags, "unused.toml", tmp_path / "a", *common), dataset=_Batches())
     from accelerate.state import AcceleratorState
 
