@@ -429,3 +429,106 @@ def test_the_troubleshooting_table_names_real_tests():
     for module, name in named:
         source = (root / "tests" / f"{module or 'test_fault_injection'}.py").read_text(encoding="utf-8")
         assert re.search(rf"^def {name}\(", source, re.M), f"§9 names {module or 'test_fault_injection'}::{name}"
+
+
+# ---- during training -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_accelerate():
+    torch.set_num_threads(1)
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class _Batches:
+    """Fixed synthetic batches for the tiny A14B model (``ds[epoch * n + i]`` = batch i)."""
+
+    def __init__(self, n=2):
+        g = torch.Generator().manual_seed(0)
+        self.b = [{"latents": torch.randn(1, 16, 2, 4, 4, generator=g), "context": [torch.randn(3, 32, generator=g)],
+                   "keys": [str(i)]} for i in range(n)]
+
+    def __len__(self):
+        return len(self.b)
+
+    def __getitem__(self, pos):
+        return self.b[pos % len(self.b)]
+
+
+def _train_config(flags, out: Path, *extra):
+    from wanlora.commands.train import parse_config
+
+    return parse_config(["--task", "t2v-A14B", "--dit", flags["--dit"], "--dit_high_noise", flags["--dit_high_noise"],
+                         "--dataset_config", "unused.toml", "--output_dir", str(out), "--output_name", "lora",
+                         "--network_dim", "4", "--network_alpha", "4", "--learning_rate", "1e-3", "--seed", "7",
+                         "--max_data_loader_n_workers", "0", "--timestep_boundary", "0.5", *extra])
+
+
+def test_disk_full_at_a_training_save_keeps_both_expert_loras_elsewhere(tiny_dir, tmp_path, monkeypatch,
+                                                                        fresh_accelerate):
+    """The final save of a two-expert run meets a full disk at its second file: the output folder keeps
+    the earlier step save whole and gets no half pair; both LoRAs of the final weights are in the
+    emergency folder; the run ends with one line saying so."""
+    import wanlora.io_utils as io
+    from wanlora.training.trainer import train
+
+    out, spare = tmp_path / "out", tmp_path / "spare"
+    spare.mkdir()
+    monkeypatch.setenv("WANLORA_EMERGENCY_DIR", str(spare))
+    real = io.save_file
+
+    def full_at_the_final_low_noise(tensors, filename, metadata=None):
+        if str(out) in str(filename) and ".lora_low_noise.tmp" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(io, "save_file", full_at_the_final_low_noise)
+    with pytest.raises(SaveError) as ei:
+        train(_train_config(_flags(tiny_dir), out, "--max_train_steps", "4", "--save_every_n_steps", "2"),
+              dataset=_Batches())
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"cannot save LoRA weights to {out}: no space left on the device")
+    assert msg.endswith(f"saved to {spare} instead (lora_high_noise.safetensors, lora_low_noise.safetensors)")
+    assert sorted(p.name for p in out.iterdir()) == ["lora-step00000002_high_noise.safetensors",
+                                                     "lora-step00000002_low_noise.safetensors"]
+    for e in ("high_noise", "low_noise"):
+        final, step2 = load_file(spare / f"lora_{e}.safetensors"), load_file(out / f"lora-step00000002_{e}.safetensors")
+        assert final.keys() == step2.keys()
+
+
+def test_resume_refuses_another_seed_rank_or_a_planted_file_before_the_dit_loads(tiny_dir, tmp_path, capsys,
+                                                                                    monkeypatch, fresh_accelerate):
+    from accelerate.state import AcceleratorState
+
+    from wanlora.commands.train import main
+    from wanlora.training.trainer import train
+
+    flags = _flags(tiny_dir)
+    train(_train_config(flags, tmp_path / "a", "--max_train_steps", "2", "--save_state"), dataset=_Batches())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    capsys.readouterr()  # the first run's progress bar
+    state = tmp_path / "a" / "lora-state"
+    before = _snapshot(state)
+    _no_model_loads(monkeypatch)
+    def argv(rank, seed):
+        return ["--task", "t2v-A14B", "--dit", flags["--dit"], "--dit_high_noise", flags["--dit_high_noise"],
+                "--dataset_config", str(tmp_path / "none.toml"), "--output_dir", str(tmp_path / "b"),
+                "--network_dim", rank, "--network_alpha", "4", "--seed", seed, "--timestep_boundary", "0.5",
+                "--resume", str(state)]
+
+    rc, err = _run(main, argv("8", "8"), capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err == (f"wanlora-train: error: --resume {state}: the run differs from the saved one: seed 7 saved, 8 now; "
+                   "rank of LoRA 'high_noise' 4 saved, 8 now; rank of LoRA 'low_noise' 4 saved, 8 now; resume with "
+                   "the flags it was saved with, or start a new run\n")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    marker = tmp_path / "PWNED"
+    with open(state / "custom_checkpoint_0.pkl", "wb") as f:
+        pickle.dump(Planted(marker), f)
+    rc, err = _run(main, argv("4", "7"), capsys)
+    assert rc == 2 and "holds custom_checkpoint_0.pkl, which wanlora did not write" in err and not marker.exists()
+    os.remove(state / "custom_checkpoint_0.pkl")
+    assert _snapshot(state) == before

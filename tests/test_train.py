@@ -108,9 +108,10 @@ def _eval_loss(task, dit_path, lora_file, toml, lo, hi, n_draws=3) -> float:
     return sum(total) / len(total)
 
 
-def _optimizer_state(state_dir: Path, index: int) -> dict:
-    name = "optimizer.bin" if index == 0 else f"optimizer_{index}.bin"
-    return torch.load(state_dir / name, weights_only=False)["state"]
+def _optimizer_state(state_dir: Path, lora_key: str) -> dict:
+    from wanlora.training.state_io import load_state_file
+
+    return load_state_file(state_dir / f"optimizer.{lora_key}.safetensors")["state"]
 
 
 # ---- both experts -----------------------------------------------------------------------------
@@ -153,9 +154,8 @@ def test_t2v_a14b_both_experts_two_loras(setups, tmp_path):
     last = {e: load_file(files[e]) for e in files}
     assert all(torch.equal(prev[inactive][k], last[inactive][k]) for k in last[inactive])
     assert any(not torch.equal(prev[active][k], last[active][k]) for k in last[active])
-    index = {"high_noise": 0, "low_noise": 1}  # LoRAs are prepared in the plan's order
-    s_prev = _optimizer_state(out / f"lora-step{steps - 1:08d}-state", index[inactive])
-    s_last = _optimizer_state(out / "lora-state", index[inactive])
+    s_prev = _optimizer_state(out / f"lora-step{steps - 1:08d}-state", inactive)
+    s_last = _optimizer_state(out / "lora-state", inactive)
     assert s_prev.keys() == s_last.keys()
     for k in s_prev:
         assert all(torch.equal(torch.as_tensor(s_prev[k][n]), torch.as_tensor(s_last[k][n])) for n in s_prev[k])

@@ -190,30 +190,28 @@ def test_expert_draw_for_flux_shift_and_ranges_that_starve_an_expert(caplog):
         expert_schedule(sep, flow.TimestepDistribution("uniform", min_timestep=900), 1, 0)
 
 
-def test_state_folder_waits_for_every_process_before_the_rename(tmp_path):
-    """accelerate's save_state has no barrier at its end: the other processes may still be writing
-    their RNG files into the temporary folder, so it is renamed only after a barrier."""
-    from wanlora.training.checkpoint import TrainState, write_state_folder
+def test_state_folder_of_the_bundles_replaces_the_old_one(tmp_path):
+    """The state folder holds each LoRA's weights, optimizer and schedule in wanlora's own format,
+    replaces the previous folder of that name, and leaves no .tmp / .old behind."""
+    from types import SimpleNamespace
 
-    calls = []
+    from wanlora.training.checkpoint import TrainState, read_train_state, write_state_folder
 
-    class FakeAccelerator:
-        is_main_process = True
-
-        def wait_for_everyone(self):
-            calls.append("barrier")
-
-        def save_state(self, d):
-            Path(d).mkdir()
-            calls.append("save")
-
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    bundles = {"high_noise": SimpleNamespace(network=net, optimizer=opt, scheduler=sched)}
+    accelerator = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, step=6, scaler=None)
     final = tmp_path / "lora-state"
     final.mkdir()
     (final / "old.bin").write_bytes(b"x")
-    assert write_state_folder(FakeAccelerator(), final, TrainState(global_step=3)) == final
-    assert calls == ["barrier", "save", "barrier", "barrier"]
-    assert sorted(p.name for p in final.iterdir()) == ["train_state.json"]  # the old folder replaced
+    layout = {"seed": 3, "loras": {"high_noise": {"rank": 2, "alpha": 2.0}}}
+    assert write_state_folder(accelerator, final, TrainState(global_step=3, seed=3), bundles, layout) == final
+    assert sorted(p.name for p in final.iterdir()) == [
+        "accelerator.safetensors", "lora.high_noise.safetensors", "optimizer.high_noise.safetensors",
+        "rng_0.safetensors", "scheduler.high_noise.safetensors", "train_state.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-state"]  # no .tmp / .old left
+    assert read_train_state(final, layout).global_step == 3
 
 
 @pytest.mark.parametrize("offload", [False, True])

@@ -12,32 +12,41 @@ the end                     ``NAME.safetensors``                       ``NAME-st
 non-finite losses           —                                          ``NAME-nonfinite-state``
 ==========================  =========================================  ==========================
 
-A state folder is ``accelerator.save_state`` (optimizers, schedulers, RNG states of every process)
-plus ``train_state.json`` (:class:`TrainState`), written to ``FOLDER.tmp`` and renamed into place
-after every process has written, so an interrupted save never leaves a half folder under the final
-name. ``--save_last_n_*`` prune older saves after each new one. The LoRA files carry the metadata of
+A state folder is wanlora's own format (:mod:`wanlora.training.state_io`): each LoRA's weights,
+optimizer and schedule, accelerate's step counter and grad scaler, every process's RNG states, as
+safetensors with JSON, plus ``train_state.json`` (:class:`TrainState`, the run's layout and the
+list of files) — nothing is unpickled on ``--resume``, and a folder holding anything else, or saved
+by another seed, rank or expert layout, is refused in one line. It is written to ``FOLDER.tmp`` and
+renamed into place once every process has written, so an interrupted save never leaves a half
+folder under the final name; a failed save removes the ``.tmp`` folder. LoRA files of one save are
+written all or nothing (both experts' files, or neither); when that fails the weights go to an
+emergency folder (:func:`wanlora.io_utils.save_files`) and the run stops with one line saying where.
+What a killed save leaves behind is removed when the next run starts. ``--save_last_n_*`` prune
+older saves after each new one. The LoRA files carry the metadata of
 :func:`wanlora.lora.metadata.build_lora_metadata` (task, expert, rank, timestep range, training
 options as musubi's ``ss_*`` keys).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
-from wanlora.io_utils import write_json
+from wanlora.io_utils import SaveError, save_files
 from wanlora.tasks import Task
 from wanlora.training.config import TrainConfig
 from wanlora.training.experts import ExpertPlan
 from wanlora.training.flow import TimestepDistribution
 from wanlora.training.optim import parse_kv_args
+from wanlora.training.state_io import (check_state_dir, read_state_dir, remove_interrupted_saves,
+                                       restore_training_components, set_rng_state, training_components,
+                                       write_state_dir)
 
-__all__ = ["TrainState", "Checkpointer", "read_train_state", "write_state_folder"]
+__all__ = ["TrainState", "Checkpointer", "read_train_state", "run_layout", "write_state_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -58,41 +67,60 @@ class TrainState:
     losses: list = field(default_factory=list)  # (step, expert, loss of all processes, this process's)
 
 
-def read_train_state(folder: str | Path) -> TrainState:
-    """The :class:`TrainState` of a state folder (``--resume``), before anything loads.
+def run_layout(config: TrainConfig, task: Task, plan: ExpertPlan, seed: int | None, num_processes: int,
+               ranks: dict[str, tuple[int | None, float | None]] | None = None) -> dict:
+    """What a ``--resume`` must match (:func:`wanlora.training.state_io.layout_differences`): task,
+    seed, expert layout, number of processes, each LoRA's rank and alpha.
+
+    ``ranks``: ``{lora key: (rank, alpha)}`` of the built networks; default the flags'
+    (:meth:`TrainConfig.lora`; unknown with ``--dim_from_weights``). A None is not compared (no
+    ``--seed`` given: the saved one is taken)."""
+    if ranks is None:
+        alone = len(plan.loras) == 1
+        from_file = config.network.dim_from_weights
+        ranks = {key: (None, None) if from_file else (config.lora(key, alone).dim, config.lora(key, alone).alpha)
+                 for key in plan.loras}
+    return {"task": task.name, "seed": seed, "mode": plan.mode, "num_processes": num_processes,
+            "loras": {key: {"rank": r, "alpha": None if a is None else float(a)} for key, (r, a) in ranks.items()}}
+
+
+def read_train_state(folder: str | Path, layout: dict | None = None) -> TrainState:
+    """The :class:`TrainState` of a state folder (``--resume``), checked before anything loads:
+    nothing but wanlora's own files in it, all of them whole, saved by the same ``layout``
+    (:func:`run_layout`).
 
     Raises:
-        ValueError: no ``train_state.json`` in ``folder`` (names the folders that have one).
+        StateError: one line (:func:`wanlora.training.state_io.check_state_dir`).
     """
-    state_file = Path(folder) / "train_state.json"
-    if not state_file.is_file():
-        raise ValueError(f"--resume {folder}: no train_state.json there; give a folder written "
-                         "by --save_state (OUTPUT_DIR/NAME-stepXXXXXXXX-state)")
-    return TrainState(**json.loads(state_file.read_text()))
+    from dataclasses import fields
+
+    position, _, _ = check_state_dir(folder, layout)
+    names = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in position.items() if k in names})
 
 
-def write_state_folder(accelerator, final: Path, train_state: TrainState) -> Path:
-    """``accelerator.save_state`` plus ``train_state.json`` into ``final``, through a temporary
-    folder renamed into place once every process has written (accelerate's ``save_state`` has no
-    barrier at its end). Returns ``final``."""
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every process has written its RNG file before the rename
-    if accelerator.is_main_process:
-        write_json(tmp / "train_state.json", asdict(train_state))
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
+def _gather(accelerator):
+    """``x -> [x of every process]`` for :func:`write_state_dir` (None with one process)."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+
+    return lambda x: gather_object([x])
+
+
+def write_state_folder(accelerator, final: Path, train_state: TrainState, bundles: dict, layout: dict) -> Path:
+    """Write the state folder ``final`` (every process; :func:`wanlora.training.state_io.write_state_dir`)
+    of ``bundles`` (:class:`wanlora.training.lora_bundle.LoraBundle` by key). Returns ``final``.
+
+    Raises:
+        SaveError: on every process when any failed (one line with the fix); ``final`` untouched.
+    """
+    comps = training_components({k: b.network for k, b in bundles.items()},
+                                {k: b.optimizer for k, b in bundles.items()},
+                                {k: b.scheduler for k, b in bundles.items()}, accelerator)
+    return write_state_dir(final, comps, asdict(train_state), layout, process_index=accelerator.process_index,
+                           num_processes=accelerator.num_processes, is_main=accelerator.is_main_process,
+                           gather=_gather(accelerator))
 
 
 class Checkpointer:
@@ -104,18 +132,24 @@ class Checkpointer:
         config: the run's settings (``config.saving``; the rest goes into the metadata).
         task, plan, timesteps: what the LoRAs were trained for (metadata).
         max_steps: the run's optimizer steps (saves at the last step are the final save's).
-        seed: the run's seed (metadata).
+        seed: the run's seed (metadata, state layout).
+        bundles: the run's :class:`wanlora.training.lora_bundle.LoraBundle` by LoRA key (state saves).
     """
 
     def __init__(self, accelerator, config: TrainConfig, task: Task, plan: ExpertPlan,
-                 timesteps: TimestepDistribution, max_steps: int, seed: int):
+                 timesteps: TimestepDistribution, max_steps: int, seed: int, bundles: dict):
         self.accelerator, self.config, self.task, self.plan = accelerator, config, task, plan
-        self.timesteps, self.max_steps = timesteps, max_steps
+        self.timesteps, self.max_steps, self.bundles = timesteps, max_steps, bundles
         self.saving = config.saving
         self.output_dir = Path(config.saving.output_dir)
         self.stem = config.saving.output_name
         self.run_metadata = run_metadata(config, plan, max_steps, accelerator.mixed_precision, seed)
+        self.layout = run_layout(config, task, plan, seed, accelerator.num_processes,
+                                 {k: b.rank_alpha() for k, b in bundles.items()})
         self._base_hashes: dict = {}
+        if accelerator.is_main_process:
+            for p in remove_interrupted_saves(self.output_dir, self.stem):
+                log.info("removed %s, left by an interrupted save", p.name)
 
     def lora_files(self, tag: str) -> dict[str, Path]:
         """``{lora key: file}`` of the save ``tag``."""
@@ -123,12 +157,19 @@ class Checkpointer:
 
     def save_loras(self, tag: str, bundles: dict, state: TrainState) -> None:
         """Write every LoRA of ``bundles`` (:class:`wanlora.training.lora_bundle.LoraBundle`) as
-        ``tag`` with its metadata (main process; the others wait)."""
+        ``tag`` with its metadata, all files or none (main process; the others wait).
+
+        Raises:
+            SaveError: on every process, when the files could not be written (one line: the cause,
+                the fix, and the folder the weights were saved to instead).
+        """
         self.accelerator.wait_for_everyone()
+        error = None
         if self.accelerator.is_main_process:
             from wanlora.lora.metadata import build_lora_metadata
 
             files = self.lora_files(tag)
+            writers = {}
             for key, file in files.items():
                 bundle = bundles[key]
                 rank, alpha = bundle.rank_alpha()
@@ -144,21 +185,40 @@ class Checkpointer:
                     extra={**self.run_metadata, "ss_learning_rate": bundle.optimizer.param_groups[0]["initial_lr"],
                            "ss_steps": state.global_step, "ss_epoch": state.epoch},
                 )
-                self.accelerator.unwrap_model(bundle.wrapper).network.save_weights(
-                    str(file), self.saving.save_precision, md)
-                log.info("saved %s", file)
-        self.accelerator.wait_for_everyone()
+                network = self.accelerator.unwrap_model(bundle.wrapper).network
+                writers[file] = partial(_write_lora, network, self.saving.save_precision, md)
+            try:
+                for file in save_files(writers, "LoRA weights"):
+                    log.info("saved %s", file)
+            except SaveError as e:
+                error = str(e)
+        errors = [e for e in (_gather(self.accelerator) or (lambda x: [x]))(error) if e]
+        if errors:
+            raise SaveError(errors[0])
 
     def save_state(self, tag: str, state: TrainState) -> Path:
         """Write the state folder ``OUTPUT_DIR/{tag}-state`` (every process); returns it."""
-        return write_state_folder(self.accelerator, self.output_dir / f"{tag}-state", state)
+        return write_state_folder(self.accelerator, self.output_dir / f"{tag}-state", state, self.bundles, self.layout)
 
     def load_state(self, folder: str | Path) -> TrainState:
-        """Restore optimizers, schedulers and RNG states from a state folder (every process);
-        returns its :class:`TrainState`."""
-        state = read_train_state(folder)
-        self.accelerator.load_state(str(folder))
-        return state
+        """Restore the LoRAs, optimizers, schedules, accelerate's step counter and this process's
+        RNG states from a state folder (every process; the layout is checked again against the
+        built networks' ranks); returns its :class:`TrainState`.
+
+        Raises:
+            StateError: one line (:func:`wanlora.training.state_io.read_state_dir`).
+        """
+        from dataclasses import fields
+
+        position, comps, rng = read_state_dir(folder, self.layout, process_index=self.accelerator.process_index)
+        b = self.bundles
+        restore_training_components(comps, {k: x.network for k, x in b.items()},
+                                    {k: x.optimizer for k, x in b.items()}, {k: x.scheduler for k, x in b.items()},
+                                    self.accelerator)
+        if rng is not None:
+            set_rng_state(rng)
+        names = {f.name for f in fields(TrainState)}
+        return TrainState(**{k: v for k, v in position.items() if k in names})
 
     def after_step(self, state: TrainState, bundles: dict) -> None:
         """The ``--save_every_n_steps`` save (and pruning) due after optimizer step ``state.global_step``."""
@@ -208,6 +268,11 @@ class Checkpointer:
                 log.debug("no base-model hash for %s: %s", dit_path, e)
                 self._base_hashes[dit_path] = ""
         return self._base_hashes[dit_path]
+
+
+def _write_lora(network, dtype, metadata: dict, path: Path) -> None:
+    """One LoRA file (``network.save_weights``, the kohya convention) at ``path``."""
+    network.save_weights(str(path), dtype, metadata)
 
 
 def prune(output_dir: Path, pattern: str, keep) -> None:

@@ -53,7 +53,7 @@ import torch
 from wanlora.conditioning import Conditioning, TextToVideo, conditioning_for, per_sample_mse
 from wanlora.tasks import Task, get_task
 from wanlora.training import flow, seeds
-from wanlora.training.checkpoint import Checkpointer, TrainState, read_train_state
+from wanlora.training.checkpoint import Checkpointer, TrainState, read_train_state, run_layout
 from wanlora.training.config import TrainConfig
 from wanlora.training.experts import ExpertPlan, ExpertWeights, expert_of_step, expert_schedule, plan_experts
 from wanlora.training.lora_bundle import LoraBundle, build_lora_bundles, set_active
@@ -346,7 +346,10 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
     task, plan, timesteps, conditioning = plan_run(config)
     network_module = check_before_loading(config)
     accelerator = make_accelerator(config)
-    resume = read_train_state(config.saving.resume) if config.saving.resume else None
+    resume = None
+    if config.saving.resume:  # checked (own files only, same layout) before anything loads
+        resume = read_train_state(config.saving.resume, run_layout(config, task, plan, config.optimization.seed,
+                                                                   accelerator.num_processes))
     seed = run_seed(config, resume)
     set_seed(seed)  # once: the LoRA initialization
     device, main = accelerator.device, accelerator.is_main_process
@@ -381,7 +384,7 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
         if config.compile.compile:  # after the LoRA hooks are in: they are traced into the block graphs
             dit.compile_blocks(**config.compile.kwargs())
         networks = {key: b.network for key, b in bundles.items()}
-        checkpoints = Checkpointer(accelerator, config, task, plan, timesteps, max_steps, seed)
+        checkpoints = Checkpointer(accelerator, config, task, plan, timesteps, max_steps, seed, bundles)
         state = TrainState(seed=seed)
         if resume is not None:
             state = checkpoints.load_state(config.saving.resume)
