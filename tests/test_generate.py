@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from wanlora.commands.generate import main, parse_args
 from wanlora.io_utils import save_safetensors
@@ -153,6 +154,15 @@ def test_lora_metadata_routes_expert(tiny_dir, tmp_path, caplog):
     assert [p.experts for p in plans] == [("high_noise",), ("low_noise",), ("high_noise",)]
     assert [p.multiplier for p in plans] == [0.5, 0.5, 1.0]
     assert "goes to the high_noise expert" in caplog.text
+    # musubi-tuner writes no wan.expert, only the trained timestep range (T2V A14B boundary 875)
+    musubi = _random_lora(tmp_path / "musubi.safetensors", dit, None)
+    save_safetensors(load_file(musubi), musubi, metadata={"ss_network_module": "networks.lora_wan",
+                                                          "modelspec.timestep_range": "875,1000"})
+    with caplog.at_level("INFO"):
+        plans_m = plan_loras(get_task(task), [str(musubi)], [])
+    assert plans_m[0].experts == ("high_noise",) and "modelspec.timestep_range=875,1000" in plans_m[0].reason
+    save_safetensors(load_file(musubi), musubi, metadata={"modelspec.timestep_range": "0,1000"})
+    assert plan_loras(get_task(task), [str(musubi)], [])[0].experts == ("low_noise",)  # both ranges: the flag's
     sd = plans[0].state_dict
     # training's rule: full match on dotted paths; block 0 dropped except its cross-attention
     kept = filter_lora_state_dict(sd, r"blocks\.0\.cross_attn\..*", r"blocks\.0\..*")

@@ -222,6 +222,27 @@ def test_musubi_metadata_expert_inferred_from_timestep_range():
     assert read_lora_metadata({}).task is None
 
 
+# what musubi-tuner writes for a Wan2.2 expert LoRA: ss_* and modelspec.* keys, no wan.*
+MUSUBI_HIGH = {"ss_network_module": "networks.lora_wan", "ss_network_dim": "4", "ss_network_alpha": "4",
+               "ss_base_model_version": "wan", "modelspec.sai_model_spec": "1.0.0",
+               "modelspec.architecture": "wan2.2-t2v-a14b", "modelspec.timestep_range": "875,1000"}
+
+
+@pytest.mark.parametrize("task,rng,expert", [
+    ("t2v-A14B", "875,1000", "high_noise"), ("t2v-A14B", "0,875", "low_noise"),
+    ("t2v-A14B", "900,1000", "high_noise"), ("t2v-A14B", "0,900", None),  # I2V's low range crosses T2V's boundary
+    ("i2v-A14B", "900,1000", "high_noise"), ("i2v-A14B", "875,1000", None), ("i2v-A14B", "0,900", "low_noise"),
+    ("t2v-A14B", "0,1000", None), ("ti2v-5B", "875,1000", None), ("t2v-A14B", "", None),
+])
+def test_musubi_file_without_wan_keys_gets_its_expert_from_the_task(task, rng, expert):
+    info = read_lora_metadata({**MUSUBI_HIGH, "modelspec.timestep_range": rng}, task)
+    assert info.expert == expert and info.task is None
+    assert read_lora_metadata({**MUSUBI_HIGH, "modelspec.timestep_range": rng}).expert is None  # no task given
+    # a file's own wan.task wins over the task given; wan.expert over the range
+    assert read_lora_metadata({**MUSUBI_HIGH, "wan.task": "i2v-A14B"}, "t2v-A14B").expert is None
+    assert read_lora_metadata({**MUSUBI_HIGH, "wan.expert": "both"}, "t2v-A14B").expert == "both"
+
+
 def test_coverage_warning_for_partial_default_files(caplog):
     full = make_lora()
     assert coverage_warnings(full, LAYERS) == []

@@ -191,6 +191,21 @@ def test_refusals_and_force(tmp_path, capsys):
     assert main(["--dit", str(plain), "--task", "t2v-A14B", "--lora_weight", str(hi),
                  "--save_merged_model", str(out), "--expert", "high_noise"]) == 0
 
+    # a musubi-tuner high-noise file (no wan.* keys): its timestep range names the expert
+    musubi = tmp_path / "musubi_high.safetensors"
+    save_safetensors(_lora(1, 4, 4.0), musubi, metadata={
+        "ss_network_module": "networks.lora_wan", "ss_network_dim": "4", "ss_network_alpha": "4",
+        "ss_base_model_version": "wan", "modelspec.timestep_range": "875,1000"})
+    out.unlink()
+    assert run(musubi) == 2
+    err = capsys.readouterr().err
+    assert "made for the high_noise expert (modelspec.timestep_range 875,1000)" in err and not out.exists()
+    assert main(["--dit", str(plain), "--task", "t2v-A14B", "--lora_weight", str(musubi),
+                 "--save_merged_model", str(out)]) == 2
+    assert "--expert high_noise" in capsys.readouterr().err
+    assert main(["--dit", str(plain), "--task", "t2v-A14B", "--lora_weight", str(musubi),
+                 "--save_merged_model", str(out), "--expert", "high_noise"]) == 0
+
     assert run(hi, "--force") == 0
     assert run(big, "--force") == 0
     assert torch.equal(load_file(out)["blocks.0.self_attn.q.weight"], _base()["blocks.0.self_attn.q.weight"])

@@ -391,7 +391,7 @@ def preflight_generate(args) -> list[str]:
                               + [(p, "high_noise") for p in getattr(args, "lora_weight_high_noise", None) or []]):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such LoRA file")
-        declared = read_lora_metadata(read_metadata(path)).expert
+        declared = read_lora_metadata(read_metadata(path), task).expert
         # a LoRA whose metadata names its expert goes to that expert (wanlora.lora.apply.plan_loras)
         pairs.append((path, (declared if declared in EXPERTS else flag_expert) if task.has_experts else None))
     problems = lora_model_problems(task, pairs)

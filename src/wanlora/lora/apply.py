@@ -2,8 +2,9 @@
 
 ``wanlora-generate --lora_weight ... --lora_multiplier ...`` (and ``..._high_noise`` for the A14B
 experts). A file's safetensors metadata ``wan.expert`` (``high_noise`` / ``low_noise`` / ``both``,
-written by wanlora's trainer) sends it to that expert whatever flag it came under (logged); a file
-without it goes to the expert of its flag (``--lora_weight``: the low-noise expert, the one
+written by wanlora's trainer) sends it to that expert whatever flag it came under (logged); so does
+a musubi-tuner file's ``modelspec.timestep_range`` inside one expert's timesteps (``875,1000`` for
+T2V A14B: high noise; :func:`wanlora.lora.metadata.expert_for_range`); a file without either goes to the expert of its flag (``--lora_weight``: the low-noise expert, the one
 ``--dit`` names; ``--lora_weight_high_noise``: the high-noise expert), or to the only model.
 
 ``--include_patterns`` / ``--exclude_patterns``: one regular expression per LoRA (a single one
@@ -29,6 +30,7 @@ import torch
 from wanlora.lora.adapter import LoRAAdapterSet, weight_targets
 from wanlora.lora.algebra import merge_delta_
 from wanlora.lora.layouts import key_to_module, load_lora_file, lora_modules, module_to_key
+from wanlora.lora.metadata import read_lora_metadata
 from wanlora.lora.patterns import compile_patterns, select_modules
 
 __all__ = ["LoraPlan", "per_file_values", "plan_loras", "filter_lora_state_dict", "apply_loras", "EXPERT_KEY"]
@@ -59,6 +61,10 @@ class LoraPlan:
     reason: str = ""
     state_dict: dict = field(default_factory=dict, repr=False)
     metadata: dict = field(default_factory=dict, repr=False)
+
+
+def _range(r) -> str:
+    return ",".join(f"{x:g}" for x in r)
 
 
 def per_file_values(values, n: int, default, flag: str) -> list:
@@ -129,14 +135,21 @@ def plan_loras(task, weights, multipliers, weights_high=(), multipliers_high=(),
     for k, (path, mult, flag_expert) in enumerate(items):
         sd, meta = load_lora_file(path)
         declared = meta.get(EXPERT_KEY)
+        source = f"metadata {EXPERT_KEY}={declared}"
+        if declared in (None, "") and task.has_experts:  # musubi-tuner files: the trained timestep range
+            info = read_lora_metadata(meta, task)
+            if info.expert is not None:
+                declared = info.expert
+                source = (f"metadata modelspec.timestep_range={_range(info.timestep_range)} inside the "
+                          f"{declared} expert's timesteps of {task.name}")
         if not task.has_experts:
             experts, reason = (None,), "single model"
         elif declared in ("high_noise", "low_noise"):
             experts = (declared,)
-            reason = f"metadata {EXPERT_KEY}={declared}"
+            reason = source
             if declared != flag_expert:
-                logger.info("%s: metadata %s=%s, so it goes to the %s expert (given under the %s flag)",
-                            path, EXPERT_KEY, declared, declared, flag_expert)
+                logger.info("%s: %s, so it goes to the %s expert (given under the %s flag)",
+                            path, source, declared, flag_expert)
         elif declared == "both":
             experts, reason = ("high_noise", "low_noise"), f"metadata {EXPERT_KEY}=both"
         elif declared in (None, ""):

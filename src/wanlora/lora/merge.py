@@ -115,7 +115,7 @@ def lora_metadata_problems(path, metadata: dict[str, str], task, dit_expert: str
         one line per problem: another task, an expert LoRA on a single model, on an unknown
         expert, or on the other expert — each naming the file and the fix.
     """
-    info = read_lora_metadata(metadata)
+    info = read_lora_metadata(metadata, task)
     problems = []
     if info.task and info.task != task.name:
         problems.append(f"{path}: made for task {info.task} (wan.task), not {task.name}")
@@ -127,7 +127,9 @@ def lora_metadata_problems(path, metadata: dict[str, str], task, dit_expert: str
             problems.append(f"{path}: made for the {info.expert} expert; the DiT's expert is unknown "
                             f"(give --expert {info.expert} if the DiT is that expert)")
         elif dit_expert != info.expert:
-            problems.append(f"{path}: made for the {info.expert} expert (wan.expert), but the DiT is "
+            said = ("wan.expert" if metadata.get("wan.expert")
+                    else f"modelspec.timestep_range {metadata.get('modelspec.timestep_range')}")
+            problems.append(f"{path}: made for the {info.expert} expert ({said}), but the DiT is "
                             f"the {dit_expert} expert; use the {dit_expert} LoRA of the pair")
     return problems
 

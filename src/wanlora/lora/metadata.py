@@ -43,6 +43,7 @@ __all__ = [
     "update_metadata_for_layout",
     "LoraInfo",
     "read_lora_metadata",
+    "expert_for_range",
     "coverage_warnings",
     "check_lora_for_task",
     "checkpoint_quick_hash",
@@ -199,8 +200,9 @@ def update_metadata_for_layout(
 class LoraInfo:
     """What a LoRA's metadata says (None where it says nothing).
 
-    ``expert`` is ``wan.expert``, or for musubi files inferred from ``modelspec.timestep_range``
-    when it matches one expert's range of ``task``.
+    ``expert`` is ``wan.expert``, or for files without it (musubi-tuner's) inferred from
+    ``modelspec.timestep_range`` when that lies inside one expert's range of the task
+    (:func:`expert_for_range`).
     """
 
     task: str | None = None
@@ -226,20 +228,54 @@ def _parse_range(s: str | None) -> tuple[float, float] | None:
     return (lo, hi)
 
 
-def read_lora_metadata(metadata: dict[str, str]) -> LoraInfo:
-    """Parse the metadata of a LoRA (ours, musubi's or a foreign file's; missing keys -> None)."""
+def expert_for_range(task: str | Task, timestep_range: tuple[float, float] | None) -> str | None:
+    """The A14B expert whose timesteps hold a trained range (musubi-tuner files name no expert).
+
+    musubi-tuner trains one expert with ``--min_timestep``/``--max_timestep`` (for T2V A14B
+    ``875,1000`` high noise, ``0,875`` low noise; I2V ``900,1000`` / ``0,900``) and writes the
+    range as ``modelspec.timestep_range`` (0..1000 scale, ``t >= boundary*1000`` is high noise,
+    as ``Task.boundary``). A range inside ``[boundary*1000, 1000]`` is the high-noise expert's,
+    one inside ``[0, boundary*1000]`` the low-noise expert's.
+
+    Returns:
+        ``"high_noise"`` / ``"low_noise"``, or None: no range, a single-model task, an unknown
+        task, or a range across the boundary (a LoRA for both experts, or a range meant for
+        another task's boundary; the caller's flag decides).
+    """
+    if timestep_range is None:
+        return None
+    try:
+        t = get_task(task)
+    except (KeyError, ValueError):
+        return None
+    if not t.has_experts:
+        return None
+    lo, hi = timestep_range
+    b = t.boundary_timestep
+    if lo >= b and hi <= 1000.0 and lo < hi:
+        return "high_noise"
+    if lo >= 0.0 and hi <= b and lo < hi:
+        return "low_noise"
+    return None
+
+
+def read_lora_metadata(metadata: dict[str, str], task: str | Task | None = None) -> LoraInfo:
+    """Parse the metadata of a LoRA (ours, musubi's or a foreign file's; missing keys -> None).
+
+    Args:
+        metadata: the file's safetensors metadata.
+        task: the task it is used for. A file without ``wan.expert`` (musubi-tuner's, which write
+            only ``ss_*`` and ``modelspec.*`` keys) gets its expert from its timestep range against
+            this task's boundary (:func:`expert_for_range`); its own ``wan.task``, when written,
+            takes precedence over ``task``.
+    """
     md = metadata or {}
-    task = md.get("wan.task") or None
+    own_task = md.get("wan.task") or None
     rng = _parse_range(md.get("wan.timestep_range")) or _parse_range(md.get("modelspec.timestep_range"))
     expert = md.get("wan.expert") or None
-    if expert is None and task and rng:
-        try:
-            t = get_task(task)
-            for e in t.experts:
-                if t.timestep_range(e) == rng:
-                    expert = e
-        except (KeyError, ValueError):
-            pass
+    if expert is None:
+        expert = expert_for_range(own_task or task, rng) if (own_task or task) else None
+    task = own_task
 
     def num(key, cast):
         try:
