@@ -243,3 +243,12 @@ def test_console_histogram_shows_each_expert_share():
     assert "=" not in lines[-1].split("%")[1] and "#" not in lines[2].split("%")[1]
     plain = format_timestep_histogram(TimestepDistribution(), n=1000, bins=4).splitlines()
     assert len(plain) == 1 + 4
+
+
+@pytest.mark.parametrize("method,closest", [("sigma", "'shift'"), ("mode", "'logit_normal'"),
+                                            ("qinglong_flux", "'flux_shift'"), ("qinglong_qwen", "'flux_shift'"),
+                                            ("qwen_shift", "'flux_shift'")])
+def test_musubi_only_timestep_methods_name_the_closest_one(method, closest):
+    with pytest.raises(ValueError, match=f"--timestep_sampling {method}: not supported") as e:
+        TimestepDistribution(method=method)
+    assert f"use {closest}" in str(e.value) and str(e.value).count("\n") == 0

@@ -37,6 +37,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+from wanlora.commands.musubi import add_musubi_spellings
 from wanlora.run_config import dtype_name
 
 __all__ = ["CommandLine", "ConfigFileError", "Switch", "setup_logging", "config_from_namespace"]
@@ -201,6 +202,7 @@ class CommandLine:
                        help="TOML file with any of these flags (key = flag name; the command line wins)")
         p.add_argument("--verbose", action=Switch, default=False, help="debug logging")
         _add_config(p, cls, title)
+        add_musubi_spellings(p, prog)  # --sdpa, ... (wanlora.commands.musubi)
         self.parser = p
         self.clears = _clears(cls)
 

@@ -58,6 +58,7 @@ import torch
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "TIMESTEP_SAMPLING_METHODS",
+    "MUSUBI_ONLY_METHODS",
     "WEIGHTING_SCHEMES",
     "sigma_to_timestep",
     "timestep_to_sigma",
@@ -71,6 +72,16 @@ __all__ = [
 
 NUM_TRAIN_TIMESTEPS = 1000
 TIMESTEP_SAMPLING_METHODS = ("uniform", "sigmoid", "logit_normal", "shift", "flux_shift", "logsnr")
+#: musubi-tuner ``--timestep_sampling`` values we do not have -> the closest law here (the message).
+MUSUBI_ONLY_METHODS = {
+    "sigma": "use 'shift' with --discrete_flow_shift (musubi's 'sigma' draws the shifted scheduler sigmas; "
+             "with --weighting_scheme logit_normal use 'logit_normal')",
+    "mode": "use 'logit_normal' ('mode' is a density of musubi's 'sigma' sampling that, like logit_normal, "
+            "favours mid-range timesteps)",
+    "qwen_shift": "use 'flux_shift' (the same resolution-dependent shift with other constants)",
+    "qinglong_flux": "use 'flux_shift' (most of qinglong_flux's draws are flux_shift draws)",
+    "qinglong_qwen": "use 'flux_shift' (most of qinglong_qwen's draws are resolution-shifted draws)",
+}
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
@@ -183,6 +194,9 @@ class TimestepDistribution:
     latent_size: tuple[int, int] | None = None
 
     def __post_init__(self):
+        if self.method in MUSUBI_ONLY_METHODS:
+            raise ValueError(f"--timestep_sampling {self.method}: not supported (a musubi-tuner method); "
+                             f"{MUSUBI_ONLY_METHODS[self.method]}")
         if self.method not in TIMESTEP_SAMPLING_METHODS:
             raise ValueError(
                 f"--timestep_sampling {self.method!r}: use one of {', '.join(TIMESTEP_SAMPLING_METHODS)}")
