@@ -139,7 +139,9 @@ def test_t2v_a14b_both_experts_two_loras(setups, tmp_path):
         assert [float(x) for x in md["modelspec.timestep_range"].split(",")] == [lo, hi]
         assert md["ss_network_dim"] == "8" and float(md["ss_network_alpha"]) == 8
         assert md["wan.pair_file"] == files["low_noise" if e == "high_noise" else "high_noise"].name
-        assert md["wan.base_model_hash"].startswith("quick-sha256:") and md["ss_steps"] == str(steps)
+        assert md["wan.base_model_hash"].startswith("quick-sha256:") and md["wan.run_steps"] == str(steps)
+        # each expert file counts its own optimizer steps (musubi's ss_steps), not the run's
+        assert md["ss_steps"] == str(experts.count(e)) and 0 < experts.count(e) < steps
         # the loss falls on the expert's own range (fixed noise and timesteps, base vs trained)
         dit = flags["--dit_high_noise"] if e == "high_noise" else flags["--dit"]
         before = _eval_loss("t2v-A14B", dit, None, toml, lo, hi)
@@ -183,6 +185,9 @@ def test_resume_continues_as_if_never_stopped(setups, tmp_path):
     for e in ("high_noise", "low_noise"):
         wa, wb = load_file(a / f"lora_{e}.safetensors"), load_file(tmp_path / "b" / f"lora_{e}.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa), e
+        # per-expert step counts survive the resume
+        steps_e = sum(1 for x in full.losses if x[1] == e)
+        assert _meta(tmp_path / "b" / f"lora_{e}.safetensors")["ss_steps"] == str(steps_e)
 
 
 # ---- one expert, I2V; TI2V-5B -------------------------------------------------------------------

@@ -72,8 +72,8 @@ NOT_SUPPORTED: dict[str, dict[str, str]] = {
         "--fp8_base": _FP8,
         "--fp8_scaled": _FP8,
         "--blocks_to_swap": _FP8,
-        "--metadata_title": "the LoRA's modelspec.title is 'wanlora TASK [EXPERT]'; use --training_comment "
-                            "for free text (ss_training_comment), or see issue 15",
+        "--metadata_title": "the LoRA's modelspec.title is its file name: set it with --output_name "
+                            "(free text: --training_comment, ss_training_comment)",
     },
     _GENERATE: {flag: _FP8 for flag in ("--fp8", "--fp8_scaled", "--fp8_fast", "--fp8_t5", "--blocks_to_swap")},
     _LATENTS: {

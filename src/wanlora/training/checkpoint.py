@@ -183,7 +183,8 @@ class Checkpointer:
                     timestep_range=lora_timestep_range(self.plan, self.timesteps, key),
                     pair_file=other[0] if other else None,
                     extra={**self.run_metadata, "ss_learning_rate": bundle.optimizer.param_groups[0]["initial_lr"],
-                           "ss_steps": state.global_step, "ss_epoch": state.epoch},
+                           "ss_steps": lora_steps(state, self.plan, key), "wan.run_steps": state.global_step,
+                           "ss_epoch": state.epoch},
                 )
                 network = self.accelerator.unwrap_model(bundle.wrapper).network
                 writers[file] = partial(_write_lora, network, self.saving.save_precision, md)
@@ -286,10 +287,18 @@ def prune(output_dir: Path, pattern: str, keep) -> None:
             log.info("removed old save %s", p.name)
 
 
+def lora_steps(state: TrainState, plan: ExpertPlan, lora_key) -> int:
+    """Optimizer steps the LoRA ``lora_key`` took (``ss_steps``): with one LoRA per expert each
+    expert's own steps, not the run's (``wan.run_steps``); counted from ``state.losses``, which
+    holds one ``(step, expert, ...)`` per completed step, resumed runs included."""
+    return sum(1 for entry in state.losses if plan.lora_for(entry[1]) == lora_key)
+
+
 def run_metadata(config: TrainConfig, plan: ExpertPlan, max_steps: int, mixed_precision: str, seed: int) -> dict:
     """The training options every saved LoRA records (musubi's ``ss_*`` names,
     ``reference/lora_formats.md`` §2, plus ``wan.expert_lora``), fixed for the run; each save adds
-    ``ss_steps``, ``ss_epoch`` and the LoRA's ``ss_learning_rate``."""
+    ``ss_steps`` (that LoRA's own optimizer steps, :func:`lora_steps`), ``wan.run_steps``, ``ss_epoch``
+    and the LoRA's ``ss_learning_rate``."""
     o, t = config.optimization, config.timesteps
     return {
         "ss_output_name": config.saving.output_name, "ss_optimizer": o.optimizer_type,
