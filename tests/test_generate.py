@@ -251,3 +251,37 @@ def test_user_errors_one_line_exit_2(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANLORA_TRACEBACK", "1")
     with pytest.raises(ValueError, match="unknown inline option"):
         main(base + ["--dit", flags["--dit"], "--from_file", str(bad)])
+
+
+def test_samples_reach_tensorboard_without_moviepy(tmp_path, monkeypatch):
+    """A sample video is an animated GIF in TensorBoard (Pillow, not moviepy); an image an image."""
+    import io
+    import sys
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from wanlora.training.validation import ValidationSample, log_samples
+
+    monkeypatch.setitem(sys.modules, "moviepy", None)  # importing it fails
+    colors = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 0, 0]], dtype=np.uint8)
+    video = np.broadcast_to(colors[:, None, None, :], (5, 24, 32, 3)).copy()
+    image = np.full((1, 16, 20, 3), 200, dtype=np.uint8)
+    samples = [ValidationSample(0, "a", 1, tmp_path / "a.mp4", video, 16),
+               ValidationSample(1, "b", 2, tmp_path / "b.png", image, 16)]
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        log_samples(writer, samples, 7)
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    ea.Reload()
+    (gif_event,) = ea.Images("sample/00")
+    assert gif_event.step == 7 and (gif_event.width, gif_event.height) == (32, 24)
+    gif = Image.open(io.BytesIO(gif_event.encoded_image_string))
+    assert gif.format == "GIF" and gif.n_frames == 5
+    assert abs(gif.info["duration"] - 1000 / 16) <= 10  # GIF delays are in 1/100 s
+    for i, c in enumerate(colors):
+        gif.seek(i)
+        assert np.array_equal(np.asarray(gif.convert("RGB"))[3, 4], c), i
+    (png_event,) = ea.Images("sample/01")
+    png = Image.open(io.BytesIO(png_event.encoded_image_string))
+    assert png.size == (20, 16) and np.asarray(png.convert("RGB"))[0, 0].tolist() == [200, 200, 200]

@@ -398,7 +398,16 @@ def test_sampling_during_training_leaves_the_weights_bit_identical(setups, tmp_p
     sampled = tmp_path / "sampled"
     train(_args(flags, toml, sampled, *common, "--sample_prompts", str(prompts),
                 "--sample_every_n_steps", "2", "--sample_at_first", "--vae", flags["--vae"],
-                "--t5", flags["--t5"], "--t5_tokenizer", flags["--t5_tokenizer"]))
+                "--t5", flags["--t5"], "--t5_tokenizer", flags["--t5_tokenizer"], "--logging_dir", str(tmp_path / "tb")))
+    # TensorBoard got every sample without moviepy: the video as an animated GIF, the image as PNG
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "tb").rglob("events.out.tfevents.*")
+    ea = EventAccumulator(str(events.parent), size_guidance={"images": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Images("sample/00")] == [0, 2, 4] == [e.step for e in ea.Images("sample/01")]
+    assert ea.Images("sample/00")[0].encoded_image_string[:6] == b"GIF89a"
+    assert ea.Images("sample/01")[0].encoded_image_string[:4] == b"\x89PNG"
     for expert in ("high_noise", "low_noise"):
         a = load_file(plain / f"lora_{expert}.safetensors")
         b = load_file(sampled / f"lora_{expert}.safetensors")

@@ -9,8 +9,7 @@ The trainer calls a :class:`SampleHook` (``--sample_prompts``, ``--sample_every_
     ...
     samples = sampler.sample(global_step, {"high_noise": dit_h, "low_noise": dit_l}, epoch=epoch,
                              networks=[network])
-    for s in samples:   # TensorBoard: [1, F, 3, H, W] uint8
-        writer.add_video(f"sample/{s.index:02d}", s.video_tensor(), global_step, fps=s.fps)
+    log_samples(writer, samples, global_step)   # TensorBoard: animated GIFs, no moviepy needed
 
 The prompts are encoded once, at construction, and the text encoder is freed. Sampling draws its
 noise from its own ``torch.Generator`` and runs inside :func:`preserve_rng_state`
@@ -22,7 +21,6 @@ The models are put in eval mode for the samples and given back in the mode they 
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import random
 from contextlib import contextmanager
@@ -39,7 +37,7 @@ from wanlora.inference.prompts import PromptSpec, read_prompt_file
 from wanlora.run_config import default_device
 from wanlora.tasks import get_task
 
-__all__ = ["ValidationSampler", "SampleHook", "ValidationSample", "preserve_rng_state"]
+__all__ = ["ValidationSampler", "SampleHook", "ValidationSample", "preserve_rng_state", "encode_gif", "log_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +76,43 @@ class ValidationSample:
     def video_tensor(self) -> torch.Tensor:
         """``[1, F, 3, H, W]`` uint8, the layout of ``SummaryWriter.add_video``."""
         return torch.from_numpy(self.frames).permute(0, 3, 1, 2)[None]
+
+
+def encode_gif(frames: np.ndarray, fps: int) -> bytes:
+    """An animated GIF (looping) of uint8 ``[F, H, W, 3]`` RGB frames shown at ``fps`` frames per
+    second, encoded by Pillow (each frame quantized to its own 256-colour palette, as TensorBoard's
+    own ``add_video`` GIFs are)."""
+    import io
+
+    from PIL import Image
+
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:],
+                   duration=max(1, round(1000 / max(fps, 1))), loop=0)
+    return buf.getvalue()
+
+
+def log_samples(writer, samples: Sequence[ValidationSample], step: int) -> None:
+    """Write samples to a TensorBoard ``SummaryWriter`` with what wanlora depends on (no moviepy).
+
+    A video becomes an animated GIF in an image summary under ``sample/NN`` — the record
+    ``SummaryWriter.add_video`` writes, encoded here by Pillow (:func:`encode_gif`); TensorBoard's
+    Images tab plays it. A one-frame sample (an image) is written with ``add_image``.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    for smp in samples:
+        tag = f"sample/{smp.index:02d}"
+        if smp.frames.shape[0] == 1:
+            writer.add_image(tag, smp.frames[0], step, dataformats="HWC")
+            continue
+        _, h, w, c = smp.frames.shape
+        image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=encode_gif(smp.frames, smp.fps))
+        # the file writer add_video itself writes through
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 class ValidationSampler:
@@ -229,7 +264,7 @@ class SampleHook:
     """The trainer's ``--sample_prompts`` hook: ``hook(step, epoch, networks)`` makes the samples.
 
     Samples are made on the main process by a :class:`ValidationSampler` (videos in
-    ``OUTPUT_DIR/sample/``, also logged to TensorBoard when moviepy is installed); the other
+    ``OUTPUT_DIR/sample/``, also logged to TensorBoard by :func:`log_samples`); the other
     processes wait. Each expert is shown to the pipeline as an
     :class:`~wanlora.training.experts.ExpertView` of the one DiT module, which swaps in that expert's
     weights and enables its LoRA when called.
@@ -279,9 +314,8 @@ class SampleHook:
                 samples = self.sampler.sample(step, dits, epoch=epoch, networks=list(networks.values()))
             finally:
                 self.dit.set_sequence_parallel(sp)
-            if importlib.util.find_spec("moviepy") is not None:  # TensorBoard's add_video needs it
-                for tracker in self.accelerator.trackers:
-                    writer = getattr(tracker, "writer", None)
-                    for smp in samples if hasattr(writer, "add_video") else ():
-                        writer.add_video(f"sample/{smp.index:02d}", smp.video_tensor(), step, fps=smp.fps)
+            for tracker in self.accelerator.trackers:
+                writer = getattr(tracker, "writer", None)
+                if hasattr(writer, "add_image"):  # TensorBoard: animated GIFs, images (log_samples)
+                    log_samples(writer, samples, step)
         self.accelerator.wait_for_everyone()
