@@ -287,8 +287,9 @@ def _train_step_fn(dit, net, arch: Arch, size, device, compiled: bool, a):
     def step():
         counter[0] += 1
         with _autocast(device):
-            loss, _ = flow_matching_loss(lambda x, t, c, y: dit(x, t, c, y), batch, sampler, 0.0, 1000.0,
-                                         seeds.stream_generator(0, seeds.NOISE, counter[0], 0, 0), device)
+            loss, _ = flow_matching_loss(
+                lambda x, t, c, y, clip_fea: dit(x, t, c, y, clip_fea=clip_fea), batch, sampler, 0.0, 1000.0,
+                seeds.stream_generator(0, seeds.NOISE, counter[0], 0, 0), device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
