@@ -453,8 +453,9 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
 
         # ---- final save
         files = checkpoints.final(state, bundles)
-        if tracking:
-            accelerator.end_training()
+        # trackers closed and the process group destroyed: a gloo group left to interpreter exit can
+        # abort the process (``terminate called without an active exception``) after a good run
+        accelerator.end_training()
         log.info("done: %d steps; LoRA %s", state.global_step, ", ".join(str(f) for f in files.values()))
     return state
 
