@@ -138,6 +138,13 @@ def test_cli_offline_missing_file_exit_2_no_traceback(tmp_path, tiny_dir):
                         "`wanlora-download --task t2v-A14B --only vae` where the network is reachable, then run again")
     # nothing was written for the missing file
     assert not list((tmp_path / "hub").rglob("*Wan2.1_VAE*"))
+    # the same run from a --config_file (the shared command layer): the same one-line error
+    cfg = tmp_path / "download.toml"
+    cfg.write_text('task = "t2v-A14B"\nonly = ["vae"]\n')
+    r2 = run(["wanlora.commands.download", "--config_file", str(cfg)], env_for(tmp_path, offline=True))
+    assert r2.returncode == 2 and r2.stderr == r.stderr
+    r3 = run(["wanlora.commands.download", "--task", "t2v-A14B", "--repo", "x/y", "--diffusers"], env_for(tmp_path, offline=True))
+    assert r3.returncode == 2 and "--repo and --diffusers both name the repository" in r3.stderr
 
 
 def test_download_one_expert_from_a_local_hub(tmp_path, tiny_dir):

@@ -14,32 +14,42 @@ cannot be fetched (offline, no network, unknown repository).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
+from dataclasses import dataclass
 
+from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
 from wanlora.commands.cli import run_cli
+from wanlora.run_config import option
 from wanlora.tasks import task_names
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DownloadConfig", "command_line", "build_parser", "main"]
+
+_GROUPS = ("dit", "vae", "t5", "clip")
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class DownloadConfig:
+    """The settings of ``wanlora-download`` (also from ``--config_file``)."""
+
+    task: str | None = option(None, "which Wan model (required)", choices=task_names)
+    repo: str | None = option(None, "Hugging Face repo id (default: the task's official Wan-AI repository)")
+    diffusers: bool = option(False, "the task's diffusers-format repository (Wan-AI/...-Diffusers)")
+    expert: str | None = option(None, "A14B tasks: only this expert's DiT (e.g. to train one expert)",
+                                choices=("high", "low"))
+    only: tuple[str, ...] = option(_GROUPS, "model file groups to fetch (t5 includes the tokenizer; clip: the "
+                                   "CLIP image encoder of i2v-14B / flf2v-14B)", nargs="+", choices=_GROUPS)
+    dir: str | None = option(None, "put the files in this folder (then --ckpt_dir DIR) instead of the HF cache")
+    revision: str | None = option(None, "branch, tag or commit (default: main)")
+
+
+def command_line() -> CommandLine:
+    """The ``wanlora-download`` command line."""
+    return CommandLine("wanlora-download", __doc__.split("\n\n")[0], DownloadConfig)
+
+
+def build_parser():
     """The argument parser of ``wanlora-download``."""
-    p = argparse.ArgumentParser(prog="wanlora-download", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", required=True, choices=task_names(), help="which Wan model")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--repo", help="Hugging Face repo id (default: the task's official Wan-AI repository)")
-    src.add_argument("--diffusers", action="store_true",
-                     help="the task's diffusers-format repository (Wan-AI/...-Diffusers)")
-    p.add_argument("--expert", choices=["high", "low"],
-                   help="A14B tasks: only this expert's DiT (e.g. to train one expert)")
-    p.add_argument("--only", nargs="+", choices=["dit", "vae", "t5", "clip"], default=["dit", "vae", "t5", "clip"],
-                   help="model file groups to fetch (default: all; t5 includes the tokenizer; clip: the CLIP "
-                        "image encoder of i2v-14B / flf2v-14B)")
-    p.add_argument("--dir", help="put the files in this folder (then --ckpt_dir DIR) instead of the HF cache")
-    p.add_argument("--revision", help="branch, tag or commit (default: main)")
-    return p
+    return command_line().parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,19 +59,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ns = command_line().parse_namespace(argv, required=("task",))
+    setup_logging(ns.verbose)
+    config = config_from_namespace(DownloadConfig, ns)
     from wanlora.models.checkpoints import resolve_ckpt_dir, roles_for
     from wanlora.tasks import get_task
 
-    task = get_task(args.task)
-    if task.release is None and not args.repo:
+    if config.repo and config.diffusers:
+        raise ValueError("--repo and --diffusers both name the repository; give one of them")
+    task = get_task(config.task)
+    if task.release is None and not config.repo:
         raise ValueError(f"task {task.name} has no published repository in the table; name one with --repo")
-    repo = args.repo or (task.release.diffusers_repo if args.diffusers else task.release.repo)
-    roles = roles_for(task, args.only, expert=args.expert)
-    files = resolve_ckpt_dir(repo, task, roles, download=True, local_dir=args.dir, revision=args.revision)
+    repo = config.repo or (task.release.diffusers_repo if config.diffusers else task.release.repo)
+    roles = roles_for(task, config.only, expert=config.expert)
+    files = resolve_ckpt_dir(repo, task, roles, download=True, local_dir=config.dir, revision=config.revision)
     print(files.describe(), file=sys.stderr)
-    print(args.dir if args.dir else repo)
+    print(config.dir if config.dir else repo)
     return 0
 
 
