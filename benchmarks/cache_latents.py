@@ -45,8 +45,9 @@ def bench_decode(cfg, workers: int) -> tuple[int, int, float]:
     plan = plan_latent_caches(cfg, "bench", cfg.task.vae, force=True)
     t0 = time.perf_counter()
     windows = frames = 0
-    for _, wins, err in iter_decoded(plan.jobs, workers):
+    for _, decoded, err in iter_decoded(plan.jobs, workers):
         assert err is None, err
+        wins = decoded.frames
         windows += len(wins)
         frames += sum(w.shape[0] for w in wins)
     return windows, frames, time.perf_counter() - t0

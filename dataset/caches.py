@@ -55,7 +55,9 @@ TEXT_SUFFIX = "_wan_te.safetensors"
 #: (the resampling asked, or ""), width, height (pixels), vae (identity), vae_kind, task,
 #: conditioning (none|i2v|i2v_clip|flf2v|ti2v), has_y ("1"/"0"), dataset (entry name), config
 #: (TOML path), options (JSON of the entry's shaping options). The Wan2.1 image tasks add
-#: has_clip_fea and clip (the CLIP encoder's identity), which the content check compares.
+#: has_clip_fea and clip (the CLIP encoder's identity), which the content check compares. Entries
+#: with ``mask_directory`` add has_mask and mask (the mask file's identity as JSON, or "none"), also
+#: compared; the tensor ``mask`` float32 [1, T, h, w] holds the loss weights (wanlora.dataset.masks).
 LATENT_META_KEYS = (
     "format", "source", "source_size", "source_mtime_ns", "window_start", "window_frames",
     "frame_indices", "source_fps", "width", "height", "vae", "vae_kind", "task", "conditioning",
@@ -63,7 +65,7 @@ LATENT_META_KEYS = (
 )
 LATENT_CONTENT_KEYS = (
     "format", "source", "source_size", "source_mtime_ns", "frame_indices", "width", "height",
-    "vae", "has_y", "clip",
+    "vae", "has_y", "clip", "mask",
 )
 #: Text cache metadata: format, caption, text_encoder (identity), source (media path), dataset.
 TEXT_META_KEYS = ("format", "caption", "text_encoder", "source", "dataset")

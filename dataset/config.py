@@ -51,7 +51,7 @@ COMMON_KEYS = (
     "bucket_no_upscale", "default_caption",
 )
 GENERAL_KEYS = COMMON_KEYS + VIDEO_KEYS
-DATASET_KEYS = COMMON_KEYS + VIDEO_KEYS + SOURCE_KEYS + ("cache_directory",)
+DATASET_KEYS = COMMON_KEYS + VIDEO_KEYS + SOURCE_KEYS + ("cache_directory", "mask_directory")
 #: musubi-tuner keys for features wanlora does not have: a clear error instead of "unknown key".
 UNSUPPORTED_KEYS = {
     "control_directory": "control videos/images (Fun-Control, Kontext) are not supported",
@@ -110,6 +110,7 @@ class DatasetConfig:
             the video frame-window options (images: one frame).
         default_caption: used when an item has no caption; ``None`` makes that an error.
         config_path: the TOML file.
+        mask_directory: the folder of loss masks (:mod:`wanlora.dataset.masks`), or None.
     """
 
     index: int
@@ -131,6 +132,7 @@ class DatasetConfig:
     max_frames: int
     source_fps: float | None
     config_path: Path
+    mask_directory: Path | None = None
 
     @property
     def name(self) -> str:
@@ -267,7 +269,7 @@ def _check_value(c: _Checker, where: str, key: str, v: Any, task: Task, notes: l
             c.add(where, key, f"expected a positive number (frames per second of the source), got {v!r}")
             return None
         return float(v)
-    if key in ("cache_directory",) + SOURCE_KEYS:
+    if key in ("cache_directory", "mask_directory") + SOURCE_KEYS:
         v = c.string(where, key, v)
         if v is not None and not v.strip():
             c.add(where, key, "expected a path, got an empty string")
@@ -342,6 +344,11 @@ def parse_dataset_config(data: dict, path: str | Path, task: str | Task) -> Data
         else:
             c.add(where, "cache_directory", f"required with {source_key} (a folder for this entry's caches)")
             continue
+        mask_dir = None
+        if "mask_directory" in values:
+            mask_dir = (base / values["mask_directory"]).resolve()
+            if not mask_dir.is_dir():
+                c.add(where, "mask_directory", f"folder not found: {mask_dir}")
         if cache in caches:
             c.add(where, "cache_directory", f"{cache} is also used by {caches[cache]}; each [[datasets]] "
                   "entry needs its own cache_directory")
@@ -360,7 +367,7 @@ def parse_dataset_config(data: dict, path: str | Path, task: str | Task) -> Data
             default_caption=merged["default_caption"], target_frames=tuple(merged["target_frames"]),
             frame_extraction=merged["frame_extraction"], frame_stride=merged["frame_stride"],
             frame_sample=merged["frame_sample"], max_frames=merged["max_frames"],
-            source_fps=merged["source_fps"], config_path=path,
+            source_fps=merged["source_fps"], config_path=path, mask_directory=mask_dir,
         ))
     if c.problems:
         raise DatasetConfigError(path, c.problems)

@@ -11,6 +11,11 @@ for I2V-A14B the ``y`` of each window's first frame (mask 4 + image latent 16 ch
 ``y`` the generation pipeline builds for that frame), recorded as ``has_y = "1"``; for the Wan2.1
 image models also ``clip_fea``, the CLIP features of the window's first (FLF2V: first and last)
 frame, with the CLIP encoder's identity recorded as ``clip`` (another encoder makes the cache stale).
+
+An entry with ``mask_directory`` adds each window's loss weights on the latent grid, ``mask`` float32
+``[1, T, h, w]`` (:mod:`wanlora.dataset.masks`), recorded as ``has_mask = "1"`` with the mask file's
+identity in ``mask`` (``"none"`` for an item without a mask: it trains with full weight); adding,
+editing or removing a mask makes the cache stale.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from wanlora.dataset.buckets import bucket_size
 from wanlora.dataset.config import DatasetConfig, DatasetGroupConfig
 from wanlora.dataset.frames import FrameWindow, frame_windows, resample_indices, window_source_indices
 from wanlora.dataset.items import MediaItem, list_items
+from wanlora.dataset.masks import find_mask, latent_mask, mask_index, mask_metadata, read_pixel_masks
 from wanlora.io_utils import save_safetensors
 from wanlora.tasks import Task
 from wanlora.video_io import MediaError, image_size, probe_video, read_image, read_video_frames, resize_cover_crop
 
 __all__ = [
-    "WindowJob", "ItemJob", "CachePlan", "CacheReport", "plan_latent_caches", "cache_latents",
+    "WindowJob", "ItemJob", "DecodedItem", "CachePlan", "CacheReport", "plan_latent_caches", "cache_latents",
     "decode_item", "frames_to_video",
 ]
 
@@ -60,6 +66,17 @@ class ItemJob:
     windows: list[WindowJob]
     info: object = None  # VideoInfo for videos
     stale: list[Path] = field(default_factory=list)  # old caches of this item to remove once done
+    mask: Path | None = None  # its loss mask (entries with mask_directory)
+    media_size: tuple[int, int] | None = None  # displayed (W, H) of the media
+
+
+@dataclass
+class DecodedItem:
+    """The decoded pixels of one :class:`ItemJob`, per window: ``frames`` uint8 ``[F, H, W, 3]``;
+    ``masks`` float32 ``[F, H, W]`` in [0, 1] when the item has a mask, else None."""
+
+    frames: list[np.ndarray]
+    masks: list[np.ndarray] | None = None
 
 
 @dataclass
@@ -71,6 +88,7 @@ class CachePlan:
     up_to_date: int  # windows already cached and current
     failed: list[tuple[str, str]]  # (item path, reason)
     items: int
+    unmasked: list[str] = field(default_factory=list)  # items of entries with mask_directory but no mask
 
 
 @dataclass
@@ -112,12 +130,15 @@ def _frame_sequence(ds: DatasetConfig, info, task: Task) -> tuple[list[int] | No
 
 
 def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str, vae_kind: str,
-              force: bool = False, clip_identity: str | None = None) -> tuple[ItemJob | None, int, str | None]:
+              force: bool = False, clip_identity: str | None = None,
+              masks: dict[str, list[Path]] | None = None) -> tuple[ItemJob | None, int, str | None]:
     """Plan one item: ``(job or None, windows up to date, failure reason or None)``; ``clip_identity``
-    is recorded for the conditionings that cache CLIP features."""
+    is recorded for the conditionings that cache CLIP features; ``masks`` is the entry's
+    :func:`wanlora.dataset.masks.mask_index` (entries with ``mask_directory``)."""
     if item.problem:
         return None, 0, item.problem
     try:
+        mask = find_mask(masks, item.stem, item.path) if masks is not None else None
         if ds.kind == "image":
             w, h = image_size(item.path)
             info, seq, windows, desc = None, None, [FrameWindow(0, 1)], "image"
@@ -143,6 +164,7 @@ def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str,
         "task": task.name, "conditioning": cond.kind, "has_y": "0", **{f"has_{k}": "1" for k in cond.cache_keys},
         **({"clip": clip_identity or "none"} if cond.uses_clip else {}),
         "dataset": ds.name, "config": str(ds.config_path), "options": C.dumps(ds.shaping_options()),
+        **mask_metadata(ds.mask_directory, mask),
     }
     jobs, current = [], 0
     planned = set()
@@ -157,39 +179,49 @@ def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str,
             continue
         jobs.append(WindowJob(win, indices, path, meta))
     stale = [p for p in C.latent_caches_in(ds.cache_directory, vae_kind).get(item.stem, []) if p.name not in planned]
-    job = ItemJob(item, ds.kind, size, jobs, info, stale) if (jobs or stale) else None
+    job = ItemJob(item, ds.kind, size, jobs, info, stale, mask, (w, h)) if (jobs or stale) else None
     return job, current, None
 
 
 def plan_latent_caches(config: DatasetGroupConfig, vae_identity: str, vae_kind: str, force: bool = False,
                        clip_identity: str | None = None) -> CachePlan:
     """Plan every item of every entry (probing only; nothing decoded). See :func:`plan_item`."""
-    jobs, failed, current, n = [], [], 0, 0
+    jobs, failed, current, n, unmasked = [], [], 0, 0, []
     for ds in config.datasets:
+        masks = mask_index(ds.mask_directory, ds.kind) if ds.mask_directory is not None else None
         for item in list_items(ds):
             n += 1
-            job, cur, why = plan_item(ds, item, config.task, vae_identity, vae_kind, force, clip_identity)
+            job, cur, why = plan_item(ds, item, config.task, vae_identity, vae_kind, force, clip_identity, masks)
             current += cur
             if why:
                 failed.append((str(item.path), why))
-            elif job:
+                continue
+            if job:
                 jobs.append(job)
-    return CachePlan(jobs, current, failed, n)
+            if masks is not None and item.stem not in masks:
+                unmasked.append(str(item.path))
+    return CachePlan(jobs, current, failed, n, unmasked)
 
 
-def decode_item(job: ItemJob) -> list[np.ndarray]:
-    """Pixels of each window of ``job``: uint8 ``[F, H, W, 3]`` per window, in bucket size.
+def decode_item(job: ItemJob) -> DecodedItem:
+    """Pixels of each window of ``job`` in bucket size (:class:`DecodedItem`), with its mask's weights.
 
     Raises:
-        MediaError: the file cannot be decoded.
+        MediaError: the media or its mask cannot be decoded, or the mask does not fit the media.
     """
     if job.kind == "image":
         arr = np.asarray(resize_cover_crop(read_image(job.item.path), job.size))[None]
-        return [arr for _ in job.windows]
-    union = sorted({i for w in job.windows for i in w.indices})
-    frames = read_video_frames(job.item.path, union, size=job.size, info=job.info)
-    pos = {i: k for k, i in enumerate(union)}
-    return [frames[[pos[i] for i in w.indices]] for w in job.windows]
+        frames = [arr for _ in job.windows]
+    else:
+        union = sorted({i for w in job.windows for i in w.indices})
+        decoded = read_video_frames(job.item.path, union, size=job.size, info=job.info)
+        pos = {i: k for k, i in enumerate(union)}
+        frames = [decoded[[pos[i] for i in w.indices]] for w in job.windows]
+    masks = None
+    if job.mask is not None:
+        masks = read_pixel_masks(job.mask, job.item.path, job.kind, [w.indices for w in job.windows], job.size,
+                                 job.media_size, job.info.frame_count if job.info is not None else None)
+    return DecodedItem(frames, masks)
 
 
 def frames_to_video(frames: np.ndarray) -> torch.Tensor:
@@ -223,7 +255,7 @@ def _worker_init(_):
 
 
 def iter_decoded(jobs: list[ItemJob], num_workers: int):
-    """Yield ``(job_index, frames per window or None, error or None)``, decoded ahead in workers."""
+    """Yield ``(job_index, DecodedItem or None, error or None)``, decoded ahead in workers."""
     ds = _DecodeSet(jobs)
     if num_workers <= 0:
         for i in range(len(ds)):
@@ -285,12 +317,17 @@ def cache_latents(
     report = CacheReport(skipped=0 if debug_mode else plan.up_to_date, failed=list(plan.failed), items=plan.items)
     for src, why in plan.failed:
         log.warning("skipping %s", why)
+    if plan.unmasked:
+        shown = ", ".join(Path(p).name for p in plan.unmasked[:5]) + (", ..." if len(plan.unmasked) > 5 else "")
+        log.warning("%d item(s) have no mask in their entry's mask_directory and train with full weight: %s "
+                    "(a mask is named after its media: clip.mp4 -> clip.png, clip.mp4 or a folder clip/)",
+                    len(plan.unmasked), shown)
     for job in plan.jobs:  # up to date, only old windows to drop (e.g. fewer target_frames)
         if not job.windows and not debug_mode:
             for p in job.stale:
                 p.unlink(missing_ok=True)
     jobs = [job for job in plan.jobs if job.windows]
-    pending: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    pending: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor | None]]] = {}
     done_windows: dict[int, int] = {}
     failed_jobs: set[int] = set()
 
@@ -305,35 +342,37 @@ def cache_latents(
         entries = pending.pop(key, [])
         if not entries:
             return
-        videos = torch.stack([v for _, _, v in entries])
+        videos = torch.stack([v for _, _, v, _ in entries])
         try:
             lat = vae.encode(videos).float().cpu()
             extra = {k: v.cpu() for k, v in cond.cache_tensors(vae, videos, clip).items()}
         except Exception as e:  # noqa: BLE001
-            for j, _, _ in entries:
+            for j, _, _, _ in entries:
                 if j not in failed_jobs:
                     failed_jobs.add(j)
                     report.failed.append((str(jobs[j].item.path), f"VAE encoding failed: {type(e).__name__}: {e}"))
             return
-        for b, (j, k, _) in enumerate(entries):
+        for b, (j, k, _, mask) in enumerate(entries):
             if j in failed_jobs:
                 continue
             wj = jobs[j].windows[k]
             tensors = {"latents": lat[b].clone(), **{k: v[b].clone() for k, v in extra.items()}}
+            if mask is not None:
+                tensors["mask"] = mask
             save_safetensors(tensors, wj.path, metadata=wj.metadata)
             report.cached += 1
             done_windows[j] = done_windows.get(j, 0) + 1
             finish_item(j)
 
     bar = tqdm(total=len(jobs), unit="item", disable=not progress, desc="caching latents", dynamic_ncols=True)
-    for j, windows, error in iter_decoded(jobs, num_workers):
+    for j, decoded, error in iter_decoded(jobs, num_workers):
         bar.update(1)
         job = jobs[j]
         if error is not None:
             failed_jobs.add(j)
             report.failed.append((str(job.item.path), error))
             continue
-        for k, (wj, frames) in enumerate(zip(job.windows, windows)):
+        for k, (wj, frames) in enumerate(zip(job.windows, decoded.frames)):
             if debug_mode:
                 out = wj.path.parent / "debug" / wj.path.name.replace(".safetensors", "")
                 if debug_mode == "video":
@@ -343,8 +382,9 @@ def cache_latents(
                 report.cached += 1
                 continue
             video = frames_to_video(frames)
+            mask = latent_mask(decoded.masks[k], task.vae_stride) if decoded.masks is not None else None
             key = tuple(video.shape)
-            pending.setdefault(key, []).append((j, k, video))
+            pending.setdefault(key, []).append((j, k, video, mask))
             if len(pending[key]) >= batch_size:
                 flush(key)
     for key in list(pending):

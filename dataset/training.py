@@ -8,6 +8,8 @@
     batch["context"]   # list of B float32 [L_i, d_model]
     batch["y"]         # float32 [B, 20, T, h, w]   (i2v tasks only: the conditioning's cache keys)
     batch["keys"]      # list of B cache names (latent file stems)
+    batch["mask"]      # float32 [B, 1, T, h, w] loss weights (entries with mask_directory only;
+                       # an item without a mask file: all ones)
 
 An *epoch* is every latent cache of every entry, repeated ``num_repeats`` times. Samples are
 grouped by bucket (entry, frame count, width, height) so a batch has one shape; batches hold the
@@ -34,6 +36,8 @@ from wanlora.conditioning import conditioning_for
 from wanlora.dataset import caches as C
 from wanlora.dataset.config import DatasetGroupConfig, load_dataset_config
 from wanlora.dataset.items import list_items
+from wanlora.dataset.masks import find_mask, mask_index, mask_metadata
+from wanlora.video_io import MediaError
 from wanlora.tasks import Task, get_task
 
 __all__ = ["TrainingDataset", "MissingCachesError", "Sample"]
@@ -73,6 +77,7 @@ class Sample:
     text: Path
     bucket: tuple[int, int, int, int]  # (entry index, frames, width, height)
     batch_size: int
+    masked: bool = False  # its entry has a mask_directory: the batch carries loss weights
 
     @property
     def key(self) -> str:
@@ -119,9 +124,17 @@ class TrainingDataset(torch.utils.data.Dataset):
         latent_missing = text_missing = item_problems = False
         for ds in self.config.datasets:
             by_stem = C.latent_caches_in(ds.cache_directory, task.vae)
+            masks = mask_index(ds.mask_directory, ds.kind) if ds.mask_directory is not None else None
             for item in list_items(ds):
                 if item.problem:
                     problems.append(item.problem)
+                    item_problems = True
+                    continue
+                try:
+                    mask_meta = mask_metadata(ds.mask_directory, find_mask(masks, item.stem, item.path)
+                                              if masks is not None else None)
+                except MediaError as e:
+                    problems.append(str(e))
                     item_problems = True
                     continue
                 text = ds.cache_directory / C.text_cache_name(item.stem)
@@ -152,9 +165,16 @@ class TrainingDataset(torch.utils.data.Dataset):
                                         f"that {task.name} needs")
                         latent_missing = True
                         continue
+                    if mask_meta and meta.get("mask") != mask_meta["mask"]:
+                        why = ("was made without the masks of mask_directory" if meta.get("mask") is None
+                               else "is stale: its mask was added, changed or removed since caching")
+                        problems.append(f"{p}: {why} ({ds.name}.mask_directory {ds.mask_directory}); "
+                                        "wanlora-cache-latents rebuilds it")
+                        latent_missing = True
+                        continue
                     info = C.parse_latent_cache_name(p.name)
                     samples.append(Sample(p, text, (ds.index, info["frames"], info["width"], info["height"]),
-                                          ds.batch_size))
+                                          ds.batch_size, masked=bool(mask_meta)))
         if problems:
             cfg = self.config.path
             commands = []
@@ -225,10 +245,11 @@ class TrainingDataset(torch.utils.data.Dataset):
         return self.load_batch([self.samples[i] for i in self._batches_of(epoch)[index]])
 
     def load_batch(self, samples: list[Sample]) -> dict:
-        """Read and stack the caches of ``samples`` (one bucket): ``latents``, ``context``, ``keys``
-        and the task's conditioning tensors (:attr:`wanlora.conditioning.Conditioning.cache_keys`)."""
+        """Read and stack the caches of ``samples`` (one bucket): ``latents``, ``context``, ``keys``,
+        the task's conditioning tensors (:attr:`wanlora.conditioning.Conditioning.cache_keys`) and, for
+        entries with ``mask_directory``, the loss weights ``mask`` (all ones where an item has no mask)."""
         keys = self.conditioning.cache_keys
-        lat, extra, ctx = [], {k: [] for k in keys}, []
+        lat, extra, ctx, masks = [], {k: [] for k in keys}, [], []
         for s in samples:
             t = load_file(str(s.latent))
             if not all(bool(torch.isfinite(v).all()) for v in t.values() if v.is_floating_point()):
@@ -236,9 +257,13 @@ class TrainingDataset(torch.utils.data.Dataset):
                                  "half precision?); delete it and run wanlora-cache-latents again with "
                                  "--vae_dtype float32")
             lat.append(t["latents"].float())
+            if s.masked:
+                masks.append(t["mask"].float() if "mask" in t else torch.ones(1, *t["latents"].shape[1:]))
             for k in keys:
                 extra[k].append(t[k].float())
             ctx.append(load_file(str(s.text))["context"].float())
         batch = {"latents": torch.stack(lat), "context": ctx, "keys": [s.key for s in samples]}
         batch.update({k: torch.stack(v) for k, v in extra.items()})
+        if masks:
+            batch["mask"] = torch.stack(masks)
         return batch

@@ -154,14 +154,22 @@ def with_clean_first_frame(x: torch.Tensor, first_latent: torch.Tensor) -> torch
 
 
 def per_sample_mse(err: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of the squared error ``err`` ``[B, C, F, h, w]`` per sample, ``[B]``.
+    """Mean of the squared error ``err`` ``[B, C, F, h, w]`` per sample, ``[B]``; with ``loss_mask`` the
+    weighted mean ``Σ err·w / Σ w`` over the elements of ``err`` (each weight counted once per element
+    it broadcasts to).
 
-    With ``loss_mask`` ``[B, 1, F, 1, 1]`` (0/1, from :func:`clean_first_frame`) the mean runs over
-    the kept frames only: ``Σ err·mask / (Σ mask · C·h·w)``.
+    Args:
+        loss_mask: weights >= 0 broadcastable to ``err`` with one channel: ``[B, 1, F, 1, 1]`` (0/1
+            frames, :func:`clean_first_frame`: ``Σ err·w / (Σ w · C·h·w)``), or ``[B, 1, F, h, w]``
+            (per-cell loss weights, :mod:`wanlora.dataset.masks`: ``Σ err·w / (Σ w · C)``). All ones
+            gives the plain mean; a sample whose weights are all 0 gives 0 (it trains nothing).
     """
     if loss_mask is None:
         return err.mean(dim=(1, 2, 3, 4))
-    return (err * loss_mask).sum(dim=(1, 2, 3, 4)) / (loss_mask.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel())
+    w = loss_mask.to(err.dtype)
+    elements_per_weight = err[0].numel() // w[0].numel()
+    total = w.sum(dim=(1, 2, 3, 4)) * elements_per_weight
+    return (err * w).sum(dim=(1, 2, 3, 4)) / total.clamp_min(torch.finfo(err.dtype).tiny)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,7 +76,9 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
     Args:
         model_fn: ``(x_t, timestep, context, y, clip_fea) -> v`` — the DiT with LoRA.
         batch: ``latents [B, C, F, h, w]``, ``context`` (list of ``[L_i, d]``), the conditioning's
-            cached tensors (``y``, ``clip_fea``).
+            cached tensors (``y``, ``clip_fea``), and ``mask`` ``[B, 1, F, h, w]`` loss weights when
+            the entry has ``mask_directory``: the loss is then the weighted mean ``Σ w·err / Σ w``
+            per sample (:func:`wanlora.conditioning.per_sample_mse`).
         sampler: the timestep law; ``lo``/``hi`` restrict it to the active expert's range.
         generator: CPU generator for noise, timesteps and the conditioning's draws (in that order).
         conditioning: the task's :class:`wanlora.conditioning.Conditioning` (``conditioning_for``):
@@ -96,7 +98,11 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
     target = flow.flow_target(x0, noise)
     inputs = conditioning.training_inputs(batch, x0, x_t, t.to(device), generator)
     pred = model_fn(inputs.x_t, inputs.timestep, batch["context"], inputs.y, inputs.clip_fea)
-    per_sample = per_sample_mse((pred.float() - target) ** 2, inputs.loss_mask)
+    loss_mask = inputs.loss_mask
+    if batch.get("mask") is not None:  # the dataset's loss masks [B, 1, F, h, w] (mask_directory)
+        weights = batch["mask"].to(device=device, dtype=torch.float32)
+        loss_mask = weights if loss_mask is None else loss_mask * weights
+    per_sample = per_sample_mse((pred.float() - target) ** 2, loss_mask)
     weights = flow.loss_weighting(weighting_scheme, sigma)
     if weights is not None:
         per_sample = per_sample * weights
