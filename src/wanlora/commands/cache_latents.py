@@ -1,6 +1,12 @@
 """``wanlora-cache-latents``: encode every image and clip window of a dataset TOML with the VAE.
 
     wanlora-cache-latents --dataset_config dataset.toml --task t2v-A14B --vae Wan2.1_VAE.pth
+    wanlora-cache-latents --dataset_config dataset.toml --vae Wan2.1_VAE.pth --i2v    # musubi-tuner's way
+
+Without ``--task`` the caches are made for the task the ``--vae`` file and musubi-tuner's switches
+give (:func:`task_for_caching`): the Wan2.1 VAE caches latents only (every T2V task), with ``--i2v``
+also the I2V conditioning ``y`` (i2v-A14B), with ``--clip`` also the CLIP features (i2v-14B); the
+Wan2.2 VAE caches for ti2v-5B.
 
 One ``.safetensors`` per item and frame window in each entry's ``cache_directory`` (names and
 layout: :mod:`wanlora.dataset.caches`; user guide: ``docs/caching.md``). Caches that are up to
@@ -11,6 +17,7 @@ Exit status: 0 when every item is cached, 1 when any item failed, 2 for a bad da
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +29,9 @@ from wanlora.commands.cli import run_cli
 from wanlora.commands.preflight import preflight_cache_latents
 from wanlora.run_config import ModelFiles, default_device, device_option, dtype_option, group, option
 
-__all__ = ["CacheLatentsConfig", "build_parser", "main"]
+__all__ = ["CacheLatentsConfig", "build_parser", "main", "task_for_caching"]
+
+log = logging.getLogger("wanlora.commands.cache_latents")
 
 
 @dataclass(frozen=True)
@@ -30,11 +39,14 @@ class CacheLatentsConfig:
     """The settings of ``wanlora-cache-latents``."""
 
     model_files: ModelFiles = group(ModelFiles, "model files", include=("task", "ckpt_dir", "vae", "clip"), help={
-        "task": "which Wan model the caches are for (required)",
+        "task": "which Wan model the caches are for (default: from the --vae file, --i2v and --clip, as "
+                "musubi-tuner decides it)",
         "vae": "Wan2.1_VAE.pth (t2v/i2v tasks) or Wan2.2_VAE.pth (ti2v-5B); not needed with --debug_mode",
         "clip": "i2v-14B / flf2v-14B: the CLIP image encoder whose features are cached "
                 "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)"})
     dataset_config: Path | None = option(None, "dataset TOML (docs/dataset.md; required)")
+    i2v: bool = option(False, "musubi-tuner's switch: without --task, cache the I2V conditioning of the first "
+                       "frame (the Wan2.1 VAE: i2v-A14B; with --clip: i2v-14B)")
     device: str | None = device_option("VAE device (default: cuda when available, else cpu)")
     vae_dtype: torch.dtype | None = dtype_option(None, "VAE compute dtype (default: fp32)")
     batch_size: int = option(1, "windows of equal shape encoded together")
@@ -64,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    ns = command_line().parse_namespace(argv, required=("dataset_config", "task"))
+    ns = command_line().parse_namespace(argv, required=("dataset_config",))
     setup_logging(ns.verbose)
     config = config_from_namespace(CacheLatentsConfig, ns)
     from wanlora.dataset.config import load_dataset_config
@@ -72,7 +84,17 @@ def _main(argv: list[str] | None) -> int:
     from wanlora.dataset.latent_caching import cache_latents
 
     files = config.model_files
-    dataset = load_dataset_config(config.dataset_config, files.task)
+    task = files.task
+    if task is None or config.i2v:
+        vae_kind = None
+        if files.vae and task is None:
+            from wanlora.commands.preflight import vae_kind_of
+
+            if not Path(files.vae).exists():
+                raise FileNotFoundError(f"--vae {files.vae}: no such file")
+            vae_kind = vae_kind_of(files.vae)
+        task = task_for_caching(task, vae_kind, config.i2v, bool(files.clip))
+    dataset = load_dataset_config(config.dataset_config, task)
     if config.batch_size < 1 or config.num_workers < 0:
         raise ValueError("--batch_size must be >= 1 and --num_workers >= 0")
     if config.debug_mode is None and not files.vae:
@@ -98,6 +120,57 @@ def _main(argv: list[str] | None) -> int:
                            clip=clip)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def task_for_caching(task: str | None, vae_kind: str | None, i2v: bool = False, clip: bool = False) -> str:
+    """The task ``wanlora-cache-latents`` caches for: ``--task`` when given, else the one the VAE file's
+    kind and musubi-tuner's switches name (musubi's ``wan_cache_latents.py``: ``--i2v`` caches the
+    first frame's conditioning, ``--clip`` implies ``--i2v`` and adds the CLIP features).
+
+    ================  =========  ========  ===========================================================
+    VAE (``vae_kind``)  ``--i2v``  ``--clip``  task (what the caches hold)
+    ================  =========  ========  ===========================================================
+    ``wan2.1``        no         no        ``t2v-A14B``: latents only, the caches of every T2V task
+                                           (t2v-A14B, t2v-14B, t2v-1.3B: same VAE, size unit, fps)
+    ``wan2.1``        yes        no        ``i2v-A14B``: latents and ``y``
+    ``wan2.1``        any        yes       ``i2v-14B``: latents, ``y`` and ``clip_fea`` (FLF2V-14B's
+                                           first-and-last-frame caches need ``--task flf2v-14B``)
+    ``wan2.2``        any        no        ``ti2v-5B``: latents (the first latent frame is the image
+                                           conditioning, so ``--i2v`` changes nothing)
+    ================  =========  ========  ===========================================================
+
+    Args:
+        task: ``--task`` or None; vae_kind: ``"wan2.1"`` / ``"wan2.2"`` from the ``--vae`` header
+            (:func:`wanlora.commands.preflight.vae_kind_of`), None without ``--vae``.
+    Returns:
+        the task name.
+    Raises:
+        ValueError: nothing to decide from (no ``--task``, no ``--vae``), ``--clip`` with the Wan2.2
+            VAE, or ``--i2v`` with a ``--task`` that has no image conditioning.
+    """
+    from wanlora.conditioning import conditioning_for
+    from wanlora.tasks import get_task
+
+    if task is not None:
+        if i2v and conditioning_for(get_task(task)).kind == "none":
+            raise ValueError(f"--i2v asks for the I2V conditioning but --task {task} has none; drop --i2v, or use "
+                             "--task i2v-A14B (Wan2.2) / i2v-14B (Wan2.1, with --clip)")
+        return get_task(task).name
+    if vae_kind is None:
+        raise ValueError("--task is needed without --vae (the VAE file's kind decides the task otherwise): "
+                         "e.g. --task t2v-A14B")
+    if vae_kind == "wan2.2":
+        if clip:
+            raise ValueError("--clip: no task of the Wan2.2 VAE uses CLIP image features (ti2v-5B does not); drop "
+                             "--clip, or pass the Wan2.1 VAE for i2v-14B")
+        name = "ti2v-5B"
+    else:
+        name = "i2v-14B" if clip else "i2v-A14B" if i2v else "t2v-A14B"
+    why = f"the {vae_kind} VAE" + (" and --clip" if clip else " and --i2v" if i2v else "")
+    serves = " (the same caches serve t2v-14B and t2v-1.3B)" if name == "t2v-A14B" else \
+        " (for flf2v-14B pass --task flf2v-14B)" if name == "i2v-14B" else ""
+    log.info("no --task: caching for %s, from %s%s", name, why, serves)
+    return name
 
 
 if __name__ == "__main__":
