@@ -43,7 +43,7 @@ _MISSING = dataclasses.MISSING
 def option(default: Any = _MISSING, help: str = "", *, choices: Sequence | Callable[[], Sequence] | None = None,
            nargs: int | str | None = None, const: Any = None, metavar: str | tuple | None = None,
            aliases: Sequence[str] = (), type: Callable[[str], Any] | None = None,
-           clears: Sequence[str] = ()) -> Any:
+           clears: Sequence[str] = (), repeatable: bool = False) -> Any:
     """A dataclass field that is also a command-line flag ``--<field name>`` (module docstring).
 
     Args:
@@ -56,9 +56,11 @@ def option(default: Any = _MISSING, help: str = "", *, choices: Sequence | Calla
         clears: flags whose config-file value this flag, given on the command line, sets back to
             its default (``--max_train_steps`` on the command line beats ``max_train_epochs`` from
             the file, which would otherwise override it).
+        repeatable: a list flag that may also be given several times, each adding its values
+            (:class:`wanlora.commands.args.Repeat`).
     """
     meta = {"help": help, "choices": choices, "nargs": nargs, "const": const, "metavar": metavar,
-            "aliases": tuple(aliases), "type": type, "clears": tuple(clears)}
+            "aliases": tuple(aliases), "type": type, "clears": tuple(clears), "repeatable": repeatable}
     return dataclasses.field(default=default, metadata={"cli": meta})
 
 

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 from wanlora.commands.musubi import add_musubi_spellings
 from wanlora.run_config import dtype_name
 
-__all__ = ["CommandLine", "ConfigFileError", "Switch", "setup_logging", "config_from_namespace"]
+__all__ = ["CommandLine", "ConfigFileError", "Switch", "Repeat", "setup_logging", "config_from_namespace"]
 
 
 class ConfigFileError(ValueError):
@@ -63,6 +63,21 @@ class Switch(argparse.Action):
 
     def format_usage(self) -> str:
         return " | ".join(self.option_strings)
+
+
+class Repeat(argparse.Action):
+    """A list flag that may be given several times (``--sample_lora a.safetensors --sample_lora
+    b.safetensors:0.5``) or with several values: its first occurrence on a command line replaces the
+    default (or the ``--config_file`` value, as every flag does), later ones add to it."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self._namespace = None  # the namespace this parse writes to
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest) or []) if namespace is self._namespace else []
+        self._namespace = namespace
+        setattr(namespace, self.dest, items + list(values))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -139,6 +154,8 @@ def _add_field(target, f: dataclasses.Field, tp, help_override: str | None, defa
         kw["const"] = meta["const"]
     if meta["metavar"] is not None:
         kw["metavar"] = meta["metavar"]
+    if meta.get("repeatable"):
+        kw["action"] = Repeat
     target.add_argument(*flags, **kw)
 
 

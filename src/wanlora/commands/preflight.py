@@ -42,6 +42,7 @@ __all__ = [
     "swapped_experts_warning",
     "lora_model_problems",
     "sample_flags_warning",
+    "sample_lora_checks",
     "lora_file_bytes",
     "flat_flags",
     "preflight_train",
@@ -283,6 +284,36 @@ def sample_flags_warning(args) -> str | None:
     return None
 
 
+def sample_lora_checks(args, task: Task) -> list[str]:
+    """``--sample_lora`` / ``--sample_lora_high_noise`` (``PATH[:MULT]``): each file exists and, by its
+    metadata, fits the task (``wan.task``; an expert LoRA on a single model). Returns a warning when
+    they are given without ``--sample_prompts`` (no sample to stack them on).
+
+    Raises:
+        FileNotFoundError / PreflightError / ValueError: one line naming the flag and the file.
+    """
+    from wanlora.lora.apply import parse_lora_spec
+    from wanlora.lora.metadata import read_lora_metadata
+    from wanlora.models.loading import read_metadata
+
+    given = []
+    for flag in ("sample_lora", "sample_lora_high_noise"):
+        for spec in getattr(args, flag, None) or ():
+            path, _ = parse_lora_spec(spec, f"--{flag}")
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--{flag} {path}: no such file")
+            info = read_lora_metadata(read_metadata(path), task)
+            if info.task and info.task != task.name:
+                raise PreflightError(f"--{flag} {path}: made for task {info.task} (wan.task), not {task.name}")
+            if info.expert in ("high_noise", "low_noise") and not task.has_experts:
+                raise PreflightError(f"--{flag} {path}: made for the {info.expert} expert of an A14B model, but "
+                                     f"{task.name} is a single model")
+            given.append(f"--{flag}")
+    if given and not getattr(args, "sample_prompts", None):
+        return [f"{given[0]} is given without --sample_prompts: no sample is made, so it is not used"]
+    return []
+
+
 # ------------------------------------------------------------------------------------------
 # per command
 
@@ -344,6 +375,7 @@ def preflight_train(args) -> list[str]:
         check_output_dir(args.logging_dir, "--logging_dir")
     if getattr(args, "sample_prompts", None) and getattr(args, "vae", None):
         check_vae_for_task(args.vae, task, purpose="for the samples during training")
+    warnings += sample_lora_checks(args, task)
     for w in (swapped_experts_warning(args.dit, getattr(args, "dit_high_noise", None)), sample_flags_warning(args)):
         if w:
             warnings.append(w)

@@ -33,7 +33,8 @@ from wanlora.lora.layouts import key_to_module, load_lora_file, lora_modules, mo
 from wanlora.lora.metadata import read_lora_metadata
 from wanlora.lora.patterns import compile_patterns, select_modules
 
-__all__ = ["LoraPlan", "per_file_values", "plan_loras", "filter_lora_state_dict", "apply_loras", "EXPERT_KEY"]
+__all__ = ["LoraPlan", "per_file_values", "plan_loras", "filter_lora_state_dict", "apply_loras", "EXPERT_KEY",
+           "parse_lora_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -219,3 +220,25 @@ def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict
                         "modules": len(modules), "mode": "dynamic" if hooked else "merged",
                         "reason": plan.reason})
     return log
+
+
+def parse_lora_spec(spec: str, flag: str) -> tuple[str, float]:
+    """``PATH[:MULTIPLIER]`` -> ``(path, multiplier)`` (``--sample_lora lightx2v.safetensors:1.0``).
+
+    The text after the last ``:`` is the multiplier when it reads as a number; otherwise the whole
+    text is the path (so ``C:\\loras\\x.safetensors`` stays a path) and the multiplier is 1.0.
+
+    Raises:
+        ValueError: an empty path or a multiplier that is not finite (names ``flag``).
+    """
+    path, mult = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            mult = float(tail)
+            path = head
+        except ValueError:
+            pass
+    if not path or mult != mult or mult in (float("inf"), float("-inf")):
+        raise ValueError(f"{flag} {spec!r}: expected PATH or PATH:MULTIPLIER (e.g. lightning.safetensors:1.0)")
+    return path, mult

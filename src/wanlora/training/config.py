@@ -177,6 +177,14 @@ class SamplingConfig:
     sample_every_n_steps: int | None = option(None, "sample every N steps")
     sample_every_n_epochs: int | None = option(None, "sample every N epochs (and after the last epoch)")
     sample_at_first: bool = option(False, "sample before training")
+    sample_lora: tuple[str, ...] = option(
+        (), "PATH[:MULTIPLIER]: a LoRA stacked on the trained one in the samples only (a Lightning / distill "
+        "LoRA: set its steps and guidance in the prompt file, --s 4 --g 1); the low-noise expert or the only "
+        "model unless its metadata names an expert; repeat the flag for more", nargs="+", repeatable=True,
+        metavar="PATH[:MULT]")
+    sample_lora_high_noise: tuple[str, ...] = option(
+        (), "PATH[:MULTIPLIER]: the same for the high-noise expert (A14B)", nargs="+", repeatable=True,
+        metavar="PATH[:MULT]")
 
 
 @dataclass(frozen=True)

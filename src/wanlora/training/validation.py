@@ -269,12 +269,22 @@ class SampleHook:
     :class:`~wanlora.training.experts.ExpertView` of the one DiT module, which swaps in that expert's
     weights and enables its LoRA when called.
 
+    ``--sample_lora PATH[:MULT]`` (``--sample_lora_high_noise``) adds LoRAs on top of the trained
+    one in the samples only — a Lightning / distill LoRA previews the result at its few steps. Each
+    file goes to its expert by :func:`wanlora.lora.apply.plan_loras` (its metadata, else its flag),
+    is hooked beside the DiT's layers as a frozen :class:`~wanlora.lora.adapter.LoRAAdapterSet`
+    (never merged into the weights being trained, never seen by the optimizer) and enabled only
+    while its expert denoises; between samplings the adapters are detached and kept on the CPU.
+
     Args:
         config: the run's :class:`wanlora.training.config.TrainConfig`.
         task, plan: the run's task and :class:`~wanlora.training.experts.ExpertPlan`.
         dit, experts: the DiT module and its :class:`~wanlora.training.experts.ExpertWeights`.
         bundles: ``{lora key: LoraBundle}`` (:mod:`wanlora.training.lora_bundle`).
         accelerator: the run's ``Accelerator``.
+
+    Raises:
+        ValueError: a ``--sample_lora`` file that is not a plain LoRA of this DiT's layers.
     """
 
     def __init__(self, config, task, plan, dit, experts, bundles, accelerator):
@@ -290,12 +300,44 @@ class SampleHook:
                                            t5_tokenizer=files.t5_tokenizer, clip_path=files.clip,
                                            output_dir=config.saving.output_dir,
                                            output_name=config.saving.output_name, device=accelerator.device)
+        self.extra = self._extra_loras(config.sampling) if accelerator.is_main_process else []
+
+    def _extra_loras(self, sampling) -> list[tuple[str | None, "LoRAAdapterSet"]]:
+        """``(expert or None, adapters)`` of each ``--sample_lora`` file, detached, on the CPU."""
+        from wanlora.lora.adapter import LoRAAdapterSet
+        from wanlora.lora.apply import parse_lora_spec, plan_loras
+
+        low = [parse_lora_spec(s, "--sample_lora") for s in sampling.sample_lora]
+        high = [parse_lora_spec(s, "--sample_lora_high_noise") for s in sampling.sample_lora_high_noise]
+        if not low and not high:
+            return []
+        extra = []
+        plans = plan_loras(self.task, [p for p, _ in low], [m for _, m in low], [p for p, _ in high], [m for _, m in high])
+        for lp in plans:
+            for expert in lp.experts:
+                if expert is not None and expert not in self.plan.dit_paths:
+                    logger.warning("--sample_lora %s is for the %s expert, which this run does not load; the samples "
+                                   "go without it", lp.path, expert)
+                    continue
+                try:
+                    adapters = LoRAAdapterSet.from_weights(self.dit, lp.state_dict, lp.multiplier, source=lp.path)
+                    adapters.load_adapter_weights(lp.state_dict, lp.path)
+                except (ValueError, KeyError) as e:
+                    raise ValueError(f"--sample_lora {lp.path}: cannot be stacked on the samples ({e}); it must be "
+                                     "a plain LoRA of this model's layers") from None
+                adapters.requires_grad_(False)
+                logger.info("samples: LoRA %s x%g stacked on the %s", lp.path, lp.multiplier,
+                            f"{expert} expert" if expert else "model")
+                extra.append((expert, adapters.eval()))
+        return extra
 
     def _activate(self, expert: str) -> None:
         from wanlora.training.lora_bundle import set_active
 
         self.experts.activate(expert)
         set_active(self.bundles, self.plan.lora_for(expert))
+        for owner, adapters in self.extra:
+            adapters.set_enabled(owner is None or owner == expert)
 
     def __call__(self, step: int, epoch: int | None, networks: Mapping[str, torch.nn.Module]) -> None:
         """Sample with the current weights (main process), then wait for every process."""
@@ -310,9 +352,18 @@ class SampleHook:
                 dits = ExpertView(self.dit, plan.experts[0], self._activate)
             sp = self.dit.sequence_parallel  # the main process samples alone: the whole sequence on it
             self.dit.set_sequence_parallel(None)
+            p = next(self.dit.parameters())
             try:
-                samples = self.sampler.sample(step, dits, epoch=epoch, networks=list(networks.values()))
+                for _, adapters in self.extra:
+                    adapters.to(device=p.device, dtype=p.dtype if p.is_floating_point() and p.element_size() > 1
+                                else torch.bfloat16)
+                    adapters.attach()
+                samples = self.sampler.sample(step, dits, epoch=epoch,
+                                              networks=list(networks.values()) + [a for _, a in self.extra])
             finally:
+                for _, adapters in self.extra:
+                    adapters.detach()
+                    adapters.to("cpu")
                 self.dit.set_sequence_parallel(sp)
             for tracker in self.accelerator.trackers:
                 writer = getattr(tracker, "writer", None)
