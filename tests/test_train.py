@@ -254,12 +254,20 @@ def test_nonfinite_loss_skips_the_step_then_stops_with_state(tiny_dir, tmp_path,
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    # every batch bad: stop after --max_nonfinite_steps, with the state saved and nothing trained
+    # every batch bad: stop at the read point that finds --max_nonfinite_steps skipped steps in a row
+    # (every step with --log_every_n_steps 1), with the state saved and nothing trained: a skipped
+    # step counts as a step (decided on the device, like torch.amp's skipped steps) but changes nothing
     with pytest.raises(NonFiniteLossError, match="state saved"):
         train(_args(flags, "unused.toml", tmp_path / "b", "--expert", "low", "--max_train_steps", "6",
-                    "--max_nonfinite_steps", "3"), dataset=_Batches(nan_at=range(4)))
-    state = json.loads((tmp_path / "b" / "lora-nonfinite-state" / "train_state.json").read_text())
-    assert state["global_step"] == 0 and state["nonfinite_in_row"] == 3
+                    "--max_nonfinite_steps", "3", "--log_every_n_steps", "1"), dataset=_Batches(nan_at=range(4)))
+    folder = tmp_path / "b" / "lora-nonfinite-state"
+    state = json.loads((folder / "train_state.json").read_text())
+    assert state["global_step"] == 3 and state["nonfinite_in_row"] == 3 and state["losses"] == []
+    lora = load_file(folder / "lora.low_noise.safetensors")
+    ups = [v for k, v in lora.items() if "lora_up" in k]
+    assert ups and all(torch.count_nonzero(v) == 0 for v in ups)  # as initialized: never updated
+    assert all(torch.count_nonzero(v) == 0 for k, v in load_file(folder / "optimizer.low_noise.safetensors").items()
+               if "exp_avg" in k or k.endswith("/step"))  # moments and step counts untouched too
 
 
 # ---- two processes --------------------------------------------------------------------------------

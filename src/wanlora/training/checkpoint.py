@@ -221,10 +221,15 @@ class Checkpointer:
         names = {f.name for f in fields(TrainState)}
         return TrainState(**{k: v for k, v in position.items() if k in names})
 
+    def saves_after_step(self, step: int) -> bool:
+        """Whether :meth:`after_step` saves after optimizer step ``step``."""
+        every = self.saving.save_every_n_steps
+        return bool(every) and step % every == 0 and step < self.max_steps
+
     def after_step(self, state: TrainState, bundles: dict) -> None:
         """The ``--save_every_n_steps`` save (and pruning) due after optimizer step ``state.global_step``."""
-        s, every = state.global_step, self.saving.save_every_n_steps
-        if every and s % every == 0 and s < self.max_steps:
+        s = state.global_step
+        if self.saves_after_step(s):
             keep = self.saving.save_last_n_steps
             self._save_and_prune(f"{self.stem}-step{s:08d}", s, rf"{re.escape(self.stem)}-step(\d+)", state, bundles,
                                  keep, self.saving.save_last_n_steps_state or keep)

@@ -166,6 +166,8 @@ class TrackingConfig:
     log_with: str = option("tensorboard", "tracker", choices=("tensorboard", "none"))
     log_prefix: str = option("", "prefix of the run's log folder name")
     log_tracker_name: str = option("wanlora", "tracker (project) name")
+    log_every_n_steps: int = option(10, "read the losses from the device and report them every N steps (each "
+                                    "read waits for the device; non-finite steps are counted there)")
 
 
 @dataclass(frozen=True)

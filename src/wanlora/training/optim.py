@@ -94,7 +94,10 @@ def build_optimizer(name: str, params, lr: float, optimizer_args: Iterable[str] 
     """The optimizer ``name`` over ``params`` (tensors or param-group dicts with their own ``lr``).
 
     Adafactor with a fixed learning rate gets ``relative_step=False, scale_parameter=False``
-    unless ``--optimizer_args`` says otherwise (otherwise it ignores ``lr``).
+    unless ``--optimizer_args`` says otherwise (otherwise it ignores ``lr``). torch's AdamW is the
+    fused one (``fused=True``) unless ``--optimizer_args`` names ``fused`` or ``foreach``: one kernel
+    per step, and it skips a step with non-finite gradients on the device (the trainer's
+    ``found_inf``), with no wait for the device.
 
     Raises:
         ImportError: the optimizer's package is missing (names the pip command).
@@ -106,6 +109,8 @@ def build_optimizer(name: str, params, lr: float, optimizer_args: Iterable[str] 
         kwargs.setdefault("relative_step", False)
         kwargs.setdefault("scale_parameter", False)
         kwargs.setdefault("warmup_init", False)
+    if cls is torch.optim.AdamW and "foreach" not in kwargs:
+        kwargs.setdefault("fused", True)
     try:
         opt = cls(params, lr=lr, **kwargs)
     except TypeError as e:

@@ -44,7 +44,6 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -58,14 +57,11 @@ from wanlora.training.config import TrainConfig
 from wanlora.training.experts import ExpertPlan, ExpertWeights, expert_of_step, expert_schedule, plan_experts
 from wanlora.training.lora_bundle import LoraBundle, build_lora_bundles, set_active
 from wanlora.training.optim import check_lr_scheduler, check_optimizer_type, parse_kv_args
+from wanlora.training.step_log import NonFiniteLossError, StepLog
 
 __all__ = ["train", "plan_run", "flow_matching_loss", "NonFiniteLossError", "TrainState"]
 
 log = logging.getLogger("wanlora.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses in a row; the state was saved (path in the message)."""
 
 
 def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution, lo: float, hi: float,
@@ -80,7 +76,8 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
             the entry has ``mask_directory``: the loss is then the weighted mean ``Σ w·err / Σ w``
             per sample (:func:`wanlora.conditioning.per_sample_mse`).
         sampler: the timestep law; ``lo``/``hi`` restrict it to the active expert's range.
-        generator: CPU generator for noise, timesteps and the conditioning's draws (in that order).
+        generator: CPU generator for noise, timesteps and the conditioning's draws (in that order);
+            the draws go to ``device`` by non-blocking copies (:func:`to_device`).
         conditioning: the task's :class:`wanlora.conditioning.Conditioning` (``conditioning_for``):
             the model inputs from the batch and, for TI2V with ``first_frame_prob``, the clean
             first frame at timestep 0 masked out of the loss.
@@ -89,14 +86,14 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
     """
     x0 = batch["latents"].to(device=device, dtype=torch.float32)
     b, _, f, h, w = x0.shape
-    noise = torch.randn(x0.shape, generator=generator).to(device)
+    noise = to_device(torch.randn(x0.shape, generator=generator), device)
     if sampler.method == "flux_shift":
         sampler = sampler.with_latent_size(h, w)
     t = sampler.sample(b, generator, lo, hi)  # [B] on 0..1000, float32, CPU
-    sigma = flow.timestep_to_sigma(t).to(device)
+    sigma = to_device(flow.timestep_to_sigma(t), device)
     x_t = flow.add_noise(x0, noise, sigma)
     target = flow.flow_target(x0, noise)
-    inputs = conditioning.training_inputs(batch, x0, x_t, t.to(device), generator)
+    inputs = conditioning.training_inputs(batch, x0, x_t, to_device(t, device), generator)
     pred = model_fn(inputs.x_t, inputs.timestep, batch["context"], inputs.y, inputs.clip_fea)
     loss_mask = inputs.loss_mask
     if batch.get("mask") is not None:  # the dataset's loss masks [B, 1, F, h, w] (mask_directory)
@@ -107,6 +104,16 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean(), t
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` (on the CPU) on ``device`` without making the host wait: to a CUDA device through pinned
+    memory by a non-blocking copy (a pageable copy waits for the device's queue to drain); as is
+    elsewhere. PyTorch's pinned-memory allocator keeps the pinned buffer until the copy has run."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,14 +171,15 @@ def check_before_loading(config: TrainConfig):
 
 
 def make_accelerator(config: TrainConfig):
-    """The run's ``accelerate.Accelerator``: accumulation, mixed precision, TensorBoard tracking.
+    """The run's ``accelerate.Accelerator``: accumulation, mixed precision, TensorBoard tracking,
+    non-blocking batch copies to the device.
 
     Under ``torchrun`` / ``mpirun`` without GPUs it runs the processes on the CPU (gloo), which
     Accelerate does only when told ``cpu=True`` (``accelerate launch --cpu`` says so itself). DDP
     is told about unused parameters when ``module_dropout`` may skip whole adapters on a step.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
     t = config.tracking
     log_with = "tensorboard" if t.logging_dir and t.log_with == "tensorboard" else None
@@ -181,6 +189,7 @@ def make_accelerator(config: TrainConfig):
     return Accelerator(
         cpu=multi_cpu,
         kwargs_handlers=[ddp],
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned batches: copies do not wait
         gradient_accumulation_steps=config.optimization.gradient_accumulation_steps,
         mixed_precision=config.launch.mixed_precision,
         log_with=log_with,
@@ -260,9 +269,10 @@ class EpochPositions(torch.utils.data.Sampler):
         return self.n
 
 
-def build_dataloader(config: TrainConfig, task: Task, seed: int, dataset=None):
+def build_dataloader(config: TrainConfig, task: Task, seed: int, dataset=None, pin_memory: bool = False):
     """The batch dataset in a DataLoader of batch size 1 (its items are already batches);
-    returns ``(positions, loader)`` (set ``positions.epoch`` before each epoch).
+    returns ``(positions, loader)`` (set ``positions.epoch`` before each epoch). ``pin_memory``
+    (for a CUDA device): batches are put in pinned memory, so their copy to the device does not wait.
 
     ``dataset`` defaults to ``wanlora.dataset.TrainingDataset(--dataset_config)``; any other
     must follow its contract: ``len(ds)`` batches per epoch and ``ds[epoch * len(ds) + i]`` =
@@ -276,9 +286,36 @@ def build_dataloader(config: TrainConfig, task: Task, seed: int, dataset=None):
     workers = config.data.max_data_loader_n_workers or 0
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=1, sampler=positions, collate_fn=_unbatch, num_workers=workers,
-        persistent_workers=bool(config.data.persistent_data_loader_workers and workers > 0),
+        persistent_workers=bool(config.data.persistent_data_loader_workers and workers > 0), pin_memory=pin_memory,
     )
     return positions, loader
+
+
+def prepare_dataloader(config: TrainConfig, task: Task, seed: int, dataset, accelerator, layout):
+    """:func:`build_dataloader` (pinned on CUDA), prepared for the run's processes: sharded over the
+    data-parallel groups, batches moved to the device without blocking (Accelerate's loader
+    fetches batch n+1 while batch n is used). Returns ``(positions, loader)``."""
+    positions, loader = build_dataloader(config, task, seed, dataset, pin_memory=accelerator.device.type == "cuda")
+    if layout.sp_size > 1:  # a sequence group shares its batches: shard over the data-parallel groups
+        from accelerate.data_loader import prepare_data_loader
+
+        return positions, prepare_data_loader(loader, accelerator.device, num_processes=layout.dp_size,
+                                              process_index=layout.dp_rank, put_on_device=True, non_blocking=True)
+    return positions, accelerator.prepare(loader)
+
+
+def start_tracking_and_samples(config: TrainConfig, task: Task, plan: ExpertPlan, dit, experts, bundles, accelerator,
+                               sample_fn=None):
+    """Start the TensorBoard tracker (``--logging_dir``) and build the ``--sample_prompts`` hook
+    unless ``sample_fn`` replaces it. Returns ``(tracking, sample_fn)``."""
+    tracking = config.tracking.logging_dir is not None and config.tracking.log_with == "tensorboard"
+    if tracking:
+        accelerator.init_trackers(config.tracking.log_prefix + config.tracking.log_tracker_name)
+    if sample_fn is None and config.sampling.sample_prompts:
+        from wanlora.training.validation import SampleHook
+
+        sample_fn = SampleHook(config, task, plan, dit, experts, bundles, accelerator)
+    return tracking, sample_fn
 
 
 def _unbatch(items):
@@ -343,7 +380,7 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
         sample_fn: ``sample_fn(step, epoch, networks)`` replacing the samples of
             ``--sample_prompts`` (:class:`wanlora.training.validation.SampleHook`).
     Raises:
-        NonFiniteLossError: ``--max_nonfinite_steps`` non-finite losses in a row (state saved).
+        NonFiniteLossError: ``--max_nonfinite_steps`` skipped steps in a row (state saved).
         ValueError: inconsistent flags (named).
     """
     from accelerate.utils import set_seed
@@ -370,14 +407,7 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
         mean_p = partial(_mean_over_processes, accelerator)  # flux_shift: every process, one P(high)
 
         # ---- data, model, LoRAs, checkpoints
-        positions, loader = build_dataloader(config, task, seed, dataset)
-        if layout.sp_size > 1:  # a sequence group shares its batches: shard over the data-parallel groups
-            from accelerate.data_loader import prepare_data_loader
-
-            loader = prepare_data_loader(loader, device, num_processes=layout.dp_size, process_index=layout.dp_rank,
-                                         put_on_device=True)
-        else:
-            loader = accelerator.prepare(loader)
+        positions, loader = prepare_dataloader(config, task, seed, dataset, accelerator, layout)
         max_steps = run_length(config, len(loader))
         # under FSDP each rank loads on the CPU and keeps only its shards on the device
         dit, experts = load_dit_and_experts(config, task, plan, "cpu" if layout.fsdp else device,
@@ -396,29 +426,25 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
             state = checkpoints.load_state(config.saving.resume)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", config.saving.resume, state.global_step,
                      state.epoch + 1, state.batch_in_epoch)
-        tracking = config.tracking.logging_dir is not None and config.tracking.log_with == "tensorboard"
-        if tracking:
-            accelerator.init_trackers(config.tracking.log_prefix + config.tracking.log_tracker_name)
-        if sample_fn is None and config.sampling.sample_prompts:
-            from wanlora.training.validation import SampleHook
-
-            sample_fn = SampleHook(config, task, plan, dit, experts, bundles, accelerator)
+        tracking, sample_fn = start_tracking_and_samples(config, task, plan, dit, experts, bundles, accelerator,
+                                                         sample_fn)
         if sample_fn is not None and config.sampling.sample_at_first and state.global_step == 0:
             _sample(sample_fn, 0, None, networks, bundles)
 
-        # ---- the loop
+        # ---- the loop: nothing in it waits for the device but the step log's read points
         progress = tqdm(total=max_steps, initial=state.global_step, disable=not main, desc="steps")
+        steps = StepLog(accelerator, config.tracking.log_every_n_steps, config.optimization.max_nonfinite_steps,
+                        partial(_stop_nonfinite, config=config, checkpoints=checkpoints), progress, tracking)
         window: _StepWindow | None = None
-        t_last = time.perf_counter()
         while state.global_step < max_steps:
             positions.epoch = state.epoch
             for b in bundles.values():
                 b.on_epoch_start(dit)
             batches = loader if not state.batch_in_epoch else accelerator.skip_first_batches(loader, state.batch_in_epoch)
-            for batch in batches:
+            for batch in steps.timed(batches):
                 if window is None:  # a new optimizer step: its expert, weights and LoRA
                     expert = expert_of_step(schedule, plan, timesteps, state.global_step, batch, mean_p)
-                    window = _StepWindow(expert, bundles[plan.lora_for(expert)])
+                    window = _StepWindow(expert, bundles[plan.lora_for(expert)], device)
                     if experts.activate(expert):
                         log.debug("step %d: swapped in the %s expert", state.global_step, expert)
                     set_active(bundles, window.lora.key)
@@ -429,18 +455,13 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
                 state.batch_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
-                done, window = window, None  # the optimizer step is complete
-                if done.bad:
-                    _count_nonfinite(state, done, config, checkpoints)
-                    continue
-                state.nonfinite_in_row = 0
+                done, window = window, None  # the optimizer step is complete (or skipped on the device)
                 _step_schedulers(bundles)
                 state.global_step += 1
-                step_loss = sum(done.losses) / len(done.losses)
-                state.losses.append((state.global_step, done.expert, step_loss, sum(done.local) / len(done.local)))
-                now = time.perf_counter()
-                it_s, t_last = 1.0 / max(now - t_last, 1e-9), now
-                _report(accelerator, progress, tracking, state, done, bundles, step_loss, it_s)
+                steps.add(state.global_step, done.expert, done.values, done.timesteps, bundles)
+                if (steps.due(state.global_step) or checkpoints.saves_after_step(state.global_step)
+                        or state.global_step >= max_steps):
+                    steps.read(state)
                 checkpoints.after_step(state, bundles)
                 if sample_fn is not None and _due(config.sampling.sample_every_n_steps, state.global_step):
                     _sample(sample_fn, state.global_step, None, networks, bundles)
@@ -452,6 +473,7 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
                     break
             else:  # the epoch's batches are used up (accelerate stepped a partial accumulation window)
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                steps.read(state)
                 checkpoints.after_epoch(state, bundles)
                 if sample_fn is not None and _due(config.sampling.sample_every_n_epochs, state.epoch):
                     _sample(sample_fn, state.global_step, state.epoch, networks, bundles)
@@ -466,18 +488,17 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
     return state
 
 
-@dataclass
 class _StepWindow:
-    """The micro-batches of one optimizer step: its expert and LoRA, and what they gave."""
+    """The micro-batches of one optimizer step: its expert and LoRA, and what they gave — kept on
+    the device (``loss_sum``, ``local_sum``, ``bad``) until the step log reads them."""
 
-    expert: str
-    lora: LoraBundle
-    micro: int = 0
-    losses: list = field(default_factory=list)  # mean over processes, per micro-batch
-    local: list = field(default_factory=list)  # this process's, per micro-batch
-    timesteps: list = field(default_factory=list)  # [B] per micro-batch
-    bad: bool = False  # a non-finite loss in the window: the step is skipped
-    grad_norm: float | None = None
+    def __init__(self, expert: str, lora: LoraBundle, device):
+        self.expert, self.lora, self.micro = expert, lora, 0
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # of the mean over processes
+        self.local_sum = torch.zeros((), dtype=torch.float32, device=device)  # of this process's
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss in the window
+        self.timesteps: list[torch.Tensor] = []  # [B] per micro-batch, CPU
+        self.values: torch.Tensor | None = None  # after the last micro-batch: StepRecord.values
 
 
 def _micro_step(accelerator, config: TrainConfig, dit, window: _StepWindow, batch: dict,
@@ -485,7 +506,8 @@ def _micro_step(accelerator, config: TrainConfig, dit, window: _StepWindow, batc
                 generator: torch.Generator,
                 dropout_seed: int) -> None:
     """One micro-batch of ``window``: loss, backward, and at the window's last micro-batch gradient
-    clipping and the optimizer step (skipped when the window saw a non-finite loss).
+    clipping and the optimizer step, skipped on the device when the window saw a non-finite loss
+    or the gradient norm is not finite (:func:`_optimizer_step`). Reads nothing on the host.
 
     The network's own dropout draws from the global random state, which is forked around the
     micro-batch and seeded with ``dropout_seed``, so it is resume-exact and leaks nothing.
@@ -500,38 +522,65 @@ def _micro_step(accelerator, config: TrainConfig, dit, window: _StepWindow, batc
             partial(lora.wrapper, dit), batch, timesteps, lo, hi, generator, device,
             config.timesteps.weighting_scheme, conditioning)
         loss_all = accelerator.reduce(loss.detach().clone(), reduction="mean")
-        finite = bool(torch.isfinite(loss_all))
-        window.bad |= not finite
-        accelerator.backward(loss if finite else torch.nan_to_num(loss) * 0.0)
-        if accelerator.sync_gradients and not window.bad:
+        window.bad = window.bad | ~torch.isfinite(loss_all)
+        window.loss_sum += loss_all.float()
+        window.local_sum += loss.detach().float()
+        accelerator.backward(loss)  # a non-finite loss's gradients are never applied: the step is skipped
+        if accelerator.sync_gradients:
             if config.optimization.max_grad_norm:
-                window.grad_norm = float(accelerator.clip_grad_norm_(lora.trainable, config.optimization.max_grad_norm))
+                grad_norm = accelerator.clip_grad_norm_(lora.trainable, config.optimization.max_grad_norm)
             else:
-                window.grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.detach().float().norm() for p in lora.trainable if p.grad is not None])))
-            lora.optimizer.step()
+                grad_norm = torch.linalg.vector_norm(torch.stack(
+                    [p.grad.detach().float().norm() for p in lora.trainable if p.grad is not None]))
+            skip = window.bad | ~torch.isfinite(grad_norm)
+            _optimizer_step(lora.optimizer, skip, accelerator.scaler)
+            n = window.micro + 1
+            window.values = torch.stack([window.loss_sum / n, window.local_sum / n, grad_norm.detach().float(),
+                                         skip.float()])
         lora.optimizer.zero_grad(set_to_none=True)
     window.micro += 1
-    window.losses.append(loss_all.item())
-    window.local.append(loss.item())
     window.timesteps.append(t)
 
 
-def _count_nonfinite(state: TrainState, window: _StepWindow, config: TrainConfig, checkpoints: Checkpointer) -> None:
-    """A skipped step: count it; at ``--max_nonfinite_steps`` in a row save the state and stop.
+def _optimizer_step(optimizer, skip: torch.Tensor, scaler=None) -> None:
+    """``optimizer.step()`` unless the device flag ``skip`` is set, without reading it on the host
+    where the optimizer allows.
+
+    * Optimizers that take torch.amp's skip flag (``_step_supports_amp_scaling``: torch's fused
+      Adam/AdamW/SGD, the default ``--optimizer_type adamw``) get ``found_inf = skip``: their kernels
+      leave the weights, the moments and the step count untouched when it is set, on the device.
+    * Under a GradScaler (``--mixed_precision fp16``) the scaler skips non-finite gradients itself.
+    * Any other optimizer: the flag is read on the host, one wait for the device per optimizer step.
+
+    Args:
+        optimizer: a torch optimizer or Accelerate's wrapper of one (``.optimizer``).
+        skip: 0-dim bool tensor on the parameters' device.
+        scaler: the accelerator's ``GradScaler`` or None.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if scaler is not None:
+        optimizer.step()
+    elif getattr(inner, "_step_supports_amp_scaling", False):
+        inner.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skip):
+        optimizer.step()
+
+
+def _stop_nonfinite(state: TrainState, *, config: TrainConfig, checkpoints: Checkpointer) -> None:
+    """``--max_nonfinite_steps`` skipped steps in a row (found at a step log read): save the state and stop.
 
     Raises:
-        NonFiniteLossError: the limit is reached (the message names the state folder and the fixes).
+        NonFiniteLossError: always (the message names the state folder and the fixes).
     """
-    state.nonfinite_in_row += 1
-    log.warning("step %d: non-finite loss (%s expert) — step skipped (%d in a row)",
-                state.global_step + 1, window.expert, state.nonfinite_in_row)
-    if state.nonfinite_in_row >= config.optimization.max_nonfinite_steps:
-        where = checkpoints.save_state(f"{config.saving.output_name}-nonfinite", state)
-        raise NonFiniteLossError(
-            f"{state.nonfinite_in_row} non-finite losses in a row at step {state.global_step}; "
-            f"state saved to {where}. Lower --learning_rate, use --max_grad_norm 1.0 or "
-            f"--mixed_precision bf16, then --resume {where}")
+    where = checkpoints.save_state(f"{config.saving.output_name}-nonfinite", state)
+    raise NonFiniteLossError(
+        f"{state.nonfinite_in_row} non-finite losses in a row at step {state.global_step}; "
+        f"state saved to {where}. Lower --learning_rate, use --max_grad_norm 1.0 or "
+        f"--mixed_precision bf16, then --resume {where}")
 
 
 def _step_schedulers(bundles: dict[str, LoraBundle]) -> None:
@@ -540,28 +589,6 @@ def _step_schedulers(bundles: dict[str, LoraBundle]) -> None:
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         for b in bundles.values():
             b.scheduler.step()
-
-
-def _report(accelerator, progress, tracking: bool, state: TrainState, window: _StepWindow,
-            bundles: dict[str, LoraBundle], step_loss: float, it_s: float) -> None:
-    """The progress bar, and the tracker's scalars (losses, timesteps, grad norm, learning rates, and
-    on CUDA the peak memory)."""
-    progress.update(1)
-    progress.set_postfix(loss=f"{step_loss:.4f}", expert=window.expert, its=f"{it_s:.2f}")
-    if not tracking:
-        return
-    ts = torch.cat(window.timesteps)
-    logs = {"loss/average": step_loss, f"loss/{window.expert}": step_loss,
-            "timestep/mean": ts.mean().item(), "timestep/min": ts.min().item(),
-            "timestep/max": ts.max().item(), "it_per_s": it_s}
-    if window.grad_norm is not None:
-        logs["grad_norm"] = window.grad_norm
-    for key, b in bundles.items():
-        logs[f"lr/{key}"] = b.scheduler.get_last_lr()[0]
-    if accelerator.device.type == "cuda":  # the runtime peak, to compare with --estimate_memory
-        logs["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-        logs["memory/peak_reserved_gib"] = torch.cuda.max_memory_reserved(accelerator.device) / 2**30
-    accelerator.log(logs, step=state.global_step)
 
 
 def _due(every: int | None, count: int) -> bool:
