@@ -58,6 +58,7 @@ from wanlora.training.experts import ExpertPlan, ExpertWeights, expert_of_step, 
 from wanlora.training.lora_bundle import LoraBundle, build_lora_bundles, set_active
 from wanlora.training.optim import check_lr_scheduler, check_optimizer_type, parse_kv_args
 from wanlora.training.step_log import NonFiniteLossError, StepLog
+from wanlora.transfer import to_device
 
 __all__ = ["train", "plan_run", "flow_matching_loss", "NonFiniteLossError", "TrainState"]
 
@@ -77,7 +78,7 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
             per sample (:func:`wanlora.conditioning.per_sample_mse`).
         sampler: the timestep law; ``lo``/``hi`` restrict it to the active expert's range.
         generator: CPU generator for noise, timesteps and the conditioning's draws (in that order);
-            the draws go to ``device`` by non-blocking copies (:func:`to_device`).
+            the draws go to ``device`` by non-blocking copies (:func:`wanlora.transfer.to_device`).
         conditioning: the task's :class:`wanlora.conditioning.Conditioning` (``conditioning_for``):
             the model inputs from the batch and, for TI2V with ``first_frame_prob``, the clean
             first frame at timestep 0 masked out of the loss.
@@ -104,16 +105,6 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean(), t
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` (on the CPU) on ``device`` without making the host wait: to a CUDA device through pinned
-    memory by a non-blocking copy (a pageable copy waits for the device's queue to drain); as is
-    elsewhere. PyTorch's pinned-memory allocator keeps the pinned buffer until the copy has run."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------
