@@ -294,3 +294,48 @@ def test_tiny_training_run_with_masks(tmp_path, tiny_dir, request):
     assert all(np.isfinite(x[2]) for x in st_half.losses)
     assert [x[2] for x in st_half.losses] != [x[2] for x in st_none.losses]
     assert any(not torch.equal(w_half[k], w_none[k]) for k in w_none)
+
+
+# ---- I2V: the given first frame out of the loss -----------------------------------------------
+
+
+def test_i2v_mask_first_frame_leaves_the_given_frame_out_of_the_loss():
+    from wanlora.conditioning import conditioning_for, i2v_mask
+
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 4, 3, 4, 4, generator=g)  # 3 latent frames = 9 pixel frames
+    for task, known in (("i2v-A14B", (0,)), ("flf2v-14B", (0, -1))):
+        y = torch.cat([i2v_mask(9, 4, 4, known), torch.randn(16, 3, 4, 4, generator=g)])[None].expand(2, -1, -1, -1, -1)
+        batch = {"latents": x0, "context": [torch.zeros(2, 8)] * 2, "y": y, "clip_fea": torch.zeros(2, 514, 8)}
+        cond = conditioning_for(task, mask_given_frames=True)
+        inputs = cond.training_inputs(batch, x0, x0, torch.zeros(2), torch.Generator())
+        # frame 0 is given whole; FLF2V's last latent frame holds 3 unknown pixel frames, so it stays
+        assert inputs.loss_mask.flatten(1).tolist() == [[0.0, 1.0, 1.0]] * 2
+        assert conditioning_for(task).training_inputs(batch, x0, x0, torch.zeros(2), torch.Generator()).loss_mask is None
+        one = {**batch, "latents": x0[:, :, :1], "y": y[:, :, :1]}
+        assert cond.training_inputs(one, x0[:, :, :1], x0[:, :, :1], torch.zeros(2), torch.Generator()).loss_mask is None
+        # the loss is the mean over frames 1.. (and a dataset mask multiplies in)
+        sampler = flow.TimestepDistribution("uniform")
+        model = lambda x, t, c, yy, clip: 0.5 * x  # noqa: E731
+        loss, _ = flow_matching_loss(model, batch, sampler, 0, 1000, torch.Generator().manual_seed(4), "cpu",
+                                     conditioning=cond)
+        gen = torch.Generator().manual_seed(4)
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = (sampler.sample(2, gen, 0, 1000) / 1000).view(2, 1, 1, 1, 1)
+        err = (0.5 * ((1 - sigma) * x0 + sigma * noise) - (noise - x0)) ** 2
+        assert loss.item() == pytest.approx(err[:, :, 1:].mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="--i2v_mask_first_frame is for --task i2v-A14B.*t2v-A14B has no y"):
+        conditioning_for("t2v-A14B", mask_given_frames=True)
+    with pytest.raises(ValueError, match="ti2v-5B has no y: use --ti2v_first_frame"):
+        conditioning_for("ti2v-5B", mask_given_frames=True)
+
+
+def test_the_flag_reaches_the_run_plan():
+    from wanlora.commands.train import parse_config
+    from wanlora.training.trainer import plan_run
+
+    base = ["--dit", "d", "--expert", "low", "--dataset_config", "ds.toml", "--output_dir", "out",
+            "--i2v_mask_first_frame"]
+    assert plan_run(parse_config(["--task", "i2v-A14B", *base]))[3].mask_given_frames
+    with pytest.raises(ValueError, match="--i2v_mask_first_frame is for --task"):
+        plan_run(parse_config(["--task", "t2v-A14B", *base]))

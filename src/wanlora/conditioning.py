@@ -372,6 +372,9 @@ class ImageToVideo(Conditioning):
     Attributes:
         known_frames: the pixel frames the mask marks and the VAE sees (``(0,)``; see
             :func:`i2v_mask`).
+        mask_given_frames: training only (``--i2v_mask_first_frame``): leave the latent frames the
+            conditioning gives whole (the mask of ``y`` is 1 on all 4 channels: frame 0) out of
+            the loss; a one-frame window keeps its frame.
     """
 
     kind: ClassVar[str] = "i2v"
@@ -381,14 +384,21 @@ class ImageToVideo(Conditioning):
     label: ClassVar[str] = "I2V conditioning 'y'"
     first_frame_note: ClassVar[str] = "takes its first frame from the cached y"
     known_frames: tuple[int, ...] = (0,)
+    mask_given_frames: bool = False
 
     def cache_tensors(self, vae, videos, clip=None):
         """``{"y": [B, 20, T, h, w]}`` from each window's first frame (:func:`i2v_y`)."""
         return {"y": i2v_y(vae, videos, self.known_frames)}
 
     def training_inputs(self, batch, x0, x_t, timestep, generator):
-        """The cached ``y`` in float32 on ``x0``'s device, the same for every timestep."""
-        return TrainingInputs(x_t, timestep, y=batch["y"].to(device=x0.device, dtype=torch.float32))
+        """The cached ``y`` in float32 on ``x0``'s device, the same for every timestep; with
+        :attr:`mask_given_frames` the loss mask ``[B, 1, F, 1, 1]`` is 0 on the latent frames whose 4
+        mask channels in ``y`` are all 1 (:func:`i2v_mask`: frame 0), when there is more than one."""
+        y = batch["y"].to(device=x0.device, dtype=torch.float32)
+        if not self.mask_given_frames or x0.shape[2] < 2:
+            return TrainingInputs(x_t, timestep, y=y)
+        given = y[:, :4, :, :1, :1].amin(dim=1, keepdim=True) > 0.5  # the mask is constant in space
+        return TrainingInputs(x_t, timestep, y=y, loss_mask=(~given).to(torch.float32))
 
     def image_pixels(self, task, image, max_area):
         """:func:`i2v_size` at ``max_area`` (the image's aspect ratio), :func:`i2v_image` resize."""
@@ -572,24 +582,33 @@ KINDS: dict[str, type[Conditioning]] = {
     c.kind: c for c in (TextToVideo, ImageToVideo, ClipImageToVideo, FirstLastFrameToVideo, FirstFrameLatent)}
 
 
-def conditioning_for(task: str | Task, first_frame_prob: float = 0.0) -> Conditioning:
+def conditioning_for(task: str | Task, first_frame_prob: float = 0.0, mask_given_frames: bool = False) -> Conditioning:
     """The conditioning of ``task`` (a ``--task`` name or :class:`Task`), chosen from the task table.
 
     Args:
         first_frame_prob: ``--ti2v_first_frame`` (training): probability in [0, 1] that a sample's
             first latent frame is given clean; only for a conditioning that trains it (TI2V-5B).
+        mask_given_frames: ``--i2v_mask_first_frame`` (training): leave the frames ``y`` gives out
+            of the loss; only for the I2V conditionings (:class:`ImageToVideo` and its subclasses).
 
     Raises:
         ValueError: an unknown task, a probability outside [0, 1], or a probability > 0 for a task
-            whose conditioning does not train a first frame (the message names the tasks that do).
+            whose conditioning does not train a first frame, or ``mask_given_frames`` for a task
+            without ``y`` (each message names the tasks that take it).
     """
     task = get_task(task)
     cls = KINDS[task.conditioning]
     p = float(first_frame_prob)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"--ti2v_first_frame {first_frame_prob}: a probability in [0, 1]")
+    if mask_given_frames:
+        if not issubclass(cls, ImageToVideo):
+            fits = ", ".join(t.name for t in TASKS.values() if issubclass(KINDS[t.conditioning], ImageToVideo))
+            raise ValueError(f"--i2v_mask_first_frame is for --task {fits} (their first frame is given by y); "
+                             f"{task.name} has no y" + (": use --ti2v_first_frame" if cls.trains_first_frame else ""))
+    kw = {"mask_given_frames": True} if mask_given_frames else {}
     if p == 0.0:
-        return cls()
+        return cls(**kw)
     if not cls.trains_first_frame:
         fits = ", ".join(t.name for t in TASKS.values() if KINDS[t.conditioning].trains_first_frame)
         raise ValueError(f"--ti2v_first_frame is for --task {fits}; {task.name} {cls.first_frame_note}")

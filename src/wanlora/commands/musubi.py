@@ -54,6 +54,8 @@ ACCEPTED: dict[str, dict[str, tuple[int, str]]] = {
         "--guidance_scale": (1, "Wan has no embedded guidance (musubi uses it for HunyuanVideo only); sample "
                                 "prompts take their CFG scale from --g / --l"),
         "--vae_dtype": (1, "the VAE only decodes samples during training, in float32"),
+        "--use_mask_loss": (0, "masked loss is on for every dataset entry with mask_directory (its masks are "
+                               "in the latent caches)"),
     },
 }
 

@@ -77,6 +77,9 @@ class DataConfig:
     ti2v_first_frame: float = option(
         0.0, "ti2v-5B: train image-to-video — with this probability per sample (1.0 when given alone) latent "
         "frame 0 stays clean at timestep 0 and is left out of the loss", nargs="?", const=1.0)
+    i2v_mask_first_frame: bool = option(
+        False, "i2v-A14B / i2v-14B / flf2v-14B: leave latent frame 0, which the image conditioning y gives, "
+        "out of the loss (a one-frame window keeps it)")
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def plan_run(config: TrainConfig) -> tuple[Task, ExpertPlan, flow.TimestepDistri
     task = get_task(config.model_files.task)
     plan = plan_experts(task, config.model_files.dit, config.model_files.dit_high_noise, config.experts.expert,
                         config.experts.expert_lora, config.experts.timestep_boundary)
-    conditioning = conditioning_for(task, config.data.ti2v_first_frame)
+    conditioning = conditioning_for(task, config.data.ti2v_first_frame, config.data.i2v_mask_first_frame)
     return task, plan, flow.TimestepDistribution.from_config(config.timesteps), conditioning
 
 
