@@ -98,7 +98,7 @@ def flow_matching_loss(model_fn, batch: dict, sampler: flow.TimestepDistribution
     pred = model_fn(inputs.x_t, inputs.timestep, batch["context"], inputs.y, inputs.clip_fea)
     loss_mask = inputs.loss_mask
     if batch.get("mask") is not None:  # the dataset's loss masks [B, 1, F, h, w] (mask_directory)
-        weights = batch["mask"].to(device=device, dtype=torch.float32)
+        weights = to_device(batch["mask"], device, torch.float32)
         loss_mask = weights if loss_mask is None else loss_mask * weights
     per_sample = per_sample_mse((pred.float() - target) ** 2, loss_mask)
     weights = flow.loss_weighting(weighting_scheme, sigma)
