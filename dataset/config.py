@@ -14,6 +14,10 @@ The schema is the one musubi-tuner users know (see ``docs/dataset.md``)::
     target_frames = [1, 17, 33]
     frame_extraction = "head"      # head | chunk | slide | uniform | full
 
+    [[validation_datasets]]        # optional: held-out items for the validation loss
+    video_directory = "held_out"   # same keys as [[datasets]], cached by the same commands
+    cache_directory = "cache/held_out"
+
 Validation reports every problem at once (file, entry, key, expected type or range); unknown keys
 are errors with the closest known key suggested. Relative paths resolve against the TOML file's
 folder. Frame counts are rounded down to 4n+1 (the VAE's temporal stride) with a warning, and
@@ -111,6 +115,8 @@ class DatasetConfig:
         default_caption: used when an item has no caption; ``None`` makes that an error.
         config_path: the TOML file.
         mask_directory: the folder of loss masks (:mod:`wanlora.dataset.masks`), or None.
+        section: the TOML array it came from: ``datasets`` (training) or ``validation_datasets``
+            (the validation loss, :mod:`wanlora.training.validation_loss`).
     """
 
     index: int
@@ -133,11 +139,12 @@ class DatasetConfig:
     source_fps: float | None
     config_path: Path
     mask_directory: Path | None = None
+    section: str = "datasets"
 
     @property
     def name(self) -> str:
-        """``datasets[i]``: how messages name this entry of the TOML."""
-        return f"datasets[{self.index}]"
+        """``datasets[i]`` / ``validation_datasets[i]``: how messages name this entry of the TOML."""
+        return f"{self.section}[{self.index}]"
 
     @property
     def is_jsonl(self) -> bool:
@@ -156,12 +163,26 @@ class DatasetConfig:
 
 @dataclass
 class DatasetGroupConfig:
-    """All entries of one dataset TOML, for one task."""
+    """All entries of one dataset TOML, for one task: ``datasets`` train, ``validation_datasets``
+    (``[[validation_datasets]]``, optional) only measure the validation loss."""
 
     path: Path
     task: Task
     datasets: list[DatasetConfig]
     warnings: list[str] = field(default_factory=list)
+    validation_datasets: list[DatasetConfig] = field(default_factory=list)
+
+    @property
+    def all_datasets(self) -> list[DatasetConfig]:
+        """Training then validation entries: what the caching commands cache."""
+        return self.datasets + self.validation_datasets
+
+    def validation(self) -> "DatasetGroupConfig | None":
+        """The validation entries as a group of their own (what a
+        :class:`wanlora.dataset.TrainingDataset` of the validation set reads), None without any."""
+        if not self.validation_datasets:
+            return None
+        return DatasetGroupConfig(self.path, self.task, list(self.validation_datasets), list(self.warnings))
 
 
 def _type_name(v: Any) -> str:
@@ -285,7 +306,8 @@ def parse_dataset_config(data: dict, path: str | Path, task: str | Task) -> Data
     base = path.parent
     c = _Checker(path)
     notes: list[str] = []
-    c.unknown_keys("", data, ("general", "datasets"), " (top level takes [general] and [[datasets]])")
+    c.unknown_keys("", data, ("general", "datasets", "validation_datasets"),
+                   " (top level takes [general], [[datasets]] and [[validation_datasets]])")
 
     general_raw = data.get("general", {})
     general: dict[str, Any] = {}
@@ -306,10 +328,29 @@ def parse_dataset_config(data: dict, path: str | Path, task: str | Task) -> Data
         c.add("datasets", None, "expected an array of tables [[datasets]]")
         entries = []
 
-    datasets: list[DatasetConfig] = []
     caches: dict[Path, str] = {}
+    datasets = _entries(c, "datasets", entries, general, base, path, task, notes, caches)
+    validation = data.get("validation_datasets", [])
+    if not isinstance(validation, list) or any(not isinstance(e, dict) for e in validation):
+        c.add("validation_datasets", None, "expected an array of tables [[validation_datasets]]")
+        validation = []
+    validation_datasets = _entries(c, "validation_datasets", validation, general, base, path, task, notes, caches)
+    if c.problems:
+        raise DatasetConfigError(path, c.problems)
+    for note in notes:
+        warnings.warn(f"{path}: {note}", DatasetConfigWarning, stacklevel=3)
+    return DatasetGroupConfig(path=path, task=task, datasets=datasets, warnings=notes,
+                              validation_datasets=validation_datasets)
+
+
+def _entries(c: _Checker, section: str, entries: list, general: dict, base: Path, path: Path, task: Task,
+             notes: list[str], caches: dict[Path, str]) -> list[DatasetConfig]:
+    """Check and resolve the entries of one array of tables (``[[datasets]]`` or
+    ``[[validation_datasets]]``; same keys); problems go to ``c``, cache folders to ``caches``
+    (one entry per folder across both arrays)."""
+    datasets: list[DatasetConfig] = []
     for i, entry in enumerate(entries):
-        where = f"datasets[{i}]"
+        where = f"{section}[{i}]"
         c.unknown_keys(where, entry, DATASET_KEYS)
         values = {}
         for key, v in entry.items():
@@ -351,7 +392,7 @@ def parse_dataset_config(data: dict, path: str | Path, task: str | Task) -> Data
                 c.add(where, "mask_directory", f"folder not found: {mask_dir}")
         if cache in caches:
             c.add(where, "cache_directory", f"{cache} is also used by {caches[cache]}; each [[datasets]] "
-                  "entry needs its own cache_directory")
+                  "and [[validation_datasets]] entry needs its own cache_directory")
         caches[cache] = where
         if kind == "image":
             merged.update(target_frames=(1,), frame_extraction="head", frame_stride=1, frame_sample=1,
@@ -367,13 +408,9 @@ def parse_dataset_config(data: dict, path: str | Path, task: str | Task) -> Data
             default_caption=merged["default_caption"], target_frames=tuple(merged["target_frames"]),
             frame_extraction=merged["frame_extraction"], frame_stride=merged["frame_stride"],
             frame_sample=merged["frame_sample"], max_frames=merged["max_frames"],
-            source_fps=merged["source_fps"], config_path=path, mask_directory=mask_dir,
+            source_fps=merged["source_fps"], config_path=path, mask_directory=mask_dir, section=section,
         ))
-    if c.problems:
-        raise DatasetConfigError(path, c.problems)
-    for note in notes:
-        warnings.warn(f"{path}: {note}", DatasetConfigWarning, stacklevel=3)
-    return DatasetGroupConfig(path=path, task=task, datasets=datasets, warnings=notes)
+    return datasets
 
 
 def load_dataset_config(path: str | Path, task: str | Task) -> DatasetGroupConfig:
@@ -384,7 +421,8 @@ def load_dataset_config(path: str | Path, task: str | Task) -> DatasetGroupConfi
         task: a ``--task`` name or :class:`~wanlora.tasks.Task` (gives the pixel unit).
 
     Returns:
-        :class:`DatasetGroupConfig` with one :class:`DatasetConfig` per ``[[datasets]]`` entry.
+        :class:`DatasetGroupConfig` with one :class:`DatasetConfig` per ``[[datasets]]`` entry (and per
+        ``[[validation_datasets]]`` entry, in ``validation_datasets``).
 
     Raises:
         DatasetConfigError: every problem at once (TOML syntax, unknown keys with the closest known

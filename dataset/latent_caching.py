@@ -187,7 +187,7 @@ def plan_latent_caches(config: DatasetGroupConfig, vae_identity: str, vae_kind: 
                        clip_identity: str | None = None) -> CachePlan:
     """Plan every item of every entry (probing only; nothing decoded). See :func:`plan_item`."""
     jobs, failed, current, n, unmasked = [], [], 0, 0, []
-    for ds in config.datasets:
+    for ds in config.all_datasets:  # validation entries are cached alike
         masks = mask_index(ds.mask_directory, ds.kind) if ds.mask_directory is not None else None
         for item in list_items(ds):
             n += 1

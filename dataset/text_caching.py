@@ -37,7 +37,7 @@ def cache_text(config: DatasetGroupConfig, text_encoder, batch_size: int = 8, fo
     t0 = time.perf_counter()
     report = CacheReport()
     todo: dict[str, list[tuple]] = {}  # caption -> [(path, metadata)]
-    for ds in config.datasets:
+    for ds in config.all_datasets:  # validation entries are cached alike
         for item in list_items(ds):
             report.items += 1
             if item.problem:

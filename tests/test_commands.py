@@ -13,7 +13,7 @@ from wanlora.commands.args import ConfigFileError
 from wanlora.commands.train import parse_args, parse_config
 from wanlora.run_config import DtypeError, default_device, parse_dtype
 
-COMMANDS = ["cache_latents", "cache_text", "train", "generate", "convert_lora", "merge_lora"]
+COMMANDS = ["cache_latents", "cache_text", "train", "generate", "convert_lora", "merge_lora", "ema_lora"]
 BASE = ["--task", "t2v-A14B", "--dit", "d", "--dataset_config", "ds.toml", "--output_dir", "out"]
 
 

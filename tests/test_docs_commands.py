@@ -26,6 +26,7 @@ COMMANDS = {
     "wanlora-generate": "wanlora.commands.generate",
     "wanlora-convert-lora": "wanlora.commands.convert_lora",
     "wanlora-merge-lora": "wanlora.commands.merge_lora",
+    "wanlora-ema-lora": "wanlora.commands.ema_lora",
     "wanlora-download": "wanlora.commands.download",
 }
 MODULES = {
@@ -35,6 +36,7 @@ MODULES = {
     "wanlora.commands.generate": "wanlora.commands.generate",
     "wanlora.commands.convert_lora": "wanlora.commands.convert_lora",
     "wanlora.commands.merge_lora": "wanlora.commands.merge_lora",
+    "wanlora.commands.ema_lora": "wanlora.commands.ema_lora",
     "wanlora.commands.download": "wanlora.commands.download",
 }
 

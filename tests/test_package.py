@@ -28,7 +28,7 @@ def test_wheel_contains_networks_and_dataset(tmp_path):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
     for script in ("wanlora-cache-latents", "wanlora-cache-text", "wanlora-train",
-                   "wanlora-generate", "wanlora-convert-lora", "wanlora-merge-lora"):
+                   "wanlora-generate", "wanlora-convert-lora", "wanlora-merge-lora", "wanlora-ema-lora"):
         assert script in scripts
 
 

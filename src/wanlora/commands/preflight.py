@@ -137,13 +137,16 @@ def _ranges(args) -> Iterable[tuple[str, object, str]]:
     for name in ("network_dim", "network_dim_high_noise", "expert_switch_every", "max_nonfinite_steps",
                  "save_every_n_steps", "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs",
                  "save_last_n_steps_state", "save_last_n_epochs_state", "sample_every_n_steps",
-                 "sample_every_n_epochs", "lr_scheduler_num_cycles"):
+                 "sample_every_n_epochs", "lr_scheduler_num_cycles", "validate_every_n_steps",
+                 "validate_every_n_epochs", "validation_timesteps"):
         yield f"--{name}", g(name), ">=1"
     for name in ("network_alpha", "network_alpha_high_noise", "learning_rate", "learning_rate_high_noise"):
         yield f"--{name}", g(name), ">0"
     for name in ("lr_warmup_steps", "max_grad_norm", "max_data_loader_n_workers"):
         yield f"--{name}", g(name), ">=0"
     yield "--network_dropout", g("network_dropout"), "[0,1)"
+    yield "--ema_decay", g("ema_decay"), "[0,1)"
+    yield "--max_validation_steps", g("max_validation_steps"), ">=0"
 
 
 _RULE_TEXT = {">=1": "must be at least 1", ">0": "must be above 0", ">=0": "must not be negative",

@@ -12,6 +12,10 @@ the end                     ``NAME.safetensors``                       ``NAME-st
 non-finite losses           —                                          ``NAME-nonfinite-state``
 ==========================  =========================================  ==========================
 
+With ``--ema_decay`` every LoRA save also writes the EMA weights (:mod:`wanlora.training.ema`) under
+the tag plus ``_ema`` (``NAME_ema.safetensors``, ``NAME-step00000200_ema_high_noise.safetensors``),
+in the same all-or-nothing write, and state folders hold the EMA (``ema.<key>``).
+
 A state folder is wanlora's own format (:mod:`wanlora.training.state_io`): each LoRA's weights,
 optimizer and schedule, accelerate's step counter and grad scaler, every process's RNG states, as
 safetensors with JSON, plus ``train_state.json`` (:class:`TrainState`, the run's layout and the
@@ -29,6 +33,7 @@ options as musubi's ``ss_*`` keys).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -108,9 +113,11 @@ def _gather(accelerator):
     return lambda x: gather_object([x])
 
 
-def write_state_folder(accelerator, final: Path, train_state: TrainState, bundles: dict, layout: dict) -> Path:
+def write_state_folder(accelerator, final: Path, train_state: TrainState, bundles: dict, layout: dict,
+                       extra: dict | None = None) -> Path:
     """Write the state folder ``final`` (every process; :func:`wanlora.training.state_io.write_state_dir`)
-    of ``bundles`` (:class:`wanlora.training.lora_bundle.LoraBundle` by key). Returns ``final``.
+    of ``bundles`` (:class:`wanlora.training.lora_bundle.LoraBundle` by key) and the ``extra``
+    components (``{name: state dict}``, e.g. ``ema.<key>``). Returns ``final``.
 
     Raises:
         SaveError: on every process when any failed (one line with the fix); ``final`` untouched.
@@ -118,6 +125,7 @@ def write_state_folder(accelerator, final: Path, train_state: TrainState, bundle
     comps = training_components({k: b.network for k, b in bundles.items()},
                                 {k: b.optimizer for k, b in bundles.items()},
                                 {k: b.scheduler for k, b in bundles.items()}, accelerator)
+    comps.update(extra or {})
     return write_state_dir(final, comps, asdict(train_state), layout, process_index=accelerator.process_index,
                            num_processes=accelerator.num_processes, is_main=accelerator.is_main_process,
                            gather=_gather(accelerator))
@@ -134,11 +142,12 @@ class Checkpointer:
         max_steps: the run's optimizer steps (saves at the last step are the final save's).
         seed: the run's seed (metadata, state layout).
         bundles: the run's :class:`wanlora.training.lora_bundle.LoraBundle` by LoRA key (state saves).
+        ema: the run's :class:`wanlora.training.ema.LoraEMA` (``--ema_decay``), or None.
     """
 
     def __init__(self, accelerator, config: TrainConfig, task: Task, plan: ExpertPlan,
-                 timesteps: TimestepDistribution, max_steps: int, seed: int, bundles: dict):
-        self.accelerator, self.config, self.task, self.plan = accelerator, config, task, plan
+                 timesteps: TimestepDistribution, max_steps: int, seed: int, bundles: dict, ema=None):
+        self.accelerator, self.config, self.task, self.plan, self.ema = accelerator, config, task, plan, ema
         self.timesteps, self.max_steps, self.bundles = timesteps, max_steps, bundles
         self.saving = config.saving
         self.output_dir = Path(config.saving.output_dir)
@@ -157,7 +166,8 @@ class Checkpointer:
 
     def save_loras(self, tag: str, bundles: dict, state: TrainState) -> None:
         """Write every LoRA of ``bundles`` (:class:`wanlora.training.lora_bundle.LoraBundle`) as
-        ``tag`` with its metadata, all files or none (main process; the others wait).
+        ``tag`` with its metadata, and with ``--ema_decay`` its EMA as ``tag_ema``, all files or
+        none (main process; the others wait).
 
         Raises:
             SaveError: on every process, when the files could not be written (one line: the cause,
@@ -168,9 +178,11 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             from wanlora.lora.metadata import build_lora_metadata
 
-            files = self.lora_files(tag)
             writers = {}
-            for key, file in files.items():
+            saves = [(self.lora_files(tag), None)]
+            if self.ema is not None:
+                saves.append((self.lora_files(f"{tag}_ema"), self.ema))
+            for files, ema, key, file in [(fs, e, k, f) for fs, e in saves for k, f in fs.items()]:
                 bundle = bundles[key]
                 rank, alpha = bundle.rank_alpha()
                 dit_path = self.plan.dit_paths[self.plan.loras[key][0]]
@@ -184,10 +196,10 @@ class Checkpointer:
                     pair_file=other[0] if other else None,
                     extra={**self.run_metadata, "ss_learning_rate": bundle.optimizer.param_groups[0]["initial_lr"],
                            "ss_steps": lora_steps(state, self.plan, key), "wan.run_steps": state.global_step,
-                           "ss_epoch": state.epoch},
+                           "ss_epoch": state.epoch, **(ema.metadata(key) if ema else {})},
                 )
                 network = self.accelerator.unwrap_model(bundle.wrapper).network
-                writers[file] = partial(_write_lora, network, self.saving.save_precision, md)
+                writers[file] = partial(_write_lora, network, self.saving.save_precision, md, ema=ema, key=key)
             try:
                 for file in save_files(writers, "LoRA weights"):
                     log.info("saved %s", file)
@@ -199,7 +211,9 @@ class Checkpointer:
 
     def save_state(self, tag: str, state: TrainState) -> Path:
         """Write the state folder ``OUTPUT_DIR/{tag}-state`` (every process); returns it."""
-        return write_state_folder(self.accelerator, self.output_dir / f"{tag}-state", state, self.bundles, self.layout)
+        extra = {f"ema.{k}": self.ema.state_dict(k) for k in self.bundles} if self.ema is not None else None
+        return write_state_folder(self.accelerator, self.output_dir / f"{tag}-state", state, self.bundles, self.layout,
+                                  extra)
 
     def load_state(self, folder: str | Path) -> TrainState:
         """Restore the LoRAs, optimizers, schedules, accelerate's step counter and this process's
@@ -216,6 +230,14 @@ class Checkpointer:
         restore_training_components(comps, {k: x.network for k, x in b.items()},
                                     {k: x.optimizer for k, x in b.items()}, {k: x.scheduler for k, x in b.items()},
                                     self.accelerator)
+        if self.ema is not None:
+            for key in b:
+                if f"ema.{key}" in comps:
+                    self.ema.load_state_dict(key, comps[f"ema.{key}"])
+                else:
+                    log.warning("%s holds no EMA of LoRA %s (saved without --ema_decay): the EMA starts from the "
+                                "resumed weights", folder, key)
+                    self.ema.reset(key)
         if rng is not None:
             set_rng_state(rng)
         names = {f.name for f in fields(TrainState)}
@@ -260,7 +282,8 @@ class Checkpointer:
         if self.saving.save_state:
             self.save_state(tag, state)
         if self.accelerator.is_main_process and keep:
-            prune(self.output_dir, numbered + r"(_high_noise|_low_noise)?\.safetensors", lambda k: k > number - keep)
+            prune(self.output_dir, numbered + r"(_ema)?(_high_noise|_low_noise)?\.safetensors",
+                  lambda k: k > number - keep)
         if self.accelerator.is_main_process and keep_state:
             prune(self.output_dir, numbered + "-state", lambda k: k > number - keep_state)
 
@@ -276,9 +299,11 @@ class Checkpointer:
         return self._base_hashes[dit_path]
 
 
-def _write_lora(network, dtype, metadata: dict, path: Path) -> None:
-    """One LoRA file (``network.save_weights``, the kohya convention) at ``path``."""
-    network.save_weights(str(path), dtype, metadata)
+def _write_lora(network, dtype, metadata: dict, path: Path, ema=None, key: str | None = None) -> None:
+    """One LoRA file (``network.save_weights``, the kohya convention) at ``path``; with ``ema``
+    (:class:`wanlora.training.ema.LoraEMA`) the EMA weights of LoRA ``key``."""
+    with ema.applied([key]) if ema is not None else contextlib.nullcontext():
+        network.save_weights(str(path), dtype, metadata)
 
 
 def prune(output_dir: Path, pattern: str, keep) -> None:

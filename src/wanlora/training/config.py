@@ -21,7 +21,8 @@ from wanlora.run_config import (CompileOptions, ModelFiles, attn_option, dtype_o
                                 ulysses_option)
 
 __all__ = ["TrainConfig", "ModelConfig", "ExpertConfig", "DataConfig", "NetworkConfig", "OptimizationConfig",
-           "TimestepConfig", "SavingConfig", "TrackingConfig", "SamplingConfig", "LaunchConfig", "LoraSettings"]
+           "TimestepConfig", "SavingConfig", "TrackingConfig", "SamplingConfig", "ValidationConfig", "EmaConfig",
+           "LaunchConfig", "LoraSettings"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,33 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """The validation loss on ``[[validation_datasets]]`` of the dataset TOML
+    (:mod:`wanlora.training.validation_loss`)."""
+
+    validate_every_n_steps: int | None = option(None, "validation loss every N optimizer steps")
+    validate_every_n_epochs: int | None = option(
+        None, "validation loss every N epochs (default: every epoch when the dataset TOML has "
+        "[[validation_datasets]] and --validate_every_n_steps is not given)")
+    max_validation_steps: int | None = option(None, "validation batches per evaluation (default: all)")
+    validation_seed: int = option(0, "seed of the validation noise: the same for every evaluation and, by "
+                                  "default, every run, so curves compare across steps and runs")
+    validation_timesteps: int = option(4, "timesteps per expert the validation loss is evaluated at, evenly "
+                                       "spaced inside the expert's range")
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """An exponential moving average of the LoRA weights (:mod:`wanlora.training.ema`)."""
+
+    ema_decay: float | None = option(None, "keep an EMA of each LoRA with this decay (e.g. 0.999), saved beside "
+                                     "every LoRA save as NAME_ema...safetensors and in --save_state")
+    ema_warmup: bool = option(True, "cap the decay of the n-th EMA update at (1+n)/(10+n) (diffusers' EMAModel), "
+                              "so early averages do not hold on to the initial weights")
+    sample_with_ema: bool = option(False, "render samples during training with the EMA weights")
+
+
+@dataclass(frozen=True)
 class LaunchConfig:
     """How the processes compute (the process count comes from ``accelerate launch`` / ``torchrun``)."""
 
@@ -234,6 +262,8 @@ class TrainConfig:
     saving: SavingConfig = group(SavingConfig, "saving")
     tracking: TrackingConfig = group(TrackingConfig, "logging")
     sampling: SamplingConfig = group(SamplingConfig, "samples during training")
+    validation: ValidationConfig = group(ValidationConfig, "validation loss")
+    ema: EmaConfig = group(EmaConfig, "EMA of the LoRA weights")
     launch: LaunchConfig = group(LaunchConfig, "distribution")
 
     def flat(self) -> dict:

@@ -13,6 +13,7 @@ stream                 position                                   draws
 :data:`DROPOUT`        optimizer step, micro-batch, process       the network's own dropout (global RNG,
                                                                   forked around the micro-batch)
 :data:`EXPERT`         expert group (``step // switch_every``)    which A14B expert trains
+:data:`VALIDATION`     validation batch (``--validation_seed``)   the validation loss's noise
 =====================  =========================================  =====================================
 """
 
@@ -21,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["NOISE", "DROPOUT", "EXPERT", "derive_seed", "stream_generator"]
+__all__ = ["NOISE", "DROPOUT", "EXPERT", "VALIDATION", "derive_seed", "stream_generator"]
 
-NOISE, DROPOUT, EXPERT = 0, 1, 2
+NOISE, DROPOUT, EXPERT, VALIDATION = 0, 1, 2, 3
 
 _MASK64 = (1 << 64) - 1
 

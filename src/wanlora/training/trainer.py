@@ -54,11 +54,13 @@ from wanlora.tasks import Task, get_task
 from wanlora.training import flow, seeds
 from wanlora.training.checkpoint import Checkpointer, TrainState, read_train_state, run_layout
 from wanlora.training.config import TrainConfig
+from wanlora.training.ema import LoraEMA
 from wanlora.training.experts import ExpertPlan, ExpertWeights, expert_of_step, expert_schedule, plan_experts
 from wanlora.training.lora_bundle import LoraBundle, build_lora_bundles, set_active
 from wanlora.training.optim import check_lr_scheduler, check_optimizer_type, parse_kv_args
 from wanlora.training.step_log import NonFiniteLossError, StepLog
 from wanlora.transfer import to_device
+from wanlora.training.validation_loss import build_validation_loss
 
 __all__ = ["train", "plan_run", "flow_matching_loss", "NonFiniteLossError", "TrainState"]
 
@@ -296,9 +298,10 @@ def prepare_dataloader(config: TrainConfig, task: Task, seed: int, dataset, acce
 
 
 def start_tracking_and_samples(config: TrainConfig, task: Task, plan: ExpertPlan, dit, experts, bundles, accelerator,
-                               sample_fn=None):
+                               sample_fn=None, ema: LoraEMA | None = None):
     """Start the TensorBoard tracker (``--logging_dir``) and build the ``--sample_prompts`` hook
-    unless ``sample_fn`` replaces it. Returns ``(tracking, sample_fn)``."""
+    unless ``sample_fn`` replaces it; with ``--sample_with_ema`` it samples with the ``ema``
+    weights. Returns ``(tracking, sample_fn)``."""
     tracking = config.tracking.logging_dir is not None and config.tracking.log_with == "tensorboard"
     if tracking:
         accelerator.init_trackers(config.tracking.log_prefix + config.tracking.log_tracker_name)
@@ -306,6 +309,8 @@ def start_tracking_and_samples(config: TrainConfig, task: Task, plan: ExpertPlan
         from wanlora.training.validation import SampleHook
 
         sample_fn = SampleHook(config, task, plan, dit, experts, bundles, accelerator)
+    if sample_fn is not None and ema is not None and config.ema.sample_with_ema:
+        sample_fn = ema.sampling_with_ema(sample_fn)
     return tracking, sample_fn
 
 
@@ -360,7 +365,7 @@ def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, devi
 # the loop
 
 
-def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -> TrainState:
+def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None, validation_dataset=None) -> TrainState:
     """Train as ``config`` says; returns the final state.
 
     Args:
@@ -370,6 +375,8 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
         load_dit: a replacement for :func:`wanlora.models.load_dit` (same signature).
         sample_fn: ``sample_fn(step, epoch, networks)`` replacing the samples of
             ``--sample_prompts`` (:class:`wanlora.training.validation.SampleHook`).
+        validation_dataset: validation batches instead of ``[[validation_datasets]]``
+            (:class:`wanlora.training.validation_loss.ValidationLoss`).
     Raises:
         NonFiniteLossError: ``--max_nonfinite_steps`` skipped steps in a row (state saved).
         ValueError: inconsistent flags (named).
@@ -400,6 +407,8 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
         # ---- data, model, LoRAs, checkpoints
         positions, loader = prepare_dataloader(config, task, seed, dataset, accelerator, layout)
         max_steps = run_length(config, len(loader))
+        validator = build_validation_loss(config, task, plan, timesteps, conditioning, accelerator, layout, len(loader),
+                                          validation_dataset, read_toml=dataset is None)
         # under FSDP each rank loads on the CPU and keeps only its shards on the device
         dit, experts = load_dit_and_experts(config, task, plan, "cpu" if layout.fsdp else device,
                                             dit_dtype(config, accelerator.mixed_precision), load_dit)
@@ -411,16 +420,19 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
         if config.compile.compile:  # after the LoRA hooks are in: they are traced into the block graphs
             dit.compile_blocks(**config.compile.kwargs())
         networks = {key: b.network for key, b in bundles.items()}
-        checkpoints = Checkpointer(accelerator, config, task, plan, timesteps, max_steps, seed, bundles)
+        ema = None if config.ema.ema_decay is None else LoraEMA(networks, config.ema.ema_decay, config.ema.ema_warmup)
+        checkpoints = Checkpointer(accelerator, config, task, plan, timesteps, max_steps, seed, bundles, ema)
         state = TrainState(seed=seed)
         if resume is not None:
             state = checkpoints.load_state(config.saving.resume)
             log.info("resumed from %s at step %d (epoch %d, batch %d)", config.saving.resume, state.global_step,
                      state.epoch + 1, state.batch_in_epoch)
         tracking, sample_fn = start_tracking_and_samples(config, task, plan, dit, experts, bundles, accelerator,
-                                                         sample_fn)
+                                                         sample_fn, ema)
         if sample_fn is not None and config.sampling.sample_at_first and state.global_step == 0:
             _sample(sample_fn, 0, None, networks, bundles)
+        if validator is not None:
+            validator.start(state, dit, experts, bundles, ema)
 
         # ---- the loop: nothing in it waits for the device but the step log's read points
         progress = tqdm(total=max_steps, initial=state.global_step, disable=not main, desc="steps")
@@ -449,11 +461,15 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None) -
                 done, window = window, None  # the optimizer step is complete (or skipped on the device)
                 _step_schedulers(bundles)
                 state.global_step += 1
+                if ema is not None:
+                    ema.update(done.lora.key)
                 steps.add(state.global_step, done.expert, done.values, done.timesteps, bundles)
                 if (steps.due(state.global_step) or checkpoints.saves_after_step(state.global_step)
                         or state.global_step >= max_steps):
                     steps.read(state)
                 checkpoints.after_step(state, bundles)
+                if validator is not None:
+                    validator.after_step(state)
                 if sample_fn is not None and _due(config.sampling.sample_every_n_steps, state.global_step):
                     _sample(sample_fn, state.global_step, None, networks, bundles)
                 if state.global_step >= max_steps:
