@@ -7,9 +7,11 @@ follows its own expert's steps), each trainable parameter ``w`` updates its floa
     e  <- e * d_n + w * (1 - d_n)            float32, in this order of operations
 
 starting from the LoRA's weights when training starts (``--network_weights`` or the fresh
-initialization). The warm-up cap is diffusers' ``EMAModel.get_decay`` without ``use_ema_warmup``
-(``training_utils.py``): the first update keeps 10 % of the initial weights, the 100th about 92 %,
-so an EMA of a short run is not held at the initialization (a LoRA's ``up`` starts at zero).
+initialization). A step skipped on the device for a non-finite loss counts as an update too (its
+weights did not change), so the update never waits for the device. The warm-up cap is diffusers'
+``EMAModel.get_decay`` without ``use_ema_warmup`` (``training_utils.py``): the first update keeps
+10 % of the initial weights, the 100th about 92 %, so an EMA of a short run is not held at the
+initialization (a LoRA's ``up`` starts at zero).
 
 The EMA is saved beside every LoRA save as ``NAME_ema`` (``NAME_ema.safetensors``,
 ``NAME-step00000200_ema_high_noise.safetensors``, ...; :class:`wanlora.training.checkpoint.Checkpointer`)
