@@ -286,7 +286,8 @@ def cache_latents(
         num_workers: decoding processes (0 decodes in this process).
         force: rebuild caches that are up to date.
         debug_mode: ``"video"`` or ``"image"``: write the exact frames that would be trained to
-            ``{cache_directory}/debug/`` (an MP4, or a folder of PNGs, per window) and encode nothing.
+            ``{cache_directory}/debug/`` (an MP4, or a folder of PNGs, per window; an item's loss mask
+            beside them as ``..._mask``, its weights as gray levels) and encode nothing.
         progress: show a tqdm bar (items/s).
         clip: the CLIP image encoder (:func:`wanlora.models.load_clip`) for the tasks whose
             conditioning caches CLIP features (``i2v-14B``, ``flf2v-14B``); ignored by the others.
@@ -375,10 +376,15 @@ def cache_latents(
         for k, (wj, frames) in enumerate(zip(job.windows, decoded.frames)):
             if debug_mode:
                 out = wj.path.parent / "debug" / wj.path.name.replace(".safetensors", "")
-                if debug_mode == "video":
-                    write_video(out.with_suffix(".mp4"), frames, fps=task.fps)
-                else:
-                    write_images(out, frames)
+                shown = [(out, frames)]
+                if decoded.masks is not None:  # the loss weights as gray frames, aligned with the frames
+                    gray = np.rint(decoded.masks[k] * 255).astype(np.uint8)
+                    shown.append((out.with_name(out.name + "_mask"), np.repeat(gray[..., None], 3, axis=-1)))
+                for dst, pixels in shown:
+                    if debug_mode == "video":
+                        write_video(dst.with_suffix(".mp4"), pixels, fps=task.fps)
+                    else:
+                        write_images(dst, pixels)
                 report.cached += 1
                 continue
             video = frames_to_video(frames)

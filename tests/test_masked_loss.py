@@ -339,3 +339,38 @@ def test_the_flag_reaches_the_run_plan():
     assert plan_run(parse_config(["--task", "i2v-A14B", *base]))[3].mask_given_frames
     with pytest.raises(ValueError, match="--i2v_mask_first_frame is for --task"):
         plan_run(parse_config(["--task", "t2v-A14B", *base]))
+
+
+def test_mp4_and_static_masks_of_clips_and_the_debug_view(tmp_path, tiny_dir, capsys):
+    """A clip with a per-frame MP4 mask and one with a single PNG for all frames; --debug_mode
+    writes each mask beside the frames it weights."""
+    from wanlora.video_io import write_video
+
+    rng = np.random.default_rng(3)
+    clips, masks = tmp_path / "clips", tmp_path / "masks"
+    for name in ("moving", "still"):
+        write_video(clips / f"{name}.mp4", rng.integers(0, 256, (9, 32, 48, 3), dtype=np.uint8), fps=16)
+        (clips / f"{name}.txt").write_text(name)
+    levels = [40 * (k % 5) + 30 for k in range(9)]
+    write_video(masks / "moving.mp4", np.stack([np.full((32, 48, 3), v, np.uint8) for v in levels]), fps=16)
+    still = np.zeros((32, 48), np.uint8)
+    still[:, 24:] = 255
+    _png(masks / "still.png", still)
+    toml = tmp_path / "d.toml"
+    toml.write_text('[general]\nresolution = [48, 32]\n[[datasets]]\nvideo_directory = "clips"\n'
+                    'cache_directory = "cv"\nmask_directory = "masks"\ntarget_frames = [9]\n')
+    assert _cache(toml, tiny_dir) == 0
+    moving = load_file(str(next((tmp_path / "cv").glob("moving_*.safetensors"))))["mask"]
+    want = [levels[0], sum(levels[1:5]) / 4, sum(levels[5:9]) / 4]
+    assert moving.shape == (1, 3, 4, 6)
+    assert moving[0].mean(dim=(1, 2)).tolist() == pytest.approx([v / 255 for v in want], abs=2 / 255)  # H.264
+    s = load_file(str(next((tmp_path / "cv").glob("still_*.safetensors"))))["mask"]
+    assert torch.equal(s, torch.cat([torch.zeros(1, 3, 4, 3), torch.ones(1, 3, 4, 3)], dim=3))
+    capsys.readouterr()
+    assert cache_latents_main(["--dataset_config", str(toml), "--task", "t2v-A14B", "--debug_mode", "image",
+                               "--num_workers", "0", "--no_progress"]) == 0
+    shown = sorted(p.name for p in (tmp_path / "cv" / "debug").iterdir())
+    assert shown == ["moving_00000-009_48x32_wan21", "moving_00000-009_48x32_wan21_mask",
+                     "still_00000-009_48x32_wan21", "still_00000-009_48x32_wan21_mask"]
+    frame = np.asarray(Image.open(tmp_path / "cv" / "debug" / "still_00000-009_48x32_wan21_mask" / "frame_00004.png"))
+    assert np.array_equal(frame[..., 0], still)
