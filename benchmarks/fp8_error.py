@@ -1,8 +1,9 @@
 """How far fp8 base weights move LoRA training and generation from bf16, measured.
 
 One random-weight DiT (default: the Wan2.1 1.3B block widths, dim 1536 / FFN 8960 / 12 heads, 4
-blocks) is saved as a bf16 checkpoint and loaded three ways — bf16, ``--fp8_base``,
-``--fp8_scaled`` — all computing in bf16. Then:
+blocks) is saved as a bf16 checkpoint and loaded four ways — bf16, ``--fp8_base``,
+``--fp8_scaled`` (computing in bf16) and ``--fp8_compute`` (fp8 matmuls with per-row scales, on the
+CPU through PyTorch's reference ``torch._scaled_mm``). Then:
 
 * **LoRA gradients**: a rank-16 LoRA (``lora_up`` initialized non-zero so every adapter is active)
   gets one flow-matching step on the same batch (latent ``--grid``, timesteps 100..900); the
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     from wanlora.io_utils import save_safetensors
     from wanlora.models import load_dit
     from wanlora.models.dit import WanDiT, WanDiTConfig
+    from wanlora.models.fp8 import set_fp8_compute
     from wanlora.networks.lora_wan import create_network
 
     cfg = WanDiTConfig(dim=a.dim, ffn_dim=a.ffn_dim, num_heads=a.heads, num_layers=a.layers,
@@ -68,10 +70,12 @@ def main(argv=None) -> int:
     del sd
 
     variants = {"fp32": ("fp32", None), "bf16": ("bf16", None), "fp8_base": ("bf16", "base"),
-                "fp8_scaled": ("bf16", "scaled")}
+                "fp8_scaled": ("bf16", "scaled"), "fp8_compute": ("bf16", "scaled")}
     models = {}
     for name, (dtype, fp8) in variants.items():
         m = load_dit(path, "t2v-1.3B" if a.dim == 1536 else "t2v-A14B", dtype=dtype, fp8=fp8)
+        if name == "fp8_compute":  # the CPU's torch._scaled_mm: the same math as the GPU kernels
+            set_fp8_compute(m)
         torch.manual_seed(1)
         net = create_network(1.0, 16, 16, None, None, m)
         net.apply_to(None, m)
@@ -99,7 +103,7 @@ def main(argv=None) -> int:
             loss.backward()
             grads[name].append(torch.cat([q.grad.reshape(-1).float() for q in net.parameters()]))
     res = {"config": vars(a), "gradients": {}, "latents": {}}
-    for name in ("fp8_base", "fp8_scaled", "bf16"):
+    for name in ("fp8_base", "fp8_scaled", "fp8_compute", "bf16"):
         ref = "fp32" if name == "bf16" else "bf16"
         per = [_stats(x, y) for x, y in zip(grads[name], grads[ref])]
         res["gradients"][f"{name} vs {ref}"] = {k: sum(d[k] for d in per) / len(per) for k in per[0]}
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
                 v = m(x, sched.timesteps[i : i + 1].float(), ctx).float()
                 x = solver.step(v, x)
             finals[name] = x
-    for name in ("fp8_base", "fp8_scaled", "bf16"):
+    for name in ("fp8_base", "fp8_scaled", "fp8_compute", "bf16"):
         ref = "fp32" if name == "bf16" else "bf16"
         res["latents"][f"{name} vs {ref}"] = _stats(finals[name], finals[ref])
     print(json.dumps(res, indent=1))

@@ -7,7 +7,9 @@ trainer's precision):
 1. **One Wan2.2 A14B block** (dim 5120, ffn 13824, 40 heads), LoRA forward + backward, at the
    token counts of 832x480x81 (32 760 tokens) and 1280x720x81 (75 600 tokens): eager with each
    attention backend that is installed (``sdpa``, ``cudnn``, ``flash``, ``flash3``, ``xformers``)
-   and compiled (``WanDiT.compile_blocks``, inductor) with ``sdpa``; the compile time apart.
+   and compiled (``WanDiT.compile_blocks``, inductor) with ``sdpa``; the compile time apart; with
+   the block Linears in fp8 (``--fp8_scaled``: dequantized to bf16 per matmul) and multiplied in
+   fp8 (``--fp8_compute``: ``torch._scaled_mm`` with per-row scales), eager and compiled.
    MFU = model FLOPs / (time x peak), with the FLOP formula of :func:`block_flops` (also in
    ``docs/benchmarks.md``): recomputation is not counted, the frozen weights need no weight
    gradient, so a Linear costs 2x its forward and attention 3x.
@@ -43,6 +45,8 @@ import torch
 
 from wanlora.models.attention import TRAINING_ATTN_MODES, check_attn_mode
 from wanlora.models.dit import WanDiT, WanDiTConfig
+from wanlora.models.fp8 import quantize_linears_, set_fp8_compute
+from wanlora.models.fp8_matmul import check_fp8_compute
 from wanlora.models.loading import cast_dit
 from wanlora.networks.lora_wan import create_network
 
@@ -210,10 +214,17 @@ def random_dit(arch: Arch, layers: int | None, device, attn_mode: str = "sdpa", 
     return dit.eval().requires_grad_(False)
 
 
-def _lora_dit(arch: Arch, layers: int | None, device, rank: int, attn_mode: str = "sdpa", seed: int = 0):
+def _lora_dit(arch: Arch, layers: int | None, device, rank: int, attn_mode: str = "sdpa", seed: int = 0,
+              fp8: str | None = None):
     """:func:`random_dit` with a float32 LoRA on every block's 10 Linear layers (random up, as
-    after some training)."""
+    after some training). ``fp8``: ``"scaled"`` stores the block Linears as ``--fp8_scaled`` does
+    (dequantized to bf16 per matmul), ``"compute"`` also multiplies them in fp8 (``--fp8_compute``)."""
     dit = random_dit(arch, layers, device, attn_mode, seed)
+    if fp8:
+        quantize_linears_(dit, scaled=True, compute_dtype=torch.bfloat16)
+        if fp8 == "compute":
+            check_fp8_compute(device)
+            set_fp8_compute(dit)
     net = create_network(1.0, rank, rank, None, None, dit)
     net.apply_to(None, dit)
     net.to(device)
@@ -230,10 +241,11 @@ def _autocast(device):
 # 1. one block
 
 
-def bench_block(run: Runner, arch: Arch, size_name: str, size, mode: str, compiled: bool, a) -> dict:
+def bench_block(run: Runner, arch: Arch, size_name: str, size, mode: str, compiled: bool, a,
+                fp8: str | None = None) -> dict:
     check_attn_mode(mode, training=True)
     dev = run.device
-    dit, net = _lora_dit(arch, 1, dev, a.rank, mode)
+    dit, net = _lora_dit(arch, 1, dev, a.rank, mode, fp8=fp8)
     grid = token_grid(arch, size)
     L = math.prod(grid)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -437,9 +449,14 @@ def main(argv=None) -> int:
             for mode in modes:
                 run.row("A14B block fwd+bwd", f"{size_name} eager {mode}",
                         lambda: bench_block(run, arch, size_name, size, mode, False, a), fl)
+            for fp8 in ("scaled", "compute"):  # --fp8_scaled (dequantized to bf16) and --fp8_compute
+                run.row("A14B block fwd+bwd", f"{size_name} eager sdpa fp8_{fp8}",
+                        lambda: bench_block(run, arch, size_name, size, "sdpa", False, a, fp8), fl)
             if not a.no_compile:
                 run.row("A14B block fwd+bwd", f"{size_name} compiled sdpa",
                         lambda: bench_block(run, arch, size_name, size, "sdpa", True, a), fl)
+                run.row("A14B block fwd+bwd", f"{size_name} compiled sdpa fp8_compute",
+                        lambda: bench_block(run, arch, size_name, size, "sdpa", True, a, "compute"), fl)
     if "step" in sections:
         for name in ("1.3B", "5B"):
             arch = archs[name]

@@ -42,7 +42,8 @@ def test_script_runs_on_tiny_sizes(tmp_path):
                     "--sections", "block,step,generate,sync", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     done = {(r["section"], r["config"]) for r in rows if r.get("s", 0) > 0}
-    assert {c for s, c in done if s.startswith("A14B block")} == {"480p eager sdpa", "720p eager sdpa"}
+    assert {c for s, c in done if s.startswith("A14B block")} == {
+        f"{size} eager sdpa{fp8}" for size in ("480p", "720p") for fp8 in ("", " fp8_scaled", " fp8_compute")}
     assert {s for s, c in done} >= {"1.3B training step (checkpointed)", "5B training step (checkpointed)",
                                     "A14B expert generation step (CFG batched)"}
     errors = {r["config"]: r["error"] for r in rows if "error" in r}

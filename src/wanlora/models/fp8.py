@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wanlora.models.fp8_matmul import Fp8ScaledMatmul
+
 __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
@@ -44,6 +46,7 @@ __all__ = [
     "convert_to_fp8_linears",
     "quantize_linears_",
     "fp8_scale_key",
+    "set_fp8_compute",
 ]
 
 #: The storage dtype (4 exponent bits, 3 mantissa bits, no infinities, max 448).
@@ -138,9 +141,12 @@ class Fp8Linear(nn.Linear):
         compute_dtype: the dtype the weight is dequantized into and the matmul runs in.
 
     ``forward(x)``: ``x [..., in]`` -> ``[..., out]`` in ``compute_dtype``. Under autocast the
-    compute dtype is autocast's. It is an ``nn.Linear`` (``isinstance`` holds), so LoRA modules
+    compute dtype is autocast's. With :attr:`fp8_matmul` (``--fp8_compute``, :func:`set_fp8_compute`)
+    the matmuls run in fp8 (:mod:`wanlora.models.fp8_matmul`) instead of dequantizing. It is an ``nn.Linear`` (``isinstance`` holds), so LoRA modules
     hook it unchanged; merging a LoRA into it is refused (:func:`wanlora.lora.algebra.merge_delta_`).
     """
+
+    fp8_matmul: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scaled: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16, device=None):
@@ -168,12 +174,14 @@ class Fp8Linear(nn.Linear):
         dtype = self.compute_dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
+        matmul = Fp8ScaledMatmul if self.fp8_matmul else _Fp8Matmul
         with torch.autocast(x.device.type, enabled=False):
-            return _Fp8Matmul.apply(x, self.weight, self.weight_scale, self.bias, dtype)
+            return matmul.apply(x, self.weight, self.weight_scale, self.bias, dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, fp8={'scaled' if self.scaled else 'cast'}, "
+                f"{'fp8 matmul, ' if self.fp8_matmul else ''}"
                 f"compute_dtype={self.compute_dtype}")
 
 
@@ -243,3 +251,25 @@ def quantize_linears_(model: nn.Module, scaled: bool, compute_dtype: torch.dtype
         setattr(model.get_submodule(parent_name), child, new)
         names.append(name)
     return names
+
+
+def set_fp8_compute(model: nn.Module, enabled: bool = True) -> list[str]:
+    """Run every :class:`Fp8Linear` of ``model`` with fp8 matmuls (``--fp8_compute``; module
+    :mod:`wanlora.models.fp8_matmul`) or, with ``enabled=False``, dequantized again.
+
+    Returns:
+        The names of the layers switched.
+    Raises:
+        ValueError: a layer whose ``in``/``out`` is not a multiple of 16 (named), or a model with no
+            fp8 layers (``--fp8_compute`` needs ``--fp8_base`` / ``--fp8_scaled`` weights).
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Fp8Linear)]
+    if enabled and not layers:
+        raise ValueError("--fp8_compute: the DiT has no fp8 layers; load it with --fp8_scaled (or --fp8_base)")
+    for name, m in layers:
+        if enabled and (m.in_features % 16 or m.out_features % 16):
+            raise ValueError(f"--fp8_compute: layer {name} is {m.out_features}x{m.in_features}; fp8 matmuls need "
+                             "both sizes a multiple of 16")
+    for _, m in layers:
+        m.fp8_matmul = enabled
+    return [n for n, _ in layers]

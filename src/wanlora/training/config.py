@@ -41,6 +41,9 @@ class ModelConfig:
     fp8_base: bool = option(False, "store the frozen Linear weights of the DiT blocks in float8_e4m3fn (half of "
                             "bf16), computed in --dit_dtype (docs/memory.md)")
     fp8_scaled: bool = option(False, "fp8 with one float32 scale per output channel (implies --fp8_base)")
+    fp8_compute: bool = option(False, "multiply the fp8 block weights in fp8 (per-row scales, torch._scaled_mm) on "
+                               "GPUs with fp8 tensor cores (compute capability 8.9+); implies --fp8_scaled unless "
+                               "--fp8_base is given")
     blocks_to_swap: int = option(0, "DiT blocks kept in pinned host memory and copied to the GPU ahead of use "
                                  "(needs --gradient_checkpointing)")
     estimate_memory: bool = option(False, "print the predicted GPU and host memory peaks for these settings "
@@ -49,7 +52,9 @@ class ModelConfig:
     @property
     def fp8(self) -> str | None:
         """``load_dit``'s ``fp8``: ``"scaled"``, ``"base"`` or ``None``."""
-        return "scaled" if self.fp8_scaled else ("base" if self.fp8_base else None)
+        if self.fp8_scaled or (self.fp8_compute and not self.fp8_base):
+            return "scaled"
+        return "base" if self.fp8_base else None
 
 
 @dataclass(frozen=True)

@@ -322,11 +322,13 @@ def _unbatch(items):
 def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, device, dtype, load_dit=None):
     """One DiT module (first expert's weights, on ``device``) and the expert weight store.
 
-    ``--fp8_base``/``--fp8_scaled`` load the block Linears in fp8; with ``--blocks_to_swap N`` the DiT
-    is loaded on the CPU and N blocks stay there (:func:`wanlora.models.block_swap.place_with_block_swap`).
+    ``--fp8_base``/``--fp8_scaled`` load the block Linears in fp8 (``--fp8_compute``: multiplied in fp8);
+    with ``--blocks_to_swap N`` the DiT is loaded on the CPU and N blocks stay there
+    (:func:`wanlora.models.block_swap.place_with_block_swap`).
 
     Raises:
-        ValueError: ``--blocks_to_swap`` without ``--gradient_checkpointing``, or out of range.
+        ValueError: ``--blocks_to_swap`` without ``--gradient_checkpointing``, or out of range;
+            ``--fp8_compute`` on a GPU without fp8 tensor cores.
     """
     from wanlora.models.block_swap import place_with_block_swap
     from wanlora.training.experts import base_tensors
@@ -337,6 +339,10 @@ def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, devi
     if m.blocks_to_swap and not m.gradient_checkpointing:
         raise ValueError("--blocks_to_swap needs --gradient_checkpointing (each block is reloaded while the "
                          "backward pass recomputes it)")
+    if m.fp8_compute:  # before minutes of loading
+        from wanlora.models.fp8_matmul import check_fp8_compute
+
+        check_fp8_compute(device)
     kw = {"fp8": m.fp8} if m.fp8 else {}  # (a replacement load_dit need not know fp8)
     experts = plan.experts
     first = "low_noise" if "low_noise" in experts else experts[0]
@@ -350,6 +356,10 @@ def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, devi
             other = load_dit(plan.dit_paths[e], task=task.name, dtype=dtype, device="cpu", attn_mode=m.attn_mode, **kw)
             others[e] = {k: v.detach() for k, v in base_tensors(other).items()}
             del other
+    if m.fp8_compute:
+        from wanlora.models.fp8 import set_fp8_compute
+
+        set_fp8_compute(dit)
     weights = ExpertWeights(dit, first, others, offload=config.experts.offload_inactive_dit, swap=swap)
     dit.requires_grad_(False)
     dit.set_gradient_checkpointing(bool(m.gradient_checkpointing), cpu_offload=m.gradient_checkpointing_cpu_offload)
