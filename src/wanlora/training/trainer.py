@@ -371,6 +371,32 @@ def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, devi
     return dit, weights
 
 
+def load_model_and_loras(config: TrainConfig, task: Task, plan: ExpertPlan, network_module, accelerator, layout,
+                         max_steps: int, load_dit=None):
+    """The frozen DiT and its expert store (:func:`load_dit_and_experts`; under FSDP each rank loads on
+    the CPU and keeps only its shards on the device), the LoRA bundles on it, and with ``--compile``
+    its blocks compiled after the LoRA hooks are in (they are traced into the block graphs).
+    Returns ``(dit, experts, bundles)``."""
+    dit, experts = load_dit_and_experts(config, task, plan, "cpu" if layout.fsdp else accelerator.device,
+                                        dit_dtype(config, accelerator.mixed_precision), load_dit)
+    if layout.world_size > 1:
+        from wanlora.models.distributed import distribute_dit
+
+        distribute_dit(dit, layout)
+    bundles = build_lora_bundles(config, network_module, plan, task, dit, accelerator, max_steps)
+    if config.compile.compile:
+        dit.compile_blocks(**config.compile.kwargs())
+    return dit, experts, bundles
+
+
+def _read_resume(config: TrainConfig, task: Task, plan: ExpertPlan, accelerator) -> TrainState | None:
+    """``--resume``'s train state, checked against this run's layout (own files only), or ``None``."""
+    if not config.saving.resume:
+        return None
+    return read_train_state(config.saving.resume, run_layout(config, task, plan, config.optimization.seed,
+                                                             accelerator.num_processes))
+
+
 # ------------------------------------------------------------------------------------------
 # the loop
 
@@ -397,10 +423,7 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None, v
     task, plan, timesteps, conditioning = plan_run(config)
     network_module = check_before_loading(config)
     accelerator = make_accelerator(config)
-    resume = None
-    if config.saving.resume:  # checked (own files only, same layout) before anything loads
-        resume = read_train_state(config.saving.resume, run_layout(config, task, plan, config.optimization.seed,
-                                                                   accelerator.num_processes))
+    resume = _read_resume(config, task, plan, accelerator)  # checked (own files, same layout) before anything loads
     seed = run_seed(config, resume)
     set_seed(seed)  # once: the LoRA initialization
     device, main = accelerator.device, accelerator.is_main_process
@@ -419,16 +442,8 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None, v
         max_steps = run_length(config, len(loader))
         validator = build_validation_loss(config, task, plan, timesteps, conditioning, accelerator, layout, len(loader),
                                           validation_dataset, read_toml=dataset is None)
-        # under FSDP each rank loads on the CPU and keeps only its shards on the device
-        dit, experts = load_dit_and_experts(config, task, plan, "cpu" if layout.fsdp else device,
-                                            dit_dtype(config, accelerator.mixed_precision), load_dit)
-        if layout.world_size > 1:
-            from wanlora.models.distributed import distribute_dit
-
-            distribute_dit(dit, layout)
-        bundles = build_lora_bundles(config, network_module, plan, task, dit, accelerator, max_steps)
-        if config.compile.compile:  # after the LoRA hooks are in: they are traced into the block graphs
-            dit.compile_blocks(**config.compile.kwargs())
+        dit, experts, bundles = load_model_and_loras(config, task, plan, network_module, accelerator, layout,
+                                                     max_steps, load_dit)
         networks = {key: b.network for key, b in bundles.items()}
         ema = None if config.ema.ema_decay is None else LoraEMA(networks, config.ema.ema_decay, config.ema.ema_warmup)
         checkpoints = Checkpointer(accelerator, config, task, plan, timesteps, max_steps, seed, bundles, ema)
