@@ -8,7 +8,11 @@ Latent cache, one per item and frame window, in the entry's ``cache_directory``:
 frame count (4n+1; images: ``00000-001``), ``W x H`` the bucket in pixels, ``vae`` ``wan21`` or
 ``wan22``. Tensors: ``latents`` float32 ``[C, T, h, w]`` (normalized VAE latents,
 ``T = (frames-1)/4 + 1``, ``h = H/stride``, ``w = W/stride``); for ``i2v`` tasks also ``y``
-float32 ``[20, T, h, w]`` = concat(mask 4, image latent 16) as ``wan/image2video.py`` builds it.
+float32 ``[20, T, h, w]`` = concat(mask 4, image latent 16) as ``wan/image2video.py`` builds it;
+for the Wan2.1 image tasks ``clip_fea`` float32 ``[257·n, 1280]``; for the Fun-Control tasks
+``latents_control`` float32 ``[16, T, h, w]`` (the control clip's frames at the window's frame
+numbers, same bucket) and for ``i2v-14B-FC`` also ``start_latent`` ``[16, 1, h, w]`` (the window's
+first frame encoded alone) and ``clip_fea`` ``[257, 1280]``.
 
 Text cache, one per item: ``{stem}_wan_te.safetensors`` with ``context`` float32 ``[L, d_model]``
 (umT5 output trimmed to the caption's tokens).
@@ -58,6 +62,8 @@ TEXT_SUFFIX = "_wan_te.safetensors"
 #: has_clip_fea and clip (the CLIP encoder's identity), which the content check compares. Entries
 #: with ``mask_directory`` add has_mask and mask (the mask file's identity as JSON, or "none"), also
 #: compared; the tensor ``mask`` float32 [1, T, h, w] holds the loss weights (wanlora.dataset.masks).
+#: The Fun-Control tasks add has_latents_control (and has_start_latent, has_clip_fea for i2v-14B-FC)
+#: and control (JSON of the control clip's source, source_size, source_mtime_ns), compared too.
 LATENT_META_KEYS = (
     "format", "source", "source_size", "source_mtime_ns", "window_start", "window_frames",
     "frame_indices", "source_fps", "width", "height", "vae", "vae_kind", "task", "conditioning",
@@ -65,7 +71,7 @@ LATENT_META_KEYS = (
 )
 LATENT_CONTENT_KEYS = (
     "format", "source", "source_size", "source_mtime_ns", "frame_indices", "width", "height",
-    "vae", "has_y", "clip", "mask",
+    "vae", "has_y", "clip", "mask", "control",
 )
 #: Text cache metadata: format, caption, text_encoder (identity), source (media path), dataset.
 TEXT_META_KEYS = ("format", "caption", "text_encoder", "source", "dataset")

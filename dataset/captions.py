@@ -31,15 +31,18 @@ def read_caption(path: str | Path) -> str | None:
 
 @dataclass(frozen=True)
 class JsonlRecord:
-    """One JSONL line: media path (absolute), caption (``None`` if absent), line number."""
+    """One JSONL line: media path (absolute), caption (``None`` if absent), line number, and the
+    control clip (``control_path``, absolute; Fun-Control datasets) or ``None``."""
 
     path: Path
     caption: str | None
     line: int
+    control: Path | None = None
 
 
 def read_jsonl(path: str | Path, path_key: str) -> tuple[list[JsonlRecord], list[str]]:
-    """Read a metadata JSONL (``{"video_path": ..., "caption": ...}`` per line).
+    """Read a metadata JSONL (``{"video_path": ..., "caption": ...}`` per line, optionally
+    ``"control_path"``: the item's control clip or image, Fun-Control).
 
     Relative media paths resolve against the JSONL file's folder. Blank lines are skipped.
 
@@ -68,6 +71,11 @@ def read_jsonl(path: str | Path, path_key: str) -> tuple[list[JsonlRecord], list
         if caption is not None and not isinstance(caption, str):
             problems.append(f"{path}:{n}: \"caption\" must be a string")
             continue
+        control = obj.get("control_path")
+        if control is not None and not isinstance(control, str):
+            problems.append(f"{path}:{n}: \"control_path\" must be a string")
+            continue
         caption = caption.strip() if caption else None
-        records.append(JsonlRecord((path.parent / obj[path_key]).resolve(), caption or None, n))
+        records.append(JsonlRecord((path.parent / obj[path_key]).resolve(), caption or None, n,
+                                   (path.parent / control).resolve() if control else None))
     return records, problems

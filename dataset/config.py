@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from wanlora.dataset.frames import round_frames
-from wanlora.tasks import Task, get_task
+from wanlora.conditioning import KINDS
+from wanlora.tasks import TASKS, Task, get_task
 
 __all__ = [
     "DatasetConfig",
@@ -55,12 +56,13 @@ COMMON_KEYS = (
     "bucket_no_upscale", "default_caption",
 )
 GENERAL_KEYS = COMMON_KEYS + VIDEO_KEYS
-DATASET_KEYS = COMMON_KEYS + VIDEO_KEYS + SOURCE_KEYS + ("cache_directory", "mask_directory")
+DATASET_KEYS = COMMON_KEYS + VIDEO_KEYS + SOURCE_KEYS + ("cache_directory", "mask_directory", "control_directory")
 #: musubi-tuner keys for features wanlora does not have: a clear error instead of "unknown key".
 UNSUPPORTED_KEYS = {
-    "control_directory": "control videos/images (Fun-Control, Kontext) are not supported",
-    "control_resolution": "control images are not supported",
-    "no_resize_control": "control images are not supported",
+    "control_resolution": "Fun-Control concatenates the control latents with the target's on channels, so "
+                          "control frames always take the target's size",
+    "no_resize_control": "Fun-Control concatenates the control latents with the target's on channels, so "
+                         "control frames always take the target's size",
     "multiple_target": "layered (multiple target) images are not supported",
     "fp_latent_window_size": "FramePack options do not apply to Wan",
     "fp_1f_clean_indices": "FramePack options do not apply to Wan",
@@ -117,6 +119,10 @@ class DatasetConfig:
         mask_directory: the folder of loss masks (:mod:`wanlora.dataset.masks`), or None.
         section: the TOML array it came from: ``datasets`` (training) or ``validation_datasets``
             (the validation loss, :mod:`wanlora.training.validation_loss`).
+        control_directory: the folder of control clips/images (Fun-Control tasks: the item with
+            the same stem, any media extension, or a folder of frames), or ``None`` (JSONL entries
+            name them per line with ``control_path``).
+        needs_control: every item needs a control clip (the task is a Fun-Control task).
     """
 
     index: int
@@ -140,6 +146,8 @@ class DatasetConfig:
     config_path: Path
     mask_directory: Path | None = None
     section: str = "datasets"
+    control_directory: Path | None = None
+    needs_control: bool = False
 
     @property
     def name(self) -> str:
@@ -290,7 +298,7 @@ def _check_value(c: _Checker, where: str, key: str, v: Any, task: Task, notes: l
             c.add(where, key, f"expected a positive number (frames per second of the source), got {v!r}")
             return None
         return float(v)
-    if key in ("cache_directory", "mask_directory") + SOURCE_KEYS:
+    if key in ("cache_directory", "mask_directory", "control_directory") + SOURCE_KEYS:
         v = c.string(where, key, v)
         if v is not None and not v.strip():
             c.add(where, key, "expected a path, got an empty string")
@@ -394,6 +402,24 @@ def _entries(c: _Checker, section: str, entries: list, general: dict, base: Path
             c.add(where, "cache_directory", f"{cache} is also used by {caches[cache]}; each [[datasets]] "
                   "and [[validation_datasets]] entry needs its own cache_directory")
         caches[cache] = where
+        control = None
+        uses_control = KINDS[task.conditioning].uses_control
+        if "control_directory" in values:
+            control = (base / values["control_directory"]).resolve()
+            if not uses_control:  # a note, not an error: wanlora-cache-text reads any task's config
+                fc = ", ".join(t.name for t in TASKS.values() if KINDS[t.conditioning].uses_control)
+                notes.append(f"{where}.control_directory is read by the Fun-Control tasks ({fc}) only; "
+                             f"--task {task.name} ignores it")
+                control = None
+            elif source_key.endswith("_jsonl_file"):
+                c.add(where, "control_directory", f"with {source_key}, name each item's control clip with "
+                      "\"control_path\" on its JSONL line; remove control_directory")
+            elif not control.is_dir():
+                c.add(where, "control_directory", f"folder not found: {control}")
+        elif uses_control and source_key.endswith("_directory"):
+            c.add(where, "control_directory", f"required by --task {task.name} (Fun-Control trains on a "
+                  "control clip per item): add control_directory = \"path/to/controls\" (the control "
+                  "clip of clips/a.mp4 is controls/a.mp4, any extension, or a folder controls/a/ of frames)")
         if kind == "image":
             merged.update(target_frames=(1,), frame_extraction="head", frame_stride=1, frame_sample=1,
                           max_frames=1, source_fps=None)
@@ -409,6 +435,7 @@ def _entries(c: _Checker, section: str, entries: list, general: dict, base: Path
             frame_extraction=merged["frame_extraction"], frame_stride=merged["frame_stride"],
             frame_sample=merged["frame_sample"], max_frames=merged["max_frames"],
             source_fps=merged["source_fps"], config_path=path, mask_directory=mask_dir, section=section,
+            control_directory=control, needs_control=uses_control,
         ))
     return datasets
 

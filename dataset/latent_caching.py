@@ -16,6 +16,12 @@ An entry with ``mask_directory`` adds each window's loss weights on the latent g
 ``[1, T, h, w]`` (:mod:`wanlora.dataset.masks`), recorded as ``has_mask = "1"`` with the mask file's
 identity in ``mask`` (``"none"`` for an item without a mask: it trains with full weight); adding,
 editing or removing a mask makes the cache stale.
+
+Fun-Control tasks read each item's control clip (:attr:`MediaItem.control`) at the same frame
+numbers as the target window, resized and cropped to the same bucket, and cache its VAE latent as
+``latents_control`` in the same file (the control file's identity recorded as ``control``: an
+edited control clip makes the cache stale). A control clip with fewer frames than a window needs
+fails that item, naming both files.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wanlora.conditioning import conditioning_for
+from wanlora.conditioning import conditioning_for, frames_to_video
 from wanlora.dataset import caches as C
 from wanlora.dataset.buckets import bucket_size
 from wanlora.dataset.config import DatasetConfig, DatasetGroupConfig
@@ -68,15 +74,19 @@ class ItemJob:
     stale: list[Path] = field(default_factory=list)  # old caches of this item to remove once done
     mask: Path | None = None  # its loss mask (entries with mask_directory)
     media_size: tuple[int, int] | None = None  # displayed (W, H) of the media
+    control_info: object = None  # VideoInfo of a video item's control clip (Fun-Control)
 
 
 @dataclass
 class DecodedItem:
     """The decoded pixels of one :class:`ItemJob`, per window: ``frames`` uint8 ``[F, H, W, 3]``;
-    ``masks`` float32 ``[F, H, W]`` in [0, 1] when the item has a mask, else None."""
+    ``masks`` float32 ``[F, H, W]`` in [0, 1] when the item has a mask, else None; ``controls``
+    uint8 ``[F, H, W, 3]``, the control clip's frames at the same frame numbers and size
+    (Fun-Control), else None."""
 
     frames: list[np.ndarray]
     masks: list[np.ndarray] | None = None
+    controls: list[np.ndarray] | None = None
 
 
 @dataclass
@@ -153,7 +163,8 @@ def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str,
                 want = f"max_frames {ds.max_frames}" if ds.frame_extraction == "full" else f"target_frames {list(ds.target_frames)}"
                 return None, 0, (f"{item.path}: clip has {desc}, shorter than every {want} "
                                  f"({ds.name}); lower target_frames or drop the clip")
-    except MediaError as e:
+        control_info = _check_control(ds, item, windows, seq)
+    except ValueError as e:  # MediaError, or a control clip too short
         return None, 0, str(e)
     size = bucket_size(w, h, ds.resolution, task.pixel_unit, ds.enable_bucket, ds.bucket_no_upscale)
     ident = C.source_identity(item.path)
@@ -163,6 +174,7 @@ def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str,
         "width": str(size[0]), "height": str(size[1]), "vae": vae_identity, "vae_kind": vae_kind,
         "task": task.name, "conditioning": cond.kind, "has_y": "0", **{f"has_{k}": "1" for k in cond.cache_keys},
         **({"clip": clip_identity or "none"} if cond.uses_clip else {}),
+        **({"control": C.dumps(C.source_identity(item.control))} if item.control is not None else {}),
         "dataset": ds.name, "config": str(ds.config_path), "options": C.dumps(ds.shaping_options()),
         **mask_metadata(ds.mask_directory, mask),
     }
@@ -179,7 +191,7 @@ def plan_item(ds: DatasetConfig, item: MediaItem, task: Task, vae_identity: str,
             continue
         jobs.append(WindowJob(win, indices, path, meta))
     stale = [p for p in C.latent_caches_in(ds.cache_directory, vae_kind).get(item.stem, []) if p.name not in planned]
-    job = ItemJob(item, ds.kind, size, jobs, info, stale, mask, (w, h)) if (jobs or stale) else None
+    job = ItemJob(item, ds.kind, size, jobs, info, stale, mask, (w, h), control_info) if (jobs or stale) else None
     return job, current, None
 
 
@@ -203,31 +215,57 @@ def plan_latent_caches(config: DatasetGroupConfig, vae_identity: str, vae_kind: 
     return CachePlan(jobs, current, failed, n, unmasked)
 
 
-def decode_item(job: ItemJob) -> DecodedItem:
-    """Pixels of each window of ``job`` in bucket size (:class:`DecodedItem`), with its mask's weights.
+def _check_control(ds: DatasetConfig, item: MediaItem, windows: list[FrameWindow], seq):
+    """Probe the item's control clip (Fun-Control): a readable image, or a video with every frame
+    the windows read (the control clip's frame ``k`` goes with the target's frame ``k``).
+
+    Returns:
+        the control video's ``VideoInfo`` (``None`` for an image entry or no control clip).
 
     Raises:
-        MediaError: the media or its mask cannot be decoded, or the mask does not fit the media.
+        MediaError: an unreadable control file; ValueError: a control clip too short.
     """
+    if item.control is None:
+        return None
+    if ds.kind == "image":
+        image_size(item.control)
+        return None
+    info = probe_video(item.control)
+    need = max(max(window_source_indices(w, seq)) for w in windows) + 1
+    if info.frame_count < need:
+        raise ValueError(f"{item.control}: the control clip has {info.frame_count} frames but {item.path} is "
+                         f"trained on frames up to {need} ({ds.name}); its frame k pairs with the video's frame "
+                         "k: give a control clip as long as the video, or lower target_frames")
+    return info
+
+
+def _read_windows(job: ItemJob, path: Path, info) -> list[np.ndarray]:
+    """The frames of each window of ``job`` read from ``path`` (the item, or its control clip), in
+    bucket size: uint8 ``[F, H, W, 3]`` per window."""
     if job.kind == "image":
-        arr = np.asarray(resize_cover_crop(read_image(job.item.path), job.size))[None]
-        frames = [arr for _ in job.windows]
-    else:
-        union = sorted({i for w in job.windows for i in w.indices})
-        decoded = read_video_frames(job.item.path, union, size=job.size, info=job.info)
-        pos = {i: k for k, i in enumerate(union)}
-        frames = [decoded[[pos[i] for i in w.indices]] for w in job.windows]
+        arr = np.asarray(resize_cover_crop(read_image(path), job.size))[None]
+        return [arr for _ in job.windows]
+    union = sorted({i for w in job.windows for i in w.indices})
+    decoded = read_video_frames(path, union, size=job.size, info=info)
+    pos = {i: k for k, i in enumerate(union)}
+    return [decoded[[pos[i] for i in w.indices]] for w in job.windows]
+
+
+def decode_item(job: ItemJob) -> DecodedItem:
+    """Pixels of each window of ``job`` in bucket size (:class:`DecodedItem`), with its mask's weights
+    and its control clip's frames (the same frame numbers, size and crop).
+
+    Raises:
+        MediaError: the media, its mask or its control clip cannot be decoded, or the mask does not
+            fit the media.
+    """
+    frames = _read_windows(job, job.item.path, job.info)
     masks = None
     if job.mask is not None:
         masks = read_pixel_masks(job.mask, job.item.path, job.kind, [w.indices for w in job.windows], job.size,
                                  job.media_size, job.info.frame_count if job.info is not None else None)
-    return DecodedItem(frames, masks)
-
-
-def frames_to_video(frames: np.ndarray) -> torch.Tensor:
-    """uint8 ``[F, H, W, 3]`` -> float32 ``[3, F, H, W]`` in [-1, 1]."""
-    x = torch.from_numpy(np.array(frames, dtype=np.uint8)).permute(3, 0, 1, 2).float()
-    return x / 127.5 - 1.0
+    controls = None if job.item.control is None else _read_windows(job, job.item.control, job.control_info)
+    return DecodedItem(frames, masks, controls)
 
 
 class _DecodeSet(torch.utils.data.Dataset):
@@ -328,7 +366,7 @@ def cache_latents(
             for p in job.stale:
                 p.unlink(missing_ok=True)
     jobs = [job for job in plan.jobs if job.windows]
-    pending: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor | None]]] = {}
+    pending: dict[tuple, list[tuple[int, int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]] = {}
     done_windows: dict[int, int] = {}
     failed_jobs: set[int] = set()
 
@@ -343,17 +381,18 @@ def cache_latents(
         entries = pending.pop(key, [])
         if not entries:
             return
-        videos = torch.stack([v for _, _, v, _ in entries])
+        videos = torch.stack([v for _, _, v, _, _ in entries])
+        controls = torch.stack([c for *_, c in entries]) if entries[0][4] is not None else None
         try:
             lat = vae.encode(videos).float().cpu()
-            extra = {k: v.cpu() for k, v in cond.cache_tensors(vae, videos, clip).items()}
+            extra = {k: v.cpu() for k, v in cond.cache_tensors(vae, videos, clip, control=controls).items()}
         except Exception as e:  # noqa: BLE001
-            for j, _, _, _ in entries:
+            for j, *_ in entries:
                 if j not in failed_jobs:
                     failed_jobs.add(j)
                     report.failed.append((str(jobs[j].item.path), f"VAE encoding failed: {type(e).__name__}: {e}"))
             return
-        for b, (j, k, _, mask) in enumerate(entries):
+        for b, (j, k, _, mask, _) in enumerate(entries):
             if j in failed_jobs:
                 continue
             wj = jobs[j].windows[k]
@@ -380,6 +419,8 @@ def cache_latents(
                 if decoded.masks is not None:  # the loss weights as gray frames, aligned with the frames
                     gray = np.rint(decoded.masks[k] * 255).astype(np.uint8)
                     shown.append((out.with_name(out.name + "_mask"), np.repeat(gray[..., None], 3, axis=-1)))
+                if decoded.controls is not None:  # Fun-Control: the control frames trained with them
+                    shown.append((out.with_name(out.name + "_control"), decoded.controls[k]))
                 for dst, pixels in shown:
                     if debug_mode == "video":
                         write_video(dst.with_suffix(".mp4"), pixels, fps=task.fps)
@@ -390,7 +431,8 @@ def cache_latents(
             video = frames_to_video(frames)
             mask = latent_mask(decoded.masks[k], task.vae_stride) if decoded.masks is not None else None
             key = tuple(video.shape)
-            pending.setdefault(key, []).append((j, k, video, mask))
+            ctrl = None if decoded.controls is None else frames_to_video(decoded.controls[k])
+            pending.setdefault(key, []).append((j, k, video, mask, ctrl))
             if len(pending[key]) >= batch_size:
                 flush(key)
     for key in list(pending):

@@ -160,6 +160,8 @@ def test_train_config_parses_and_is_what_its_name_says(path):
         "I2V samples need --i on every prompt; the other tasks none"
     assert all(bool(s.end_image_path) == conditioning_for(task).requires_end_image for s in specs), \
         "FLF2V samples need --ei (the last frame) on every prompt; the other tasks none"
+    assert all(bool(s.control_path) == conditioning_for(task).uses_control for s in specs), \
+        "Fun-Control samples need --cn (the control video) on every prompt; the other tasks none"
     assert args.sample_every_n_epochs or args.sample_every_n_steps
     assert args.vae and args.t5 and args.t5_tokenizer
     assert Path(args.vae).name == ("Wan2.2_VAE.pth" if task.vae == "wan2.2" else "Wan2.1_VAE.pth")
@@ -199,7 +201,9 @@ def _copy_with_folders(path: Path, dst_dir: Path, media_dir: Path | None = None)
     shutil.copy(path, dst)
     data = tomllib.loads(path.read_text(encoding="utf-8"))
     for entry in data["datasets"]:
-        for key, exts in (("video_directory", VIDEO_EXTENSIONS), ("image_directory", IMAGE_EXTENSIONS)):
+        # Fun-Control: the clips themselves stand in for their control clips (same names)
+        for key, exts in (("video_directory", VIDEO_EXTENSIONS), ("image_directory", IMAGE_EXTENSIONS),
+                          ("control_directory", VIDEO_EXTENSIONS if "video_directory" in entry else IMAGE_EXTENSIONS)):
             if key not in entry:
                 continue
             folder = dst_dir / entry[key]

@@ -91,7 +91,7 @@ target_frames = [5]
 video_jsonl_file = "../meta.jsonl"
 
 [[datasets]]
-control_directory = "x"
+control_resolution = [512, 512]
 """)
     with pytest.raises(DatasetConfigError) as ei:
         load_dataset_config(p, "t2v-A14B")
@@ -107,7 +107,7 @@ control_directory = "x"
     assert any("datasets[1].target_frames" in q and "video datasets only" in q for q in probs)
     assert any("datasets[1].image_directory" in q and "folder not found" in q for q in probs)
     assert any("datasets[2].cache_directory" in q and "required" in q for q in probs)
-    assert any("datasets[3].control_directory" in q and "not supported" in q for q in probs)
+    assert any("datasets[3].control_resolution" in q and "not supported" in q for q in probs)
     assert len(probs) >= 10
 
 

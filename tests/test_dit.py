@@ -43,7 +43,10 @@ def _diffusers(cfg, sd):
 
 
 def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    """Relative error; the absolute one where the reference is zero (e.g. the gradient of the
+    first img_emb LayerNorm's weight for zero CLIP features)."""
+    n = b.norm()
+    return ((a - b).norm() / (n if n > 0 else 1.0)).item()
 
 
 # official key -> diffusers key of parameters whose gradients are compared
@@ -72,12 +75,14 @@ IMAGE_GRAD_PARAMS = {
 }
 
 
-def _parity(cfg, shape, timestep, y_channels=0, seed=0, float32_sinusoid=False, ctx_rows=7, clip_tokens=0):
+def _parity(cfg, shape, timestep, y_channels=0, seed=0, float32_sinusoid=False, ctx_rows=7, clip_tokens=0,
+            blank_clip=False):
     """Forward + backward of both models on the same inputs; returns the relative errors.
 
     ``clip_tokens``: CLIP tokens per sample for the image models (I2V: one image's, FLF2V: two
     images' — diffusers takes FLF2V's as ``[2B, n, C]``, first and last image of each sample
-    consecutive, and regroups them in pairs)."""
+    consecutive, and regroups them in pairs). ``blank_clip``: zero features (Fun-Control without
+    an image)."""
     sd = random_dit_state_dict(cfg, seed)
     ours, ref = _ours(cfg, sd), _diffusers(cfg, sd)
     if float32_sinusoid:
@@ -91,6 +96,8 @@ def _parity(cfg, shape, timestep, y_channels=0, seed=0, float32_sinusoid=False, 
     ctx = torch.randn(b, ctx_rows, cfg.text_dim, generator=g, requires_grad=True)  # padded inside
     clip = (torch.randn(b, clip_tokens, cfg.image_dim, generator=g, requires_grad=True)
             if clip_tokens else None)
+    if clip is not None and blank_clip:
+        clip = torch.zeros_like(clip, requires_grad=True)
     out = ours(x, timestep, ctx, y=y, clip_fea=clip)
 
     # diffusers: inputs concatenated on channels, context zero-padded to 512 rows by hand,
@@ -155,6 +162,17 @@ def test_wan21_flf2v_clip_parity_with_diffusers(shape):
     t = torch.tensor([640.0, 8.0][: shape[0]])
     cfg = _config(in_ch=36, image_dim=IMAGE_DIM, image_pos_len=34)
     _assert_small(_parity(cfg, shape, t, y_channels=20, clip_tokens=34))
+
+
+@pytest.mark.parametrize("blank_clip", [False, True], ids=["with_image", "without_image"])
+@pytest.mark.parametrize("shape", [(1, 16, 3, 4, 6), (2, 16, 2, 4, 4)])
+def test_fun_control_parity_with_diffusers(shape, blank_clip):
+    # Wan2.1-Fun-Control layout (t2v-1.3B-FC, t2v-14B-FC, i2v-14B-FC): 48 input channels (x 16 +
+    # control latent 16 + start latent 16) and the CLIP image branch; without an image the
+    # features are zeros (VideoX-Fun's pipeline_wan_fun_control.py).
+    t = torch.tensor([875.0, 33.0][: shape[0]])
+    cfg = _config(in_ch=48, image_dim=IMAGE_DIM)
+    _assert_small(_parity(cfg, shape, t, y_channels=32, clip_tokens=17, blank_clip=blank_clip))
 
 
 def test_clip_fea_required_exactly_by_image_models():

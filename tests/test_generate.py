@@ -243,7 +243,7 @@ def test_user_errors_one_line_exit_2(tiny_dir, tmp_path, capsys, monkeypatch):
     assert main(base + ["--dit", flags["--dit"], "--from_file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err == f"wanlora-generate: error: {bad}:1: unknown inline option --zz; the options are: " \
-                  "--w --h --f --d --s --g --l --fs --i --ei --n\n"
+                  "--w --h --f --d --s --g --l --fs --i --ei --cn --n\n"
     assert main(base + ["--dit", flags["--vae"], "--prompt", "a cat"]) == 2  # the VAE given as the DiT
     err = capsys.readouterr().err
     assert err.startswith("wanlora-generate: error: ") and "pass it as --vae" in err and "Traceback" not in err

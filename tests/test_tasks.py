@@ -19,7 +19,7 @@ def _official(name: str) -> dict:
     entry = OFFICIAL["tasks"][name]
     base = OFFICIAL["tasks"][entry["same_as"]] if "same_as" in entry else {}  # flf2v_14B = deepcopy(i2v_14B)
     cfg = {**OFFICIAL["shared"][entry["source"]], **base, **entry}
-    cfg.update(entry.get("generate_py", {}))
+    cfg.update(cfg.get("generate_py", {}))  # the entry's own, else the copied config's
     cfg["z_dim"] = OFFICIAL["vae"][cfg["vae_checkpoint"]]["z_dim"]
     return cfg
 
@@ -53,10 +53,13 @@ def test_task_table_equals_official_config(name):
     assert t.latent_channels == cfg["z_dim"] and t.out_channels == cfg["z_dim"]
     assert t.text_len == cfg["text_len"] and NUM_TRAIN_TIMESTEPS == cfg["num_train_timesteps"]
     assert t.family == cfg["source"]
-    # the CLIP image encoder (Wan2.1 I2V / FLF2V only)
+    assert t.in_channels == cfg.get("in_dim", t.in_channels)
+    # the CLIP image encoder (Wan2.1 I2V / FLF2V / I2V-FC; the T2V Fun-Control models have the
+    # image branch but get zero features, no encoder)
+    from wanlora.conditioning import conditioning_for
     from wanlora.models.clip import CLIP_CHECKPOINT_NAME
 
-    assert cfg.get("clip_checkpoint") == (CLIP_CHECKPOINT_NAME if t.uses_clip else None)
+    assert cfg.get("clip_checkpoint") == (CLIP_CHECKPOINT_NAME if conditioning_for(t).uses_clip else None)
 
 
 def test_default_negative_prompt_is_the_shared_one():

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 import wanlora.models.loading as loading
+from wanlora.conditioning import blank_clip_features, conditioning_for
 from wanlora.models.loading import load_state_dict, read_config_json
 from wanlora.tasks import TASKS, get_task
 from wanlora.tools.tiny import TINY_DIT, TINY_T5, main, make_tiny
@@ -35,9 +36,11 @@ def check_dit_folder(folder: Path, task: str):
     assert (cfg["dim"], cfg["num_heads"], cfg["ffn_dim"], cfg["num_layers"]) == (64, 2, 128, 2)
     assert (cfg["in_dim"], cfg["out_dim"], cfg["text_len"]) == (t.in_channels, t.out_channels, 512)
     assert cfg["model_type"] == {"t2v-A14B": "t2v", "i2v-A14B": "i2v", "ti2v-5B": "ti2v", "t2v-14B": "t2v",
-                                 "t2v-1.3B": "t2v", "i2v-14B": "i2v", "flf2v-14B": "flf2v"}[t.name]
+                                 "t2v-1.3B": "t2v", "i2v-14B": "i2v", "flf2v-14B": "flf2v",
+                                 # Fun-Control: VideoX-Fun's "i2v" (the CLIP image branch)
+                                 "t2v-1.3B-FC": "i2v", "t2v-14B-FC": "i2v", "i2v-14B-FC": "i2v"}[t.name]
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if task == "t2v-1.3B":  # released as one file
+    if task in ("t2v-1.3B", "t2v-1.3B-FC"):  # released as one file
         assert not index.exists() and (folder / "diffusion_pytorch_model.safetensors").is_file()
         return
     idx = json.loads(index.read_text())
@@ -106,9 +109,13 @@ def test_tiny_set_formats(task, tmp_path):
     assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in sd.values())  # no zero init
     assert read_config_json(m["flags"]["--dit"])["num_heads"] == 2
     # Wan2.1 I2V-14B / FLF2V-14B: the image branch and both CLIP files (official .pth, ComfyUI)
-    assert ("img_emb.proj.0.weight" in sd) == t.uses_clip == ("--clip" in m["flags"])
+    # (the T2V Fun-Control models have the branch but read zero features: no CLIP files)
+    assert ("img_emb.proj.0.weight" in sd) == t.uses_clip
+    assert ("--clip" in m["flags"]) == conditioning_for(t).uses_clip
     assert ("img_emb.emb_pos" in sd) == (t.clip_frames == 2)
-    if t.uses_clip:
+    if t.uses_clip and not conditioning_for(t).uses_clip:
+        assert sd["img_emb.proj.0.weight"].shape == (blank_clip_features(1).shape[-1],)
+    elif t.uses_clip:
         from wanlora.models import load_clip
 
         clip = torch.load(m["flags"]["--clip"], weights_only=True)
@@ -194,7 +201,9 @@ def test_17_frame_64px_clip_runs_in_seconds(task, tiny_dir):
     context = te.encode(["a cat on a surfboard"])
     y = torch.randn(1, t.in_channels - t.out_channels, *z.shape[2:]) if t.in_channels > t.out_channels else None
     clip_fea = None
-    if t.uses_clip:  # the CLIP features of the first (and last) frame, [1, 257 * frames, width]
+    if t.uses_clip and not conditioning_for(t).uses_clip:  # T2V Fun-Control: zero features, official shape
+        clip_fea = blank_clip_features(1)
+    elif t.uses_clip:  # the CLIP features of the first (and last) frame, [1, 257 * frames, width]
         from wanlora.models import load_clip
 
         clip = load_clip(m["flags"]["--clip"])

@@ -12,6 +12,10 @@ kind (class)           tasks                                  what the DiT sees
 (:class:`ImageToVideo`)                                       after x on channels, the same at every step
 ``"ti2v"``             ti2v-5B                                clean latent frame 0 at timestep 0
 (:class:`FirstFrameLatent`)                                   (per-frame timesteps ``[B, F]``)
+``"fun_control"``      t2v-1.3B-FC, t2v-14B-FC                ``y = concat(control latent 16, zeros 16)``,
+(:class:`FunControl`)                                         zero CLIP features
+``"fun_control_i2v"``  i2v-14B-FC                             ``y = concat(control latent 16, start 16)``
+(:class:`FunControlImage`)                                    (start latent in frame 0), CLIP features
 =====================  =====================================  ============================================
 
 The stages:
@@ -38,6 +42,11 @@ The Wan2.1 image models (``reference/wan21_image_models.md``) add CLIP image fea
 model function and :func:`wanlora.inference.sampling.guided_velocity`) through
 :class:`TrainingInputs` / :class:`ImageInputs`. FLF2V's mask and ``y`` mark the first and the last
 frame (``known_frames = (0, -1)``, the official ``msk[:, 1:-1] = 0``).
+
+Wan2.1-Fun-Control (VideoX-Fun ``pipeline_wan_fun_control.py``, musubi-tuner's ``-FC`` tasks) reads
+a control video beside the target: caching encodes the control clip's frames at the target
+window's frame numbers (``latents_control``), training and generation concatenate
+:func:`fun_control_y` after the noisy latent (48 DiT input channels).
 """
 
 from __future__ import annotations
@@ -56,7 +65,8 @@ from wanlora.transfer import to_device
 __all__ = [
     "Conditioning", "TextToVideo", "ImageToVideo", "ClipImageToVideo", "FirstLastFrameToVideo", "FirstFrameLatent",
     "KINDS", "conditioning_for", "clip_features", "flf2v_last_frame",
-    "TrainingInputs", "ImageInputs",
+    "TrainingInputs", "ImageInputs", "FunControl", "FunControlImage", "fun_control_y", "blank_clip_features",
+    "control_pixels", "frames_to_video", "BLANK_CLIP_SHAPE",
     "i2v_mask", "i2v_y", "clean_first_frame", "with_clean_first_frame", "per_sample_mse",
     "i2v_size", "best_output_size", "image_to_tensor", "i2v_image", "ti2v_image",
 ]
@@ -228,6 +238,12 @@ def image_to_tensor(image) -> torch.Tensor:
     return arr.permute(2, 0, 1).float().div(255).sub_(0.5).div_(0.5)
 
 
+def frames_to_video(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames ``[F, H, W, 3]`` -> float32 video ``[3, F, H, W]`` in [-1, 1] (``x / 127.5 − 1``)."""
+    x = torch.from_numpy(np.array(frames, dtype=np.uint8)).permute(3, 0, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
 def i2v_image(image, height: int, width: int) -> torch.Tensor:
     """The I2V first frame ``[3, H, W]``: bicubic resize without antialias or clamp (§5.2)."""
     x = image_to_tensor(image)[None]
@@ -301,10 +317,13 @@ class Conditioning:
         trains_first_frame: whether ``--ti2v_first_frame`` applies; first_frame_note: why not.
         requires_end_image: generation needs a last frame too (``--end_image_path`` / ``--ei``).
         uses_clip: caching and generation need the CLIP image encoder (``--clip``).
+        uses_control: caching and generation need a control video (Fun-Control: the dataset's
+            ``control_directory`` / JSONL ``control_path``, ``--control_path``).
     """
 
     kind: ClassVar[str] = "none"
     requires_end_image: ClassVar[bool] = False
+    uses_control: ClassVar[bool] = False
     uses_clip: ClassVar[bool] = False
     model_type: ClassVar[str] = "t2v"
     image_input: ClassVar[str] = "ignored"
@@ -324,10 +343,11 @@ class Conditioning:
         return self.image_input != "ignored"
 
     # -- caching -------------------------------------------------------------------------------
-    def cache_tensors(self, vae, videos: torch.Tensor, clip=None) -> dict[str, torch.Tensor]:
+    def cache_tensors(self, vae, videos: torch.Tensor, clip=None, control=None) -> dict[str, torch.Tensor]:
         """The tensors a latent cache holds besides ``latents``, each ``[B, ...]`` float32, for
         pixel videos ``[B, 3, F, H, W]`` in [−1, 1] (keys: :attr:`cache_keys`); ``clip`` is the
-        CLIP image encoder where :attr:`uses_clip`."""
+        CLIP image encoder where :attr:`uses_clip`, ``control`` the control videos (same shape as
+        ``videos``) where :attr:`uses_control`."""
         return {}
 
     # -- training ------------------------------------------------------------------------------
@@ -350,10 +370,12 @@ class Conditioning:
         return None
 
     def encode_image(self, vae, pixels: torch.Tensor, frames: int, device, clip=None, image=None,
-                     end_image=None) -> ImageInputs:
+                     end_image=None, control=None) -> ImageInputs:
         """The image inputs of generation (:class:`ImageInputs`) from :meth:`image_pixels`'s pixels;
         the Wan2.1 image models also read ``clip`` (the CLIP encoder), the PIL ``image`` as given
-        and the PIL ``end_image`` (FLF2V's last frame)."""
+        and the PIL ``end_image`` (FLF2V's last frame); Fun-Control reads ``control``, the control
+        video ``[3, F, H, W]`` in [−1, 1] (:func:`control_pixels`; ``pixels`` is ``None`` there
+        when no image is used)."""
         return ImageInputs()
 
     def model_timestep(self, t: torch.Tensor, frames: int, first_latent: bool, device) -> torch.Tensor:
@@ -386,7 +408,7 @@ class ImageToVideo(Conditioning):
     known_frames: tuple[int, ...] = (0,)
     mask_given_frames: bool = False
 
-    def cache_tensors(self, vae, videos, clip=None):
+    def cache_tensors(self, vae, videos, clip=None, control=None):
         """``{"y": [B, 20, T, h, w]}`` from each window's first frame (:func:`i2v_y`)."""
         return {"y": i2v_y(vae, videos, self.known_frames)}
 
@@ -405,7 +427,7 @@ class ImageToVideo(Conditioning):
         h, w = i2v_size(image.width, image.height, max_area, task.vae_stride[1], task.patch_size[1])
         return i2v_image(image, h, w), (h, w)
 
-    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None):
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None, control=None):
         """``y`` ``[20, T, h, w]``: the image as frame 0 of ``frames`` pixel frames (:func:`i2v_y`)."""
         _, h, w = pixels.shape
         video = torch.cat([pixels[:, None], torch.zeros(3, frames - 1, h, w)], dim=1)
@@ -472,7 +494,7 @@ class ClipImageToVideo(ImageToVideo):
     label: ClassVar[str] = "I2V conditioning 'y' and CLIP features 'clip_fea'"
     uses_clip: ClassVar[bool] = True
 
-    def cache_tensors(self, vae, videos, clip=None):
+    def cache_tensors(self, vae, videos, clip=None, control=None):
         """``{"y": [B, 20, T, h, w], "clip_fea": [B, 257·n, 1280]}``: ``y`` of the window's known
         frames (:func:`i2v_y`) and the CLIP features of the same frames (:func:`clip_features`)."""
         frames = [videos[:, :, i] for i in _frame_indices(self.known_frames, videos.shape[2])]
@@ -485,7 +507,7 @@ class ClipImageToVideo(ImageToVideo):
         inputs.clip_fea = batch["clip_fea"].to(device=x0.device, dtype=torch.float32)
         return inputs
 
-    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None):
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None, control=None):
         """``y`` ``[20, T, h, w]`` (as I2V-A14B) and ``clip_fea`` ``[257, 1280]`` of ``image``."""
         fea = clip_features(clip, [image_to_tensor(image)[None]])
         inputs = super().encode_image(vae, pixels, frames, device)
@@ -507,7 +529,7 @@ class FirstLastFrameToVideo(ClipImageToVideo):
     requires_end_image: ClassVar[bool] = True
     known_frames: tuple[int, ...] = (0, -1)
 
-    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None):
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None, control=None):
         """``y`` ``[20, T, h, w]`` of ``[first, zeros, last]`` and ``clip_fea`` ``[514, 1280]``.
 
         Raises:
@@ -563,7 +585,7 @@ class FirstFrameLatent(Conditioning):
         pixels, (h, w) = ti2v_image(image, max_area, task.pixel_unit)
         return pixels, (h, w)
 
-    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None):
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None, control=None):
         """The clean first latent ``[48, 1, h, w]`` of the image alone."""
         return ImageInputs(first_latent=vae.encode(pixels[:, None][None])[0].to(device, torch.float32))
 
@@ -577,9 +599,167 @@ class FirstFrameLatent(Conditioning):
         return tt
 
 
+# ----------------------------------------------------------------------------------------------
+# Wan2.1-Fun-Control (VideoX-Fun ``videox_fun/pipeline/pipeline_wan_fun_control.py``;
+# musubi-tuner ``wan_train_network.py``)
+
+#: The CLIP features a Fun-Control model gets when no image is given: zeros of the official CLIP
+#: output shape ``[257, 1280]`` (VideoX-Fun encodes a black image and zeroes the result).
+BLANK_CLIP_SHAPE = (257, 1280)
+
+
+def fun_control_y(control: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """The Fun-Control conditioning ``y`` ``[B, 32, T, h, w]`` concatenated after the noisy latent.
+
+    ``concat([control, start_in])`` on channels: the 16-channel VAE latent of the control video,
+    then ``start_in``, zeros except latent frame 0 = the start image's latent (VideoX-Fun's
+    ``start_image_latentes_conv_in``). With one latent frame (an image) or no start image,
+    ``start_in`` is all zeros, as in the VideoX-Fun pipeline (``if latents.size()[2] != 1``). The
+    DiT input is then ``[x 16 | control 16 | start 16]`` = 48 channels.
+
+    Args:
+        control: ``[B, 16, T, h, w]`` control-video latents (normalized, as ``vae.encode``).
+        start: ``[B, 16, 1, h, w]`` latent of the start image encoded alone, or ``None``.
+    """
+    start_in = torch.zeros_like(control)
+    if start is not None and control.shape[2] > 1:
+        start_in[:, :, :1] = start.to(control)
+    return torch.cat([control, start_in], dim=1)
+
+
+def blank_clip_features(batch: int, device=None) -> torch.Tensor:
+    """Zero CLIP features ``[batch, 257, 1280]`` float32: a Fun-Control model without an image."""
+    return torch.zeros(batch, *BLANK_CLIP_SHAPE, device=device)
+
+
+def control_pixels(path, frames: int, height: int, width: int) -> torch.Tensor:
+    """The control video of generation, ``[3, frames, height, width]`` float32 in [−1, 1].
+
+    Its first ``frames`` frames, each resized to cover ``width x height`` and center-cropped
+    (as the dataset's frames; musubi-tuner's ``load_video(path, 0, frames, bucket_reso)``). The
+    control video is read frame by frame, without frame-rate resampling: give it at the task's
+    frame rate (16 fps).
+
+    Args:
+        path: a video file or a folder of frame images (sorted by name, numbers in natural order).
+
+    Raises:
+        ValueError: no path, or a clip shorter than ``frames`` (the message names the file and the
+            fix); ``wanlora.video_io.MediaError`` (a ValueError) for an unreadable file.
+    """
+    from wanlora.video_io import probe_video, read_video_frames
+
+    if path is None:
+        raise ValueError("this Fun-Control task generates from a control video: give --control_path "
+                         "(a video file or a folder of frames; --cn in a prompt file)")
+    info = probe_video(path)
+    if info.frame_count < frames:
+        raise ValueError(f"{path}: the control video has {info.frame_count} frames but {frames} are generated; "
+                         f"give a longer control video or a --video_length of at most {info.frame_count}")
+    return frames_to_video(read_video_frames(path, range(frames), size=(width, height), info=info))
+
+
+@dataclass(frozen=True)
+class FunControl(Conditioning):
+    """Wan2.1-Fun-Control text-to-video (``t2v-1.3B-FC``, ``t2v-14B-FC``): the control video's
+    latents beside the noisy latent (:func:`fun_control_y`, no start image) and zero CLIP features
+    (:func:`blank_clip_features`; the model has the CLIP branch, VideoX-Fun ``model_type "i2v"``).
+
+    The cache holds ``latents_control`` ``[16, T, h, w]``, the VAE latent of the control clip's
+    frames at the window's frame numbers (musubi-tuner's cache key).
+    """
+
+    kind: ClassVar[str] = "fun_control"
+    model_type: ClassVar[str] = "i2v"
+    cache_keys: ClassVar[tuple[str, ...]] = ("latents_control",)
+    label: ClassVar[str] = "Fun-Control control latents 'latents_control'"
+    uses_control: ClassVar[bool] = True
+    first_frame_note: ClassVar[str] = "conditions on a control video"
+
+    def cache_tensors(self, vae, videos, clip=None, control=None):
+        """``{"latents_control": [B, 16, T, h, w]}``: ``vae.encode(control)``.
+
+        Raises:
+            ValueError: no control videos, or of another shape than ``videos``.
+        """
+        if control is None or control.shape != videos.shape:
+            raise ValueError(f"{self.kind}: the control videos must have the target's shape {tuple(videos.shape)}, "
+                             f"got {None if control is None else tuple(control.shape)}")
+        return {"latents_control": vae.encode(control).float()}
+
+    def _start(self, batch, device):
+        return None
+
+    def _clip(self, batch, b, device):
+        return blank_clip_features(b, device)
+
+    def training_inputs(self, batch, x0, x_t, timestep, generator):
+        """``y`` = :func:`fun_control_y` of the cached control latents (and start latent), and the
+        CLIP features, in float32 on ``x0``'s device."""
+        control = batch["latents_control"].to(device=x0.device, dtype=torch.float32)
+        y = fun_control_y(control, self._start(batch, x0.device))
+        return TrainingInputs(x_t, timestep, y=y, clip_fea=self._clip(batch, x0.shape[0], x0.device))
+
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None, control=None):
+        """``y`` ``[32, T, h, w]`` from the control video ``[3, F, H, W]``, ``clip_fea`` zeros."""
+        if control is None:
+            raise ValueError("this Fun-Control task generates from a control video: give --control_path")
+        y = fun_control_y(vae.encode(control[None]).float())
+        return ImageInputs(y=y[0].to(device, torch.float32), clip_fea=blank_clip_features(1, device)[0])
+
+
+@dataclass(frozen=True)
+class FunControlImage(FunControl):
+    """Wan2.1-Fun-Control image-to-video (``i2v-14B-FC``): as :class:`FunControl`, plus the start
+    image: its latent in latent frame 0 of the second half of ``y`` and its CLIP features.
+
+    The cache adds ``start_latent`` ``[16, 1, h, w]`` (the VAE latent of the window's first frame
+    encoded alone, as VideoX-Fun encodes the start image; equal to latent frame 0 of the I2V
+    ``y`` musubi-tuner takes it from, the VAE being causal) and ``clip_fea`` ``[257, 1280]`` of the
+    same frame. Generation sizes and resizes the image as ``i2v-14B`` (:func:`i2v_size`) and gives
+    CLIP the image at its own resolution.
+    """
+
+    kind: ClassVar[str] = "fun_control_i2v"
+    image_input: ClassVar[str] = "required"
+    cache_keys: ClassVar[tuple[str, ...]] = ("latents_control", "start_latent", "clip_fea")
+    label: ClassVar[str] = "Fun-Control control latents, start-image latent and CLIP features"
+    uses_clip: ClassVar[bool] = True
+
+    def cache_tensors(self, vae, videos, clip=None, control=None):
+        """``latents_control`` (:class:`FunControl`), ``start_latent`` ``[B, 16, 1, h, w]`` and
+        ``clip_fea`` ``[B, 257, 1280]`` of each window's first frame."""
+        out = super().cache_tensors(vae, videos, clip, control)
+        out["clip_fea"] = clip_features(clip, [videos[:, :, 0]])
+        out["start_latent"] = vae.encode(videos[:, :, :1]).float()
+        return out
+
+    def _start(self, batch, device):
+        return batch["start_latent"].to(device=device, dtype=torch.float32)
+
+    def _clip(self, batch, b, device):
+        return batch["clip_fea"].to(device=device, dtype=torch.float32)
+
+    def image_pixels(self, task, image, max_area):
+        """As ``i2v-14B``: :func:`i2v_size` at ``max_area``, :func:`i2v_image` resize."""
+        h, w = i2v_size(image.width, image.height, max_area, task.vae_stride[1], task.patch_size[1])
+        return i2v_image(image, h, w), (h, w)
+
+    def encode_image(self, vae, pixels, frames, device, clip=None, image=None, end_image=None, control=None):
+        """``y`` ``[32, T, h, w]`` (control latents, start latent in frame 0) and ``clip_fea``
+        ``[257, 1280]`` of ``image``."""
+        if control is None:
+            raise ValueError("this Fun-Control task generates from a control video: give --control_path")
+        fea = clip_features(clip, [image_to_tensor(image)[None]])
+        start = vae.encode(pixels[:, None][None]).float()
+        y = fun_control_y(vae.encode(control[None]).float(), start)
+        return ImageInputs(y=y[0].to(device, torch.float32), clip_fea=fea[0].to(device, torch.float32))
+
+
 #: conditioning kind (``Task.conditioning``) -> class; the one place a kind's name is looked up.
 KINDS: dict[str, type[Conditioning]] = {
-    c.kind: c for c in (TextToVideo, ImageToVideo, ClipImageToVideo, FirstLastFrameToVideo, FirstFrameLatent)}
+    c.kind: c for c in (TextToVideo, ImageToVideo, ClipImageToVideo, FirstLastFrameToVideo, FirstFrameLatent,
+                        FunControl, FunControlImage)}
 
 
 def conditioning_for(task: str | Task, first_frame_prob: float = 0.0, mask_given_frames: bool = False) -> Conditioning:

@@ -11,6 +11,12 @@ release's, read from the configs of the official repositories:
   ``i2v-14B``; 50 steps and shift 16 for ``flf2v-14B`` (``generate.py`` gives 40 steps only to
   task names containing ``"i2v"``). The two image tasks prepend a phrase to the shared negative
   prompt (``"镜头晃动，"``; FLF2V adds ``"镜头切换，"`` in front of that).
+* Wan2.1-Fun-Control (``alibaba-pai/Wan2.1-Fun-1.3B-Control``, ``-14B-Control``; model code in
+  ``aigc-apps/VideoX-Fun``: ``videox_fun/models/wan_transformer3d.py``,
+  ``videox_fun/pipeline/pipeline_wan_fun_control.py``), under musubi-tuner's task names
+  ``t2v-1.3B-FC``, ``t2v-14B-FC``, ``i2v-14B-FC`` (its ``wan/configs/__init__.py``): the Wan2.1
+  sizes and sampling defaults of the model they extend, 48 input channels (16 noisy latent + 16
+  control latent + 16 start-image latent) and the CLIP image branch (``model_type "i2v"``).
 
 Architecture sizes in the table are the official ones. They are used to *check* a checkpoint and
 to name what a file holds; the model itself is built from the checkpoint's weight shapes
@@ -126,12 +132,15 @@ class Task:
             image latent concatenated to the input, ``wan/image2video.py``), ``"i2v_clip"`` (the
             same plus the CLIP features of the image, Wan2.1 I2V-14B), ``"flf2v"`` (first and last
             frame, with CLIP features of both, Wan2.1 ``wan/first_last_frame2video.py``) or
-            ``"ti2v"`` (clean first latent frame at timestep 0, ``wan/textimage2video.py``). Code
+            ``"ti2v"`` (clean first latent frame at timestep 0, ``wan/textimage2video.py``),
+            ``"fun_control"`` / ``"fun_control_i2v"`` (Wan2.1-Fun-Control: control-video latents,
+            without / with a start image). Code
             asks :func:`wanlora.conditioning.conditioning_for`, never this name.
         clip_frames: frames the CLIP image encoder sees (Wan2.1 ``clip_fea``): 0 for models
             without the image branch, 1 for ``i2v-14B`` (the first frame, 257 tokens), 2 for
             ``flf2v-14B`` (first and last frame, 2x257 tokens). A fact of the DiT's architecture
-            (``img_emb``, FLF2V's ``emb_pos``), checked against checkpoints.
+            (``img_emb``, FLF2V's ``emb_pos``), checked against checkpoints. The Fun-Control
+            models have the branch (1) even without an image: they are then given zero features.
         vae: ``"wan2.1"`` (z=16, stride 4x8x8) or ``"wan2.2"`` (z=48, stride 4x16x16).
         vae_stride: (time, height, width) compression of the VAE.
         latent_channels: channels of the VAE latent (16 or 48).
@@ -324,6 +333,29 @@ TASKS: dict[str, Task] = {
             frame_num=81, size=(1280, 720), negative_prompt=FLF2V_NEGATIVE_PROMPT,
             architecture="wan-2_1-flf2v-14b/lora",
             release=_clip_release("Wan-AI/Wan2.1-FLF2V-14B-720P"),
+        ),
+        # Wan2.1-Fun-Control (V1.0): the base model's sizes and defaults, 48 input channels, the
+        # CLIP image branch. Published as alibaba-pai/Wan2.1-Fun-{1.3B,14B}-Control (VideoX-Fun's
+        # own layout, no diffusers variant): pass the files with --dit/--vae/--t5/--clip.
+        Task(
+            name="t2v-1.3B-FC", family="wan2.1", in_channels=48, out_channels=16,
+            conditioning="fun_control", clip_frames=1, **_WAN21_VAE,
+            dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+            flow_shift=5.0, guidance_scale=5.0, sample_steps=50, fps=16, frame_num=81,
+            size=(832, 480), architecture="wan-2_1-fun-control-1_3b/lora",
+        ),
+        Task(
+            name="t2v-14B-FC", family="wan2.1", in_channels=48, out_channels=16,
+            conditioning="fun_control", clip_frames=1, **_WAN21_VAE, **_A14B,
+            flow_shift=5.0, guidance_scale=5.0, sample_steps=50, fps=16, frame_num=81,
+            size=(1280, 720), architecture="wan-2_1-fun-control-14b/lora",
+        ),
+        Task(
+            name="i2v-14B-FC", family="wan2.1", in_channels=48, out_channels=16,
+            conditioning="fun_control_i2v", clip_frames=1, **_WAN21_VAE, **_A14B,
+            flow_shift=5.0, flow_shift_480p=3.0, guidance_scale=5.0, sample_steps=40, fps=16,
+            frame_num=81, size=(1280, 720), negative_prompt=I2V_NEGATIVE_PROMPT,
+            architecture="wan-2_1-fun-control-14b/lora",
         ),
     )
 }

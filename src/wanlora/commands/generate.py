@@ -73,6 +73,9 @@ class RequestOptions:
                                     "follows its aspect ratio", aliases=("--image",))
     end_image_path: str | None = option(None, "last frame for flf2v-14B (resized to cover the first frame's size "
                                         "and center-cropped)", aliases=("--end_image",))
+    control_path: str | None = option(None, "control video of the Fun-Control tasks (t2v-1.3B-FC / t2v-14B-FC / "
+                                      "i2v-14B-FC): a video file or a folder of frames, at least --video_length "
+                                      "frames, read from its first frame and fitted to the output size")
     video_size: tuple[int, ...] | None = option(None, "height width in pixels (default: the task's); with an "
                                                 "image only the area counts", nargs=2, metavar=("HEIGHT", "WIDTH"))
     size: str | None = option(None, "official spelling WIDTH*HEIGHT, e.g. 832*480 (alias of --video_size)")
@@ -93,7 +96,7 @@ class RequestOptions:
     cfg_apply_ratio: float | None = option(None, "fraction of steps that keep CFG with --cfg_skip_mode (default 0.5)")
     cfg_separate: bool = option(False, "run CFG's two passes separately (default: one batch of 2)")
     from_file: str | None = option(None, "prompt file: one prompt per line with inline --w --h --f --d --s --g "
-                                   "--fs --i --ei --n")
+                                   "--fs --i --ei --cn --n")
     interactive: bool = option(False, "read prompts from the terminal until EOF (Ctrl+D)")
 
 
@@ -192,6 +195,15 @@ def _checked(cl: CommandLine, ns) -> GenerateConfig:
         cl.error("--vae is needed to decode (or use --output_type latent)")
     if conditioning_for(task).requires_image and files.vae is None:
         cl.error(f"--task {task.name} encodes the first frame: give --vae")
+    if conditioning_for(task).uses_control:
+        if files.vae is None:
+            cl.error(f"--task {task.name} encodes the control video: give --vae")
+        if r.prompt is not None and r.control_path is None:
+            cl.error(f"--task {task.name} (Fun-Control) generates from a control video: give --control_path "
+                     "(a video file or a folder of frames)")
+    elif r.control_path is not None:
+        cl.error(f"--control_path is for the Fun-Control tasks (t2v-1.3B-FC, t2v-14B-FC, i2v-14B-FC), "
+                 f"not --task {task.name}")
     if conditioning_for(task).uses_clip and files.clip is None:
         cl.error(f"--task {task.name} conditions on CLIP image features: give --clip "
                  "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
@@ -279,13 +291,16 @@ def _requests(config: GenerateConfig, specs):
     A missing or negative seed is drawn at random here (the official ``seed >= 0 else random``).
     Raises MediaError (a ValueError) for an unreadable image."""
     from wanlora.inference.pipeline import GenerationRequest
-    from wanlora.video_io import read_image
+    from wanlora.video_io import MediaError, read_image
 
     h, w = config.request.video_size or (None, None)
     out = []
     for spec in specs:
         image_path = spec.image_path or config.request.image_path
         end_image_path = spec.end_image_path or config.request.end_image_path
+        control_path = spec.control_path or config.request.control_path
+        if control_path and not Path(control_path).exists():
+            raise MediaError(f"{control_path}: control video not found (--control_path / --cn)")
         seed = spec.seed if spec.seed is not None else config.request.seed
         if seed is None or seed < 0:
             seed = random.randint(0, 2**31 - 1)
@@ -304,6 +319,7 @@ def _requests(config: GenerateConfig, specs):
             image_path=str(image_path) if image_path else None,
             end_image=read_image(end_image_path) if end_image_path else None,
             end_image_path=str(end_image_path) if end_image_path else None,
+            control_path=str(control_path) if control_path else None,
             cfg_skip_mode=config.request.cfg_skip_mode, cfg_apply_ratio=config.request.cfg_apply_ratio,
             cfg_batched=not config.request.cfg_separate,
         ))

@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from wanlora.conditioning import conditioning_for, with_clean_first_frame
+from wanlora.conditioning import conditioning_for, control_pixels, with_clean_first_frame
 from wanlora.inference.sampling import cfg_apply_pattern, expert_for_timestep, guided_velocity, make_schedule, make_solver
 from wanlora.tasks import Task, get_task
 
@@ -102,6 +102,9 @@ class GenerationRequest:
             optional; ignored by the text-to-video tasks). image_path: where it came from
             (recorded in the settings only).
         end_image / end_image_path: the last frame of ``flf2v-14B`` (PIL RGB) and its path.
+        control_path: the control video of the Fun-Control tasks (a video file or a folder of
+            frames; its first ``frames`` frames are fitted to the output size, see
+            :func:`wanlora.conditioning.control_pixels`).
         cfg_skip_mode / cfg_apply_ratio: see :func:`wanlora.inference.sampling.cfg_apply_pattern`.
         cfg_batched: run the conditional and unconditional passes as one batch of 2.
     """
@@ -121,6 +124,7 @@ class GenerationRequest:
     image_path: str | None = None
     end_image: object = None
     end_image_path: str | None = None
+    control_path: str | None = None
     cfg_skip_mode: str = "none"
     cfg_apply_ratio: float | None = None
     cfg_batched: bool = True
@@ -137,7 +141,8 @@ class Prepared:
     Attributes:
         request: the request with every default filled in.
         noise: float32 ``[C, T, h, w]``.
-        y: I2V conditioning ``[20, T, h, w]`` (mask 4 + image latent 16) or ``None``.
+        y: I2V conditioning ``[20, T, h, w]`` (mask 4 + image latent 16), Fun-Control's
+            ``[32, T, h, w]`` (control latent 16 + start latent 16), or ``None``.
         first_latent: TI2V clean image latent ``[C, 1, h, w]`` or ``None``.
         clip_fea: CLIP image features ``[257·n, 1280]`` (Wan2.1 I2V-14B / FLF2V-14B) or ``None``.
         context / context_null: the prompt's and the negative prompt's umT5 embeddings, each a list
@@ -266,8 +271,12 @@ class WanPipeline:
         :func:`~wanlora.conditioning.best_output_size`) and builds ``y`` or the first latent. The
         noise is drawn once, ``[C, T, h, w]`` (:func:`initial_noise`), before any conditioning.
 
+        Fun-Control reads the request's control video at the resolved size
+        (:func:`wanlora.conditioning.control_pixels`) and builds its ``y`` from it.
+
         Raises:
-            ValueError: an I2V task without an image, a bad frame count or size, no VAE for an image.
+            ValueError: an I2V task without an image, a Fun-Control task without a control video (or
+                one shorter than the frames), a bad frame count or size, no VAE for an image.
         """
         t, cond = self.task, self.conditioning
         r = self.resolve(req)
@@ -289,12 +298,17 @@ class WanPipeline:
         r.height, r.width = H, W
         noise = initial_noise((t.latent_channels, T, H // sh, W // sw), r.seed, self.device, cpu_noise)
         y = first = clip_fea = None
-        if image is not None:
+        control = None
+        if cond.uses_control:
+            control = control_pixels(r.control_path, frames, H, W)
+        elif r.control_path is not None:
+            logger.warning("%s is not a Fun-Control task: the control video %s is ignored", t.name, r.control_path)
+        if image is not None or control is not None:
             self._need_vae()
             if self.offload and self.clip is not None:
                 self.clip.to(self.device)
-            inputs = cond.encode_image(self.vae, pixels, frames, self.device, clip=self.clip, image=r.image,
-                                       end_image=r.end_image)
+            inputs = cond.encode_image(self.vae, pixels if image is not None else None, frames, self.device,
+                                       clip=self.clip, image=r.image, end_image=r.end_image, control=control)
             if self.offload and self.clip is not None:
                 self.clip.to("cpu")
             y, first, clip_fea = inputs.y, inputs.first_latent, inputs.clip_fea

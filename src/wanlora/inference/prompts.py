@@ -50,6 +50,7 @@ INLINE_OPTIONS = {
     "fs": ("flow_shift", float),
     "i": ("image_path", str),
     "ei": ("end_image_path", str),
+    "cn": ("control_path", str),
     "n": ("negative_prompt", str),
 }
 
@@ -64,7 +65,7 @@ class PromptSpec:
         prompt: the text.
         width, height: pixels; frames: pixel frame count; seed; steps; guidance_scale;
         flow_shift; image_path; end_image_path (the last frame of FLF2V-14B, musubi's ``--ei``);
-        negative_prompt.
+        negative_prompt; control_path (the control video of the Fun-Control tasks, musubi's ``--cn``).
         line: 1-based line number in its file (0 for prompts not from a file).
     """
 
@@ -79,6 +80,7 @@ class PromptSpec:
     image_path: str | None = None
     negative_prompt: str | None = None
     end_image_path: str | None = None
+    control_path: str | None = None
     line: int = 0
 
     def to_dict(self) -> dict:
@@ -130,7 +132,7 @@ def parse_prompt_line(text: str, line: int = 0, source: str = "<prompt>") -> Pro
 
 
 def read_prompt_file(path: str | Path) -> list[PromptSpec]:
-    """All prompts of a prompt file, in order. Relative ``--i`` / ``--ei`` image paths that do not
+    """All prompts of a prompt file, in order. Relative ``--i`` / ``--ei`` / ``--cn`` paths that do not
     exist from the current folder are taken relative to the prompt file's folder.
 
     Raises:
@@ -145,7 +147,7 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
         spec = parse_prompt_line(text, n, str(path))
         if spec is None:
             continue
-        for field in ("image_path", "end_image_path"):
+        for field in ("image_path", "end_image_path", "control_path"):
             value = getattr(spec, field)
             if value and not Path(value).is_absolute() and not Path(value).exists():
                 alt = path.parent / value

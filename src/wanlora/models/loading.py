@@ -348,6 +348,10 @@ def describe_checkpoint(sd: dict[str, torch.Tensor]) -> str | None:
                 "pass it as --dit (or --dit_high_noise)")
     if "patch_embedding.weight" not in keys or "head.head.weight" not in keys:
         return "not a Wan DiT (no patch_embedding.weight / head.head.weight keys)"
+    if "ref_conv.weight" in keys or has("control_adapter."):
+        return ("a Wan2.1-Fun V1.1 Control DiT (ref_conv / control_adapter: reference-image or camera "
+                "tokens), which wanlora does not take; use the V1.0 checkpoint "
+                "(alibaba-pai/Wan2.1-Fun-1.3B-Control or -14B-Control) with --task t2v-1.3B-FC / t2v-14B-FC / i2v-14B-FC")
     return None
 
 
@@ -432,6 +436,9 @@ def _official_name(task) -> str:
         "t2v-1.3B": "Wan2.1 T2V-1.3B DiT",
         "i2v-14B": "Wan2.1 I2V-14B DiT (480P or 720P, with the CLIP image branch)",
         "flf2v-14B": "Wan2.1 FLF2V-14B DiT (with the CLIP image branch and emb_pos)",
+        "t2v-1.3B-FC": "Wan2.1-Fun-1.3B-Control DiT (48 input channels, CLIP image branch)",
+        "t2v-14B-FC": "Wan2.1-Fun-14B-Control DiT (48 input channels, CLIP image branch)",
+        "i2v-14B-FC": "Wan2.1-Fun-14B-Control DiT (48 input channels, CLIP image branch)",
     }.get(task.name, f"{task.name} DiT")
 
 

@@ -158,7 +158,61 @@ FLF2V_14B = Recipe(
     ),
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (T2V_BOTH_EXPERTS, I2V_ONE_EXPERT, I2V_14B, FLF2V_14B)}
+T2V_1_3B_FC = Recipe(
+    name="t2v-1.3b-fc",
+    task="t2v-1.3B-FC",
+    title="Wan2.1-Fun-1.3B-Control: text and a control video to video",
+    doc="docs/fun_control.md",
+    commands=(
+        "python -m wanlora.tools.tiny --task t2v-1.3B-FC --out $MODELS",
+        "wanlora-cache-latents --task t2v-1.3B-FC --dataset_config $WORK/dataset.toml "
+        "--vae $MODELS/Wan2.1_VAE.pth",
+        f"wanlora-cache-text --dataset_config $WORK/dataset.toml {_T5}",
+        "accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no "
+        "--dynamo_backend no -m wanlora.train --task t2v-1.3B-FC "
+        "--dit $MODELS/diffusion_pytorch_model.safetensors "
+        "--dataset_config $WORK/dataset.toml --network_module networks.lora_wan "
+        "--network_dim 8 --network_alpha 8 --learning_rate 2e-3 --max_train_steps 12 "
+        "--output_dir $WORK/output --output_name myfc --logging_dir $WORK/logs --seed 42",
+        f"wanlora-generate --task t2v-1.3B-FC --dit $MODELS/diffusion_pytorch_model.safetensors "
+        f"--vae $MODELS/Wan2.1_VAE.pth {_T5} --lora_weight $WORK/output/myfc.safetensors "
+        "--control_path $WORK/control.mp4 "
+        '--prompt "a skeleton dances in a studio" '
+        "--video_size 48 64 --video_length 17 --infer_steps 8 --seed 42 "
+        "--save_path $WORK/generated",
+        "wanlora-convert-lora --input $WORK/output/myfc.safetensors "
+        "--output $WORK/comfy/myfc.safetensors --target comfy",
+    ),
+)
+
+I2V_14B_FC = Recipe(
+    name="i2v-14b-fc",
+    task="i2v-14B-FC",
+    title="Wan2.1-Fun-14B-Control: a start image and a control video to video",
+    doc="docs/fun_control.md",
+    commands=(
+        "python -m wanlora.tools.tiny --task i2v-14B-FC --out $MODELS",
+        "wanlora-cache-latents --task i2v-14B-FC --dataset_config $WORK/dataset.toml "
+        f"--vae $MODELS/Wan2.1_VAE.pth --clip {_CLIP}",
+        f"wanlora-cache-text --dataset_config $WORK/dataset.toml {_T5}",
+        "accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no "
+        "--dynamo_backend no -m wanlora.train --task i2v-14B-FC --dit $MODELS "
+        "--dataset_config $WORK/dataset.toml --network_module networks.lora_wan "
+        "--network_dim 8 --network_alpha 8 --learning_rate 2e-3 --max_train_steps 12 "
+        "--output_dir $WORK/output --output_name myfci2v --logging_dir $WORK/logs --seed 42",
+        f"wanlora-generate --task i2v-14B-FC --dit $MODELS --vae $MODELS/Wan2.1_VAE.pth {_T5} "
+        f"--clip {_CLIP} --lora_weight $WORK/output/myfci2v.safetensors "
+        "--image_path $WORK/first_frame.png --control_path $WORK/control_frames "
+        '--prompt "a skeleton dances in a studio" '
+        "--video_size 64 48 --video_length 17 --infer_steps 8 --seed 42 "
+        "--save_path $WORK/generated",
+        "wanlora-merge-lora --task i2v-14B-FC --dit $MODELS --lora_weight $WORK/output/myfci2v.safetensors "
+        "--save_merged_model $WORK/merged/dit.safetensors",
+    ),
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (T2V_BOTH_EXPERTS, I2V_ONE_EXPERT, I2V_14B, FLF2V_14B,
+                                                   T2V_1_3B_FC, I2V_14B_FC)}
 
 
 def render_block(recipe: Recipe) -> str:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from wanlora.conditioning import conditioning_for
+from wanlora.conditioning import BLANK_CLIP_SHAPE, conditioning_for
 from wanlora.io_utils import atomic_path, save_safetensors, save_torch_state_dict, write_json
 from wanlora.models.clip import CLIP_CHECKPOINT_NAME
 from wanlora.models.text_encoder import T5_CHECKPOINT_NAME, TOKENIZER_NAME
@@ -208,7 +208,10 @@ def tiny_dit_state_dict(task: str, seed: int = 0, expert: str | None = None,
     from wanlora.models.dit import WanDiT, WanDiTConfig
 
     t = get_task(task)
-    image = dict(image_dim=TINY_CLIP["dim"] if t.uses_clip else None,
+    # the CLIP branch reads the tiny CLIP encoder's features; the T2V Fun-Control models read
+    # zero features of the official shape (conditioning.BLANK_CLIP_SHAPE), so they keep its width
+    width = TINY_CLIP["dim"] if conditioning_for(t).uses_clip else BLANK_CLIP_SHAPE[1]
+    image = dict(image_dim=width if t.uses_clip else None,
                  image_pos_len=t.clip_frames * _clip_tokens() if t.clip_frames > 1 else None)
     cfg = WanDiTConfig(in_channels=t.in_channels, out_channels=t.out_channels, text_dim=text_dim,
                        **TINY_DIT, **image)
@@ -400,14 +403,14 @@ def make_tiny(task: str, out_dir: str | os.PathLike, seed: int = 0) -> dict:
         flags["--dit"] = files["dit_low_noise"]
         flags["--dit_high_noise"] = files["dit_high_noise"]
     else:
-        shards = 1 if task == "t2v-1.3B" else DIT_SHARDS  # the 1.3B release is one file
+        shards = 1 if task in ("t2v-1.3B", "t2v-1.3B-FC") else DIT_SHARDS  # the 1.3B releases are one file
         path = write_dit_folder(out, tiny_dit_state_dict(task, seed), config, shards=shards)
         files["dit"] = str(path)
         flags["--dit"] = str(path)
     files.update(vae=str(vae_path), t5=str(t5_path), t5_tokenizer=str(tok_dir))
     flags.update({"--vae": str(vae_path), "--t5": str(t5_path), "--t5_tokenizer": str(tok_dir)})
     sizes = {}
-    if t.uses_clip:
+    if conditioning_for(t).uses_clip:
         clip_sd = tiny_clip_state_dict(seed)
         clip_path, comfy_path = out / CLIP_FILE, out / CLIP_COMFY_FILE
         save_torch_state_dict(clip_sd, clip_path)

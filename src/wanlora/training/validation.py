@@ -170,6 +170,8 @@ class ValidationSampler:
                 raise ValueError(f"{sample_prompts}:{s.line}: {self.task.name} needs a first frame: add --i IMAGE")
             if self.conditioning.requires_end_image and not s.end_image_path:
                 raise ValueError(f"{sample_prompts}:{s.line}: {self.task.name} needs a last frame: add --ei IMAGE")
+            if self.conditioning.uses_control and not s.control_path:
+                raise ValueError(f"{sample_prompts}:{s.line}: {self.task.name} needs a control video: add --cn VIDEO")
             self.images.append(read_image(s.image_path) if s.image_path else None)
             self.end_images.append(read_image(s.end_image_path) if s.end_image_path else None)
         self.clip = None
@@ -203,7 +205,8 @@ class ValidationSampler:
                 frames=s.frames, seed=s.seed, steps=s.steps, guidance_scale=s.guidance_scale,
                 guidance_scale_high_noise=self.guidance_scale_high_noise if s.guidance_scale is None else None,
                 flow_shift=s.flow_shift, solver=self.solver, image=img, image_path=s.image_path,
-                end_image=end, end_image_path=s.end_image_path, cfg_batched=self.cfg_batched))
+                end_image=end, end_image_path=s.end_image_path, control_path=s.control_path,
+                cfg_batched=self.cfg_batched))
         return out
 
     def sample(self, step: int, dits, epoch: int | None = None,
