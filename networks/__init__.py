@@ -1,7 +1,8 @@
 """LoRA network modules (installed as ``wanlora.networks``).
 
 ``--network_module`` names a module following the kohya ``create_network(...)`` convention;
-:func:`resolve_network_module` turns the name into the module.
+:func:`resolve_network_module` turns the name into the module, :func:`check_network_args` refuses
+the LyCORIS settings whose files wanlora cannot apply, before any model loads.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["resolve_network_module", "NETWORK_MODULE_ALIASES"]
+__all__ = ["resolve_network_module", "check_network_args", "NETWORK_MODULE_ALIASES", "LYCORIS_ALGOS"]
 
 NETWORK_MODULE_ALIASES = {
     "networks.lora_wan": "wanlora.networks.lora_wan",
@@ -53,3 +54,38 @@ def resolve_network_module(name: str) -> ModuleType:
             f"is not a network module; use --network_module networks.lora_wan"
         )
     return module
+
+
+LYCORIS_ALGOS = ("lokr", "loha", "locon", "lora")
+"""LyCORIS ``algo=`` values whose files wanlora applies, converts and merges (LoKr, LoHa; ``locon``
+and ``lora`` give plain ``lora_down``/``lora_up`` modules on Linear layers)."""
+
+_LYCORIS_REFUSED_ARGS = {
+    "dora_wd": "DoRA (weight decomposition) rescales the whole weight, which the LoRA tools here do not apply",
+    "train_norm": "norm-layer adapters are not Linear LoRA modules",
+}
+
+
+def check_network_args(module_name: str, network_args: dict) -> None:
+    """Refuse, before any model loads, LyCORIS settings that make files wanlora cannot apply.
+
+    For ``--network_module lycoris.*`` (``lycoris-lora``'s kohya entry point): ``algo`` must be one of
+    :data:`LYCORIS_ALGOS` (default ``lora``, as LyCORIS's), and ``dora_wd`` / ``train_norm`` must be
+    off (LyCORIS reads any value but ``False`` as on). Other modules are not checked here.
+
+    Args:
+        module_name: the ``--network_module`` value.
+        network_args: ``--network_args`` parsed (``{"algo": "lokr", "factor": -1}``).
+    Raises:
+        ValueError: one line naming the argument, why, and the supported choice.
+    """
+    if not (module_name or "").strip().startswith("lycoris"):
+        return
+    algo = str(network_args.get("algo", "lora")).strip().lower()
+    if algo not in LYCORIS_ALGOS:
+        raise ValueError(
+            f"--network_args algo={algo}: not supported; wanlora generates with, converts and merges LyCORIS "
+            f"{', '.join(LYCORIS_ALGOS)} files only: use algo=lokr or algo=loha (or networks.lora_wan for LoRA)")
+    for key, why in _LYCORIS_REFUSED_ARGS.items():
+        if key in network_args and str(network_args[key]).strip().lower() != "false":
+            raise ValueError(f"--network_args {key}={network_args[key]}: not supported ({why}); drop it")

@@ -115,14 +115,14 @@ def test_pair_and_naming_errors(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_lycoris_refused_by_the_cli(tmp_path, capsys):
+def test_lycoris_to_diffusers_refused_by_the_cli(tmp_path, capsys):
     f = tmp_path / "lokr.safetensors"
     save_file({"lora_unet_blocks_0_ffn_0.lokr_w1": torch.zeros(2, 2),
                "lora_unet_blocks_0_ffn_0.lokr_w2": torch.zeros(2, 2)}, str(f))
-    assert main(["--input", str(f), "--target", "comfy"]) == 2
+    assert main(["--input", str(f), "--target", "diffusers"]) == 2
     err = capsys.readouterr().err
-    assert "lokr.safetensors" in err and "LyCORIS LoKr" in err and "ComfyUI" in err
-    assert not (tmp_path / "lokr_comfy.safetensors").exists()
+    assert "lokr.safetensors" in err and "diffusers loads neither LoHa nor LoKr" in err and "comfy" in err
+    assert not (tmp_path / "lokr_diffusers.safetensors").exists()
 
 
 def test_partial_lora_to_default_warns(tmp_path, caplog):

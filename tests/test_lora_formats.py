@@ -132,13 +132,15 @@ def test_fold_is_computed_in_float32_then_cast():
         assert (d1[k] - d0[k]).abs().max() <= 2e-2 * d0[k].abs().max()
 
 
-@pytest.mark.parametrize("kind,keys", [
-    ("LoHa", (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".alpha")),
-    ("LoKr", (".lokr_w1", ".lokr_w2_a", ".lokr_w2_b", ".alpha")),
+@pytest.mark.parametrize("suffix, match", [
+    (".hada_t1", "Tucker factors"), (".lokr_t2", "Tucker factors"), (".on_input", "IA3 is not supported"),
+    (".oft_blocks", "OFT/BOFT is not supported"),
 ])
-def test_lycoris_files_are_refused_with_a_clear_message(kind, keys):
-    sd = {"lora_unet_blocks_0_self_attn_q" + k: torch.zeros(2, 2) for k in keys}
-    with pytest.raises(LoraFormatError, match=f"LyCORIS {kind}.*plain LoRA"):
+def test_unsupported_lycoris_pieces_are_refused_by_name(suffix, match):
+    """LoHa/LoKr are read (tests/test_lycoris.py); the LyCORIS pieces no Wan target has are named."""
+    sd = {"lora_unet_blocks_0_self_attn_q.hada_w1_a": torch.zeros(2, 2),
+          "lora_unet_blocks_0_self_attn_q" + suffix: torch.zeros(2, 2)}
+    with pytest.raises(LoraFormatError, match=match):
         detect_layout(sd)
 
 

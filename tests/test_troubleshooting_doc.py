@@ -119,14 +119,12 @@ def _prompt_unknown_option(tmp, tiny_dir):
     return str(info.value)
 
 
-def _loha(tmp, tiny_dir):
+def _lycoris_ia3(tmp, tiny_dir):
     from wanlora.lora.layouts import LoraFormatError, load_lora_file
 
     name = "lora_unet_blocks_0_self_attn_q"
-    path = tmp / "style_loha.safetensors"
-    save_safetensors({f"{name}.hada_w1_a": torch.zeros(64, 4), f"{name}.hada_w1_b": torch.zeros(4, 64),
-                      f"{name}.hada_w2_a": torch.zeros(64, 4), f"{name}.hada_w2_b": torch.zeros(4, 64),
-                      f"{name}.alpha": torch.tensor(4.0)}, path)
+    path = tmp / "style_ia3.safetensors"
+    save_safetensors({f"{name}.weight": torch.zeros(64), f"{name}.on_input": torch.tensor(False)}, path)
     with pytest.raises(LoraFormatError) as info:
         load_lora_file(path)
     return str(info.value)
@@ -380,7 +378,7 @@ TRIGGERS = {
     "missing-caches": _missing_caches,
     "video-length": _video_length,
     "prompt-unknown-option": _prompt_unknown_option,
-    "loha": _loha,
+    "lycoris-ia3": _lycoris_ia3,
     "merge-wrong-expert": _merge_wrong_expert,
     "pth-pickle": _pth_pickle,
     "jsonl-duplicate": _jsonl_duplicate,

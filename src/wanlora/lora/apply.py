@@ -16,8 +16,9 @@ include pattern too (include only re-admits).
 ``--lora_multiplier``: one value per file, or one value for all files (:func:`per_file_values`,
 which ``wanlora-merge-lora`` uses too).
 
-Merging (the default) adds :func:`wanlora.lora.algebra.lora_delta` into each weight; ``--lora_dynamic``
-hooks a :class:`wanlora.lora.adapter.LoRAAdapterSet` beside the layers instead.
+Merging (the default) adds :func:`wanlora.lora.algebra.module_delta` into each weight (LoRA, and
+LyCORIS LoHa/LoKr files); ``--lora_dynamic`` hooks a :class:`wanlora.lora.adapter.LoRAAdapterSet`
+beside the layers instead (plain LoRA only).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wanlora.lora.adapter import LoRAAdapterSet, weight_targets
-from wanlora.lora.algebra import merge_delta_
+from wanlora.lora.algebra import merge_module_
 from wanlora.lora.layouts import key_to_module, load_lora_file, lora_modules, module_to_key
 from wanlora.lora.metadata import read_lora_metadata
 from wanlora.lora.patterns import compile_patterns, select_modules
@@ -185,14 +186,15 @@ def filter_lora_state_dict(sd: dict, include: str | None, exclude: str | None) -
 def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict]:
     """Merge (default) or hook each planned LoRA into ``pipe.dits``. Returns a JSON-able log.
 
-    Merging adds ``multiplier · (alpha/rank) · up @ down`` into each weight in float32 and casts back
-    once (:func:`wanlora.lora.algebra.merge_delta_`). Dynamic adapters
+    Merging adds ``multiplier · (alpha/rank) · up @ down`` (LoHa/LoKr: their update) into each weight
+    in float32 and casts back once (:func:`wanlora.lora.algebra.merge_module_`). Dynamic adapters
     (:class:`wanlora.lora.adapter.LoRAAdapterSet`) are registered in ``pipe.extra_modules[expert]``
     so they travel with their DiT. A DiT with fp8 base weights always gets adapters (a delta merged
     into float8 weights would be rounded away).
 
     Raises:
-        ValueError: a LoRA whose modules the DiT lacks, or nothing left after the patterns.
+        ValueError: a LoRA whose modules the DiT lacks, nothing left after the patterns, or a LoHa/LoKr
+            file that would have to be hooked (``dynamic``, fp8 base weights).
     """
     log = []
     for plan in plans:
@@ -203,6 +205,11 @@ def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict
         for expert in plan.experts:
             dit = pipe.dits[expert] if expert in pipe.dits else next(iter(pipe.dits.values()))
             hooked = dynamic or any(q.dtype == torch.float8_e4m3fn for q in dit.parameters())
+            lycoris = sorted({e["kind"] for e in modules.values()} - {"lora"})
+            if hooked and lycoris:
+                raise ValueError(
+                    f"{plan.path}: a LyCORIS {'/'.join(lycoris)} file is merged into the DiT, not hooked; "
+                    "drop --lora_dynamic and load the DiT without --fp8_base / --fp8_scaled")
             if hooked:
                 p = next(dit.parameters())
                 adapters = LoRAAdapterSet.from_weights(dit, sd, plan.multiplier, source=plan.path)
@@ -215,7 +222,7 @@ def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict
             else:
                 targets = dict(weight_targets(dit, [module_to_key(m) for m in modules], plan.path))
                 for path, e in modules.items():
-                    merge_delta_(targets[path].weight, e["down"], e["up"], e["alpha"], plan.multiplier)
+                    merge_module_(targets[path].weight, e, plan.multiplier)
             log.append({"path": plan.path, "multiplier": plan.multiplier, "expert": expert,
                         "modules": len(modules), "mode": "dynamic" if hooked else "merged",
                         "reason": plan.reason})

@@ -4,6 +4,7 @@ Layouts (:mod:`wanlora.lora.layouts`): ``default`` (``lora_unet_*`` down/up/alph
 Wan2GP, and diffusers when every block has all 10 layers), ``comfy`` (``diffusion_model.*``
 lora_A/lora_B, alpha folded: ComfyUI, diffusers, Wan2GP; any subset of modules), ``diffusers``
 (diffusers' own names, alpha folded: diffusers only). The input layout is detected from its keys.
+LyCORIS LoHa/LoKr files convert between ``default`` and ``comfy`` (names only, ``.alpha`` kept).
 
 Expert pairs: an input named ``X_high_noise.safetensors`` (or ``X_low_noise``) brings its partner
 along when it exists (``pair=False`` turns that off); a folder as input converts every
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from wanlora.io_utils import save_safetensors
+from wanlora.lora.algebra import module_rank
 from wanlora.lora.layouts import LoraFormatError, from_default, load_lora_file, lora_modules
 from wanlora.lora.metadata import (
     check_lora_for_task,
@@ -110,24 +112,27 @@ def convert_lora_file(src: str | Path, dst: str | Path, target: str, dtype: torc
     ``target="default"`` keeps the file's alphas (a folded file gets alpha = rank);
     ``"comfy"`` folds alpha into both lora_A and lora_B (``sqrt(alpha/rank)`` each, float32) unless
     ``fold_alpha=False`` (then ``.alpha`` keys stay); ``"diffusers"`` always folds (diffusers
-    refuses ``.alpha`` keys in its own layout). ``dtype`` casts the weights after folding.
+    refuses ``.alpha`` keys in its own layout). ``dtype`` casts the weights after folding. A LyCORIS
+    LoHa/LoKr file is renamed only (``lora_unet_<x>.lokr_w1`` <-> ``diffusion_model.<path>.lokr_w1``,
+    ``.alpha`` kept: ComfyUI applies ``alpha / r`` to these as LyCORIS does); it has no diffusers layout.
 
     Returns:
         The metadata written.
 
     Raises:
-        LoraFormatError: LoHa/LoKr, DoRA/diff keys, unknown keys (message names the file).
+        LoraFormatError: LoHa/LoKr to diffusers, DoRA/diff keys, unknown keys (message names the file).
     """
     src, dst = Path(src), Path(dst)
     sd, metadata = load_lora_file(src)
     try:
         mods = lora_modules(sd, "default")
-        fold = target == "diffusers" or (target == "comfy" and fold_alpha)
-        had_alpha = any(e["alpha"] != e["down"].shape[0] for e in mods.values())
+        lycoris = any(e["kind"] != "lora" for e in mods.values())
+        fold = not lycoris and (target == "diffusers" or (target == "comfy" and fold_alpha))
+        had_alpha = any(e["alpha"] != module_rank(e) for e in mods.values())
         out = from_default(sd, target, fold_alpha=fold, dtype=dtype)
     except LoraFormatError as e:
         raise LoraFormatError(f"{src}: {e}") from None
-    ranks = {e["down"].shape[0] for e in mods.values()}
+    ranks = {module_rank(e) for e in mods.values()}
     rank = ranks.pop() if len(ranks) == 1 else None
     md = update_metadata_for_layout(metadata, target, alpha_folded=fold and had_alpha, rank=rank,
                                     pair_file=pair_file)

@@ -16,6 +16,17 @@ Three layouts of the same LoRA (``reference/lora_formats.md`` §2, §3, §6.2)::
 covers the 10 Linear layers of every block; ``comfy`` is the tolerant one (ComfyUI, diffusers,
 Wan2GP; any subset of modules); ``diffusers`` loads only in diffusers.
 
+LyCORIS LoHa and LoKr modules (``lycoris-lora``, ``--network_module lycoris.kohya``) use the same
+module names with their own tensor suffixes and keep their ``.alpha`` in every layout (ComfyUI
+reads it; there is no folding)::
+
+    default    lora_unet_blocks_0_ffn_0.hada_w1_a  [out, r]   .hada_w1_b [r, in]  .hada_w2_a  .hada_w2_b
+               lora_unet_blocks_0_ffn_0.lokr_w1    [a, c]     .lokr_w2 [b, d]  or  .lokr_w2_a [b, r] .lokr_w2_b [r, d]
+    comfy      diffusion_model.blocks.0.ffn.0.hada_w1_a ...  diffusion_model.blocks.0.ffn.0.lokr_w1 ...
+
+(``reference/lora_formats.md`` §2 and §5: ComfyUI's loader finds them under both prefixes;
+diffusers and Wan2GP load neither, so there is no diffusers layout for them.)
+
 Every function here is pure (dicts of tensors in, dicts out); :func:`load_lora_file` is the one
 reader used by generation, training (``--network_weights``), conversion and merging.
 
@@ -33,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from wanlora.lora.algebra import fold_alpha as fold_scale, lora_delta
+from wanlora.lora.algebra import MODULE_TENSORS, fold_alpha as fold_scale, module_delta, module_rank
 
 __all__ = [
     "LAYOUTS",
@@ -105,12 +116,23 @@ _DEFAULT_BLOCK_RE = re.compile(r"^blocks_(\d+)_(.+)$")
 _DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")
 _UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight")
 _ALPHA_SUFFIX = ".alpha"
-_LYCORIS_MARKERS = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2",
-                    ".lokr_w1", ".lokr_w2", ".lokr_t2")
+#: LyCORIS tensor suffix -> module kind (the LoHa / LoKr factors of Linear layers).
+_LYCORIS_SUFFIXES = {f".{name}": kind for kind in ("loha", "lokr") for name in MODULE_TENSORS[kind]}
+#: LyCORIS pieces no Wan LoRA target uses, or that change the math beyond ``ΔW`` (refused by name).
+_LYCORIS_REFUSED = {
+    ".hada_t1": "LoHa Tucker factors (use_tucker) belong to conv layers; every Wan LoRA target is Linear",
+    ".hada_t2": "LoHa Tucker factors (use_tucker) belong to conv layers; every Wan LoRA target is Linear",
+    ".lokr_t1": "LoKr Tucker factors (use_tucker) belong to conv layers; every Wan LoRA target is Linear",
+    ".lokr_t2": "LoKr Tucker factors (use_tucker) belong to conv layers; every Wan LoRA target is Linear",
+    ".on_input": "LyCORIS IA3 is not supported; train with --network_args algo=lokr, loha or locon",
+    ".oft_blocks": "LyCORIS OFT/BOFT is not supported; train with --network_args algo=lokr, loha or locon",
+    ".oft_diag": "LyCORIS OFT/BOFT is not supported; train with --network_args algo=lokr, loha or locon",
+    ".a1.weight": "LyCORIS GLoRA is not supported; train with --network_args algo=lokr, loha or locon",
+}
 
 
 class LoraFormatError(ValueError):
-    """A LoRA file or state dict that no layout of this module describes (or LoHa/LoKr)."""
+    """A LoRA file or state dict that no layout of this module describes (or an unsupported LyCORIS kind)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,19 +220,15 @@ def diffusers_to_wan_path(path: str) -> str:
 # Detection
 
 
-def _refuse_lycoris(keys) -> None:
-    bad = [k for k in keys if any(m in k for m in _LYCORIS_MARKERS)]
-    if bad:
-        kind = "LoHa" if any(".hada_" in k for k in bad) else "LoKr"
-        raise LoraFormatError(
-            f"this is a LyCORIS {kind} file (key {bad[0]!r}); wanlora reads, converts and merges "
-            "plain LoRA (lora_down/lora_up or lora_A/lora_B) only. Use it as it is in ComfyUI or "
-            "musubi-tuner (both apply LoHa/LoKr natively); diffusers and Wan2GP cannot load it"
-        )
+def _refuse_unsupported(keys) -> None:
+    for k in keys:
+        for suffix, why in _LYCORIS_REFUSED.items():
+            if k.endswith(suffix):
+                raise LoraFormatError(f"LoRA key {k!r}: {why}")
 
 
 def _split_suffix(key: str) -> tuple[str, str] | None:
-    for s in _DOWN_SUFFIXES + _UP_SUFFIXES + (_ALPHA_SUFFIX,):
+    for s in _DOWN_SUFFIXES + _UP_SUFFIXES + (_ALPHA_SUFFIX,) + tuple(_LYCORIS_SUFFIXES):
         if key.endswith(s):
             return key[: -len(s)], s
     return None
@@ -223,15 +241,17 @@ def detect_layout(state_dict) -> str:
     ``transformer.`` followed by diffusers module names (``attn1``, ``ffn.net``, ...) ->
     diffusers; ``diffusion_model.`` (also ``model.diffusion_model.``, ``transformer.`` or no
     prefix followed by Wan names, ``blocks.0.self_attn.q``) -> comfy. Either suffix family
-    (``lora_down/lora_up`` or ``lora_A/lora_B``), with or without ``.alpha``, is accepted.
+    (``lora_down/lora_up`` or ``lora_A/lora_B``), with or without ``.alpha``, is accepted, and
+    so are LyCORIS LoHa/LoKr tensors (``hada_*``, ``lokr_*``) under the default or comfy prefixes.
 
     Raises:
-        LoraFormatError: empty, LyCORIS LoHa/LoKr (``hada_*``, ``lokr_*``), or no known layout.
+        LoraFormatError: empty, an unsupported LyCORIS kind (Tucker factors, IA3, OFT, GLoRA), or no
+            known layout.
     """
     keys = list(state_dict.keys() if hasattr(state_dict, "keys") else state_dict)
     if not keys:
         raise LoraFormatError("the LoRA holds no tensors")
-    _refuse_lycoris(keys)
+    _refuse_unsupported(keys)
     if any(k.startswith(_DEFAULT_PREFIX) for k in keys):
         return "default"
     for k in keys:
@@ -272,32 +292,47 @@ def lora_modules(state_dict: dict[str, torch.Tensor], layout: str | None = None)
     """Group a LoRA state dict of any layout by Wan module path.
 
     Returns:
-        ``{wan_path: {"down": [r, in], "up": [out, r], "alpha": float | None}}`` (tensors as
-        stored, not copied; ``alpha`` None when the file has none for that module).
+        ``{wan_path: module}`` with ``module = {"kind": "lora", "down": [r, in], "up": [out, r],
+        "alpha": float | None}`` for LoRA, or ``{"kind": "loha" | "lokr", "alpha": ..., <LyCORIS
+        tensors by suffix>}`` (``hada_w1_a`` ...; ``lokr_w1`` ...) for LyCORIS modules (the module
+        dict of :mod:`wanlora.lora.algebra`; tensors as stored, not copied; ``alpha`` None when
+        the file has none for that module).
 
     Raises:
-        LoraFormatError: LoHa/LoKr, DoRA or ``.diff`` keys, unknown module names, a module with
-            a down but no up (or the reverse), or mismatched ranks.
+        LoraFormatError: DoRA or ``.diff`` keys, unsupported LyCORIS pieces, unknown module names,
+            a module with a down but no up (or the reverse), mixed kinds in one module, LyCORIS
+            tensors in the diffusers layout, or factors whose shapes do not fit together.
     """
     layout = layout or detect_layout(state_dict)
     if layout not in LAYOUTS:
         raise LoraFormatError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    _refuse_lycoris(state_dict.keys())
+    _refuse_unsupported(state_dict.keys())
     mods: dict[str, dict] = {}
     for key, t in state_dict.items():
         split = _split_suffix(key)
         if split is None:
             raise LoraFormatError(
-                f"LoRA key {key!r} is neither a lora_down/lora_up (lora_A/lora_B) weight nor an "
-                "alpha; DoRA (dora_scale), full diffs (.diff, .diff_b) and biases are not supported"
+                f"LoRA key {key!r} is neither a lora_down/lora_up (lora_A/lora_B), LoHa (hada_*) or LoKr "
+                "(lokr_*) weight nor an alpha; DoRA (dora_scale), full diffs (.diff, .diff_b) and biases "
+                "are not supported"
             )
         base, suffix = split
         path = _module_path(base, layout)
-        entry = mods.setdefault(path, {"down": None, "up": None, "alpha": None})
+        entry = mods.setdefault(path, {"kind": None, "alpha": None})
+        kind = "lora" if suffix in _DOWN_SUFFIXES + _UP_SUFFIXES else _LYCORIS_SUFFIXES.get(suffix)
+        if kind is not None:
+            if entry["kind"] not in (None, kind):
+                raise LoraFormatError(f"LoRA module {path!r} mixes {entry['kind']} and {kind} tensors ({key!r})")
+            entry["kind"] = kind
         if suffix in _DOWN_SUFFIXES:
             entry["down"] = t
         elif suffix in _UP_SUFFIXES:
             entry["up"] = t
+        elif kind is not None:
+            if layout == "diffusers":
+                raise LoraFormatError(f"LoRA key {key!r}: diffusers cannot load LoHa/LoKr; use the default "
+                                      "or comfy layout")
+            entry[suffix[1:]] = t
         else:
             if layout == "diffusers":
                 raise LoraFormatError(
@@ -306,6 +341,19 @@ def lora_modules(state_dict: dict[str, torch.Tensor], layout: str | None = None)
                 )
             entry["alpha"] = float(t.float().item())
     for path, e in mods.items():
+        _check_module(path, e)
+    return mods
+
+
+def _check_module(path: str, e: dict) -> None:
+    """Refuse a module whose tensors are incomplete or do not fit together (message names ``path``)."""
+    from wanlora.lora.algebra import module_shape
+
+    if e["kind"] is None:
+        raise LoraFormatError(f"LoRA module {path!r} has an alpha but no weights")
+    if e["kind"] == "lora":
+        e.setdefault("down", None)
+        e.setdefault("up", None)
         if e["down"] is None or e["up"] is None:
             missing = "down (lora_A)" if e["down"] is None else "up (lora_B)"
             raise LoraFormatError(f"LoRA module {path!r} has no {missing} weight")
@@ -314,7 +362,27 @@ def lora_modules(state_dict: dict[str, torch.Tensor], layout: str | None = None)
                 f"LoRA module {path!r}: down {tuple(e['down'].shape)} and up "
                 f"{tuple(e['up'].shape)} are not [rank, in] and [out, rank] of one rank"
             )
-    return mods
+        return
+    shapes = {k: tuple(v.shape) for k, v in e.items() if isinstance(v, torch.Tensor)}
+    try:
+        if e["kind"] == "loha":
+            missing = [n for n in MODULE_TENSORS["loha"] if n not in e]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            a1, b1, a2, b2 = (shapes[n] for n in MODULE_TENSORS["loha"])
+            if len(a1) != 2 or len(b1) != 2 or a1 != a2 or b1 != b2 or a1[1] != b1[0]:
+                raise ValueError("expected hada_w1_a/hada_w2_a [out, r] and hada_w1_b/hada_w2_b [r, in]")
+        else:
+            for n in (1, 2):
+                whole, a, b = (shapes.get(f"lokr_w{n}{x}") for x in ("", "_a", "_b"))
+                ok = (whole is not None and len(whole) == 2 and a is None and b is None) or (
+                    whole is None and a is not None and b is not None and len(a) == 2 and len(b) == 2
+                    and a[1] == b[0])
+                if not ok:
+                    raise ValueError(f"expected lokr_w{n} [p, q], or lokr_w{n}_a [p, r] and lokr_w{n}_b [r, q]")
+        module_shape(e)
+    except (ValueError, KeyError) as err:
+        raise LoraFormatError(f"{e['kind'] == 'loha' and 'LoHa' or 'LoKr'} module {path!r} {shapes}: {err}") from None
 
 
 def to_default(state_dict: dict[str, torch.Tensor], layout: str | None = None,
@@ -323,12 +391,16 @@ def to_default(state_dict: dict[str, torch.Tensor], layout: str | None = None,
 
     Tensors are kept as stored (no dtype change); a module without alpha gets
     ``alpha = rank`` (scale 1), stored as a 0-dim float32 tensor like every alpha written here.
+    LoHa/LoKr modules keep their tensors and suffixes (:func:`_lycoris_tensors`).
     ``alpha_overrides`` (``{wan_path: alpha}``) supplies alphas from elsewhere (diffusers'
     ``lora_adapter_metadata``).
     """
     out: dict[str, torch.Tensor] = {}
     for path, e in sorted(lora_modules(state_dict, layout).items(), key=lambda kv: _sort_key(kv[0])):
         name = module_to_key(path)
+        if e["kind"] != "lora":
+            out.update(_lycoris_tensors(name, e))
+            continue
         rank = e["down"].shape[0]
         alpha = e["alpha"]
         if alpha is None and alpha_overrides:
@@ -353,16 +425,26 @@ def from_default(state_dict: dict[str, torch.Tensor], target: str, fold_alpha: b
         state_dict: a LoRA in any layout.
         target: ``"default"``, ``"comfy"`` or ``"diffusers"``.
         fold_alpha: fold alpha into the weights (comfy/default); False keeps ``.alpha`` keys.
+            LoHa/LoKr modules always keep their tensors and ``.alpha`` (ComfyUI applies
+            ``alpha / r`` to them as LyCORIS does), only renamed: ``diffusion_model.<path>.lokr_w1``.
         dtype: output dtype of the weights (None keeps each tensor's dtype); alphas stay float32.
 
     Raises:
-        LoraFormatError: unknown target, or an input :func:`lora_modules` refuses.
+        LoraFormatError: unknown target, LoHa/LoKr to ``diffusers``, or an input
+            :func:`lora_modules` refuses.
     """
     if target not in LAYOUTS:
         raise LoraFormatError(f"unknown target layout {target!r}; use one of {', '.join(LAYOUTS)}")
     fold = fold_alpha or target == "diffusers"
     out: dict[str, torch.Tensor] = {}
     for path, e in sorted(lora_modules(state_dict).items(), key=lambda kv: _sort_key(kv[0])):
+        if e["kind"] != "lora":
+            if target == "diffusers":
+                raise LoraFormatError(f"{path}: a {e['kind']} module has no diffusers layout (diffusers loads "
+                                      "neither LoHa nor LoKr); use --target comfy or default")
+            name = module_to_key(path) if target == "default" else "diffusion_model." + path
+            out.update(_lycoris_tensors(name, e, dtype))
+            continue
         down, up = e["down"], e["up"]
         rank = down.shape[0]
         alpha = float(rank if e["alpha"] is None else e["alpha"])
@@ -389,6 +471,18 @@ def from_default(state_dict: dict[str, torch.Tensor], target: str, fold_alpha: b
     return out
 
 
+def _lycoris_tensors(name: str, e: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A LoHa/LoKr module's tensors under the module name ``name`` (``lora_unet_...`` or
+    ``diffusion_model....``): every factor (cast to ``dtype`` when given) and ``.alpha`` as a 0-dim
+    float32 (``alpha = r`` when the file had none, which keeps the scale 1; a LoKr stored whole
+    has scale 1 whatever its alpha, so ``r`` is taken as 1 there, as LyCORIS saves it)."""
+    out = {f"{name}.{k}": (v.to(dtype) if dtype is not None else v)
+           for k in MODULE_TENSORS[e["kind"]] if (v := e.get(k)) is not None}
+    alpha = e["alpha"] if e["alpha"] is not None else (module_rank(e) or 1)
+    out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
 def _sort_key(path: str):
     m = _BLOCK_RE.match(path)
     if m:
@@ -398,20 +492,21 @@ def _sort_key(path: str):
 
 
 def delta_weights(state_dict: dict[str, torch.Tensor], multiplier: float = 1.0) -> dict[str, torch.Tensor]:
-    """The float32 weight update ``multiplier · (alpha/rank) · up @ down`` of every module
-    (:func:`wanlora.lora.algebra.lora_delta`; a module without alpha has scale 1).
+    """The float32 weight update of every module: ``multiplier · (alpha/rank) · up @ down`` for LoRA,
+    the LoHa/LoKr products for LyCORIS modules (:func:`wanlora.lora.algebra.module_delta`; a module
+    without alpha has scale 1).
 
     Returns:
         ``{wan_path: ΔW [out, in] float32}`` (module paths, e.g. ``blocks.0.self_attn.q``; the
         checkpoint key is ``path + ".weight"``).
     """
-    return {path: lora_delta(e["down"], e["up"], e["alpha"], multiplier)
-            for path, e in lora_modules(state_dict).items()}
+    return {path: module_delta(e, multiplier) for path, e in lora_modules(state_dict).items()}
 
 
-def lora_ranks(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
-    """``{wan_path: rank}`` of a LoRA in any layout."""
-    return {p: e["down"].shape[0] for p, e in lora_modules(state_dict).items()}
+def lora_ranks(state_dict: dict[str, torch.Tensor]) -> dict[str, int | None]:
+    """``{wan_path: rank}`` of a LoRA in any layout (:func:`wanlora.lora.algebra.module_rank`; None
+    for a LoKr module stored as two whole factors)."""
+    return {p: module_rank(e) for p, e in lora_modules(state_dict).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,11 +548,12 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         ``(state_dict, metadata)``: ``lora_unet_<path>.lora_down.weight`` ``[r, in]``,
         ``.lora_up.weight`` ``[out, r]`` in the file's dtype, ``.alpha`` 0-dim float32 (= rank when
         the file had none: scale 1), and the file's safetensors metadata (strings, unchanged).
+        LoHa/LoKr modules come as ``lora_unet_<path>.hada_w1_a`` ... / ``.lokr_w1`` ... with ``.alpha``.
 
     Raises:
         FileNotFoundError: no such file.
         LoraFormatError: a tensor with NaN or Inf values (a diverged training: applied, it gives a
-            black video); not a safetensors file, LyCORIS LoHa/LoKr, DoRA/diff keys, unknown keys.
+            black video); not a safetensors file, unsupported LyCORIS kinds, DoRA/diff keys, unknown keys.
     """
     from safetensors import safe_open
 

@@ -1,8 +1,8 @@
 """Merging LoRAs into a Wan DiT checkpoint, streamed (the library of ``wanlora-merge-lora``).
 
 For every weight ``blocks.N.<layer>.weight`` a LoRA touches, the merged weight is
-``W + sum_i multiplier_i · (alpha_i / rank_i) · up_i @ down_i`` computed in float32
-(:func:`wanlora.lora.algebra.lora_delta`) and cast once to the output dtype (musubi-tuner's
+``W + sum_i multiplier_i · (alpha_i / rank_i) · up_i @ down_i`` (a LyCORIS LoHa/LoKr module: its
+update) computed in float32 (:func:`wanlora.lora.algebra.module_delta`) and cast once to the output dtype (musubi-tuner's
 ``merge_lora`` math, ``reference/lora_formats.md`` §4, but in float32). Everything else is copied
 unchanged. LoRAs of any layout are read with :func:`wanlora.lora.layouts.load_lora_file`.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from wanlora.lora.algebra import lora_delta
+from wanlora.lora.algebra import module_delta, module_shape
 from wanlora.lora.layouts import load_lora_file, lora_modules
 from wanlora.lora.metadata import read_lora_metadata
 from wanlora.models.loading import (CheckpointError, checkpoint_files, config_num_heads, load_torch_file,
@@ -177,7 +177,7 @@ def merge_loras(
         if patch is not None and patch[1][1] != t.in_channels:
             problems.append(f"{dit}: the DiT takes {patch[1][1]} input channels, task {t.name} "
                             f"{t.in_channels}; check --task")
-        # key -> [(down, up, alpha, multiplier)]
+        # key -> [(module, multiplier)]
         updates: dict[str, list] = {}
         skipped: list[str] = []
         records = []
@@ -187,14 +187,14 @@ def merge_loras(
             n = 0
             for path, e in lora_modules(sd, "default").items():
                 key = by_official.get(path + ".weight", source.prefix + path + ".weight")
-                shape = (e["up"].shape[0], e["down"].shape[1])
+                shape = module_shape(e)
                 if key not in infos:
                     skipped.append(f"{lora_path}: {path} (not in the checkpoint)")
                     continue
                 if tuple(infos[key][1]) != shape:
                     skipped.append(f"{lora_path}: {path} (LoRA {shape} vs weight {tuple(infos[key][1])})")
                     continue
-                updates.setdefault(key, []).append((e["down"], e["up"], e["alpha"], mult))
+                updates.setdefault(key, []).append((e, mult))
                 n += 1
             records.append({"file": Path(lora_path).name, "multiplier": mult, "modules": n})
         if skipped:
@@ -233,8 +233,8 @@ def merge_loras(
                 x = source.get(k)
                 if k in updates:
                     x32 = x.float() if x.dtype != torch.float32 else x
-                    for down, up, alpha, mult in updates[k]:
-                        lora_delta(down, up, alpha, mult, out=x32)
+                    for module, mult in updates[k]:
+                        module_delta(module, mult, out=x32)
                     x = x32
                     del x32
                 w.write(k[len(source.prefix):], x.to(out_dtype(dt)))

@@ -356,12 +356,15 @@ class MLPProj(nn.Module):
         return self.proj[4](self.proj[3](x)).to(dtype)
 
 
-class WanBlock(nn.Module):
+class WanAttentionBlock(nn.Module):
     """One transformer block (``model.py: WanAttentionBlock``), with ``(c0..c5) = modulation + e0``:
 
     ``x += SelfAttn(LN(x)(1+c1)+c0)·c2``; ``x += CrossAttn(norm3(x), ctx)``;
     ``x += FFN(LN(x)(1+c4)+c3)·c5``. With ``image=True`` the cross-attention also attends to the
     CLIP image tokens (:class:`ImageCrossAttention`).
+
+    The class keeps the official name on purpose: LyCORIS (``--network_module lycoris.kohya``)
+    and its presets choose the Wan layers to adapt by this class name, as for musubi-tuner's DiT.
     """
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float = 1e-6, image: bool = False):
@@ -386,6 +389,9 @@ class WanBlock(nn.Module):
             x = x + self.cross_attn(self.norm3(x), context, dtype, mode, context_img).float()
         y = self.ffn(_modulate(self.norm2(x), c[4], c[3]).to(dtype))
         return x + _gate(y, c[5])
+
+
+WanBlock = WanAttentionBlock  # the former name
 
 
 class Head(nn.Module):
@@ -438,7 +444,7 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         image = config.image_dim is not None
         self.blocks = nn.ModuleList(
-            WanBlock(d, config.ffn_dim, config.num_heads, config.eps, image) for _ in range(config.num_layers)
+            WanAttentionBlock(d, config.ffn_dim, config.num_heads, config.eps, image) for _ in range(config.num_layers)
         )
         self.head = Head(d, config.out_channels, config.patch_size, config.eps)
         if image:

@@ -133,20 +133,20 @@ def check_before_loading(config: TrainConfig):
     """Check the flags that are otherwise used only after the DiT is loaded (minutes at 14B), so a
     typo fails at once: ``--attn_mode`` (installed, and with a backward pass), import ``--network_module``
     (returned), resolve ``--optimizer_type`` (and its package), ``--lr_scheduler``, ``--weighting_scheme``,
-    parse ``--network_args`` / ``--optimizer_args``, and for ``--sample_prompts`` parse the prompt file
+    parse ``--network_args`` (LyCORIS: a supported ``algo``) / ``--optimizer_args``, and for ``--sample_prompts`` parse the prompt file
     and require ``--vae`` and ``--t5`` files.
 
     Raises:
         ValueError / ImportError / FileNotFoundError: the message names the flag and the fix.
     """
     from wanlora.models.attention import check_attn_mode
-    from wanlora.networks import resolve_network_module
+    from wanlora.networks import check_network_args, resolve_network_module
 
     check_attn_mode(config.model.attn_mode, training=True)  # sage has no backward: LoRA on q/k/v would not learn
     module = resolve_network_module(config.network.network_module)
     check_optimizer_type(config.optimization.optimizer_type)
     check_lr_scheduler(config.optimization.lr_scheduler)
-    parse_kv_args(config.network.network_args, "--network_args")
+    check_network_args(config.network.network_module, parse_kv_args(config.network.network_args, "--network_args"))
     parse_kv_args(config.optimization.optimizer_args)
     flow.loss_weighting(config.timesteps.weighting_scheme, torch.zeros(1))  # an unknown scheme raises here
     files, prompts = config.model_files, config.sampling.sample_prompts

@@ -1,0 +1,251 @@
+"""LyCORIS LoKr / LoHa through lycoris-lora (``--network_module lycoris.kohya``): training both A14B
+experts on a tiny model, the files, our delta against LyCORIS's own, conversion to ComfyUI's names,
+merging, generation with the file equal to generation with the merged DiT, and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from wanlora.commands.train import parse_config
+from wanlora.lora.algebra import module_delta
+from wanlora.lora.layouts import delta_weights, load_lora_file, lora_modules
+from wanlora.training.trainer import train
+
+lycoris_kohya = pytest.importorskip("lycoris.kohya", reason="lycoris-lora is a dev dependency (pip install -e .[dev])")
+
+TASK = "t2v-A14B"
+#: algo -> --network_args; LoKr factor=4 on the 64-wide tiny layers: w1 [4, 4] whole, w2 = w2_a @ w2_b of rank 4
+ALGOS = {"lokr": ["algo=lokr", "factor=4"], "loha": ["algo=loha"]}
+COMFY_SUFFIXES = {  # the tensor names ComfyUI's weight adapters read (comfy/weight_adapter/lokr.py, loha.py)
+    "lokr": {"lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_fresh_accelerate():
+    torch.set_num_threads(1)
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class _Batches:
+    """Four fixed cached batches (latents and one text context each)."""
+
+    def __init__(self, n=4):
+        g = torch.Generator().manual_seed(0)
+        self.b = [{"latents": torch.randn(1, 16, 2, 4, 4, generator=g), "context": [torch.randn(3, 32, generator=g)],
+                   "keys": [str(i)]} for i in range(n)]
+
+    def __len__(self):
+        return len(self.b)
+
+    def __getitem__(self, pos):
+        return self.b[pos % len(self.b)]
+
+
+def _flags(tiny_dir) -> dict:
+    return json.loads((tiny_dir(TASK) / "manifest.json").read_text())["flags"]
+
+
+def _train_argv(flags, out: Path, algo_args, *extra) -> list[str]:
+    return ["--task", TASK, "--dit", flags["--dit"], "--dit_high_noise", flags["--dit_high_noise"],
+            "--dataset_config", "unused.toml", "--output_dir", str(out), "--output_name", "lyco",
+            "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "5e-3", "--seed", "3",
+            "--max_data_loader_n_workers", "0", "--max_train_steps", "4", "--timestep_sampling", "uniform",
+            "--timestep_boundary", "0.5",  # with seed 3 the steps go to high, low, low, high
+            "--network_module", "lycoris.kohya", "--network_args", *algo_args, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """``trained(algo)`` -> (output folder, train state): both A14B experts, 4 steps, made once."""
+    made = {}
+
+    def get(algo):
+        if algo not in made:
+            from accelerate.state import AcceleratorState
+
+            out = tmp_path_factory.mktemp(f"lyco-{algo}")
+            torch.set_num_threads(1)
+            made[algo] = out, train(parse_config(_train_argv(_flags(tiny_dir), out, ALGOS[algo])), dataset=_Batches())
+            AcceleratorState._reset_state(reset_partial_state=True)
+        return made[algo]
+
+    return get
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_training_both_experts_writes_one_lycoris_file_per_expert(trained, algo):
+    out, state = trained(algo)
+    assert state.global_step == 4
+    losses = [x[2] for x in state.losses]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert {x[1] for x in state.losses} == {"high_noise", "low_noise"}
+    deltas = {}
+    for expert in ("high_noise", "low_noise"):
+        f = out / f"lyco_{expert}.safetensors"
+        with safe_open(str(f), "pt") as h:
+            md, keys = h.metadata(), list(h.keys())
+        assert md["wan.expert"] == expert and md["ss_network_module"] == "lycoris.kohya"
+        assert json.loads(md["ss_network_args"])["algo"] == algo
+        mods = lora_modules(load_file(f))
+        assert len(mods) == 2 * 10 and {m["kind"] for m in mods.values()} == {algo}  # 10 Linear layers a block
+        suffixes = {k.split(".", 1)[1] for k in keys}
+        assert suffixes <= COMFY_SUFFIXES[algo] and all(k.startswith("lora_unet_blocks_") for k in keys)
+        if algo == "lokr":
+            assert {"lokr_w1", "lokr_w2_a", "lokr_w2_b"} <= suffixes  # decomposed: alpha / rank applies
+        deltas[expert] = delta_weights(load_file(f))
+        # LyCORIS starts every module at ΔW = 0 (one factor zero): training moved every one of them
+        assert all(d.abs().max() > 0 for d in deltas[expert].values())
+    assert any(not torch.equal(deltas["high_noise"][k], deltas["low_noise"][k]) for k in deltas["low_noise"])
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_our_delta_equals_lycoris_own(trained, tiny_dir, algo):
+    """For the trained files: ΔW of wanlora.lora.algebra equals the update LyCORIS adds in its forward
+    (``get_weight``) for every module; with alpha = rank (scale 1) also the weights after LyCORIS's
+    own ``merge_to``. (lycoris-lora 4.1.3 multiplies ``alpha / rank`` twice in ``merge_to``, so for
+    any other alpha its merge disagrees with its own forward, with ComfyUI and with us.)"""
+    from wanlora.models import load_dit
+
+    out, _ = trained(algo)
+    f = out / "lyco_low_noise.safetensors"
+    sd = load_file(f)
+    ours = delta_weights(sd)
+    dit = load_dit(_flags(tiny_dir)["--dit"], TASK)
+    net, _ = lycoris_kohya.create_network_from_weights(1.0, str(f), None, None, dit, weights_sd=sd)
+    assert len(net.unet_loras) == len(ours)
+    for m in net.unet_loras:
+        path = next(p for p in ours if m.lora_name == "lora_unet_" + p.replace(".", "_"))
+        torch.testing.assert_close(m.get_weight(m.shape).detach().float(), ours[path], atol=1e-6, rtol=0)
+
+    # alpha = rank: LyCORIS's merge_to changes each weight by exactly our ΔW
+    sd1 = {k: (torch.tensor(4.0) if k.endswith(".alpha") else v) for k, v in sd.items()}
+    net, _ = lycoris_kohya.create_network_from_weights(1.0, None, None, None, dit, weights_sd=sd1)
+    before = {n: p.detach().clone() for n, p in dit.named_parameters()}
+    net.merge_to(None, dit, sd1, torch.float32, "cpu")
+    for path, d in delta_weights(sd1).items():
+        torch.testing.assert_close(dict(dit.named_parameters())[path + ".weight"] - before[path + ".weight"], d,
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(algo="lokr", factor=8, decompose_both=True), dict(algo="lokr", factor=-1, full_matrix=True),
+    dict(algo="lokr", factor=4, rs_lora=True), dict(algo="loha", use_scalar=True), dict(algo="loha", rs_lora=True),
+])
+def test_delta_matches_lycoris_forward_for_its_variants(kwargs):
+    """Saved files of LyCORIS's LoKr/LoHa variants (both factors decomposed, whole factors, rs_lora,
+    a trained scalar) apply as LyCORIS's forward does: y = x Wᵀ + x ΔWᵀ with our ΔW."""
+    torch.manual_seed(0)
+    module_cls = {"lokr": lycoris_kohya.LokrModule, "loha": lycoris_kohya.LohaModule}[kwargs.pop("algo")]
+    base = nn.Linear(64, 96, bias=False)
+    m = module_cls("lora_unet_blocks_0_ffn_0", base, 1.0, 4, 3.0, **kwargs)
+    m.apply_to()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    sd = {f"lora_unet_blocks_0_ffn_0.{k}": v.detach() for k, v in m.state_dict().items()}
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        lyco = m(x) - x @ base.weight.T
+    mod = lora_modules(sd)["blocks.0.ffn.0"]
+    torch.testing.assert_close(x @ module_delta(mod).T, lyco, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_convert_to_comfy_keeps_the_update_under_comfyui_names(trained, tiny_dir, algo, tmp_path):
+    """``wanlora-convert-lora --target comfy``: every key is ``diffusion_model.<weight of the DiT>.<a
+    tensor ComfyUI's adapter reads>`` (ComfyUI maps ``diffusion_model.<P>`` to the model weight
+    ``<P>.weight``, reference/lora_formats.md §5.2); the update is unchanged; back to default too."""
+    from wanlora.commands.convert_lora import main
+    from wanlora.models import load_dit
+
+    out, _ = trained(algo)
+    src = out / "lyco_high_noise.safetensors"
+    assert main(["--input", str(src), "--target", "comfy", "--output", str(tmp_path), "--no_pair"]) == 0
+    conv = tmp_path / src.name
+    sd = load_file(conv)
+    weights = {n[: -len(".weight")] for n, _ in load_dit(_flags(tiny_dir)["--dit_high_noise"], TASK).named_parameters()
+               if n.endswith(".weight")}
+    for k in sd:
+        prefix, module, suffix = k.split(".", 1)[0], k.rsplit(".", 1)[0], k.rsplit(".", 1)[1]
+        assert prefix == "diffusion_model" and module[len("diffusion_model."):] in weights and suffix in COMFY_SUFFIXES[algo]
+    before, after = delta_weights(load_file(src)), delta_weights(load_lora_file(conv)[0])
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k])
+    with safe_open(str(conv), "pt") as h:
+        assert h.metadata()["wan.key_format"] == "comfy" and h.metadata()["wan.expert"] == "high_noise"
+    back = tmp_path / "back.safetensors"
+    assert main(["--input", str(conv), "--target", "default", "--output", str(back)]) == 0
+    assert load_file(back).keys() == load_file(src).keys()
+
+
+def test_merge_then_generate_equals_generate_with_the_files(trained, tiny_dir, tmp_path):
+    """wanlora-merge-lora puts each expert's LoKr into its DiT (weights = W + ΔW); wanlora-generate with
+    the two LoKr files gives the same latents as with the two merged DiTs, and other latents than
+    without them."""
+    from wanlora.commands import generate, merge_lora
+
+    out, _ = trained("lokr")
+    flags = _flags(tiny_dir)
+    merged = {}
+    for expert, dit in (("high_noise", flags["--dit_high_noise"]), ("low_noise", flags["--dit"])):
+        merged[expert] = tmp_path / f"merged_{expert}.safetensors"
+        assert merge_lora.main(["--dit", dit, "--task", TASK, "--lora_weight", str(out / f"lyco_{expert}.safetensors"),
+                                "--save_merged_model", str(merged[expert]), "--save_dtype", "fp32"]) == 0
+
+    def latent(name, dit, dit_high, *extra):
+        folder = tmp_path / name
+        argv = ["--task", TASK, "--dit", str(dit), "--dit_high_noise", str(dit_high), "--vae", flags["--vae"],
+                "--t5", flags["--t5"], "--t5_tokenizer", flags["--t5_tokenizer"], "--prompt", "a red kite",
+                "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "4", "--seed", "3",
+                "--output_type", "latent", "--save_path", str(folder), *extra]
+        assert generate.main(argv) == 0
+        (f,) = folder.glob("*.safetensors")
+        return load_file(f)["latent"]
+
+    with_files = latent("files", flags["--dit"], flags["--dit_high_noise"],
+                        "--lora_weight", str(out / "lyco_low_noise.safetensors"),
+                        "--lora_weight_high_noise", str(out / "lyco_high_noise.safetensors"))
+    with_merged = latent("merged", merged["low_noise"], merged["high_noise"])
+    base = latent("base", flags["--dit"], flags["--dit_high_noise"])
+    torch.testing.assert_close(with_files, with_merged, atol=1e-6, rtol=0)
+    assert (with_files - base).abs().max() > 1e-3
+
+
+def test_refusals_before_any_model_loads(tiny_dir, tmp_path):
+    """Unsupported LyCORIS algorithms and options fail in one line before the DiT loads; a LoKr file
+    cannot be hooked (--lora_dynamic)."""
+    from wanlora.lora.apply import apply_loras, plan_loras
+    from wanlora.tasks import get_task
+
+    for args, match in ((["algo=ia3"], "algo=ia3: not supported.*algo=lokr or algo=loha"),
+                        (["algo=boft"], "algo=boft: not supported"),
+                        (["algo=lokr", "dora_wd=True"], "dora_wd=True: not supported")):
+        with pytest.raises(ValueError, match=match):
+            train(parse_config(_train_argv(_flags(tiny_dir), tmp_path / "x", args)), dataset=_Batches(),
+                  load_dit=lambda *a, **k: pytest.fail("loaded the DiT"))
+
+    name = "lora_unet_blocks_0_ffn_0"
+    f = tmp_path / "k.safetensors"
+    save_file({f"{name}.lokr_w1": torch.ones(4, 4), f"{name}.lokr_w2": torch.ones(32, 16),
+               f"{name}.alpha": torch.tensor(1.0)}, str(f))
+    plans = plan_loras(get_task(TASK), [str(f)], [1.0])
+
+    class Pipe:
+        dits = {"low_noise": nn.Module()}
+        extra_modules = {}
+
+    with pytest.raises(ValueError, match="LyCORIS lokr file is merged into the DiT, not hooked"):
+        apply_loras(Pipe(), plans, dynamic=True)
