@@ -64,14 +64,17 @@ _LYCORIS_REFUSED_ARGS = {
     "dora_wd": "DoRA (weight decomposition) rescales the whole weight, which the LoRA tools here do not apply",
     "train_norm": "norm-layer adapters are not Linear LoRA modules",
 }
+_LYCORIS_FOREIGN_ARGS = ("exclude_patterns", "include_patterns")  # networks.lora_wan's; LyCORIS ignores them
 
 
 def check_network_args(module_name: str, network_args: dict) -> None:
     """Refuse, before any model loads, LyCORIS settings that make files wanlora cannot apply.
 
     For ``--network_module lycoris.*`` (``lycoris-lora``'s kohya entry point): ``algo`` must be one of
-    :data:`LYCORIS_ALGOS` (default ``lora``, as LyCORIS's), and ``dora_wd`` / ``train_norm`` must be
-    off (LyCORIS reads any value but ``False`` as on). Other modules are not checked here.
+    :data:`LYCORIS_ALGOS` (default ``lora``, as LyCORIS's), ``dora_wd`` / ``train_norm`` must be off
+    (LyCORIS reads any value but ``False`` as on), and ``exclude_patterns`` / ``include_patterns``
+    (``networks.lora_wan``'s, which LyCORIS would silently ignore) are refused. Other modules are
+    not checked here.
 
     Args:
         module_name: the ``--network_module`` value.
@@ -86,6 +89,12 @@ def check_network_args(module_name: str, network_args: dict) -> None:
         raise ValueError(
             f"--network_args algo={algo}: not supported; wanlora generates with, converts and merges LyCORIS "
             f"{', '.join(LYCORIS_ALGOS)} files only: use algo=lokr or algo=loha (or networks.lora_wan for LoRA)")
+    for key in _LYCORIS_FOREIGN_ARGS:
+        if key in network_args:
+            raise ValueError(
+                f"--network_args {key}=...: LyCORIS ignores it (it is networks.lora_wan's); choose LyCORIS's "
+                "layers with preset=FILE.toml (exclude_name = [...]: regexes matched from the start of names "
+                "like blocks.0.ffn.0)")
     for key, why in _LYCORIS_REFUSED_ARGS.items():
         if key in network_args and str(network_args[key]).strip().lower() != "false":
             raise ValueError(f"--network_args {key}={network_args[key]}: not supported ({why}); drop it")

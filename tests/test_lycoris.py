@@ -179,7 +179,8 @@ def test_convert_to_comfy_keeps_the_update_under_comfyui_names(trained, tiny_dir
                if n.endswith(".weight")}
     for k in sd:
         prefix, module, suffix = k.split(".", 1)[0], k.rsplit(".", 1)[0], k.rsplit(".", 1)[1]
-        assert prefix == "diffusion_model" and module[len("diffusion_model."):] in weights and suffix in COMFY_SUFFIXES[algo]
+        assert prefix == "diffusion_model" and module[len("diffusion_model."):] in weights
+        assert suffix in COMFY_SUFFIXES[algo]
     before, after = delta_weights(load_file(src)), delta_weights(load_lora_file(conv)[0])
     assert before.keys() == after.keys()
     for k in before:
@@ -232,7 +233,8 @@ def test_refusals_before_any_model_loads(tiny_dir, tmp_path):
 
     for args, match in ((["algo=ia3"], "algo=ia3: not supported.*algo=lokr or algo=loha"),
                         (["algo=boft"], "algo=boft: not supported"),
-                        (["algo=lokr", "dora_wd=True"], "dora_wd=True: not supported")):
+                        (["algo=lokr", "dora_wd=True"], "dora_wd=True: not supported"),
+                        (["algo=loha", "exclude_patterns=['.*ffn.*']"], "LyCORIS ignores it.*preset=")):
         with pytest.raises(ValueError, match=match):
             train(parse_config(_train_argv(_flags(tiny_dir), tmp_path / "x", args)), dataset=_Batches(),
                   load_dit=lambda *a, **k: pytest.fail("loaded the DiT"))
@@ -249,3 +251,31 @@ def test_refusals_before_any_model_loads(tiny_dir, tmp_path):
 
     with pytest.raises(ValueError, match="LyCORIS lokr file is merged into the DiT, not hooked"):
         apply_loras(Pipe(), plans, dynamic=True)
+
+
+def test_resume_and_network_weights(tiny_dir, tmp_path):
+    """A LoKr run resumed from its state at step 2 ends with the files of the run that never stopped;
+    ``--network_weights`` starts a LoKr run from a LoKr file (same rank and factor)."""
+    from accelerate.state import AcceleratorState
+
+    flags = _flags(tiny_dir)
+    full = train(parse_config(_train_argv(flags, tmp_path / "a", ALGOS["lokr"], "--save_every_n_steps", "2",
+                                          "--save_state")), dataset=_Batches())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(parse_config(_train_argv(flags, tmp_path / "b", ALGOS["lokr"], "--resume",
+                                             str(tmp_path / "a" / "lyco-step00000002-state"))), dataset=_Batches())
+    assert [tuple(x) for x in resumed.losses] == [tuple(x) for x in full.losses]
+    for e in ("high_noise", "low_noise"):
+        wa = load_file(tmp_path / "a" / f"lyco_{e}.safetensors")
+        wb = load_file(tmp_path / "b" / f"lyco_{e}.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), e
+    AcceleratorState._reset_state(reset_partial_state=True)
+    start = tmp_path / "a" / "lyco_low_noise.safetensors"
+    argv = _train_argv(flags, tmp_path / "c", ALGOS["lokr"], "--expert", "low", "--network_weights", str(start),
+                       "--max_train_steps", "1")
+    i = argv.index("--dit_high_noise")
+    train(parse_config(argv[:i] + argv[i + 2:]), dataset=_Batches())  # one expert
+    moved = delta_weights(load_file(tmp_path / "c" / "lyco.safetensors"))
+    began = delta_weights(load_file(start))
+    assert all(torch.allclose(moved[k], began[k], atol=0.05) for k in began)  # one small step from the file
+    assert any(not torch.equal(moved[k], began[k]) for k in began)

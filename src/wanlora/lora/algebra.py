@@ -226,7 +226,8 @@ def module_delta(module: dict, multiplier: float = 1.0, *, out: torch.Tensor | N
     if out is None:
         return d
     if out.dtype != torch.float32 or out.shape != d.shape:
-        raise ValueError(f"module_delta(out=...): expected float32 {tuple(d.shape)}, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(f"module_delta(out=...): expected float32 {tuple(d.shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     return out.add_(d.to(out.device))
 
 
@@ -282,7 +283,8 @@ def merge_module_(weight: torch.Tensor, module: dict, multiplier: float = 1.0) -
         raise ValueError("cannot merge a LoHa/LoKr into fp8 base weights (the delta would be rounded away); "
                          "load the DiT without --fp8_base")
     if tuple(weight.shape) != module_shape(module):
-        raise ValueError(f"{module['kind']} module {module_shape(module)} does not fit the weight {tuple(weight.shape)}")
+        raise ValueError(f"{module['kind']} module {module_shape(module)} does not fit the weight "
+                         f"{tuple(weight.shape)}")
     w32 = weight.float() if weight.dtype != torch.float32 else weight
     module_delta(module, multiplier, out=w32)
     if w32 is not weight:

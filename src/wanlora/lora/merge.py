@@ -2,8 +2,8 @@
 
 For every weight ``blocks.N.<layer>.weight`` a LoRA touches, the merged weight is
 ``W + sum_i multiplier_i · (alpha_i / rank_i) · up_i @ down_i`` (a LyCORIS LoHa/LoKr module: its
-update) computed in float32 (:func:`wanlora.lora.algebra.module_delta`) and cast once to the output dtype (musubi-tuner's
-``merge_lora`` math, ``reference/lora_formats.md`` §4, but in float32). Everything else is copied
+update) computed in float32 (:func:`wanlora.lora.algebra.module_delta`) and cast once to the output
+dtype (musubi-tuner's ``merge_lora`` math, ``reference/lora_formats.md`` §4, but in float32). Everything else is copied
 unchanged. LoRAs of any layout are read with :func:`wanlora.lora.layouts.load_lora_file`.
 
 Streaming: the checkpoint (file, shard index or folder, ``.pth``) is read one tensor at a time with
