@@ -162,6 +162,37 @@ def test_delta_matches_lycoris_forward_for_its_variants(kwargs):
     torch.testing.assert_close(x @ module_delta(mod).T, lyco, atol=2e-5, rtol=1e-5)
 
 
+def test_hooks_add_the_update_and_come_off():
+    """LycorisHooks: the hooked layer computes (W + ΔW) x to rounding, for LoKr and LoHa at once;
+    detach() gives the base output back bit for bit."""
+    from wanlora.lora.lycoris_hooks import LycorisHooks
+
+    torch.manual_seed(1)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Module()])
+    model.blocks[0].ffn = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+    k = "lora_unet_blocks_0_ffn_0"
+    sd = {f"{k}.lokr_w1": torch.randn(4, 4), f"{k}.lokr_w2_a": torch.randn(24, 2),
+          f"{k}.lokr_w2_b": torch.randn(2, 16), f"{k}.alpha": torch.tensor(1.0)}
+    sd.update({f"lora_unet_blocks_0_ffn_2.hada_w{i}_{ab}": torch.randn(*((64, 3) if ab == "a" else (3, 96)))
+               for i in (1, 2) for ab in "ab"})
+    mods = lora_modules(sd)
+    x = torch.randn(7, 64)
+    base = model.blocks[0].ffn(x)
+    hooks = LycorisHooks(model, mods, multiplier=0.7)
+    hooks.attach()
+    hooked = model.blocks[0].ffn(x)
+    lin0, lin2 = model.blocks[0].ffn[0], model.blocks[0].ffn[2]
+    h = nn.functional.gelu(x @ (lin0.weight + module_delta(mods["blocks.0.ffn.0"], 0.7)).T + lin0.bias)
+    ref = h @ (lin2.weight + module_delta(mods["blocks.0.ffn.2"], 0.7)).T + lin2.bias
+    torch.testing.assert_close(hooked, ref, atol=1e-4, rtol=1e-5)
+    hooks.detach()
+    assert torch.equal(model.blocks[0].ffn(x), base)
+    wrong = {"blocks.0.ffn.2": mods["blocks.0.ffn.0"]}
+    with pytest.raises(ValueError, match=r"updates a \(96, 64\) weight, the model's is \(64, 96\)"):
+        LycorisHooks(model, wrong, source="x.safetensors")
+
+
 @pytest.mark.parametrize("algo", sorted(ALGOS))
 def test_convert_to_comfy_keeps_the_update_under_comfyui_names(trained, tiny_dir, algo, tmp_path):
     """``wanlora-convert-lora --target comfy``: every key is ``diffusion_model.<weight of the DiT>.<a
@@ -194,8 +225,8 @@ def test_convert_to_comfy_keeps_the_update_under_comfyui_names(trained, tiny_dir
 
 def test_merge_then_generate_equals_generate_with_the_files(trained, tiny_dir, tmp_path):
     """wanlora-merge-lora puts each expert's LoKr into its DiT (weights = W + ΔW); wanlora-generate with
-    the two LoKr files gives the same latents as with the two merged DiTs, and other latents than
-    without them."""
+    the two LoKr files gives the same latents as with the two merged DiTs (merged: to 1e-6; hooked
+    with --lora_dynamic: to rounding), and other latents than without them."""
     from wanlora.commands import generate, merge_lora
 
     out, _ = trained("lokr")
@@ -220,17 +251,17 @@ def test_merge_then_generate_equals_generate_with_the_files(trained, tiny_dir, t
                         "--lora_weight", str(out / "lyco_low_noise.safetensors"),
                         "--lora_weight_high_noise", str(out / "lyco_high_noise.safetensors"))
     with_merged = latent("merged", merged["low_noise"], merged["high_noise"])
+    hooked = latent("hooked", flags["--dit"], flags["--dit_high_noise"], "--lora_dynamic",
+                    "--lora_weight", str(out / "lyco_low_noise.safetensors"),
+                    "--lora_weight_high_noise", str(out / "lyco_high_noise.safetensors"))
     base = latent("base", flags["--dit"], flags["--dit_high_noise"])
     torch.testing.assert_close(with_files, with_merged, atol=1e-6, rtol=0)
+    torch.testing.assert_close(hooked, with_merged, atol=1e-4, rtol=1e-4)  # W x + ΔW x vs (W + ΔW) x
     assert (with_files - base).abs().max() > 1e-3
 
 
 def test_refusals_before_any_model_loads(tiny_dir, tmp_path):
-    """Unsupported LyCORIS algorithms and options fail in one line before the DiT loads; a LoKr file
-    cannot be hooked (--lora_dynamic)."""
-    from wanlora.lora.apply import apply_loras, plan_loras
-    from wanlora.tasks import get_task
-
+    """Unsupported LyCORIS algorithms and options fail in one line before the DiT loads."""
     for args, match in ((["algo=ia3"], "algo=ia3: not supported.*algo=lokr or algo=loha"),
                         (["algo=boft"], "algo=boft: not supported"),
                         (["algo=lokr", "dora_wd=True"], "dora_wd=True: not supported"),
@@ -238,19 +269,6 @@ def test_refusals_before_any_model_loads(tiny_dir, tmp_path):
         with pytest.raises(ValueError, match=match):
             train(parse_config(_train_argv(_flags(tiny_dir), tmp_path / "x", args)), dataset=_Batches(),
                   load_dit=lambda *a, **k: pytest.fail("loaded the DiT"))
-
-    name = "lora_unet_blocks_0_ffn_0"
-    f = tmp_path / "k.safetensors"
-    save_file({f"{name}.lokr_w1": torch.ones(4, 4), f"{name}.lokr_w2": torch.ones(32, 16),
-               f"{name}.alpha": torch.tensor(1.0)}, str(f))
-    plans = plan_loras(get_task(TASK), [str(f)], [1.0])
-
-    class Pipe:
-        dits = {"low_noise": nn.Module()}
-        extra_modules = {}
-
-    with pytest.raises(ValueError, match="LyCORIS lokr file is merged into the DiT, not hooked"):
-        apply_loras(Pipe(), plans, dynamic=True)
 
 
 def test_resume_and_network_weights(tiny_dir, tmp_path):

@@ -18,7 +18,7 @@ which ``wanlora-merge-lora`` uses too).
 
 Merging (the default) adds :func:`wanlora.lora.algebra.module_delta` into each weight (LoRA, and
 LyCORIS LoHa/LoKr files); ``--lora_dynamic`` hooks a :class:`wanlora.lora.adapter.LoRAAdapterSet`
-beside the layers instead (plain LoRA only).
+(LoHa/LoKr: :class:`wanlora.lora.lycoris_hooks.LycorisHooks`) beside the layers instead.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 from wanlora.lora.adapter import LoRAAdapterSet, weight_targets
 from wanlora.lora.algebra import merge_module_
 from wanlora.lora.layouts import key_to_module, load_lora_file, lora_modules, module_to_key
+from wanlora.lora.lycoris_hooks import LycorisHooks
 from wanlora.lora.metadata import read_lora_metadata
 from wanlora.lora.patterns import compile_patterns, select_modules
 
@@ -193,8 +194,8 @@ def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict
     into float8 weights would be rounded away).
 
     Raises:
-        ValueError: a LoRA whose modules the DiT lacks, nothing left after the patterns, or a LoHa/LoKr
-            file that would have to be hooked (``dynamic``, fp8 base weights).
+        ValueError: a LoRA whose modules the DiT lacks (or of another size), or nothing left after
+            the patterns.
     """
     log = []
     for plan in plans:
@@ -205,12 +206,14 @@ def apply_loras(pipe, plans: list[LoraPlan], dynamic: bool = False) -> list[dict
         for expert in plan.experts:
             dit = pipe.dits[expert] if expert in pipe.dits else next(iter(pipe.dits.values()))
             hooked = dynamic or any(q.dtype == torch.float8_e4m3fn for q in dit.parameters())
-            lycoris = sorted({e["kind"] for e in modules.values()} - {"lora"})
+            lycoris = any(e["kind"] != "lora" for e in modules.values())
             if hooked and lycoris:
-                raise ValueError(
-                    f"{plan.path}: a LyCORIS {'/'.join(lycoris)} file is merged into the DiT, not hooked; "
-                    "drop --lora_dynamic and load the DiT without --fp8_base / --fp8_scaled")
-            if hooked:
+                p = next(dit.parameters())
+                hooks = LycorisHooks(dit, modules, plan.multiplier, source=plan.path)
+                hooks.to(device=p.device)
+                hooks.attach()
+                pipe.extra_modules.setdefault(expert, []).append(hooks)
+            elif hooked:
                 p = next(dit.parameters())
                 adapters = LoRAAdapterSet.from_weights(dit, sd, plan.multiplier, source=plan.path)
                 adapters.load_adapter_weights(sd, plan.path)
