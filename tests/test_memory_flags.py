@@ -43,6 +43,42 @@ def test_fp8_swap_offload_train_the_same_loras(tiny_dir, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_bf16_checkpoint_stash_flag(tiny_dir, tmp_path):
+    """--gradient_checkpointing_cpu_offload_dtype bf16: parsed as a dtype, reaches the DiT, trains a
+    LoRA close to the float32 stash's but not equal to it (the recomputation starts from a rounded
+    input); refused with fp16 or without the offload; the estimate counts 2-byte checkpoints."""
+    from wanlora.training.memory import MemorySettings, estimate_memory
+
+    flags = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
+    common = ("--expert", "low", "--gradient_checkpointing", "--gradient_checkpointing_cpu_offload",
+              "--max_train_steps", "3")
+    config = parse_config(["--task", "t2v-A14B", "--dit", "x", "--dataset_config", "d", "--output_dir", "o",
+                           *common, "--gradient_checkpointing_cpu_offload_dtype", "bf16"])
+    assert config.model.gradient_checkpointing_cpu_offload_dtype == torch.bfloat16
+    train(_args(flags, "unused.toml", tmp_path / "a", *common), dataset=_Batches())
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(_args(flags, "unused.toml", tmp_path / "b", *common, "--gradient_checkpointing_cpu_offload_dtype", "bf16"),
+          dataset=_Batches())
+    a, b = load_file(tmp_path / "a" / "lora.safetensors"), load_file(tmp_path / "b" / "lora.safetensors")
+    va = torch.cat([a[k].float().reshape(-1) for k in sorted(a)])
+    vb = torch.cat([b[k].float().reshape(-1) for k in sorted(a)])
+    assert not torch.equal(va, vb) and (va - vb).norm() / va.norm() < 1e-2
+    for extra, match in ((("--gradient_checkpointing_cpu_offload_dtype", "fp16"), "bf16 or fp32"),):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises(ValueError, match=match):
+            train(_args(flags, "unused.toml", tmp_path / "c", *common, *extra), dataset=_Batches())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="needs --gradient_checkpointing_cpu_offload"):
+        train(_args(flags, "unused.toml", tmp_path / "d", "--expert", "low", "--gradient_checkpointing",
+                    "--gradient_checkpointing_cpu_offload_dtype", "bf16", "--max_train_steps", "1"), dataset=_Batches())
+    s = dict(task="t2v-A14B", width=832, height=480, frames=81, checkpoint_offload=True)
+    fp32 = estimate_memory(MemorySettings(**s)).host["block checkpoints (float32)"]
+    assert estimate_memory(MemorySettings(**s, checkpoint_dtype=torch.bfloat16)).host[
+        "block checkpoints (bfloat16)"] * 2 == fp32 == 40 * 32760 * 5120 * 4
+
+
 def test_swap_needs_checkpointing(tiny_dir, tmp_path):
     flags = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
     with pytest.raises(ValueError, match="--gradient_checkpointing"):

@@ -240,6 +240,39 @@ def test_fp8_storage_bf16_compute(pth_path, tok_dir, te):
         assert rel < 0.1  # float8 weights: a few percent, not garbage
 
 
+def test_fp8_is_the_dit_fp8_path_and_exact(pth_path, tok_dir, ref, tmp_path):
+    """fp8=True stores the block Linears as the DiT's Fp8Linear (one fp8 code path): the output
+    equals, bit for bit, the bf16 encoder whose Linear weights are rounded to fp8 beforehand, and
+    a scaled-fp8 file keeps its stored fp8 values and scales unchanged."""
+    from wanlora.models.fp8 import Fp8Linear, dequantize_weight, quantize_weight
+
+    enc = load_text_encoder(pth_path, tokenizer=tok_dir, fp8=True)
+    lins = [m for m in enc.model.modules() if isinstance(m, Fp8Linear)]
+    assert len(lins) == 7 * LAYERS and not any(m.scaled for m in lins)
+    rounded = load_text_encoder(pth_path, tokenizer=tok_dir, dtype=torch.bfloat16)
+    for name, m in rounded.model.encoder.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("block."):
+            m.weight.data = dequantize_weight(quantize_weight(m.weight, scaled=False)[0], None, torch.bfloat16)
+    for g, w in zip(enc.encode(PROMPTS), rounded.encode(PROMPTS)):
+        assert torch.equal(g, w)
+    assert enc.to(dtype=torch.float32) is enc and all(m.compute_dtype == torch.float32 for m in lins)
+    assert enc.encode(PROMPTS[:1])[0].dtype == torch.float32
+
+    hf = {k: v.clone() for k, v in ref.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    qkey = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    scale = torch.rand(hf[qkey].shape[0], 1) + 0.1
+    hf[qkey] = (hf[qkey] / scale).to(torch.float8_e4m3fn)
+    hf[qkey.replace("weight", "weight_scale")] = scale
+    save_safetensors(hf, tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    enc = load_text_encoder(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors", tokenizer=tok_dir, fp8=True)
+    wo = enc.model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, Fp8Linear) and wo.scaled
+    assert torch.equal(wo.weight.view(torch.uint8), hf[qkey].view(torch.uint8))
+    assert torch.equal(wo.weight_scale, scale)
+    assert not enc.model.encoder.block[0].layer[0].SelfAttention.q.scaled  # cast, no scale
+    assert all(torch.isfinite(o).all() for o in enc.encode(PROMPTS[:2]))
+
+
 def test_to_and_dtype(pth_path, tok_dir):
     enc = load_text_encoder(pth_path, tokenizer=tok_dir, dtype=torch.bfloat16)
     assert enc.dtype == torch.bfloat16 and enc.device == torch.device("cpu")

@@ -25,6 +25,11 @@ results are bit-identical to no swapping, which the tests check, with the reside
 
 Training needs gradient checkpointing with block swap: without it autograd would keep references
 to slot tensors that are overwritten before the backward pass (:meth:`BlockSwap.check_training`).
+
+Regional compilation (``--compile``, :meth:`~wanlora.models.dit.WanDiT.compile_blocks`) combines
+with it: the swap's pre-hook runs eagerly before each compiled block (``torch.compiler.disable``),
+and since the compiled graph takes the parameters as inputs, a block computes with whichever slot
+holds its weights at that moment (``tests/test_compile.py``).
 """
 
 from __future__ import annotations
@@ -172,6 +177,11 @@ class BlockSwap:
         return range(start, start + k)
 
     def _pre_hook(self, j: int):
+        # Never traced: with regional compilation (WanDiT.compile_blocks) the block's hooks run
+        # inside the compiled call, and moving weights (``.data`` re-pointing, copies, events) is
+        # not graph material. The compiled block then starts after the hook and reads whichever
+        # slot holds its weights (parameters are graph inputs).
+        @torch.compiler.disable
         def hook(module, args):
             self.enter(j, -1 if _in_backward() else +1)
         return hook

@@ -47,6 +47,7 @@ __all__ = [
     "quantize_linears_",
     "fp8_scale_key",
     "set_fp8_compute",
+    "row_scale",
 ]
 
 #: The storage dtype (4 exponent bits, 3 mantissa bits, no infinities, max 448).
@@ -186,7 +187,7 @@ class Fp8Linear(nn.Linear):
 
 
 def convert_to_fp8_linears(model: nn.Module, scaled: bool, compute_dtype: torch.dtype,
-                           scaled_layers: set[str] | None = None) -> list[str]:
+                           scaled_layers: set[str] | None = None, select=None) -> list[str]:
     """Replace :func:`fp8_targets` of ``model`` by empty :class:`Fp8Linear` (same device, e.g.
     the meta device before :func:`~wanlora.models.loading.load_dit` assigns the weights).
 
@@ -194,12 +195,16 @@ def convert_to_fp8_linears(model: nn.Module, scaled: bool, compute_dtype: torch.
         scaled: give every converted layer a ``weight_scale`` buffer.
         scaled_layers: instead of ``scaled``, the module names that get one (a ComfyUI file
             whose scales cover some layers only).
+        select: which ``nn.Linear`` module names to convert (default :func:`is_fp8_target`, the
+            DiT's block Linears; the umT5 encoder passes its own,
+            :func:`wanlora.models.text_encoder.load_text_encoder`).
 
     Returns:
         The converted module names.
     """
+    select = is_fp8_target if select is None else select
     names = []
-    for name, lin in fp8_targets(model):
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and select(n)]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         has_scale = scaled if scaled_layers is None else name in scaled_layers
@@ -226,19 +231,42 @@ def fp8_scale_key(weight_key: str, keys) -> str | None:
     return None
 
 
+def row_scale(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A stored fp8 scale (scalar, ``[1]``, ``[out]`` or ``[out, 1]``) as ``[out, 1]`` float32:
+    the layout of :attr:`Fp8Linear.weight_scale`. A per-tensor scale is repeated per row (the
+    product ``q · s`` is the same float32 multiplication).
+
+    Args:
+        scale: the scale tensor of a ComfyUI scaled-fp8 weight (any float dtype).
+        rows: the weight's output channels.
+
+    Raises:
+        ValueError: a block-wise or otherwise shaped scale (the caller names the file and key).
+    """
+    s = scale.float()
+    if s.numel() == 1:
+        return s.reshape(1, 1).expand(rows, 1).contiguous()
+    if s.numel() == rows and (s.ndim == 1 or tuple(s.shape) == (rows, 1)):
+        return s.reshape(rows, 1)
+    raise ValueError(f"the fp8 scale has shape {tuple(s.shape)} (block-wise?); only per-tensor or per-row "
+                     "scales are supported")
+
+
 @torch.no_grad()
 def quantize_linears_(model: nn.Module, scaled: bool, compute_dtype: torch.dtype) -> list[str]:
     """Quantize the :func:`fp8_targets` of an already-built model in place (same device): each
     ``nn.Linear`` becomes an :class:`Fp8Linear` holding :func:`quantize_weight` of its weight and
     its bias in ``compute_dtype``. For models built in memory (benchmarks, tests); checkpoints
-    are quantized while loading by :func:`~wanlora.models.loading.load_dit`.
+    are quantized while loading by :func:`~wanlora.models.loading.load_dit`. Layers still on the
+    ``meta`` device are left for a later call, so a model can be materialized and quantized one
+    block at a time (never holding all of it in its full precision).
 
     Returns:
         The converted module names.
     """
     names = []
     for name, lin in fp8_targets(model):
-        if isinstance(lin, Fp8Linear):
+        if isinstance(lin, Fp8Linear) or lin.weight.is_meta:
             continue
         parent_name, _, child = name.rpartition(".")
         q, s = quantize_weight(lin.weight, scaled)

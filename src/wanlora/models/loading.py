@@ -517,19 +517,17 @@ def _split_fp8_scales(entries: dict) -> tuple[dict, dict]:
 
 
 def _as_row_scale(scale: torch.Tensor, rows: int, key: str, path) -> torch.Tensor:
-    """A stored fp8 scale (scalar, ``[1]``, ``[out]`` or ``[out, 1]``) as ``[out, 1]`` float32.
+    """:func:`wanlora.models.fp8.row_scale` with the file and key named in the error.
 
     Raises:
         CheckpointError: a block-wise or otherwise shaped scale.
     """
-    s = scale.float()
-    if s.numel() == 1:
-        return s.reshape(1, 1).expand(rows, 1).contiguous()
-    if s.numel() == rows and (s.ndim == 1 or tuple(s.shape) == (rows, 1)):
-        return s.reshape(rows, 1)
-    raise CheckpointError(
-        f"{path}: the fp8 scale of {key} has shape {tuple(s.shape)}; only per-tensor or per-row "
-        "scales are supported — use the bf16/fp16 checkpoint instead")
+    from wanlora.models.fp8 import row_scale
+
+    try:
+        return row_scale(scale, rows)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {key}: {e} — use the bf16/fp16 checkpoint instead") from None
 
 
 def dit_config_from_state_dict(

@@ -21,8 +21,11 @@ Accepted weight files (:func:`load_text_encoder`):
   ``umt5_xxl_fp8_e4m3fn_scaled.safetensors`` (keys ``encoder.block.N.layer.0.SelfAttention.q.weight``
   or the same without ``encoder.``, ``shared.weight``). Entries that are not weights
   (``spiece_model``, ``scaled_fp8``, ``*.scale_input``, ``*.comfy_quant``) are ignored; the
-  per-tensor scales of scaled-fp8 files (``*.scale_weight`` / ``*.weight_scale``) are applied
-  (``weight * scale``).
+  per-tensor or per-row scales of scaled-fp8 files (``*.scale_weight`` / ``*.weight_scale``) are
+  applied (``weight * scale`` in float32), or kept beside the stored fp8 values with ``fp8=True``.
+
+fp8 storage (``fp8=True``, ``--fp8_t5``) is the DiT's (:mod:`wanlora.models.fp8`): the block
+Linears become :class:`~wanlora.models.fp8.Fp8Linear`, dequantized per call into the compute dtype.
 
 With transformers' ``"eager"`` attention (the default here) the outputs are bit-identical to the
 official ``T5Encoder`` + ``HuggingfaceTokenizer`` on CPU, in float32 and in bfloat16 (checked on
@@ -44,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wanlora.models.fp8 import FP8_DTYPE, Fp8Linear, convert_to_fp8_linears, dequantize_weight, quantize_weight
 from wanlora.models.loading import CheckpointError, describe_checkpoint, load_state_dict
 from wanlora.tasks import T5_FILE, TOKENIZER_DIR
 
@@ -100,6 +104,12 @@ _SCALES = ("scale_weight", "weight_scale")
 # The Linear layers of one block (stored in float8 with fp8=True).
 _LINEARS = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
             "DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo")
+
+
+def _is_fp8_linear(name: str) -> bool:
+    """Whether the encoder-stack module ``name`` (``block.3.layer.1.DenseReluDense.wo``) is one of
+    the block Linears that ``fp8=True`` stores in float8."""
+    return name.startswith("block.") and name.endswith(tuple("." + n for n in _LINEARS))
 
 
 class TokenizerNotFoundError(CheckpointError):
@@ -245,26 +255,17 @@ def official_to_hf_key(key: str) -> str | None:
 
 
 def _find_scale(sd: dict[str, torch.Tensor], key: str, t: torch.Tensor, path) -> torch.Tensor | None:
-    """The per-tensor (or per-row) scale of a scaled-fp8 weight, ``None`` for a plain weight."""
-    if not key.endswith("weight"):
-        return None
-    base = key[: -len("weight")]
-    scale = next((sd[base + s] for s in _SCALES if base + s in sd), None)
-    if scale is None:
-        return None
-    if scale.numel() != 1 and not (scale.dim() == 2 and tuple(scale.shape) == (t.shape[0], 1)):
-        raise CheckpointError(
-            f"{path}: {key} has a block-wise scale {tuple(scale.shape)}; only per-tensor or per-row "
-            "scaled fp8 is supported — use the fp16/bf16 umT5 file instead"
-        )
-    return scale.to(torch.float32).reshape(-1, 1) if scale.numel() > 1 else scale.to(torch.float32).reshape(())
+    """The scale of a scaled-fp8 weight as ``[out, 1]`` float32 (:func:`~wanlora.models.fp8.row_scale`),
+    ``None`` for a plain weight."""
+    from wanlora.models.fp8 import fp8_scale_key, row_scale
 
-
-def _dequantize(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """``weight * scale`` in float32 (scaled-fp8 files); the tensor itself when unscaled."""
-    if scale is None:
-        return t
-    return t.to(torch.float32) * (scale[: t.shape[0]] if scale.dim() else scale)
+    scale_key = fp8_scale_key(key, sd)
+    if scale_key is None:
+        return None
+    try:
+        return row_scale(sd[scale_key], t.shape[0])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {key}: {e} — use the fp16/bf16 umT5 file instead") from None
 
 
 def _other_model(raw: dict[str, torch.Tensor]) -> str | None:
@@ -383,16 +384,10 @@ def umt5_config_from_state_dict(sd: dict[str, torch.Tensor], path="checkpoint"):
     return cfg
 
 
-class _Fp8Linear(nn.Linear):
-    """A Linear whose weight is stored in float8_e4m3fn and upcast to the input dtype per call."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight.to(x.dtype))
-
-
 def _fp8_gated_ffn_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    # transformers' forward casts the activations to wo's weight dtype (float8 here); keep them
-    # in the compute dtype instead. Same formula: wo(gelu_tanh(wi_0 x) * wi_1 x).
+    # transformers' forward casts the activations to wo's weight dtype (float8 here), which would
+    # round them to fp8; keep them in the compute dtype instead. Same formula:
+    # wo(gelu_tanh(wi_0 x) * wi_1 x).
     h = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
     return self.wo(self.dropout(h))
 
@@ -404,9 +399,9 @@ def _identity(sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], cfg)
     for key in ("embed_tokens.weight", "block.0.layer.0.SelfAttention.q.weight",
                 f"block.{last}.layer.1.DenseReluDense.wo.weight", "final_layer_norm.weight"):
         rows = -(-8192 // max(1, sd[key][0].numel())) if sd[key].dim() > 1 else None
-        t = _dequantize(sd[key][:rows], scales.get(key)).reshape(-1)[:8192]
-        if t.dtype == torch.float8_e4m3fn:
-            t = t.to(torch.float32)
+        t, scale = sd[key][:rows], scales.get(key)
+        t = dequantize_weight(t, None if scale is None else scale[: t.shape[0]], torch.float32)
+        t = t.reshape(-1)[:8192]
         # rounded to bfloat16: the official bf16 .pth and an fp16 copy of it share an identity
         t = t.to(torch.bfloat16).contiguous().view(torch.int16)
         h.update(key.encode())
@@ -457,8 +452,11 @@ class TextEncoder:
         """Move (and, without fp8, cast) the model in place; returns ``self``."""
         if dtype is not None and self.fp8:
             for p in self.model.parameters():
-                if p.dtype != torch.float8_e4m3fn:
+                if p.dtype != FP8_DTYPE:
                     p.data = p.data.to(dtype)
+            for m in self.model.modules():
+                if isinstance(m, Fp8Linear):
+                    m.compute_dtype = dtype
         elif dtype is not None:
             self.model.to(dtype=dtype)
         if device is not None:
@@ -571,15 +569,17 @@ def load_text_encoder(
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
     if fp8:
+        # A scaled-fp8 file keeps its stored values and scales; other weights are cast (--fp8_base's
+        # plain saturating cast): the Linears are wanlora.models.fp8.Fp8Linear, as the DiT's.
+        stored = {k.rpartition(".")[0] for k, t in sd.items() if t.dtype == FP8_DTYPE and k in scales}
+        convert_to_fp8_linears(model.encoder, scaled=False, compute_dtype=dtype, scaled_layers=stored,
+                               select=_is_fp8_linear)
         for block in model.encoder.block:
-            for name in _LINEARS:
-                parent, attr = name.split(".")
-                lin = getattr(block.layer[0 if parent == "SelfAttention" else 1], parent)
-                getattr(lin, attr).__class__ = _Fp8Linear
             ffn = block.layer[1].DenseReluDense
             ffn.forward = _fp8_gated_ffn_forward.__get__(ffn)
 
-    expected = {k[len("encoder."):]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    expected = {k[len("encoder."):]: v for k, v in model.state_dict().items()
+                if k.startswith("encoder.") and not k.endswith(".weight_scale")}
     missing = sorted(expected.keys() - sd.keys())
     if missing:
         raise CheckpointError(f"{path}: umT5 weights missing: {missing[:5]} ({len(missing)} in all)")
@@ -591,21 +591,19 @@ def load_text_encoder(
     if wrong:
         raise CheckpointError(f"{path}: umT5 weights of unexpected shape: {wrong[:3]}")
 
-    def convert(key: str, t: torch.Tensor) -> nn.Parameter:
-        t = _dequantize(t, scales.get(key))
-        fp8_here = fp8 and any(f".{n}." in f".{key}" for n in _LINEARS)
-        target = torch.float8_e4m3fn if fp8_here else dtype
-        if t.dtype == torch.float8_e4m3fn and target != torch.float8_e4m3fn:
-            t = t.to(torch.float32)  # float8 casts to other floats go through float32
-        elif target == torch.float8_e4m3fn and t.dtype != target:
-            fmax = torch.finfo(target).max
-            t = t.clamp(-fmax, fmax)  # saturate explicitly: out-of-range casts are not guaranteed
-        return nn.Parameter(t.to(device=device, dtype=target), requires_grad=False)
-
     for key in expected:
         module_path, _, attr = key.rpartition(".")
         module = model.encoder.get_submodule(module_path)
-        setattr(module, attr, convert(key, sd[key]))
+        t, scale = sd[key], scales.get(key)
+        if isinstance(module, Fp8Linear):
+            if t.dtype == FP8_DTYPE:  # stored in fp8: kept, with its scale when it has one
+                if module.scaled:
+                    module.weight_scale = scale.to(device)
+            else:
+                t, _ = quantize_weight(t, scaled=False)
+        else:
+            t = dequantize_weight(t, scale, dtype)  # only casts an unscaled tensor
+        setattr(module, attr, nn.Parameter(t.to(device), requires_grad=False))
     model.shared.weight = model.encoder.embed_tokens.weight  # the tied table, one tensor
     del raw, sd
     model.eval().requires_grad_(False)

@@ -12,7 +12,7 @@ The prediction adds parts that are either exact or measured:
   two AdamW moments (16 bytes per parameter); one LoRA per expert.
 * **checkpoints** — exact: gradient checkpointing keeps each block's input, ``[B, T, D]`` float32
   (the residual stream's precision), on the device, or on the host with
-  ``--gradient_checkpointing_cpu_offload``.
+  ``--gradient_checkpointing_cpu_offload`` (in bf16 with ``--gradient_checkpointing_cpu_offload_dtype bf16``).
 * **one block's activations** — measured: ``benchmarks/activation_memory.py`` ran one block of
   each width on the CPU at 128–512 tokens and fitted ``bytes = a·T + b`` (:data:`BLOCK_ACTIVATION`,
   ``train`` = a block's recomputation and backward, ``infer`` = a forward without autograd).
@@ -141,6 +141,7 @@ class MemorySettings:
         blocks_to_swap: N blocks in host memory.
         gradient_checkpointing: checkpoint every block (training).
         checkpoint_offload: ``--gradient_checkpointing_cpu_offload``.
+        checkpoint_dtype: ``--gradient_checkpointing_cpu_offload_dtype`` (``None``: float32).
         experts: DiTs the run holds (2 for both A14B experts).
         offload_inactive: ``--offload_inactive_dit``.
         device: ``"cuda"`` or ``"cpu"`` (on the CPU device and host memory are one).
@@ -158,6 +159,7 @@ class MemorySettings:
     blocks_to_swap: int = 0
     gradient_checkpointing: bool = True
     checkpoint_offload: bool = False
+    checkpoint_dtype: torch.dtype | None = None
     experts: int = 1
     offload_inactive: bool = False
     device: str = "cuda"
@@ -246,8 +248,11 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
     if s.training:
         dev["LoRA + grads + AdamW"] = 16 * lora_parameter_count(task, s.rank) * s.experts
         if s.gradient_checkpointing:
-            ckpt = n_layers * rows * dim * 4
-            (host if s.checkpoint_offload else dev)["block checkpoints (float32)"] = ckpt
+            if s.checkpoint_offload:
+                stash = s.checkpoint_dtype or torch.float32
+                host[f"block checkpoints ({str(stash).removeprefix('torch.')})"] = n_layers * rows * dim * _BYTES[stash]
+            else:
+                dev["block checkpoints (float32)"] = n_layers * rows * dim * 4
             dev["one block's recompute + backward"] = block_activation_bytes(task, "train", rows, s.device)
         else:
             dev["every block's activations"] = n_layers * block_activation_bytes(task, "train", rows, s.device)
@@ -326,5 +331,6 @@ def estimate_for_training(config) -> MemoryEstimate:
     return estimate_memory(MemorySettings(
         task.name, width, height, frames, batch=batch, rank=max(ranks), training=True, dtype=dtype, fp8=m.fp8,
         blocks_to_swap=m.blocks_to_swap, gradient_checkpointing=m.gradient_checkpointing,
-        checkpoint_offload=m.gradient_checkpointing_cpu_offload, experts=len(plan.dit_paths),
+        checkpoint_offload=m.gradient_checkpointing_cpu_offload,
+        checkpoint_dtype=m.gradient_checkpointing_cpu_offload_dtype, experts=len(plan.dit_paths),
         offload_inactive=config.experts.offload_inactive_dit))

@@ -343,6 +343,12 @@ def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, devi
         from wanlora.models.fp8_matmul import check_fp8_compute
 
         check_fp8_compute(device)
+    stash = m.gradient_checkpointing_cpu_offload_dtype
+    if stash is not None and not m.gradient_checkpointing_cpu_offload:
+        raise ValueError("--gradient_checkpointing_cpu_offload_dtype needs --gradient_checkpointing_cpu_offload")
+    if stash == torch.float16:
+        raise ValueError("--gradient_checkpointing_cpu_offload_dtype: use bf16 or fp32 (fp16 cannot hold the range "
+                         "of the float32 residual stream)")
     kw = {"fp8": m.fp8} if m.fp8 else {}  # (a replacement load_dit need not know fp8)
     experts = plan.experts
     first = "low_noise" if "low_noise" in experts else experts[0]
@@ -362,7 +368,8 @@ def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, devi
         set_fp8_compute(dit)
     weights = ExpertWeights(dit, first, others, offload=config.experts.offload_inactive_dit, swap=swap)
     dit.requires_grad_(False)
-    dit.set_gradient_checkpointing(bool(m.gradient_checkpointing), cpu_offload=m.gradient_checkpointing_cpu_offload)
+    dit.set_gradient_checkpointing(bool(m.gradient_checkpointing), cpu_offload=m.gradient_checkpointing_cpu_offload,
+                                   stash_dtype=m.gradient_checkpointing_cpu_offload_dtype)
     dit.train()  # no dropout in Wan; train() for checkpointing
     log.info("DiT loaded in %.1fs (%s%s, %s)%s%s", time.perf_counter() - t0, dtype, f", fp8 {m.fp8}" if m.fp8 else "",
              ", ".join(f"{e or 'model'}: {plan.dit_paths[e]}" for e in experts),
