@@ -9,7 +9,8 @@
    step at 832x480x81 with 0, 2, 4 and 6 blocks swapped: step time and peak memory. Equal times
    mean the copies hide behind the compute.
 3. Checkpoints in host memory (``--gradient_checkpointing_cpu_offload``) on the same stack: step
-   time and peak.
+   time and peak, with the host copies in float32 and in bf16
+   (``--gradient_checkpointing_cpu_offload_dtype bf16``: half the bytes over PCIe).
 
     python benchmarks/gpu_memory.py --out results.json            # the real measurement
     python benchmarks/gpu_memory.py --device cpu --smoke          # a seconds-long run of the code path
@@ -114,12 +115,14 @@ def block_fwd_bwd(precision: str, size: str, device, dims, repeats: int) -> dict
             "seconds": statistics.median(times), "peak_bytes": peak, "weights_and_inputs_bytes": weights}
 
 
-def stack_step(swap: int, offload: bool, device, dims, layers: int, size: str, repeats: int) -> dict:
-    """One training step of a ``layers``-block fp8 stack with ``swap`` blocks swapped."""
+def stack_step(swap: int, offload: bool, device, dims, layers: int, size: str, repeats: int,
+               stash_dtype: torch.dtype | None = None) -> dict:
+    """One training step of a ``layers``-block fp8 stack with ``swap`` blocks swapped (checkpoints
+    offloaded with ``offload``, kept in ``stash_dtype``)."""
     from wanlora.models.block_swap import BlockSwap
 
     model, net = build(layers, "fp8", device, dims)
-    model.set_gradient_checkpointing(True, cpu_offload=offload)
+    model.set_gradient_checkpointing(True, cpu_offload=offload, stash_dtype=stash_dtype)
     model.train()
     bs = BlockSwap(model.blocks, swap, device) if swap else None
     f, h, w = SIZES[size]
@@ -138,7 +141,8 @@ def stack_step(swap: int, offload: bool, device, dims, layers: int, size: str, r
             times.append(time.perf_counter() - t0)
         net.zero_grad(set_to_none=True)
     peak = _peak(device)
-    out = {"layers": layers, "blocks_to_swap": swap, "cpu_offload": offload, "size": size,
+    out = {"layers": layers, "blocks_to_swap": swap, "cpu_offload": offload,
+           "stash_dtype": str(stash_dtype or torch.float32).removeprefix("torch."), "size": size,
            "seconds": statistics.median(times), "peak_bytes": peak,
            "copies": bs.copies if bs else 0}
     if bs:
@@ -178,10 +182,11 @@ def main(argv=None) -> int:
                     r["predicted_activation_bytes"] = block_activation_bytes("t2v-A14B", "train", r["tokens"])
             res["block"].append(r)
             print(json.dumps(r), flush=True)
-    for swap, offload in ((0, False), (2, False), (4, False), (6, False), (0, True), (4, True)):
+    for swap, offload, stash in ((0, False, None), (2, False, None), (4, False, None), (6, False, None),
+                                 (0, True, None), (4, True, None), (4, True, torch.bfloat16)):
         swap = min(swap, layers - 2)
         try:
-            r = stack_step(swap, offload, device, dims, layers, "832x480x81", repeats)
+            r = stack_step(swap, offload, device, dims, layers, "832x480x81", repeats, stash)
         except torch.cuda.OutOfMemoryError as e:
             r = {"blocks_to_swap": swap, "cpu_offload": offload, "error": f"out of memory: {e}"[:200]}
         res["swap"].append(r)
