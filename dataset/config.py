@@ -44,6 +44,7 @@ __all__ = [
     "DatasetConfigWarning",
     "FRAME_EXTRACTIONS",
     "load_dataset_config",
+    "has_control_directory",
     "parse_dataset_config",
     "round_frames",
 ]
@@ -438,6 +439,18 @@ def _entries(c: _Checker, section: str, entries: list, general: dict, base: Path
             control_directory=control, needs_control=uses_control,
         ))
     return datasets
+
+
+def has_control_directory(path: str | Path) -> bool:
+    """Whether a dataset TOML names control clips (an entry with ``control_directory``): a quick look
+    before the task is known (``wanlora-cache-latents`` without ``--task``); an unreadable file is
+    ``False`` (:func:`load_dataset_config` reports it)."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    entries = [e for k in ("datasets", "validation_datasets") for e in (data.get(k) or []) if isinstance(e, dict)]
+    return any("control_directory" in e for e in entries)
 
 
 def load_dataset_config(path: str | Path, task: str | Task) -> DatasetGroupConfig:

@@ -285,3 +285,74 @@ def test_image_dataset_caches_its_control_images(vae, tmp_path):
     # debug mode writes the control frames beside the target's
     cache_latents(cfg, None, progress=False, debug_mode="image")
     assert len(list((tmp_path / "cache" / "debug").glob("*_control"))) == 2
+
+
+# ---- the pipeline builds the same y from --control_path -------------------------------------------------
+
+
+def test_pipeline_prepare_reads_the_control_video(vae, tmp_path):
+    from wanlora.inference.pipeline import GenerationRequest, WanPipeline
+
+    frames = _frames(13, 40, 56)
+    write_images(tmp_path / "pose", frames)
+    pipe = WanPipeline("t2v-1.3B-FC", torch.nn.Identity(), vae=vae)  # prepare never runs a DiT
+    ctx = [torch.zeros(3, 32)]
+    req = GenerationRequest("x", height=32, width=48, frames=9, control_path=str(tmp_path / "pose"))
+    p = pipe.prepare(req, ctx, ctx)
+    # the first 9 frames, covered and center-cropped to 48x32, through the VAE
+    want = vae.encode(control_pixels(tmp_path / "pose", 9, 32, 48)[None])
+    assert torch.equal(p.y, fun_control_y(want)[0]) and p.y.shape == (32, 3, 4, 6)
+    assert p.clip_fea.shape == BLANK_CLIP_SHAPE and not p.clip_fea.any()
+    assert p.noise.shape == (16, 3, 4, 6)
+    with pytest.raises(ValueError, match="give --control_path"):
+        pipe.prepare(GenerationRequest("x", height=32, width=48, frames=9), ctx, ctx)
+    with pytest.raises(ValueError, match="has 13 frames but 17 are generated"):
+        pipe.prepare(GenerationRequest("x", height=32, width=48, frames=17, control_path=str(tmp_path / "pose")),
+                     ctx, ctx)
+
+
+def test_v1_1_control_checkpoints_are_refused_by_name():
+    from wanlora.models.loading import describe_checkpoint
+
+    base = {"patch_embedding.weight": 0, "head.head.weight": 0, "img_emb.proj.0.weight": 0}
+    for extra in ("ref_conv.weight", "control_adapter.conv.weight"):
+        msg = describe_checkpoint({**base, extra: 0})
+        assert msg.startswith("a Wan2.1-Fun V1.1 Control DiT") and "use the V1.0 checkpoint" in msg
+    assert describe_checkpoint(base) is None
+
+
+def test_training_samples_take_the_control_video(tiny_dir, tmp_path):
+    from wanlora.models.loading import load_dit
+    from wanlora.training.validation import ValidationSampler
+
+    task = "t2v-1.3B-FC"
+    flags = json.loads((tiny_dir(task) / "manifest.json").read_text())["flags"]
+    write_video(tmp_path / "pose.mp4", _frames(9), fps=16)
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a dancer --cn pose.mp4 --s 2 --d 3\n", encoding="utf-8")  # relative to the prompt file
+    args = (task, pf, flags["--vae"], flags["--t5"], flags["--t5_tokenizer"])
+    sampler = ValidationSampler(*args, output_dir=tmp_path, output_name="l", width=48, height=32, frames=5,
+                                device="cpu")
+    (req,) = sampler.requests()
+    assert req.control_path == str(tmp_path / "pose.mp4")
+    (s,) = sampler.sample(7, load_dit(flags["--dit"], task))
+    assert s.frames.shape[0] == 5
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a dancer\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.txt:1: t2v-1.3B-FC needs a control video: add --cn VIDEO"):
+        ValidationSampler(task, bad, *args[2:], device="cpu")
+
+
+def test_caching_without_task_follows_the_control_directory(tmp_path):
+    # musubi-tuner caches control latents whenever the dataset has control clips
+    from wanlora.commands.cache_latents import task_for_caching
+    from wanlora.dataset.config import has_control_directory
+
+    toml = _dataset(tmp_path, {"a": 9})
+    assert has_control_directory(toml)
+    assert not has_control_directory(toml.with_name("missing.toml"))
+    assert task_for_caching(None, "wan2.1", control=True) == "t2v-14B-FC"
+    assert task_for_caching(None, "wan2.1", i2v=True, clip=True, control=True) == "i2v-14B-FC"
+    assert task_for_caching("t2v-1.3B-FC", None, control=True) == "t2v-1.3B-FC"
+    with pytest.raises(ValueError, match="the Fun-Control models use the Wan2.1 VAE"):
+        task_for_caching(None, "wan2.2", control=True)

@@ -367,7 +367,43 @@ def _ckpt_other_task(tmp, tiny_dir):
     return error_of(lambda: resolve_ckpt_dir("Wan-AI/Wan2.1-T2V-1.3B", "t2v-A14B", ["vae"]))
 
 
+def _control_dataset(tmp, control_frames: int | None):
+    """A Fun-Control dataset of one 9-frame clip; its control clip has ``control_frames`` frames
+    (None: no control clip)."""
+    import numpy as np
+
+    from wanlora.dataset import load_dataset_config
+    from wanlora.video_io import write_video
+
+    for d in ("clips", "controls"):
+        (tmp / d).mkdir()
+    frames = np.zeros((9, 32, 32, 3), dtype=np.uint8)
+    write_video(tmp / "clips" / "a.mp4", frames, fps=16)
+    write_text(tmp / "clips" / "a.txt", "a clip")
+    if control_frames:
+        write_video(tmp / "controls" / "a.mp4", frames[:control_frames], fps=16)
+    write_text(tmp / "d.toml", '[[datasets]]\nvideo_directory = "clips"\ncontrol_directory = "controls"\n'
+                               'resolution = [32, 32]\ntarget_frames = [9]\n')
+    return load_dataset_config(tmp / "d.toml", "t2v-1.3B-FC")
+
+
+def _control_missing(tmp, tiny_dir):
+    from wanlora.dataset.items import list_items
+
+    (item,) = list_items(_control_dataset(tmp, None).datasets[0])
+    return item.problem
+
+
+def _control_short(tmp, tiny_dir):
+    from wanlora.dataset.latent_caching import plan_latent_caches
+
+    ((_, why),) = plan_latent_caches(_control_dataset(tmp, 5), "vae", "wan2.1").failed
+    return why
+
+
 TRIGGERS = {
+    "control-missing": _control_missing,
+    "control-short": _control_short,
     "attn-unknown": _attn_unknown,
     "attn-sage-training": _attn_sage_training,
     "unknown-task": _unknown_task,

@@ -6,7 +6,9 @@
 Without ``--task`` the caches are made for the task the ``--vae`` file and musubi-tuner's switches
 give (:func:`task_for_caching`): the Wan2.1 VAE caches latents only (every T2V task), with ``--i2v``
 also the I2V conditioning ``y`` (i2v-A14B), with ``--clip`` also the CLIP features (i2v-14B); the
-Wan2.2 VAE caches for ti2v-5B.
+Wan2.2 VAE caches for ti2v-5B. A dataset with ``control_directory`` caches for Fun-Control
+(t2v-14B-FC, or i2v-14B-FC with ``--clip``), as musubi-tuner caches control latents whenever the
+dataset has control clips.
 
 One ``.safetensors`` per item and frame window in each entry's ``cache_directory`` (names and
 layout: :mod:`wanlora.dataset.caches`; user guide: ``docs/caching.md``). Caches that are up to
@@ -93,7 +95,10 @@ def _main(argv: list[str] | None) -> int:
             if not Path(files.vae).exists():
                 raise FileNotFoundError(f"--vae {files.vae}: no such file")
             vae_kind = vae_kind_of(files.vae)
-        task = task_for_caching(task, vae_kind, config.i2v, bool(files.clip))
+        from wanlora.dataset.config import has_control_directory
+
+        task = task_for_caching(task, vae_kind, config.i2v, bool(files.clip),
+                                control=task is None and has_control_directory(config.dataset_config))
     dataset = load_dataset_config(config.dataset_config, task)
     if config.batch_size < 1 or config.num_workers < 0:
         raise ValueError("--batch_size must be >= 1 and --num_workers >= 0")
@@ -122,7 +127,8 @@ def _main(argv: list[str] | None) -> int:
     return 0 if report.ok else 1
 
 
-def task_for_caching(task: str | None, vae_kind: str | None, i2v: bool = False, clip: bool = False) -> str:
+def task_for_caching(task: str | None, vae_kind: str | None, i2v: bool = False, clip: bool = False,
+                     control: bool = False) -> str:
     """The task ``wanlora-cache-latents`` caches for: ``--task`` when given, else the one the VAE file's
     kind and musubi-tuner's switches name (musubi's ``wan_cache_latents.py``: ``--i2v`` caches the
     first frame's conditioning, ``--clip`` implies ``--i2v`` and adds the CLIP features).
@@ -139,14 +145,18 @@ def task_for_caching(task: str | None, vae_kind: str | None, i2v: bool = False, 
                                            conditioning, so ``--i2v`` changes nothing)
     ================  =========  ========  ===========================================================
 
+    With ``control`` (the dataset names control clips: ``control_directory``) the Wan2.1 VAE caches
+    for Fun-Control: ``t2v-14B-FC`` (latents and ``latents_control``, the caches of both T2V
+    Fun-Control tasks), with ``--clip`` ``i2v-14B-FC`` (also ``start_latent`` and ``clip_fea``).
+
     Args:
         task: ``--task`` or None; vae_kind: ``"wan2.1"`` / ``"wan2.2"`` from the ``--vae`` header
             (:func:`wanlora.commands.preflight.vae_kind_of`), None without ``--vae``.
     Returns:
         the task name.
     Raises:
-        ValueError: nothing to decide from (no ``--task``, no ``--vae``), ``--clip`` with the Wan2.2
-            VAE, or ``--i2v`` with a ``--task`` that has no image conditioning.
+        ValueError: nothing to decide from (no ``--task``, no ``--vae``), ``--clip`` or control clips
+            with the Wan2.2 VAE, or ``--i2v`` with a ``--task`` that has no image conditioning.
     """
     from wanlora.conditioning import conditioning_for
     from wanlora.tasks import get_task
@@ -160,14 +170,21 @@ def task_for_caching(task: str | None, vae_kind: str | None, i2v: bool = False, 
         raise ValueError("--task is needed without --vae (the VAE file's kind decides the task otherwise): "
                          "e.g. --task t2v-A14B")
     if vae_kind == "wan2.2":
+        if control:
+            raise ValueError("the dataset names control clips (control_directory) but the Fun-Control models use the "
+                             "Wan2.1 VAE: pass Wan2.1_VAE.pth, or --task for another model")
         if clip:
             raise ValueError("--clip: no task of the Wan2.2 VAE uses CLIP image features (ti2v-5B does not); drop "
                              "--clip, or pass the Wan2.1 VAE for i2v-14B")
         name = "ti2v-5B"
+    elif control:
+        name = "i2v-14B-FC" if clip else "t2v-14B-FC"
     else:
         name = "i2v-14B" if clip else "i2v-A14B" if i2v else "t2v-A14B"
-    why = f"the {vae_kind} VAE" + (" and --clip" if clip else " and --i2v" if i2v else "")
+    why = (f"the {vae_kind} VAE" + (" and --clip" if clip else " and --i2v" if i2v else "")
+           + (" and the dataset's control_directory" if control else ""))
     serves = " (the same caches serve t2v-14B and t2v-1.3B)" if name == "t2v-A14B" else \
+        " (the same caches serve t2v-1.3B-FC)" if name == "t2v-14B-FC" else \
         " (for flf2v-14B pass --task flf2v-14B)" if name == "i2v-14B" else ""
     log.info("no --task: caching for %s, from %s%s", name, why, serves)
     return name
