@@ -297,3 +297,26 @@ def test_resume_and_network_weights(tiny_dir, tmp_path):
     began = delta_weights(load_file(start))
     assert all(torch.allclose(moved[k], began[k], atol=0.05) for k in began)  # one small step from the file
     assert any(not torch.equal(moved[k], began[k]) for k in began)
+
+
+def test_samples_and_ema_with_a_lokr_run(trained, tiny_dir, tmp_path):
+    """Samples during a LoKr run (first step, every 2 steps) leave the LoKr files bit-identical to the
+    run without them; --ema_decay writes one NAME_ema LoKr file per expert beside the raw ones."""
+    out, _ = trained("lokr")
+    flags = _flags(tiny_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball --w 32 --h 32 --f 5 --s 2 --d 1\n")
+    run = tmp_path / "run"
+    train(parse_config(_train_argv(flags, run, ALGOS["lokr"], "--sample_prompts", str(prompts),
+                                   "--sample_every_n_steps", "2", "--sample_at_first", "--vae", flags["--vae"],
+                                   "--t5", flags["--t5"], "--t5_tokenizer", flags["--t5_tokenizer"],
+                                   "--ema_decay", "0.9")), dataset=_Batches())
+    steps = sorted({int(p.name.split("_")[1]) for p in (run / "sample").iterdir() if p.suffix == ".mp4"})
+    assert steps == [0, 2, 4]
+    for expert in ("high_noise", "low_noise"):
+        a, b = load_file(out / f"lyco_{expert}.safetensors"), load_file(run / f"lyco_{expert}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), expert
+        ema, _ = load_lora_file(run / f"lyco_ema_{expert}.safetensors")
+        assert {m["kind"] for m in lora_modules(ema).values()} == {"lokr"}
+        raw, avg = delta_weights(b), delta_weights(ema)
+        assert raw.keys() == avg.keys() and any(not torch.equal(raw[k], avg[k]) for k in raw)
