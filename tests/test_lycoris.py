@@ -292,11 +292,14 @@ def test_resume_and_network_weights(tiny_dir, tmp_path):
     argv = _train_argv(flags, tmp_path / "c", ALGOS["lokr"], "--expert", "low", "--network_weights", str(start),
                        "--max_train_steps", "1")
     i = argv.index("--dit_high_noise")
-    train(parse_config(argv[:i] + argv[i + 2:]), dataset=_Batches())  # one expert
-    moved = delta_weights(load_file(tmp_path / "c" / "lyco.safetensors"))
     began = delta_weights(load_file(start))
-    assert all(torch.allclose(moved[k], began[k], atol=0.05) for k in began)  # one small step from the file
-    assert any(not torch.equal(moved[k], began[k]) for k in began)
+    for extra in ([], ["--dim_from_weights"]):  # shaped by the flags, or by LyCORIS from the file
+        AcceleratorState._reset_state(reset_partial_state=True)
+        train(parse_config(argv[:i] + argv[i + 2:] + extra), dataset=_Batches())  # one expert
+        moved = delta_weights(load_file(tmp_path / "c" / "lyco.safetensors"))
+        assert moved.keys() == began.keys()
+        assert all(torch.allclose(moved[k], began[k], atol=0.05) for k in began)  # one small step from the file
+        assert any(not torch.equal(moved[k], began[k]) for k in began)
 
 
 def test_samples_and_ema_with_a_lokr_run(trained, tiny_dir, tmp_path):
