@@ -40,7 +40,7 @@ class ModelConfig:
         "(docs/memory.md)")
     gradient_checkpointing_cpu_offload_dtype: torch.dtype | None = dtype_option(
         None, "with --gradient_checkpointing_cpu_offload: keep the host checkpoints in bf16 (half the host memory, "
-        "LoRA gradients change by ~0.2 %, docs/benchmarks.md) instead of the residual stream's float32 (default, "
+        "LoRA gradients change by ~0.2 percent, docs/benchmarks.md) instead of the residual stream's float32 (default, "
         "exact)")
     fp8_base: bool = option(False, "store the frozen Linear weights of the DiT blocks in float8_e4m3fn (half of "
                             "bf16), computed in --dit_dtype (docs/memory.md)")
