@@ -355,11 +355,11 @@ class SampleHook:
                 dits = ExpertView(self.dit, plan.experts[0], self._activate)
             sp = self.dit.sequence_parallel  # the main process samples alone: the whole sequence on it
             self.dit.set_sequence_parallel(None)
-            p = next(self.dit.parameters())
+            # the adapters in the DiT's compute dtype (not float8 storage) on its device
+            p = next(q for q in self.dit.parameters() if q.is_floating_point() and q.element_size() > 1)
             try:
                 for _, adapters in self.extra:
-                    adapters.to(device=p.device, dtype=p.dtype if p.is_floating_point() and p.element_size() > 1
-                                else torch.bfloat16)
+                    adapters.to(device=p.device, dtype=p.dtype)
                     adapters.attach()
                 samples = self.sampler.sample(step, dits, epoch=epoch,
                                               networks=list(networks.values()) + [a for _, a in self.extra])
