@@ -10,8 +10,9 @@ Public names::
 
 Modules: ``config`` (TOML schema and validation), ``items`` / ``captions`` (what is in an entry),
 ``buckets`` (aspect-ratio buckets), ``frames`` (frame windows, fps resampling), ``caches`` (file
-names, metadata, staleness), ``latent_caching`` / ``text_caching`` (the two caching commands'
-library), ``training`` (the training dataset).
+names, metadata, staleness), ``masks`` (loss masks of ``mask_directory`` on the latent grid),
+``latent_caching`` / ``text_caching`` (the two caching commands' library), ``training`` (the
+training dataset).
 """
 
 from wanlora.dataset.config import (
