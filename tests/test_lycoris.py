@@ -323,3 +323,27 @@ def test_samples_and_ema_with_a_lokr_run(trained, tiny_dir, tmp_path):
         assert {m["kind"] for m in lora_modules(ema).values()} == {"lokr"}
         raw, avg = delta_weights(b), delta_weights(ema)
         assert raw.keys() == avg.keys() and any(not torch.equal(raw[k], avg[k]) for k in raw)
+
+
+def test_sample_lora_stacks_a_lokr_file_on_the_samples(trained, tiny_dir, tmp_path):
+    """--sample_lora with a LoKr file: the samples change, the LoRA being trained does not."""
+    from wanlora.video_io import probe_video, read_video_frames
+
+    lokr = trained("lokr")[0] / "lyco_low_noise.safetensors"
+    flags = _flags(tiny_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball --w 32 --h 32 --f 5 --s 2 --d 3\n")
+
+    def run(name, *extra):
+        out = tmp_path / name
+        argv = _train_argv(flags, out, ALGOS["loha"], "--expert", "low", "--max_train_steps", "2",
+                           "--sample_prompts", str(prompts), "--sample_at_first", "--vae", flags["--vae"],
+                           "--t5", flags["--t5"], "--t5_tokenizer", flags["--t5_tokenizer"], *extra)
+        i = argv.index("--dit_high_noise")
+        train(parse_config(argv[:i] + argv[i + 2:]), dataset=_Batches())
+        (video,) = (out / "sample").glob("lyco_000000_*.mp4")  # the sample at step 0
+        return load_file(out / "lyco.safetensors"), read_video_frames(video, range(probe_video(video).frame_count))
+
+    (plain_w, plain_v), (stacked_w, stacked_v) = run("plain"), run("stacked", "--sample_lora", f"{lokr}:2")
+    assert abs(plain_v.astype(float) - stacked_v.astype(float)).mean() > 1.0
+    assert plain_w.keys() == stacked_w.keys() and all(torch.equal(plain_w[k], stacked_w[k]) for k in plain_w)

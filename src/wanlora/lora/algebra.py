@@ -194,6 +194,8 @@ def _lokr_factor(module: dict, n: int) -> tuple[torch.Tensor, int | None]:
 
 
 def _lokr_parts(module: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(W1, W2, scale)`` of a LoKr module: ``scale = alpha / r`` with ``r`` the rank of the product
+    factor (``w2`` first, as ComfyUI's ``LoKrAdapter.calculate_weight`` picks it), else 1."""
     w1, r1 = _lokr_factor(module, 1)
     w2, r2 = _lokr_factor(module, 2)
     rank = r2 if r2 is not None else r1

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from wanlora.lora.algebra import MODULE_TENSORS, fold_alpha as fold_scale, module_delta, module_rank
+from wanlora.lora.algebra import MODULE_TENSORS, fold_alpha as fold_scale, module_delta, module_rank, module_shape
 
 __all__ = [
     "LAYOUTS",
@@ -347,8 +347,6 @@ def lora_modules(state_dict: dict[str, torch.Tensor], layout: str | None = None)
 
 def _check_module(path: str, e: dict) -> None:
     """Refuse a module whose tensors are incomplete or do not fit together (message names ``path``)."""
-    from wanlora.lora.algebra import module_shape
-
     if e["kind"] is None:
         raise LoraFormatError(f"LoRA module {path!r} has an alpha but no weights")
     if e["kind"] == "lora":
@@ -382,7 +380,8 @@ def _check_module(path: str, e: dict) -> None:
                     raise ValueError(f"expected lokr_w{n} [p, q], or lokr_w{n}_a [p, r] and lokr_w{n}_b [r, q]")
         module_shape(e)
     except (ValueError, KeyError) as err:
-        raise LoraFormatError(f"{e['kind'] == 'loha' and 'LoHa' or 'LoKr'} module {path!r} {shapes}: {err}") from None
+        kind = {"loha": "LoHa", "lokr": "LoKr"}[e["kind"]]
+        raise LoraFormatError(f"{kind} module {path!r} {shapes}: {err}") from None
 
 
 def to_default(state_dict: dict[str, torch.Tensor], layout: str | None = None,

@@ -60,6 +60,7 @@ class LycorisHooks(nn.Module):
                  source: str = "(state dict)"):
         super().__init__()
         self.multiplier = float(multiplier)
+        self.enabled = True
         self._targets = dict(weight_targets(model, [module_to_key(p) for p in modules], source))
         self._hooks: list = []
         for path, module in modules.items():
@@ -81,9 +82,15 @@ class LycorisHooks(nn.Module):
             return
         for path, layer in self._targets.items():
             def hook(_module, args, output, _path=path):
+                if not self.enabled:
+                    return output
                 return (output + self.delta(_path, args[0])).to(output.dtype)
 
             self._hooks.append(layer.register_forward_hook(hook))
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the hooks' update on or off without removing them (``LoRAAdapterSet``'s interface)."""
+        self.enabled = bool(enabled)
 
     def detach(self) -> None:
         """Remove the hooks: the model computes as without the file again."""

@@ -276,7 +276,7 @@ class SampleHook:
     one in the samples only — a Lightning / distill LoRA previews the result at its few steps. Each
     file goes to its expert by :func:`wanlora.lora.apply.plan_loras` (its metadata, else its flag),
     is hooked beside the DiT's layers as a frozen :class:`~wanlora.lora.adapter.LoRAAdapterSet`
-    (never merged into the weights being trained, never seen by the optimizer) and enabled only
+    (a LoKr/LoHa file: :class:`~wanlora.lora.lycoris_hooks.LycorisHooks`) (never merged into the weights being trained, never seen by the optimizer) and enabled only
     while its expert denoises; between samplings the adapters are detached and kept on the CPU.
 
     Args:
@@ -287,7 +287,7 @@ class SampleHook:
         accelerator: the run's ``Accelerator``.
 
     Raises:
-        ValueError: a ``--sample_lora`` file that is not a plain LoRA of this DiT's layers.
+        ValueError: a ``--sample_lora`` file that is not a LoRA (or LoKr/LoHa) of this DiT's layers.
     """
 
     def __init__(self, config, task, plan, dit, experts, bundles, accelerator):
@@ -309,6 +309,8 @@ class SampleHook:
         """``(expert or None, adapters)`` of each ``--sample_lora`` file, detached, on the CPU."""
         from wanlora.lora.adapter import LoRAAdapterSet
         from wanlora.lora.apply import parse_lora_spec, plan_loras
+        from wanlora.lora.layouts import lora_modules
+        from wanlora.lora.lycoris_hooks import LycorisHooks
 
         low = [parse_lora_spec(s, "--sample_lora") for s in sampling.sample_lora]
         high = [parse_lora_spec(s, "--sample_lora_high_noise") for s in sampling.sample_lora_high_noise]
@@ -323,11 +325,15 @@ class SampleHook:
                                    "go without it", lp.path, expert)
                     continue
                 try:
-                    adapters = LoRAAdapterSet.from_weights(self.dit, lp.state_dict, lp.multiplier, source=lp.path)
-                    adapters.load_adapter_weights(lp.state_dict, lp.path)
+                    modules = lora_modules(lp.state_dict, "default")
+                    if any(m["kind"] != "lora" for m in modules.values()):  # LyCORIS LoKr / LoHa
+                        adapters = LycorisHooks(self.dit, modules, lp.multiplier, source=lp.path)
+                    else:
+                        adapters = LoRAAdapterSet.from_weights(self.dit, lp.state_dict, lp.multiplier, source=lp.path)
+                        adapters.load_adapter_weights(lp.state_dict, lp.path)
                 except (ValueError, KeyError) as e:
                     raise ValueError(f"--sample_lora {lp.path}: cannot be stacked on the samples ({e}); it must be "
-                                     "a plain LoRA of this model's layers") from None
+                                     "a LoRA (or LyCORIS LoKr/LoHa) of this model's layers") from None
                 adapters.requires_grad_(False)
                 logger.info("samples: LoRA %s x%g stacked on the %s", lp.path, lp.multiplier,
                             f"{expert} expert" if expert else "model")
