@@ -18,8 +18,9 @@ trainer's precision):
    clipping and AdamW over the LoRA, eager and compiled.
 3. **Generation**: seconds per denoising step of a real-size A14B expert (40 layers) at 832x480x81
    with batched CFG (one forward of batch 2) and one UniPC update, eager and compiled.
-4. **Host syncs**: the 1.3B training step run once under ``torch.cuda.set_sync_debug_mode("error")``;
-   ``ok`` or the first synchronizing call.
+4. **Host syncs**: the 1.3B training step run once under ``torch.cuda.set_sync_debug_mode("error")``,
+   and the trainer's whole loop (``train()``, 4 blocks of 1.3B width) under it outside its read
+   points; ``ok`` or the first synchronizing call.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` per row (weights included). Every row that
 cannot run (package missing, out of memory, time budget spent) says why instead of a number.
@@ -334,12 +335,83 @@ def check_sync_free(run: Runner, arch: Arch, size, a) -> dict:
         step()
         result = "ok: no host sync in the step"
     except RuntimeError as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if "wanlora" in f.filename]
-        where = f" at {frames[-1].filename.split('wanlora')[-1]}:{frames[-1].lineno}" if frames else ""
-        result = f"SYNC{where}: {str(e).splitlines()[0]}"
+        result = _sync_report(e)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     run.sync()
+    return {"s": time.perf_counter() - t0, "result": result}
+
+
+def _sync_report(e: BaseException) -> str:
+    """``SYNC at <wanlora file>:<line>: <first line>`` for a sync-debug-mode error."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "wanlora" in f.filename]
+    where = f" at {frames[-1].filename.split('wanlora')[-1]}:{frames[-1].lineno}" if frames else ""
+    return f"SYNC{where}: {str(e).splitlines()[0]}"
+
+
+def check_loop_sync_free(run: Runner, arch: Arch, size, a, layers: int = 4, steps: int = 10) -> dict:
+    """The trainer's whole loop (``train()``: loader with pinned memory, expert plan, loss, backward,
+    clipping, fused AdamW with the device-side skip, schedules, step log) on a random ``layers``-block
+    DiT of ``arch`` under ``torch.cuda.set_sync_debug_mode("error")`` from its third micro-batch on,
+    except inside the step log's read points (``--log_every_n_steps 4``) and the final save, which
+    read the device by design."""
+    if run.device.type != "cuda":
+        raise ValueError("needs CUDA")
+    import tempfile
+
+    from accelerate.state import AcceleratorState
+
+    from wanlora.commands.train import parse_config
+    from wanlora.training import trainer
+    from wanlora.training.checkpoint import Checkpointer
+    from wanlora.training.step_log import StepLog
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(1, arch.channels, *latent_grid(arch, size), generator=g),
+             "context": [torch.randn(120, arch.text_dim, generator=g)], "keys": ["bench"]}
+
+    class Batches:
+        def __len__(self):
+            return 1000
+
+        def __getitem__(self, pos):
+            return batch
+
+    def unguarded(fn):
+        def call(*args, **kwargs):
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        return call
+
+    micro_step, read, final, calls = trainer._micro_step, StepLog.read, Checkpointer.final, [0]
+
+    def guarded_micro_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # two warm-up steps: first allocations, autotuning
+            torch.cuda.set_sync_debug_mode("error")
+        return micro_step(*args, **kwargs)
+
+    t0 = time.perf_counter()
+    trainer._micro_step, StepLog.read, Checkpointer.final = guarded_micro_step, unguarded(read), unguarded(final)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            argv = ["--task", "t2v-1.3B", "--dit", "bench", "--dataset_config", "none.toml", "--output_dir", out,
+                    "--network_dim", str(a.rank), "--network_alpha", str(a.rank), "--max_train_steps", str(steps),
+                    "--log_every_n_steps", "4", "--seed", "0", "--max_data_loader_n_workers", "0",
+                    "--mixed_precision", "bf16", "--gradient_checkpointing"]
+            trainer.train(parse_config(argv), dataset=Batches(),
+                          load_dit=lambda *_, **k: random_dit(arch, layers, k["device"], k.get("attn_mode", "sdpa")))
+        result = f"ok: no host sync in {steps - 2} steps of the loop outside its read points"
+    except RuntimeError as e:
+        result = _sync_report(e)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        trainer._micro_step, StepLog.read, Checkpointer.final = micro_step, read, final
+        AcceleratorState._reset_state(reset_partial_state=True)
     return {"s": time.perf_counter() - t0, "result": result}
 
 
@@ -475,6 +547,8 @@ def main(argv=None) -> int:
     if "sync" in sections:
         run.row("host syncs in the training step", "1.3B 480p",
                 lambda: check_sync_free(run, archs["1.3B"], sizes["480p"], a))
+        run.row("host syncs in the training loop", "1.3B widths, 4 blocks, 480p, train()",
+                lambda: check_loop_sync_free(run, archs["1.3B"], sizes["480p"], a))
 
     arch = ARCHS["A14B"]
     L = math.prod(token_grid(arch, SIZES["480p"]))

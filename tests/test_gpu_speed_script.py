@@ -49,3 +49,4 @@ def test_script_runs_on_tiny_sizes(tmp_path):
     errors = {r["config"]: r["error"] for r in rows if "error" in r}
     assert "no backward" in errors["480p eager sage"]  # refused as training refuses it
     assert errors["1.3B 480p"] == "ValueError: needs CUDA"
+    assert errors["1.3B widths, 4 blocks, 480p, train()"] == "ValueError: needs CUDA"
