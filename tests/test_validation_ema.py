@@ -543,3 +543,19 @@ def test_validation_under_two_processes_equals_one(tiny_dir, tmp_path, layout):
     rel = 1e-12 if layout == "ddp" else 1e-5  # split attention sums in another order
     for k, v in ranks[0][0][1].items():
         assert seen[0][k] == pytest.approx(v, rel=rel, abs=0), k
+
+
+def test_preflight_checks_the_ema_and_validation_flags(tiny_dir, tmp_path):
+    from wanlora.commands import preflight as P
+    from wanlora.commands.train import parse_args
+
+    flags = _flags(tiny_dir)
+    base = ["--task", "t2v-A14B", "--dit", flags["--dit"], "--expert", "low", "--dataset_config", "d.toml",
+            "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(P.PreflightError, match="--sample_with_ema needs --ema_decay"):
+        P.preflight_train(parse_args(base + ["--sample_with_ema"]))
+    with pytest.raises(P.PreflightError, match=r"--ema_decay 1.0: must be in \[0, 1\)"):
+        P.preflight_train(parse_args(base + ["--ema_decay", "1.0"]))
+    with pytest.raises(P.PreflightError, match="--validate_every_n_steps 0: must be at least 1"):
+        P.preflight_train(parse_args(base + ["--validate_every_n_steps", "0"]))
+    P.preflight_train(parse_args(base + ["--ema_decay", "0.999", "--sample_with_ema", "--validate_every_n_steps", "5"]))

@@ -371,6 +371,9 @@ def preflight_train(args) -> list[str]:
     args = flat_flags(args)
     task = get_task(args.task)
     check_train_numbers(args)
+    if getattr(args, "sample_with_ema", False) and getattr(args, "ema_decay", None) is None:
+        raise PreflightError("--sample_with_ema needs --ema_decay (e.g. 0.999): without it there is no EMA to "
+                             "sample with")
     warnings = []
     if args.output_dir is not None:
         check_output_dir(args.output_dir, "--output_dir")
@@ -390,8 +393,9 @@ def preflight_train(args) -> list[str]:
                             and args.network_dim_high_noise else "--network_dim")
     if dims and args.output_dir is not None:
         bpv = parse_dtype(getattr(args, "save_precision", None) or "fp32").itemsize
-        per_save = sum(lora_file_bytes(r, *dims, bpv) for _, r, _ in _loras(args))
-        state = sum(lora_file_bytes(r, *dims, 4) * 3 for _, r, _ in _loras(args))  # weights + AdamW's 2 moments
+        ema = 2 if getattr(args, "ema_decay", None) is not None else 1  # NAME_ema files beside the raw ones
+        per_save = ema * sum(lora_file_bytes(r, *dims, bpv) for _, r, _ in _loras(args))
+        state = sum(lora_file_bytes(r, *dims, 4) * (2 + ema) for _, r, _ in _loras(args))  # + AdamW's 2 moments
         every, keep = getattr(args, "save_every_n_steps", None), getattr(args, "save_last_n_steps", None)
         saves = (args.max_train_steps or 0) // every if every else 0
         if keep and every:
