@@ -38,6 +38,7 @@ Facts the loop relies on:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -411,6 +412,11 @@ def _read_resume(config: TrainConfig, task: Task, plan: ExpertPlan, accelerator)
 def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None, validation_dataset=None) -> TrainState:
     """Train as ``config`` says; returns the final state.
 
+    Ends the run's distributed state in order, also when it fails: every rank past its last
+    collective, the run's models (DDP reducers hold gloo work objects) released while the process
+    group exists, trackers closed, the group destroyed. A gloo group left to interpreter exit can
+    abort a process that trained well (``terminate called without an active exception``).
+
     Args:
         config: the run's settings (:func:`wanlora.commands.train.parse_config`).
         dataset: a batch dataset to use instead of ``--dataset_config`` (tests, benchmarks),
@@ -424,6 +430,23 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None, v
         NonFiniteLossError: ``--max_nonfinite_steps`` skipped steps in a row (state saved).
         ValueError: inconsistent flags (named).
     """
+    try:
+        state, accelerator = _train(config, dataset, load_dit, sample_fn, validation_dataset)
+    except BaseException:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # no barrier: the other ranks may not get there
+            dist.destroy_process_group()
+        raise
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # the prepared models and optimizers
+    gc.collect()  # and whatever cycles still hold them, while the process group exists
+    accelerator.end_training()
+    return state
+
+
+def _train(config: TrainConfig, dataset, load_dit, sample_fn, validation_dataset):
+    """The run of :func:`train`; returns ``(state, accelerator)``."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -520,11 +543,8 @@ def train(config: TrainConfig, *, dataset=None, load_dit=None, sample_fn=None, v
 
         # ---- final save
         files = checkpoints.final(state, bundles)
-        # trackers closed and the process group destroyed: a gloo group left to interpreter exit can
-        # abort the process (``terminate called without an active exception``) after a good run
-        accelerator.end_training()
         log.info("done: %d steps; LoRA %s", state.global_step, ", ".join(str(f) for f in files.values()))
-    return state
+    return state, accelerator
 
 
 class _StepWindow:
