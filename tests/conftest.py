@@ -67,3 +67,14 @@ def mounted_tmpfs(tmp_path):
     for m in reversed(mounts):
         if subprocess.run(["umount", str(m)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "--lazy", str(m)], capture_output=True)  # detached now, freed when unused
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: torchrun's ``--master_port`` (a fixed port clashes with
+    another torchrun test running at the same time on the machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -294,7 +294,7 @@ json.dump({"losses": st.losses, "probes": rec}, open(f"{out}/rank{rank}.json", "
 """
 
 
-def test_two_cpu_processes_torchrun(setups, tmp_path):
+def test_two_cpu_processes_torchrun(setups, tmp_path, free_port):
     flags, toml = setups("t2v-A14B")
     out = tmp_path / "out"
     out.mkdir()
@@ -306,8 +306,8 @@ def test_two_cpu_processes_torchrun(setups, tmp_path):
             "--timestep_sampling", "uniform", "--timestep_boundary", "0.5", "--sample_every_n_steps", "1",
             "--max_data_loader_n_workers", "0", "--save_every_n_steps", "2", "--save_state"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(script), str(out), *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port), str(script), str(out), *argv]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
