@@ -338,19 +338,12 @@ def cache_latents(
     """
     from tqdm import tqdm
 
-    from wanlora.video_io import write_images, write_video
-
     t0 = time.perf_counter()
     task = config.task
     cond = conditioning_for(task)
     vae_kind = vae.kind if vae is not None else task.vae
     identity = vae.identity if vae is not None else "debug"
-    if vae is not None and vae.kind != task.vae:
-        raise ValueError(f"--vae is the {vae.kind} VAE but task {task.name} uses the {task.vae} VAE; "
-                         f"pass the {'Wan2.1_VAE.pth' if task.vae == 'wan2.1' else 'Wan2.2_VAE.pth'} file")
-    if cond.uses_clip and clip is None and not debug_mode:
-        raise ValueError(f"task {task.name} caches CLIP image features: pass the CLIP image encoder with --clip "
-                         "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
+    _check_encoders(task, cond, vae, clip, debug_mode)
     clip_identity = clip.identity if clip is not None and cond.uses_clip else None
     plan = plan_latent_caches(config, identity, vae_kind, force=force or bool(debug_mode), clip_identity=clip_identity)
     report = CacheReport(skipped=0 if debug_mode else plan.up_to_date, failed=list(plan.failed), items=plan.items)
@@ -414,18 +407,7 @@ def cache_latents(
             continue
         for k, (wj, frames) in enumerate(zip(job.windows, decoded.frames)):
             if debug_mode:
-                out = wj.path.parent / "debug" / wj.path.name.replace(".safetensors", "")
-                shown = [(out, frames)]
-                if decoded.masks is not None:  # the loss weights as gray frames, aligned with the frames
-                    gray = np.rint(decoded.masks[k] * 255).astype(np.uint8)
-                    shown.append((out.with_name(out.name + "_mask"), np.repeat(gray[..., None], 3, axis=-1)))
-                if decoded.controls is not None:  # Fun-Control: the control frames trained with them
-                    shown.append((out.with_name(out.name + "_control"), decoded.controls[k]))
-                for dst, pixels in shown:
-                    if debug_mode == "video":
-                        write_video(dst.with_suffix(".mp4"), pixels, fps=task.fps)
-                    else:
-                        write_images(dst, pixels)
+                _write_debug(wj.path, frames, decoded, k, debug_mode, task.fps)
                 report.cached += 1
                 continue
             video = frames_to_video(frames)
@@ -440,3 +422,37 @@ def cache_latents(
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_encoders(task, cond, vae, clip, debug_mode) -> None:
+    """The VAE's family against ``task``, and a CLIP encoder where the conditioning caches its features.
+
+    Raises:
+        ValueError: naming the flag and the file to pass.
+    """
+    if vae is not None and vae.kind != task.vae:
+        raise ValueError(f"--vae is the {vae.kind} VAE but task {task.name} uses the {task.vae} VAE; "
+                         f"pass the {'Wan2.1_VAE.pth' if task.vae == 'wan2.1' else 'Wan2.2_VAE.pth'} file")
+    if cond.uses_clip and clip is None and not debug_mode:
+        raise ValueError(f"task {task.name} caches CLIP image features: pass the CLIP image encoder with --clip "
+                         "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
+
+
+def _write_debug(cache_path: Path, frames, decoded, k: int, debug_mode: str, fps: float) -> None:
+    """``--debug_mode``: window ``k``'s frames (uint8 ``[T, H, W, 3]``) as they would be trained, to
+    ``{cache folder}/debug/`` (an MP4 for ``"video"``, PNGs for ``"image"``), with its loss mask as gray
+    frames (``..._mask``) and its Fun-Control frames (``..._control``) beside them."""
+    from wanlora.video_io import write_images, write_video
+
+    out = cache_path.parent / "debug" / cache_path.name.replace(".safetensors", "")
+    shown = [(out, frames)]
+    if decoded.masks is not None:  # the loss weights as gray frames, aligned with the frames
+        gray = np.rint(decoded.masks[k] * 255).astype(np.uint8)
+        shown.append((out.with_name(out.name + "_mask"), np.repeat(gray[..., None], 3, axis=-1)))
+    if decoded.controls is not None:  # Fun-Control: the control frames trained with them
+        shown.append((out.with_name(out.name + "_control"), decoded.controls[k]))
+    for dst, pixels in shown:
+        if debug_mode == "video":
+            write_video(dst.with_suffix(".mp4"), pixels, fps=fps)
+        else:
+            write_images(dst, pixels)
