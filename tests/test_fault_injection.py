@@ -17,12 +17,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from fixed_batches import FixedBatches
 from wanlora.io_utils import SaveError, save_files, save_safetensors
 from wanlora.training.state_io import (StateError, read_state_dir, remove_interrupted_saves, write_state_dir)
 
@@ -443,19 +445,7 @@ def fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-class _Batches:
-    """Fixed synthetic batches for the tiny A14B model (``ds[epoch * n + i]`` = batch i)."""
-
-    def __init__(self, n=2):
-        g = torch.Generator().manual_seed(0)
-        self.b = [{"latents": torch.randn(1, 16, 2, 4, 4, generator=g), "context": [torch.randn(3, 32, generator=g)],
-                   "keys": [str(i)]} for i in range(n)]
-
-    def __len__(self):
-        return len(self.b)
-
-    def __getitem__(self, pos):
-        return self.b[pos % len(self.b)]
+_Batches = partial(FixedBatches, 2)  # tests/fixed_batches.py
 
 
 def _train_config(flags, out: Path, *extra):

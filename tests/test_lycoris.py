@@ -13,6 +13,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fixed_batches import FixedBatches
 from wanlora.commands.train import parse_config
 from wanlora.lora.algebra import module_delta
 from wanlora.lora.layouts import delta_weights, load_lora_file, lora_modules
@@ -38,19 +39,7 @@ def _one_thread_and_fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-class _Batches:
-    """Four fixed cached batches (latents and one text context each)."""
-
-    def __init__(self, n=4):
-        g = torch.Generator().manual_seed(0)
-        self.b = [{"latents": torch.randn(1, 16, 2, 4, 4, generator=g), "context": [torch.randn(3, 32, generator=g)],
-                   "keys": [str(i)]} for i in range(n)]
-
-    def __len__(self):
-        return len(self.b)
-
-    def __getitem__(self, pos):
-        return self.b[pos % len(self.b)]
+_Batches = FixedBatches  # tests/fixed_batches.py
 
 
 def _flags(tiny_dir) -> dict:

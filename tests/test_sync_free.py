@@ -22,6 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fixed_batches import FixedBatches
 from wanlora.models.dit import WanDiT, WanDiTConfig
 from wanlora.networks.lora_wan import create_network
 
@@ -183,21 +184,7 @@ class _DeviceValues(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-class _Batches:
-    """``n`` fixed batches of a tiny T2V latent; ``nan_at``: batches whose latents are NaN."""
-
-    def __init__(self, n: int, nan_at=()):
-        g = torch.Generator().manual_seed(0)
-        self.b = [{"latents": torch.randn(1, 16, 2, 4, 4, generator=g), "context": [torch.randn(3, 32, generator=g)],
-                   "keys": [str(i)]} for i in range(n)]
-        for i in nan_at:
-            self.b[i]["latents"][:] = float("nan")
-
-    def __len__(self):
-        return len(self.b)
-
-    def __getitem__(self, pos):
-        return self.b[pos % len(self.b)]
+_Batches = FixedBatches  # tests/fixed_batches.py
 
 
 @pytest.mark.parametrize("clip", ["1.0", "0"], ids=["clipped", "unclipped"])

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from fixed_batches import FixedBatches
 from wanlora.training import flow
 from wanlora.training.experts import ExpertSchedule
 from wanlora.commands.train import parse_config
@@ -225,21 +226,7 @@ def test_ti2v_5b_image_to_video(setups, tmp_path):
 # ---- non-finite losses --------------------------------------------------------------------------
 
 
-class _Batches:
-    """A dataset of fixed batches (``ds[epoch * n + i]`` = batch i), some with NaN latents."""
-
-    def __init__(self, nan_at=(), n=4, c=16):
-        g = torch.Generator().manual_seed(0)
-        self.b = [{"latents": torch.randn(1, c, 2, 4, 4, generator=g), "context": [torch.randn(3, 32, generator=g)],
-                   "keys": [str(i)]} for i in range(n)]
-        for i in nan_at:
-            self.b[i]["latents"][:] = float("nan")
-
-    def __len__(self):
-        return len(self.b)
-
-    def __getitem__(self, pos):
-        return self.b[pos % len(self.b)]
+_Batches = FixedBatches  # tests/fixed_batches.py
 
 
 def test_nonfinite_loss_skips_the_step_then_stops_with_state(tiny_dir, tmp_path, caplog):

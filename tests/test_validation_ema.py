@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from fixed_batches import FixedBatches
 from wanlora.commands.train import parse_config
 from wanlora.training.ema import LoraEMA, ema_decay_at
 from wanlora.training.trainer import train
@@ -34,19 +35,7 @@ def _reset_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-class _Batches:
-    """Fixed batches (``ds[epoch * n + i]`` = batch i) for the tiny t2v models."""
-
-    def __init__(self, n=4, seed=0, c=16):
-        g = torch.Generator().manual_seed(seed)
-        self.b = [{"latents": torch.randn(1, c, 2, 4, 4, generator=g), "context": [torch.randn(3, 32, generator=g)],
-                   "keys": [str(i)]} for i in range(n)]
-
-    def __len__(self):
-        return len(self.b)
-
-    def __getitem__(self, pos):
-        return self.b[pos % len(self.b)]
+_Batches = FixedBatches  # tests/fixed_batches.py
 
 
 def _flags(tiny_dir, task="t2v-A14B"):

@@ -20,8 +20,8 @@ layout or number of processes) is refused with one line naming every difference.
 
 Folders are written to ``<final>.tmp`` and renamed into place (:func:`write_state_dir`); on a
 failure the temporary folder is removed, so a full disk never keeps a half state filling it.
-The same role as ``accelerate.Accelerator.save_state`` / ``load_state``, whose optimizer,
-scheduler and RNG files are pickles loaded with ``weights_only=False``.
+The same role as ``accelerate.Accelerator.save_state`` / ``load_state``, without their pickled
+optimizer, scheduler and RNG files (unpickling a file can run code from it).
 """
 
 from __future__ import annotations
