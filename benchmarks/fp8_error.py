@@ -22,27 +22,18 @@ the fp8 error is meaningful next to what bf16 itself costs.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-
-def _stats(a: torch.Tensor, b: torch.Tensor) -> dict:
-    a, b = a.double().reshape(-1), b.double().reshape(-1)
-    return {"cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
-            "rel_error": float((a - b).norm() / b.norm())}
+from common import (active_lora, add_model_args, compare, dit_config, flow_batch, flow_loss, lora_gradient,
+                    mean_compare, report)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="fp8 vs bf16: LoRA gradients and generated latents")
-    p.add_argument("--dim", type=int, default=1536)
-    p.add_argument("--ffn_dim", type=int, default=8960)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--grid", type=int, nargs=3, default=(3, 16, 16))
-    p.add_argument("--batches", type=int, default=3)
+    add_model_args(p, dim=1536, ffn_dim=8960, heads=12, layers=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -50,12 +41,10 @@ def main(argv=None) -> int:
     from wanlora.inference.sampling import make_schedule, make_solver
     from wanlora.io_utils import save_safetensors
     from wanlora.models import load_dit
-    from wanlora.models.dit import WanDiT, WanDiTConfig
+    from wanlora.models.dit import WanDiT
     from wanlora.models.fp8 import set_fp8_compute
-    from wanlora.networks.lora_wan import create_network
 
-    cfg = WanDiTConfig(dim=a.dim, ffn_dim=a.ffn_dim, num_heads=a.heads, num_layers=a.layers,
-                       in_channels=16, out_channels=16)
+    cfg = dit_config(a)
     g = torch.Generator().manual_seed(0)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in WanDiT(cfg).state_dict().items()}
@@ -76,37 +65,22 @@ def main(argv=None) -> int:
         m = load_dit(path, "t2v-1.3B" if a.dim == 1536 else "t2v-A14B", dtype=dtype, fp8=fp8)
         if name == "fp8_compute":  # the CPU's torch._scaled_mm: the same math as the GPU kernels
             set_fp8_compute(m)
-        torch.manual_seed(1)
-        net = create_network(1.0, 16, 16, None, None, m)
-        net.apply_to(None, m)
-        gg = torch.Generator().manual_seed(2)
-        for n, q in net.named_parameters():
-            if "lora_up" in n:
-                q.data = torch.randn(q.shape, generator=gg) * 0.01
-        net.requires_grad_(True)
+        net = active_lora(m)
         m.set_gradient_checkpointing(True)
         models[name] = (m, net)
 
     f, h, w = a.grid
     grads = {k: [] for k in models}
     for b in range(a.batches):
-        gb = torch.Generator().manual_seed(100 + b)
-        x0 = torch.randn(1, 16, f, h, w, generator=gb)
-        noise = torch.randn(1, 16, f, h, w, generator=gb)
-        ctx = [torch.randn(40, 4096, generator=gb) * 0.5]
-        t = torch.tensor([100.0 + 800.0 * b / max(1, a.batches - 1)])
-        sigma = t / 1000.0
-        x_t = (1 - sigma) * x0 + sigma * noise
+        batch = flow_batch(b, a.batches, a.grid)
         for name, (m, net) in models.items():
             net.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.mse_loss(m(x_t, t, ctx).float(), noise - x0)
-            loss.backward()
-            grads[name].append(torch.cat([q.grad.reshape(-1).float() for q in net.parameters()]))
+            flow_loss(m, batch).backward()
+            grads[name].append(lora_gradient(net))
     res = {"config": vars(a), "gradients": {}, "latents": {}}
     for name in ("fp8_base", "fp8_scaled", "fp8_compute", "bf16"):
         ref = "fp32" if name == "bf16" else "bf16"
-        per = [_stats(x, y) for x, y in zip(grads[name], grads[ref])]
-        res["gradients"][f"{name} vs {ref}"] = {k: sum(d[k] for d in per) / len(per) for k in per[0]}
+        res["gradients"][f"{name} vs {ref}"] = mean_compare(grads[name], grads[ref])
 
     sched = make_schedule(a.steps, 5.0, "unipc")
     gn = torch.Generator().manual_seed(7)
@@ -123,10 +97,8 @@ def main(argv=None) -> int:
             finals[name] = x
     for name in ("fp8_base", "fp8_scaled", "fp8_compute", "bf16"):
         ref = "fp32" if name == "bf16" else "bf16"
-        res["latents"][f"{name} vs {ref}"] = _stats(finals[name], finals[ref])
-    print(json.dumps(res, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        res["latents"][f"{name} vs {ref}"] = compare(finals[name], finals[ref])
+    report(res, a.json)
     return 0
 
 

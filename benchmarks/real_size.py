@@ -29,7 +29,6 @@ on a small model in ``tests/test_real_size.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -311,6 +310,8 @@ def main(argv=None) -> int:
     p.add_argument("--write_only", action="store_true")
     p.add_argument("--json", help="write the figures here")
     a = p.parse_args(argv)
+    from common import report  # here, not at the top: the tests load this file as a module from elsewhere
+
     from wanlora.training.memory import MemorySettings, estimate_memory
 
     torch.set_num_threads(a.threads)
@@ -337,9 +338,7 @@ def main(argv=None) -> int:
     res.update({"source": a.folder or "memory", "shard_bytes": wrote["bytes"], "write_seconds": wrote["seconds"],
                 "threads": torch.get_num_threads(), "available_before": avail,
                 "predicted_host_peak": pred.host_total})
-    print(json.dumps(res, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+    report(res, a.json)
     return 0
 
 
