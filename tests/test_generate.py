@@ -62,11 +62,12 @@ def test_aliases_and_errors():
     assert r.video_size == (480, 832) and r.video_length == 9 and r.infer_steps == 7
     assert r.guidance_scale == 2.5 and r.flow_shift == 3.0
     assert parse_args(base + ["--image", "x.png", "--base_seed", "4"]).request.image_path == "x.png"
-    from wanlora.commands.generate import _requests
+    from wanlora.commands.generate import request_defaults
     from wanlora.inference.prompts import PromptSpec
+    from wanlora.inference.session import requests_for
 
-    seeded = parse_args(base + ["--base_seed", "-1"])  # the official default: a random seed
-    reqs = _requests(seeded, [PromptSpec("a"), PromptSpec("b", seed=5), PromptSpec("c", seed=-1)])
+    seeded = request_defaults(parse_args(base + ["--base_seed", "-1"]))  # the official default: a random seed
+    reqs = requests_for([PromptSpec("a"), PromptSpec("b", seed=5), PromptSpec("c", seed=-1)], seeded)
     assert 0 <= reqs[0].seed < 2**31 and reqs[1].seed == 5 and 0 <= reqs[2].seed < 2**31
     with pytest.raises(SystemExit):
         parse_args(base + ["--size", "832x"])
@@ -135,7 +136,7 @@ def test_from_file_latent_and_image_outputs(tiny_dir, tmp_path, capsys, monkeypa
     assert main(flags + ["--from_file", str(bad), "--save_path", str(out)]) == 2  # before any model loads
     assert f"wanlora-generate: error: {bad}:2: unknown inline option --zz" in capsys.readouterr().err
     bad.write_text("ok\nno image --i missing.png\n", encoding="utf-8")
-    monkeypatch.setattr("wanlora.commands.generate.load_models", lambda *a: pytest.fail("loaded models first"))
+    monkeypatch.setattr("wanlora.commands.generate.load_pipeline", lambda *a, **k: pytest.fail("loaded models first"))
     assert main(flags + ["--from_file", str(bad), "--save_path", str(out)]) == 2  # images read before models
     assert "missing.png: file not found" in capsys.readouterr().err
 

@@ -199,3 +199,14 @@ def test_lora_package_imports_point_down_only():
         assert not bad, f"{f.name} imports upward: {bad}"
     networks = Path(__file__).resolve().parents[1] / "networks"
     assert any(m.startswith("wanlora.lora") for m in _imports(networks / "lora.py"))
+
+
+def test_inference_package_imports_point_down_only():
+    """inference -> lora / models / conditioning, never inference -> commands/training (training's
+    samples use the pipeline; the generate command calls inference/session.py)."""
+    upward = ("wanlora.commands", "wanlora.training", "wanlora.networks", "networks")
+    files = sorted((SRC / "inference").glob("*.py"))
+    assert any(f.name == "session.py" for f in files)
+    for f in files:
+        bad = sorted(m for m in _imports(f) if m.startswith(upward))
+        assert not bad, f"{f.name} imports upward: {bad}"

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["USER_ERRORS", "run_cli"]
+__all__ = ["USER_ERRORS", "run_cli", "print_user_error"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError)
 
@@ -32,6 +32,12 @@ def run_cli(prog: str, fn: Callable[[Sequence[str] | None], int | None],
     except USER_ERRORS as e:
         if os.environ.get("WANLORA_TRACEBACK", "0") not in ("", "0"):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        print_user_error(prog, e)
         return 2
     return 0 if rc is None else int(rc)
+
+
+def print_user_error(prog: str, error: BaseException) -> None:
+    """Print a user error as one line ``<prog>: error: <message>`` on stderr (the line of
+    :func:`run_cli`; also each bad line of ``wanlora-generate --interactive``, which goes on)."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)

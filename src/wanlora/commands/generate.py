@@ -10,33 +10,39 @@ Examples::
     wanlora-generate ... --from_file prompts.txt                      # batch, models loaded once
     wanlora-generate ... --lora_weight my_low.safetensors --lora_weight_high_noise my_high.safetensors
 
-The script parses arguments and wires library calls (:mod:`wanlora.inference.pipeline`, :mod:`wanlora.inference.prompts`,
-:mod:`wanlora.lora.apply`); the numerics live there. See ``docs/generation.md``.
+The script parses its flags into a :class:`GenerateConfig` and calls the library: the prompt files
+(:mod:`wanlora.inference.prompts`), the LoRA plan (:mod:`wanlora.lora.apply`), the models and the
+rendering (:mod:`wanlora.inference.session`, over :mod:`wanlora.inference.pipeline`). See
+``docs/generation.md``.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import re
 import sys
-import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
 from wanlora.commands.args import CommandLine, config_from_namespace, setup_logging
-from wanlora.commands.cli import USER_ERRORS, run_cli
+from wanlora.commands.cli import USER_ERRORS, print_user_error, run_cli
 from wanlora.commands.preflight import preflight_generate
 from wanlora.conditioning import conditioning_for
-from wanlora.inference.outputs import OUTPUT_TYPES, save_outputs
+from wanlora.inference.outputs import OUTPUT_TYPES
+from wanlora.inference.pipeline import GenerationRequest
+from wanlora.inference.prompts import PromptSpec, read_prompt_file
+from wanlora.inference.session import GenerationSession, load_pipeline, requests_for, share_random_seeds
+from wanlora.lora.apply import plan_loras
+from wanlora.models.distributed import init_from_env, parallel_layout
 from wanlora.run_config import (CompileOptions, ModelFiles, ParallelOptions, attn_option, default_device, device_option,
                                 dtype_option, group, option)
 from wanlora.tasks import get_task
+from wanlora.training.memory import estimate_for_generation
 
-__all__ = ["GenerateConfig", "build_parser", "parse_args", "load_models", "run_one", "main"]
+__all__ = ["GenerateConfig", "build_parser", "parse_args", "request_defaults", "main"]
 
+PROG = "wanlora-generate"
 logger = logging.getLogger("wanlora.commands.generate")
 
 
@@ -147,7 +153,7 @@ class GenerateConfig:
 
 def command_line() -> CommandLine:
     """The ``wanlora-generate`` command line."""
-    return CommandLine("wanlora-generate", "Generate videos or images with Wan2.2 / Wan2.1 DiTs (and LoRAs).",
+    return CommandLine(PROG, "Generate videos or images with Wan2.2 / Wan2.1 DiTs (and LoRAs).",
                        GenerateConfig)
 
 
@@ -221,138 +227,18 @@ def _device_dtype(runtime: RuntimeOptions):
     return device, dtype
 
 
-def load_models(config: GenerateConfig, device, dtype, layout=None):
-    """Load the DiT(s) (``dtype``), the VAE (float32) and the text encoder; apply the LoRAs.
-
-    With offloading (CUDA without ``--no_offload``, and without ``--dit_fsdp``) the A14B experts and
-    the text encoder start on the CPU and visit ``device`` when used. ``layout``
-    (:class:`wanlora.models.distributed.ParallelLayout`) puts each DiT, LoRAs applied, on its
-    sequence group and FSDP2 shards.
-
-    Returns:
-        ``(WanPipeline, lora_log)``; ``lora_log`` is :func:`wanlora.lora.apply.apply_loras`'s list.
-    Raises:
-        ValueError / FileNotFoundError: a checkpoint or LoRA that does not load or fit the task.
-    """
-    from wanlora.lora.apply import apply_loras, plan_loras
-    from wanlora.models import load_dit, load_text_encoder, load_vae
-    from wanlora.inference.pipeline import WanPipeline
-
-    from wanlora.models.block_swap import BlockSwap
-
-    task = get_task(config.model_files.task)
-    # the LoRA files are read (and refused: layout, NaN/Inf weights) before any model loads
-    plan = plan_loras(task, config.lora.lora_weight, config.lora.lora_multiplier, config.lora.lora_weight_high_noise,
-                      config.lora.lora_multiplier_high_noise, config.lora.include_patterns, config.lora.exclude_patterns)
-    rt = config.runtime
-    fsdp = layout is not None and layout.fsdp
-    if rt.blocks_to_swap and fsdp:
-        raise ValueError("--blocks_to_swap and --dit_fsdp do not combine: FSDP already shards the DiT; drop one")
-    offload = device.type != "cpu" and not rt.no_offload and not fsdp
-    swap_n = rt.blocks_to_swap
-    home = "cpu" if ((offload and task.has_experts) or swap_n or fsdp) else device
-    t0 = time.perf_counter()
-    paths = ({"low_noise": config.model_files.dit, "high_noise": config.model_files.dit_high_noise}
-             if task.has_experts else {None: config.model_files.dit})
-    dits, swaps = {}, []
-    for key, path in paths.items():
-        dit = load_dit(path, task.name, dtype=dtype, device=home, attn_mode=rt.attn_mode, fp8=rt.fp8)
-        if swap_n:  # the swapped blocks stay on the host; the experts share one set of device slots
-            swaps.append(BlockSwap(dit.blocks, swap_n, device, share_slots_with=swaps[0] if swaps else None))
-            if not (offload and task.has_experts):
-                dit.to(device)  # the rest (the swapped blocks stay with the swap)
-        dits[key] = dit.eval().requires_grad_(False)
-    vae = load_vae(config.model_files.vae, dtype=torch.float32, device=device) if config.model_files.vae else None
-    te = load_text_encoder(config.model_files.t5, config.model_files.t5_tokenizer, dtype=dtype, device="cpu" if offload else device)
-    logger.info("models loaded in %.1f s", time.perf_counter() - t0)
-    main_rank = layout is None or layout.rank == 0
-    clip = None
-    if config.model_files.clip and conditioning_for(task).uses_clip:  # the official clip_dtype: fp16 on a GPU
-        from wanlora.models import load_clip
-
-        clip = load_clip(config.model_files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32,
-                         device="cpu" if offload else device)
-    pipe = WanPipeline(task, dits, vae=vae, text_encoder=te, device=device, offload=offload, progress=main_rank,
-                       clip=clip)
-    lora_log = apply_loras(pipe, plan, dynamic=config.lora.lora_dynamic)
-    if layout is not None and layout.world_size > 1:
-        from wanlora.models.distributed import distribute_dit
-
-        for d in dits.values():
-            distribute_dit(d, layout)
-    if config.compile.compile:  # after the LoRAs (merged, or hooked with --lora_dynamic)
-        for d in dits.values():
-            d.compile_blocks(**config.compile.kwargs())
-    return pipe, lora_log
-
-
-def _requests(config: GenerateConfig, specs):
-    """One :class:`GenerationRequest` per prompt spec; a spec's inline options win over the flags.
-    A missing or negative seed is drawn at random here (the official ``seed >= 0 else random``).
-    Raises MediaError (a ValueError) for an unreadable image."""
-    from wanlora.inference.pipeline import GenerationRequest
-    from wanlora.video_io import MediaError, read_image
-
-    h, w = config.request.video_size or (None, None)
-    out = []
-    for spec in specs:
-        image_path = spec.image_path or config.request.image_path
-        end_image_path = spec.end_image_path or config.request.end_image_path
-        control_path = spec.control_path or config.request.control_path
-        if control_path and not Path(control_path).exists():
-            raise MediaError(f"{control_path}: control video not found (--control_path / --cn)")
-        seed = spec.seed if spec.seed is not None else config.request.seed
-        if seed is None or seed < 0:
-            seed = random.randint(0, 2**31 - 1)
-        out.append(GenerationRequest(
-            prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else config.request.negative_prompt,
-            height=spec.height or h, width=spec.width or w,
-            frames=spec.frames or config.request.video_length,
-            seed=seed,
-            steps=spec.steps or config.request.infer_steps,
-            guidance_scale=spec.guidance_scale if spec.guidance_scale is not None else config.request.guidance_scale,
-            guidance_scale_high_noise=config.request.guidance_scale_high_noise,
-            flow_shift=spec.flow_shift if spec.flow_shift is not None else config.request.flow_shift,
-            solver=config.request.sample_solver,
-            image=read_image(image_path) if image_path else None,
-            image_path=str(image_path) if image_path else None,
-            end_image=read_image(end_image_path) if end_image_path else None,
-            end_image_path=str(end_image_path) if end_image_path else None,
-            control_path=str(control_path) if control_path else None,
-            cfg_skip_mode=config.request.cfg_skip_mode, cfg_apply_ratio=config.request.cfg_apply_ratio,
-            cfg_batched=not config.request.cfg_separate,
-        ))
-    return out
-
-
-def run_one(pipe, request, config: GenerateConfig, index: int | None, lora_log, context=None, context_null=None,
-            write: bool = True) -> list[Path]:
-    """Generate one request and write its files (:func:`save_outputs`); returns their paths.
-
-    ``context``/``context_null``: precomputed embeddings (``[[L, d]]``), else the pipeline's text
-    encoder runs. ``index`` numbers the file stem in a batch (``None`` for a single prompt).
-    ``write=False`` (the other ranks of a multi-process run): denoise only, no decode, no files.
-
-    Raises:
-        ValueError: a request the task rejects (size, frame count, missing image).
-    """
-    task = pipe.task
-    t0 = time.perf_counter()
-    latent, video, resolved = pipe.generate(request, context, context_null, cpu_noise=config.request.cpu_noise,
-                                            decode=write and config.output.output_type != "latent")
-    if not write:
-        return []
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    stem = f"{stamp}_{resolved.seed}" if index is None else f"{stamp}_{index:03d}_{resolved.seed}"
-    fps = config.request.fps or task.fps
-    paths = save_outputs(config.output.save_path, stem, latent, video, resolved, task, config.output.output_type, fps,
-                         extra={"loras": lora_log, "cpu_noise": config.request.cpu_noise, "dit": config.model_files.dit,
-                                "dit_high_noise": config.model_files.dit_high_noise,
-                                **config.model_files.metadata()})
-    logger.info("%s: %dx%d, %d frames, seed %d, %.1f s -> %s", task.name, resolved.width, resolved.height,
-                resolved.frames, resolved.seed, time.perf_counter() - t0, ", ".join(map(str, paths)))
-    return paths
+def request_defaults(config: GenerateConfig) -> GenerationRequest:
+    """The request the flags describe, which a prompt's inline options override
+    (:func:`wanlora.inference.session.requests_for`): the empty prompt, and seed ``-1`` (drawn at
+    random) when ``--seed`` is not given."""
+    r = config.request
+    h, w = r.video_size or (None, None)
+    return GenerationRequest(
+        prompt="", negative_prompt=r.negative_prompt, height=h, width=w, frames=r.video_length,
+        seed=-1 if r.seed is None else r.seed, steps=r.infer_steps, guidance_scale=r.guidance_scale,
+        guidance_scale_high_noise=r.guidance_scale_high_noise, flow_shift=r.flow_shift, solver=r.sample_solver,
+        image_path=r.image_path, end_image_path=r.end_image_path, control_path=r.control_path,
+        cfg_skip_mode=r.cfg_skip_mode, cfg_apply_ratio=r.cfg_apply_ratio, cfg_batched=not r.cfg_separate)
 
 
 def main(argv=None) -> int:
@@ -360,7 +246,7 @@ def main(argv=None) -> int:
     bad prompt line, LoRA that does not fit, missing attention package, ...), printed as one line
     ``wanlora-generate: error: <message>`` (``WANLORA_TRACEBACK=1`` shows the traceback;
     :func:`wanlora.commands.cli.run_cli`)."""
-    return run_cli("wanlora-generate", _main, argv)
+    return run_cli(PROG, _main, argv)
 
 
 def _main(argv=None) -> int:
@@ -368,105 +254,49 @@ def _main(argv=None) -> int:
     ns = cl.parse_namespace(argv, required=REQUIRED)
     setup_logging(ns.verbose)
     config = _checked(cl, ns)
-    from wanlora.inference.prompts import PromptSpec, read_prompt_file
-
-    if config.request.from_file:
-        specs = read_prompt_file(config.request.from_file)  # parse before loading anything
-    elif config.request.prompt is not None:
-        specs = [PromptSpec(config.request.prompt)]
+    r, rt, lora = config.request, config.runtime, config.lora
+    if r.from_file:
+        specs = read_prompt_file(r.from_file)  # parse before loading anything
+    elif r.prompt is not None:
+        specs = [PromptSpec(r.prompt)]
     else:
         specs = []
-    from wanlora.models.distributed import init_from_env, parallel_layout
-
-    device, dtype = _device_dtype(config.runtime)
-    if config.runtime.estimate_memory:  # before any process group, file check or model load
-        print(_estimate(config, _requests(config, specs), dtype).format())
+    defaults = request_defaults(config)
+    device, dtype = _device_dtype(rt)
+    if rt.estimate_memory:  # before any process group, file check or model load
+        first = (requests_for(specs, defaults) or [GenerationRequest("")])[0]
+        print(estimate_for_generation(config.model_files.task, first.width, first.height, first.frames, dtype=dtype,
+                                      fp8=rt.fp8, blocks_to_swap=rt.blocks_to_swap, cfg_batched=not r.cfg_separate,
+                                      offload_inactive=not rt.no_offload).format())
         return 0
     device = init_from_env(device)  # under torchrun / accelerate launch: join the process group
     layout = parallel_layout(config.parallel.ulysses_size, config.parallel.dit_fsdp, device)
     if layout.world_size > 1:
-        _same_random_draws(layout)
+        share_random_seeds(layout)
         logger.info("layout: %s", layout.describe())
-    requests = _requests(config, specs)  # reads the images: a bad --i fails before the models load
+    requests = requests_for(specs, defaults)  # reads the images: a bad --i fails before the models load
     preflight_generate(config)  # --save_path, the VAE's kind, the LoRAs' task: before the models load
-    pipe, lora_log = load_models(config, device, dtype, layout)
-    write = layout.rank == 0
-    written = []
-    with torch.no_grad():
-        if requests:
-            resolved = [pipe.resolve(r) for r in requests]
-            # encode every prompt once, then free the text encoder
-            embs = pipe.encode_text([r.prompt for r in resolved] + [r.negative_prompt for r in resolved])
-            n = len(resolved)
-            pipe.text_encoder = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            for i, req in enumerate(requests):
-                written += run_one(pipe, req, config, i if n > 1 else None, lora_log, [embs[i]], [embs[n + i]],
-                                   write=write)
-        else:
-            written += _interactive(pipe, config, lora_log)
+    # the LoRA files are read (and refused: layout, NaN/Inf weights) before any model loads
+    plans = plan_loras(get_task(config.model_files.task), lora.lora_weight, lora.lora_multiplier,
+                       lora.lora_weight_high_noise, lora.lora_multiplier_high_noise, lora.include_patterns,
+                       lora.exclude_patterns)
+    pipe, lora_log = load_pipeline(config.model_files, plans, device=device, dtype=dtype, attn_mode=rt.attn_mode,
+                                   fp8=rt.fp8, offload=not rt.no_offload, blocks_to_swap=rt.blocks_to_swap,
+                                   lora_dynamic=lora.lora_dynamic, compile=config.compile, layout=layout)
+    session = GenerationSession(pipe, config.model_files, lora_log, save_path=config.output.save_path,
+                                output_type=config.output.output_type, fps=r.fps, cpu_noise=r.cpu_noise,
+                                write=layout.rank == 0)
+    if requests:
+        session.render_all(requests)
+    else:
+        print("Enter a prompt (inline --w --h --f --d --s --g --fs --i --n); Ctrl+D to quit.", flush=True)
+        session.interactive(sys.stdin, defaults, on_error=lambda e: print_user_error(PROG, e),
+                            user_errors=USER_ERRORS)
     if layout.world_size > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
     return 0
-
-
-def _same_random_draws(layout) -> None:
-    """Seed Python's ``random`` with one number drawn on rank 0 and broadcast, so that every rank
-    draws the same random seeds (``--seed`` missing or negative) for the same requests: under
-    ``--ulysses_size`` / ``--dit_fsdp`` all ranks must denoise the same noise."""
-    import torch.distributed as dist
-
-    box = [random.randint(0, 2**62) if layout.rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    random.seed(box[0])
-
-
-def _estimate(config: GenerateConfig, requests, dtype):
-    """The memory estimate of the first request's size (the task's defaults when none is given):
-    guidance batched (2) unless ``--cfg_separate``, both experts with the inactive one on the host
-    unless ``--no_offload``."""
-    from wanlora.training.memory import MemorySettings, estimate_memory
-
-    task = get_task(config.model_files.task)
-    req = requests[0] if requests else None
-    unit = task.pixel_unit
-    width = (req and req.width or task.size[0]) // unit * unit  # rounded down as the pipeline does
-    height = (req and req.height or task.size[1]) // unit * unit
-    frames = req and req.frames or task.frame_num
-    rt = config.runtime
-    return estimate_memory(MemorySettings(
-        task.name, width, height, frames, batch=1 if config.request.cfg_separate else 2, training=False,
-        dtype=dtype if dtype != torch.float32 else torch.bfloat16, fp8=rt.fp8, blocks_to_swap=rt.blocks_to_swap,
-        experts=2 if task.has_experts else 1, offload_inactive=not rt.no_offload))
-
-
-def _interactive(pipe, config: GenerateConfig, lora_log) -> list[Path]:
-    """``--interactive``: generate each prompt line read from stdin until EOF; returns the files.
-
-    A user error on a line (:data:`wanlora.commands.cli.USER_ERRORS`: a bad inline option, an image that
-    cannot be read, a size or frame count the task rejects, ...) is printed as one line
-    ``wanlora-generate: error: <message>`` on stderr (``--verbose`` adds its traceback) and the
-    session goes on with the next line. Other exceptions (a bug, out of memory) end the session.
-    """
-    from wanlora.inference.prompts import parse_prompt_line
-
-    print("Enter a prompt (inline --w --h --f --d --s --g --fs --i --n); Ctrl+D to quit.", flush=True)
-    written, k = [], 0
-    for line in sys.stdin:
-        try:
-            spec = parse_prompt_line(line, 0, "<interactive>")
-            if spec is None:
-                continue
-            written += run_one(pipe, _requests(config, [spec])[0], config, k, lora_log)
-        except USER_ERRORS as e:
-            print(f"wanlora-generate: error: {e}", file=sys.stderr, flush=True)
-            logger.debug("the line's traceback", exc_info=True)  # shown with --verbose
-            continue
-        k += 1
-    return written
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The files of one generation: video / PNG frames / latent, and the settings sidecar.
 
-Used by ``wanlora-generate`` (:mod:`wanlora.commands.generate`); the formats are described in
-``docs/generation.md``.
+Used by ``wanlora-generate`` (:class:`wanlora.inference.session.GenerationSession`); the formats
+are described in ``docs/generation.md``.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ import torch
 from wanlora.tasks import get_task
 
 __all__ = ["BLOCK_ACTIVATION", "MemorySettings", "MemoryEstimate", "estimate_memory", "dit_weight_bytes",
-           "token_count", "lora_parameter_count", "block_activation_bytes", "largest_clip", "GiB"]
+           "token_count", "lora_parameter_count", "block_activation_bytes", "largest_clip", "estimate_for_training",
+           "estimate_for_generation", "GiB"]
 
 GiB = 2**30
 
@@ -334,3 +335,30 @@ def estimate_for_training(config) -> MemoryEstimate:
         checkpoint_offload=m.gradient_checkpointing_cpu_offload,
         checkpoint_dtype=m.gradient_checkpointing_cpu_offload_dtype, experts=len(plan.dit_paths),
         offload_inactive=config.experts.offload_inactive_dit))
+
+
+def estimate_for_generation(task, width: int | None = None, height: int | None = None, frames: int | None = None, *,
+                            dtype: torch.dtype = torch.bfloat16, fp8: str | None = None, blocks_to_swap: int = 0,
+                            cfg_batched: bool = True, offload_inactive: bool = True) -> MemoryEstimate:
+    """The estimate of a ``wanlora-generate`` run (``--estimate_memory``) at one request's size, on CUDA.
+
+    Args:
+        task: ``--task`` name or :class:`wanlora.tasks.Task`.
+        width, height, frames: pixels and ``4n+1`` frames; None (or 0) takes the task's default;
+            width and height are rounded down to the task's pixel unit as the pipeline does.
+        dtype: the DiT's compute dtype (float32, the CPU default, is counted as bfloat16: the
+            estimate is of a CUDA run). fp8: ``None``, ``"base"`` or ``"scaled"``.
+        blocks_to_swap: ``--blocks_to_swap``.
+        cfg_batched: the conditional and unconditional passes as one batch of 2 (else 1,
+            ``--cfg_separate``).
+        offload_inactive: both A14B experts held, the inactive one on the host (else both on the
+            device, ``--no_offload``).
+    """
+    task = get_task(task)
+    unit = task.pixel_unit
+    width = (width or task.size[0]) // unit * unit
+    height = (height or task.size[1]) // unit * unit
+    return estimate_memory(MemorySettings(
+        task.name, width, height, frames or task.frame_num, batch=2 if cfg_batched else 1, training=False,
+        dtype=dtype if dtype != torch.float32 else torch.bfloat16, fp8=fp8, blocks_to_swap=blocks_to_swap,
+        experts=2 if task.has_experts else 1, offload_inactive=offload_inactive))
