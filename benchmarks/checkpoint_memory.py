@@ -11,6 +11,7 @@ blocks is listed by shape and dtype (``saved_tensors_hooks``).
 
     python benchmarks/checkpoint_memory.py                      # 1.3B, 1950 tokens, float32 weights
     python benchmarks/checkpoint_memory.py --dtype bf16         # bf16 weights, bf16 autocast
+    python benchmarks/checkpoint_memory.py --dtype bf16 --segments 5   # two-level checkpointing
 
 (1950 tokens = latent grid 5x15x26: 17 frames at 240x416.)
 """
@@ -79,13 +80,14 @@ def _lora(model: torch.nn.Module, blocks, targets, rank: int) -> list[LoRAModule
     return mods
 
 
-def build(side: str, dim, ffn, heads, layers, dtype):
-    """``(model, blocks, call)``: ``call(x, t, ctx_padded) -> velocity``."""
+def build(side: str, dim, ffn, heads, layers, dtype, segments: int = 0):
+    """``(model, blocks, call)``: ``call(x, t, ctx_padded) -> velocity``; ``segments``: ours
+    with two-level checkpointing (``--gradient_checkpointing_segments``)."""
     if side == "ours":
         cfg = WanDiTConfig(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, in_channels=16,
                            out_channels=16)
         m = cast_dit(WanDiT(cfg), dtype).requires_grad_(False)
-        m.set_gradient_checkpointing(True)
+        m.set_gradient_checkpointing(True, segments=segments)
         return m, m.blocks, TARGETS_OURS, lambda x, t, ctx: m(x, t, ctx)
     from diffusers import WanTransformer3DModel
 
@@ -105,7 +107,7 @@ def measure(side: str, a) -> dict:
     dim, ffn, heads, layers = PRESETS[a.model]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     with FakeTensorMode():
-        model, blocks, targets, call = build(side, dim, ffn, heads, layers, dtype)
+        model, blocks, targets, call = build(side, dim, ffn, heads, layers, dtype, a.segments)
         loras = _lora(model, blocks, targets, a.rank)
         live = LiveBytes()
         for t in list(model.parameters()) + list(model.buffers()) + [p for m in loras for p in m.parameters()]:
@@ -141,9 +143,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--sides", default="ours,diffusers")
+    p.add_argument("--segments", type=int, default=0,
+                   help="ours with --gradient_checkpointing_segments N (0: one checkpoint per block)")
     a = p.parse_args(argv)
     tokens = a.grid[0] * a.grid[1] * a.grid[2] // 4
-    print(f"{a.model}, {tokens} tokens, {a.dtype} weights, LoRA rank {a.rank}, gradient checkpointing")
+    print(f"{a.model}, {tokens} tokens, {a.dtype} weights, LoRA rank {a.rank}, gradient checkpointing"
+          + (f" (ours: {a.segments} segments)" if a.segments else ""))
     rows = [measure(side, a) for side in a.sides.split(",")]
     mib = 2**20
     print("| side | weights MiB | saved after forward MiB | peak above weights MiB | peak total MiB |")

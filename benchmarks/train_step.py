@@ -80,7 +80,7 @@ def run_bare(a) -> dict:
     dev = _device()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     dit = _build(a, dev, dtype)
-    dit.set_gradient_checkpointing(a.checkpointing)
+    dit.set_gradient_checkpointing(a.checkpointing, segments=a.segments)
     net = create_network(1.0, a.rank, a.rank, None, None, dit)
     net.apply_to(None, dit)
     net.to(dev)
@@ -143,6 +143,8 @@ def run_trainer(a) -> dict:
                 "--mixed_precision", "bf16" if a.dtype == "bf16" else "no", "--dit_dtype", a.dtype]
         if a.checkpointing:
             argv.append("--gradient_checkpointing")
+        if a.segments:
+            argv += ["--gradient_checkpointing_segments", str(a.segments)]
         train(parse_config(argv), dataset=OneBatch(), load_dit=lambda *_, **k: _build(a, k["device"], k["dtype"]),
               sample_fn=hook)
     times = [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup:]
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--segments", type=int, default=0,
+                   help="with --checkpointing: --gradient_checkpointing_segments (two-level checkpointing)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")

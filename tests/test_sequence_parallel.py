@@ -49,12 +49,12 @@ def _worker(rank, world, port, fn, args):
         dist.destroy_process_group()
 
 
-def _dit_and_lora(grad_checkpointing: bool = False):
+def _dit_and_lora(grad_checkpointing: bool = False, segments: int = 0):
     torch.manual_seed(0)
     dit = WanDiT(WanDiTConfig(**CFG))
     dit.load_state_dict(random_dit_state_dict(dit.config, seed=1))
     dit.requires_grad_(False)
-    dit.set_gradient_checkpointing(grad_checkpointing)
+    dit.set_gradient_checkpointing(grad_checkpointing, segments=segments)
     net = create_network(1.0, 4, 4, None, None, dit)
     net.apply_to(None, dit)
     for m in net.modules():  # non-zero up weights, so every adapter has a gradient
@@ -84,10 +84,10 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def _sp_matches_one_process(rank, world, shapes, grad_checkpointing):
+def _sp_matches_one_process(rank, world, shapes, grad_checkpointing, segments=0):
     layout = parallel_layout(ulysses_size=world)
     assert (layout.dp_size, layout.sp_size, layout.sp_rank) == (1, world, rank)
-    dit, net = _dit_and_lora(grad_checkpointing)
+    dit, net = _dit_and_lora(grad_checkpointing, segments)
     for frames, h, w, per_frame_t in shapes:
         inputs = _inputs(frames, h, w, per_frame_t)
         dit.set_sequence_parallel(None)
@@ -106,6 +106,7 @@ def _sp_cases(rank, world):
     # per-sample timesteps; 4x3x5 = 60 tokens: chunks of two whole frames.
     _sp_matches_one_process(rank, world, [(3, 6, 10, True), (3, 6, 10, False), (4, 6, 10, True)], False)
     _sp_matches_one_process(rank, world, [(3, 6, 10, True)], True)  # gradient checkpointing
+    _sp_matches_one_process(rank, world, [(3, 6, 10, True)], True, segments=1)  # two-level
 
 
 def test_ulysses_forward_and_lora_gradients_equal_one_process():
@@ -132,7 +133,7 @@ def test_layout_needs_processes():
     assert parallel_layout().describe().startswith("world 1 = 1 data-parallel × 1 sequence-parallel")
 
 
-def _fsdp_matches_replicated(rank, world, ulysses):
+def _fsdp_matches_replicated(rank, world, ulysses, segments=0):
     layout = parallel_layout(ulysses_size=ulysses, fsdp=True)
     inputs = _inputs(3, 6, 10, True)
     dit, net = _dit_and_lora()
@@ -142,6 +143,7 @@ def _fsdp_matches_replicated(rank, world, ulysses):
     local = dit.blocks[0].self_attn.q.weight.to_local()
     assert local.shape[0] == CFG["dim"] // world  # each rank holds half of every weight
     dit.set_sequence_parallel(layout.sequence_parallel())
+    dit.set_gradient_checkpointing(bool(segments), segments=segments)
     out, grads = _loss_and_grads(dit, net, inputs)
     assert _rel(out, ref_out) < 1e-5
     for name, g in grads.items():
@@ -159,3 +161,7 @@ def test_fsdp_sharded_dit_equals_replicated():
 
 def test_fsdp_with_ulysses_equals_replicated():
     _spawn(_fsdp_matches_replicated, 2)
+
+
+def test_fsdp_with_checkpoint_segments_equals_replicated():
+    _spawn(_fsdp_matches_replicated, 1, 1)

@@ -414,6 +414,27 @@ class Head(nn.Module):
 # the model
 
 
+def check_checkpoint_segments(segments: int, num_layers: int, cpu_offload: bool = False) -> None:
+    """Refuse a ``--gradient_checkpointing_segments`` value a ``num_layers``-block DiT cannot use.
+
+    Raises:
+        ValueError: ``segments`` outside ``0 .. num_layers``, or non-zero with ``cpu_offload``.
+    """
+    if not 0 <= segments <= num_layers:
+        raise ValueError(f"--gradient_checkpointing_segments {segments}: give 0 (off) .. {num_layers} for this "
+                         f"{num_layers}-block DiT (fewest kept block inputs near {round(math.sqrt(num_layers))})")
+    if segments and cpu_offload:
+        raise ValueError("--gradient_checkpointing_segments with --gradient_checkpointing_cpu_offload: choose one "
+                         "(the offload already keeps no block input on the GPU)")
+
+
+def _split(blocks: nn.ModuleList, n: int) -> list[tuple[nn.Module, ...]]:
+    """``blocks`` cut into ``n`` consecutive segments whose sizes differ by at most one."""
+    size, extra = divmod(len(blocks), n)
+    bounds = [i * size + min(i, extra) for i in range(n + 1)]
+    return [tuple(blocks[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
 class WanDiT(nn.Module):
     """The Wan DiT (``wan/modules/model.py: WanModel``) for T2V, I2V-A14B, TI2V-5B and (with
     ``config.image_dim``) Wan2.1 I2V-14B / FLF2V-14B.
@@ -435,6 +456,7 @@ class WanDiT(nn.Module):
         self.compiled_blocks: dict | None = None  # compile_blocks() options once compiled
         self.checkpoint_offload = False
         self.checkpoint_stash_dtype: torch.dtype | None = None
+        self.checkpoint_segments = 0
         d = config.dim
         self.patch_embedding = nn.Conv3d(config.in_channels, d, config.patch_size, config.patch_size)
         self.text_embedding = nn.Sequential(
@@ -455,7 +477,7 @@ class WanDiT(nn.Module):
     # ---- switches
 
     def set_gradient_checkpointing(self, enabled: bool = True, cpu_offload: bool = False,
-                                   stash_dtype: torch.dtype | None = None) -> None:
+                                   stash_dtype: torch.dtype | None = None, segments: int = 0) -> None:
         """Recompute each block in the backward pass (saves activation memory).
 
         Args:
@@ -463,10 +485,23 @@ class WanDiT(nn.Module):
             cpu_offload: keep the checkpointed block inputs in (pinned) host memory
                 (:mod:`wanlora.models.activation_offload`, ``--gradient_checkpointing_cpu_offload``).
             stash_dtype: with ``cpu_offload``, store them in this dtype (``None``: float32, exact).
+            segments: two-level checkpointing (``--gradient_checkpointing_segments``; 0: off). The
+                blocks are cut into this many consecutive segments and only the segment inputs are
+                kept through the forward; in the backward each segment is run forward once more,
+                keeping its block inputs, and each block is then recomputed as usual. The float32
+                block inputs held at once drop from ``L`` to ``segments + ceil(L / segments)``
+                (fewest near ``sqrt(L)``) for one more forward of every block; gradients equal
+                plain checkpointing bit for bit (the recomputation runs the same operators).
+                Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost".
+
+        Raises:
+            ValueError: ``segments`` negative or above the block count, or with ``cpu_offload``.
         """
+        check_checkpoint_segments(segments, len(self.blocks), cpu_offload)
         self.gradient_checkpointing = bool(enabled)
         self.checkpoint_offload = bool(enabled and cpu_offload)
         self.checkpoint_stash_dtype = stash_dtype
+        self.checkpoint_segments = segments if enabled else 0
 
     def set_sequence_parallel(self, sp) -> None:
         """Split each sample's tokens across a sequence group (Ulysses), or ``None`` to stop.
@@ -673,22 +708,32 @@ class WanDiT(nn.Module):
         if mark:
             for t, dim in ((rope[0], 0), (rope[1], 0)) + (((e0, 1),) if e0.shape[1] > 1 else ()):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            if mark:
-                torch._dynamo.maybe_mark_dynamic(tokens, 1)
-            if use_ckpt and self.checkpoint_offload:
-                tokens = offloaded_checkpoint(block, tokens, e0, ctx, rope, dtype, mode, ctx_img,
-                                              stash_dtype=self.checkpoint_stash_dtype)
-            elif use_ckpt:
-                tokens = checkpoint(block, tokens, e0, ctx, rope, dtype, mode, ctx_img, use_reentrant=False)
-            else:
-                tokens = block(tokens, e0, ctx, rope, dtype, mode, ctx_img)
+        args = (e0, ctx, rope, dtype, mode, ctx_img)
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        if ckpt and self.checkpoint_segments:
+            for segment in _split(self.blocks, self.checkpoint_segments):
+                tokens = checkpoint(self._run_blocks, tokens, segment, args, mark, True, use_reentrant=False)
+        else:
+            tokens = self._run_blocks(tokens, self.blocks, args, mark, ckpt)
 
         out = self.head(tokens, e)
         if sp is not None:
             out = sp.gather(out, length)
         return self.unpatchify(out, grid)
+
+    def _run_blocks(self, tokens: torch.Tensor, blocks, args: tuple, mark: bool, ckpt: bool) -> torch.Tensor:
+        """Run ``blocks`` in order on ``tokens`` (``[B, L, D]`` float32), each checkpointed when
+        ``ckpt`` (on the host with ``cpu_offload``); ``args`` = ``(e0, ctx, rope, dtype, mode, ctx_img)``."""
+        for block in blocks:
+            if mark:
+                torch._dynamo.maybe_mark_dynamic(tokens, 1)
+            if ckpt and self.checkpoint_offload:
+                tokens = offloaded_checkpoint(block, tokens, *args, stash_dtype=self.checkpoint_stash_dtype)
+            elif ckpt:
+                tokens = checkpoint(block, tokens, *args, use_reentrant=False)
+            else:
+                tokens = block(tokens, *args)
+        return tokens
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """``[B, L, pt·ph·pw·C]`` (per token ordered (pt, ph, pw, c), c fastest) to

@@ -12,7 +12,8 @@ The prediction adds parts that are either exact or measured:
   two AdamW moments (16 bytes per parameter); one LoRA per expert.
 * **checkpoints** — exact: gradient checkpointing keeps each block's input, ``[B, T, D]`` float32
   (the residual stream's precision), on the device, or on the host with
-  ``--gradient_checkpointing_cpu_offload`` (in bf16 with ``--gradient_checkpointing_cpu_offload_dtype bf16``).
+  ``--gradient_checkpointing_cpu_offload`` (in bf16 with ``--gradient_checkpointing_cpu_offload_dtype bf16``);
+  with ``--gradient_checkpointing_segments S`` the device holds ``S + ceil(L / S)`` of them at once.
 * **one block's activations** — measured: ``benchmarks/activation_memory.py`` ran one block of
   each width on the CPU at 128–512 tokens and fitted ``bytes = a·T + b`` (:data:`BLOCK_ACTIVATION`,
   ``train`` = a block's recomputation and backward, ``infer`` = a forward without autograd).
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -143,6 +145,7 @@ class MemorySettings:
         gradient_checkpointing: checkpoint every block (training).
         checkpoint_offload: ``--gradient_checkpointing_cpu_offload``.
         checkpoint_dtype: ``--gradient_checkpointing_cpu_offload_dtype`` (``None``: float32).
+        checkpoint_segments: ``--gradient_checkpointing_segments`` (0: one kept input per block).
         experts: DiTs the run holds (2 for both A14B experts).
         offload_inactive: ``--offload_inactive_dit``.
         device: ``"cuda"`` or ``"cpu"`` (on the CPU device and host memory are one).
@@ -161,6 +164,7 @@ class MemorySettings:
     gradient_checkpointing: bool = True
     checkpoint_offload: bool = False
     checkpoint_dtype: torch.dtype | None = None
+    checkpoint_segments: int = 0
     experts: int = 1
     offload_inactive: bool = False
     device: str = "cuda"
@@ -252,6 +256,9 @@ def estimate_memory(s: MemorySettings) -> MemoryEstimate:
             if s.checkpoint_offload:
                 stash = s.checkpoint_dtype or torch.float32
                 host[f"block checkpoints ({str(stash).removeprefix('torch.')})"] = n_layers * rows * dim * _BYTES[stash]
+            elif s.checkpoint_segments:  # the segment inputs + one segment's block inputs
+                kept = s.checkpoint_segments + math.ceil(n_layers / s.checkpoint_segments)
+                dev[f"block checkpoints (float32, {kept}/{n_layers})"] = kept * rows * dim * 4
             else:
                 dev["block checkpoints (float32)"] = n_layers * rows * dim * 4
             dev["one block's recompute + backward"] = block_activation_bytes(task, "train", rows, s.device)
@@ -333,7 +340,8 @@ def estimate_for_training(config) -> MemoryEstimate:
         task.name, width, height, frames, batch=batch, rank=max(ranks), training=True, dtype=dtype, fp8=m.fp8,
         blocks_to_swap=m.blocks_to_swap, gradient_checkpointing=m.gradient_checkpointing,
         checkpoint_offload=m.gradient_checkpointing_cpu_offload,
-        checkpoint_dtype=m.gradient_checkpointing_cpu_offload_dtype, experts=len(plan.dit_paths),
+        checkpoint_dtype=m.gradient_checkpointing_cpu_offload_dtype,
+        checkpoint_segments=m.gradient_checkpointing_segments, experts=len(plan.dit_paths),
         offload_inactive=config.experts.offload_inactive_dit))
 
 

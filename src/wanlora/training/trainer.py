@@ -332,6 +332,7 @@ def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, devi
             ``--fp8_compute`` on a GPU without fp8 tensor cores.
     """
     from wanlora.models.block_swap import place_with_block_swap
+    from wanlora.models.dit import check_checkpoint_segments
     from wanlora.training.experts import base_tensors
 
     if load_dit is None:
@@ -350,6 +351,12 @@ def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, devi
     if stash == torch.float16:
         raise ValueError("--gradient_checkpointing_cpu_offload_dtype: use bf16 or fp32 (fp16 cannot hold the range "
                          "of the float32 residual stream)")
+    if m.gradient_checkpointing_segments and not m.gradient_checkpointing:
+        raise ValueError("--gradient_checkpointing_segments needs --gradient_checkpointing")
+    check_checkpoint_segments(m.gradient_checkpointing_segments, task.num_layers, m.gradient_checkpointing_cpu_offload)
+    if m.gradient_checkpointing_segments and m.blocks_to_swap:
+        raise ValueError("--gradient_checkpointing_segments with --blocks_to_swap: choose one (the swap streams the "
+                         "blocks in forward-then-reverse order; a segment's recomputation runs them forward again)")
     kw = {"fp8": m.fp8} if m.fp8 else {}  # (a replacement load_dit need not know fp8)
     experts = plan.experts
     first = "low_noise" if "low_noise" in experts else experts[0]
@@ -370,7 +377,8 @@ def load_dit_and_experts(config: TrainConfig, task: Task, plan: ExpertPlan, devi
     weights = ExpertWeights(dit, first, others, offload=config.experts.offload_inactive_dit, swap=swap)
     dit.requires_grad_(False)
     dit.set_gradient_checkpointing(bool(m.gradient_checkpointing), cpu_offload=m.gradient_checkpointing_cpu_offload,
-                                   stash_dtype=m.gradient_checkpointing_cpu_offload_dtype)
+                                   stash_dtype=m.gradient_checkpointing_cpu_offload_dtype,
+                                   segments=m.gradient_checkpointing_segments)
     dit.train()  # no dropout in Wan; train() for checkpointing
     log.info("DiT loaded in %.1fs (%s%s, %s)%s%s", time.perf_counter() - t0, dtype, f", fp8 {m.fp8}" if m.fp8 else "",
              ", ".join(f"{e or 'model'}: {plan.dit_paths[e]}" for e in experts),
