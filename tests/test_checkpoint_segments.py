@@ -134,3 +134,18 @@ def test_segments_with_compiled_blocks():
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
     for k, g in grads.items():
         torch.testing.assert_close(g, ref_grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_segments_cost_one_more_forward_per_block():
+    """The price: every block but the last of each segment runs forward 3 times per step (forward,
+    segment recomputation, block recomputation) instead of 2 — the segment recomputation stops
+    once it has rebuilt the last block's input (PyTorch's early stop) — so L − S extra block
+    forwards; with one segment per block nothing more."""
+    m = _model()
+    calls = []
+    for i, block in enumerate(m.blocks):
+        block.register_forward_pre_hook(lambda mod, args, i=i: calls.append(i))
+    for segments, last in ((0, range(LAYERS)), (1, [4]), (2, [2, 4]), (LAYERS, range(LAYERS))):
+        calls.clear()
+        _step(m, segments=segments)
+        assert [calls.count(i) for i in range(LAYERS)] == [2 if i in last else 3 for i in range(LAYERS)], segments

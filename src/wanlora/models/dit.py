@@ -490,7 +490,8 @@ class WanDiT(nn.Module):
                 kept through the forward; in the backward each segment is run forward once more,
                 keeping its block inputs, and each block is then recomputed as usual. The float32
                 block inputs held at once drop from ``L`` to ``segments + ceil(L / segments)``
-                (fewest near ``sqrt(L)``) for one more forward of every block; gradients equal
+                (fewest near ``sqrt(L)``) for ``L − segments`` more block forwards per step (the
+                segment recomputation stops after rebuilding its last block's input); gradients equal
                 plain checkpointing bit for bit (the recomputation runs the same operators).
                 Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost".
 

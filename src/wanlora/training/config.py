@@ -45,8 +45,8 @@ class ModelConfig:
     gradient_checkpointing_segments: int = option(
         0, "with --gradient_checkpointing: keep only N segment inputs through the forward and recompute each "
         "segment's block inputs in backward; fewest float32 block inputs held near N = sqrt(blocks): 13 instead of "
-        "40 for a 40-block expert with N = 7, for one more forward of every block (5 block passes per step instead "
-        "of 4); exact. 0: off (docs/memory.md)")
+        "40 for a 40-block expert with N = 7, for L - N more block forwards per step (about +21 percent block compute); "
+        "exact. 0: off (docs/memory.md)")
     fp8_base: bool = option(False, "store the frozen Linear weights of the DiT blocks in float8_e4m3fn (half of "
                             "bf16), computed in --dit_dtype (docs/memory.md)")
     fp8_scaled: bool = option(False, "fp8 with one float32 scale per output channel (implies --fp8_base)")
