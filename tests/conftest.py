@@ -23,6 +23,21 @@ def media_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def link_media(media_dir):
+    """Factory: ``link_media(folder, *names)`` -> ``folder`` (created if need be) holding symbolic
+    links to the named files of :func:`media_dir` and to their ``.txt`` captions."""
+
+    def link(folder: Path, *names: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            for n in (name, f"{Path(name).stem}.txt"):
+                (folder / n).symlink_to(media_dir / n)
+        return folder
+
+    return link
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Factory: ``tiny_dir(task)`` -> folder with that task's tiny model set, made once a session."""
     made: dict[str, Path] = {}
@@ -70,11 +85,15 @@ def mounted_tmpfs(tmp_path):
 
 
 @pytest.fixture
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now: torchrun's ``--master_port`` (a fixed port clashes with
-    another torchrun test running at the same time on the machine)."""
+def free_port():
+    """Factory: ``free_port()`` -> a TCP port free on 127.0.0.1 now, a new one each call: torchrun's
+    ``--master_port`` or ``MASTER_PORT`` (a fixed port clashes with another torchrun test running at
+    the same time on the machine; a retry after "address already in use" asks again)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

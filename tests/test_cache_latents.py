@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tiny_runs import file_metadata
 from wanlora.commands.cache_latents import main
 from wanlora.dataset import caches as C
 from wanlora.dataset.config import load_dataset_config
@@ -24,20 +24,6 @@ def flags(tiny_dir, task):
     return json.loads((tiny_dir(task) / "manifest.json").read_text())["flags"]
 
 
-def link(folder, media_dir, *names):
-    folder.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        stem = n.rsplit(".", 1)[0]
-        (folder / n).symlink_to(media_dir / n)
-        (folder / f"{stem}.txt").symlink_to(media_dir / f"{stem}.txt")
-    return folder
-
-
-def meta(path):
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
-
-
 def run(capsys, toml, task, vae, *extra):
     argv = ["--dataset_config", str(toml), "--task", task, "--num_workers", "0", "--no_progress"]
     if vae:
@@ -47,9 +33,9 @@ def run(capsys, toml, task, vae, *extra):
 
 
 @pytest.fixture
-def t2v_set(tmp_path, media_dir):
-    link(tmp_path / "clips", media_dir, "skeleton_dance.mp4")
-    link(tmp_path / "imgs", media_dir, "cat_sunglasses.jpg", "elf_portrait.jpg")
+def t2v_set(tmp_path, link_media):
+    link_media(tmp_path / "clips", "skeleton_dance.mp4")
+    link_media(tmp_path / "imgs", "cat_sunglasses.jpg", "elf_portrait.jpg")
     toml = tmp_path / "dataset.toml"
     toml.write_text("""
 [general]
@@ -79,7 +65,7 @@ def test_t2v_images_and_video_then_skip_then_rebuild(t2v_set, tiny_dir, capsys):
     p5 = root / "cache/clips" / clips[1]
     t = load_file(str(p5))
     assert set(t) == {"latents"} and t["latents"].dtype == torch.float32 and t["latents"].shape == (16, 2, 6, 10)
-    m = meta(p5)
+    m = file_metadata(p5)
     assert set(C.LATENT_META_KEYS) <= set(m)
     assert (m["window_start"], m["window_frames"], m["width"], m["height"]) == ("0", "5", "80", "48")
     assert json.loads(m["frame_indices"]) == [0, 1, 2, 3, 4] and m["source"].endswith("skeleton_dance.mp4")
@@ -116,12 +102,12 @@ def test_stale_cache_same_name_rebuilt(t2v_set, tiny_dir, capsys):
     p = next((root / "cache/imgs").iterdir())
     from wanlora.io_utils import save_safetensors
 
-    m = meta(p)
+    m = file_metadata(p)
     m["vae"] = "wan2.1-other"
     save_safetensors(load_file(str(p)), p, metadata=m)
     rc, out = run(capsys, toml, "t2v-A14B", vae_path)
     assert rc == 0 and "1 cache file(s) written, 3 skipped" in out
-    assert meta(p)["vae"] != "wan2.1-other"
+    assert file_metadata(p)["vae"] != "wan2.1-other"
     # Fewer windows: nothing to encode, the dropped window's cache is removed.
     toml.write_text(toml.read_text().replace("target_frames = [1, 5]", "target_frames = [5]"))
     rc, out = run(capsys, toml, "t2v-A14B", vae_path)
@@ -129,8 +115,8 @@ def test_stale_cache_same_name_rebuilt(t2v_set, tiny_dir, capsys):
     assert [q.name for q in (root / "cache/clips").iterdir()] == ["skeleton_dance_00000-005_80x48_wan21.safetensors"]
 
 
-def test_frame_extraction_modes_and_fps_planning(tmp_path, media_dir):
-    link(tmp_path / "v", media_dir, "studio_host.mp4", "skeleton_dance.mp4")
+def test_frame_extraction_modes_and_fps_planning(tmp_path, media_dir, link_media):
+    link_media(tmp_path / "v", "studio_host.mp4", "skeleton_dance.mp4")
     cases = {
         'frame_extraction = "head"\ntarget_frames = [1, 9]': {"studio_host": [(0, 1), (0, 9)]},
         'frame_extraction = "chunk"\ntarget_frames = [33]': {"studio_host": [(0, 33), (33, 33), (66, 33)]},
@@ -161,9 +147,9 @@ def test_frame_extraction_modes_and_fps_planning(tmp_path, media_dir):
     assert job.windows[0].indices[:4] == [0, 3, 6, 9]
 
 
-def test_i2v_conditioning(tmp_path, media_dir, tiny_dir, capsys):
-    link(tmp_path / "clips", media_dir, "skeleton_dance.mp4")
-    link(tmp_path / "imgs", media_dir, "street_portrait.png")
+def test_i2v_conditioning(tmp_path, link_media, tiny_dir, capsys):
+    link_media(tmp_path / "clips", "skeleton_dance.mp4")
+    link_media(tmp_path / "imgs", "street_portrait.png")
     toml = tmp_path / "d.toml"
     toml.write_text("""
 [general]
@@ -195,8 +181,8 @@ cache_directory = "ci"
     assert torch.allclose(ti["y"][4:], ti["latents"], atol=1e-6)  # one frame: the image latent itself
 
 
-def test_ti2v_first_latent_is_the_image_latent(tmp_path, media_dir, tiny_dir, capsys):
-    link(tmp_path / "clips", media_dir, "studio_host.mp4")
+def test_ti2v_first_latent_is_the_image_latent(tmp_path, link_media, tiny_dir, capsys):
+    link_media(tmp_path / "clips", "studio_host.mp4")
     toml = tmp_path / "d.toml"
     toml.write_text('[[datasets]]\nvideo_directory = "clips"\ncache_directory = "c"\nresolution = [96, 64]\n'
                     'enable_bucket = true\ntarget_frames = [5]\n')
@@ -214,10 +200,10 @@ def test_ti2v_first_latent_is_the_image_latent(tmp_path, media_dir, tiny_dir, ca
     assert torch.allclose(t["latents"][:, :1], vae.encode(first)[0], atol=1e-5)  # causal VAE
 
 
-def test_bad_input_reported_rest_cached(tmp_path, media_dir, tiny_dir, capsys):
+def test_bad_input_reported_rest_cached(tmp_path, media_dir, link_media, tiny_dir, capsys):
     import av
 
-    clips = link(tmp_path / "clips", media_dir, "skeleton_dance.mp4")
+    clips = link_media(tmp_path / "clips", "skeleton_dance.mp4")
     (clips / "empty.mp4").write_bytes(b"")
     (clips / "notes.mp4").write_text("this is a text file\n")
     data = (media_dir / "studio_host.mp4").read_bytes()
@@ -233,7 +219,7 @@ def test_bad_input_reported_rest_cached(tmp_path, media_dir, tiny_dir, capsys):
             c.mux(pkt)
     for n in ("empty", "notes", "trunc", "short"):
         (clips / f"{n}.txt").write_text(n)
-    imgs = link(tmp_path / "imgs", media_dir, "elf_portrait.jpg")
+    imgs = link_media(tmp_path / "imgs", "elf_portrait.jpg")
     (imgs / "uncaptioned.jpg").symlink_to(media_dir / "cat_sunglasses.jpg")
     toml = tmp_path / "d.toml"
     toml.write_text('[general]\nresolution = [32, 32]\n[[datasets]]\nvideo_directory = "clips"\ncache_directory = "cv"\n'
@@ -282,8 +268,8 @@ def test_wrong_vae_file_one_line_exit_2(t2v_set, tiny_dir, capsys, monkeypatch):
     assert not (root / "cache").exists()
 
 
-def test_debug_mode_writes_trained_frames(tmp_path, media_dir, capsys):
-    link(tmp_path / "clips", media_dir, "skeleton_dance.mp4")
+def test_debug_mode_writes_trained_frames(tmp_path, link_media, capsys):
+    link_media(tmp_path / "clips", "skeleton_dance.mp4")
     toml = tmp_path / "d.toml"
     toml.write_text('[[datasets]]\nvideo_directory = "clips"\ncache_directory = "c"\nresolution = [32, 32]\n'
                     'target_frames = [5]\nsource_fps = 50\n')

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tiny_runs import file_metadata
 from wanlora.commands.cache_latents import main as cache_latents_main
 from wanlora.conditioning import (
     KINDS,
@@ -124,11 +124,6 @@ def _pipeline_y(vae, image: Image.Image, frames: int) -> tuple[torch.Tensor, tup
     return p.y, (p.request.height, p.request.width)
 
 
-def _meta(path):
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
-
-
 def test_cached_y_equals_pipeline_y(tmp_path, media_dir, tiny_dir):
     """wanlora-cache-latents (i2v-A14B, tiny VAE) on an image and a clip: each cache's ``y`` equals,
     bit for bit, the ``y`` the generation pipeline builds from the same first frame at the same
@@ -167,13 +162,13 @@ target_frames = [9]
     assert torch.equal(y, cached)
 
     path = next((tmp_path / "ci").glob("street_portrait_*_wan21.safetensors"))
-    w, h = int(_meta(path)["width"]), int(_meta(path)["height"])
+    w, h = int(file_metadata(path)["width"]), int(file_metadata(path)["height"])
     resized = resize_cover_crop(read_image(imgs / "street_portrait.png"), (w, h))
     y, size = _pipeline_y(vae, resized, frames=1)
     assert size == (h, w) and torch.equal(y, load_file(str(path))["y"])
 
     path = next((tmp_path / "cv").glob("skeleton_dance_*_wan21.safetensors"))
-    meta = _meta(path)
+    meta = file_metadata(path)
     w, h = int(meta["width"]), int(meta["height"])
     first = read_video_frames(clips / "skeleton_dance.mp4", json.loads(meta["frame_indices"])[:1], size=(w, h))[0]
     y, size = _pipeline_y(vae, Image.fromarray(np.ascontiguousarray(first)), frames=9)

@@ -15,17 +15,10 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory, media_dir, tiny_dir):
+def cached(tmp_path_factory, link_media, tiny_dir):
     root = tmp_path_factory.mktemp("train")
-    clips, imgs = root / "clips", root / "imgs"
-    clips.mkdir()
-    imgs.mkdir()
-    for n in ("skeleton_dance", "studio_host"):
-        (clips / f"{n}.mp4").symlink_to(media_dir / f"{n}.mp4")
-        (clips / f"{n}.txt").symlink_to(media_dir / f"{n}.txt")
-    for n in ("cat_sunglasses.jpg", "elf_portrait.jpg", "street_portrait.png"):
-        (imgs / n).symlink_to(media_dir / n)
-        (imgs / (n.rsplit(".", 1)[0] + ".txt")).symlink_to(media_dir / (n.rsplit(".", 1)[0] + ".txt"))
+    link_media(root / "clips", "skeleton_dance.mp4", "studio_host.mp4")
+    link_media(root / "imgs", "cat_sunglasses.jpg", "elf_portrait.jpg", "street_portrait.png")
     toml = root / "d.toml"
     toml.write_text("""
 [general]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,20 +16,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tiny_runs import train_argv
 from wanlora.commands.generate import main as generate_main
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(module: str, args: list[str], nproc: int = 2) -> None:
-    """``torchrun --nproc_per_node nproc -m module args`` on the CPU; raises with its output on failure."""
+def torchrun(module: str, args: list[str], port: int, nproc: int = 2) -> None:
+    """``torchrun --nproc_per_node nproc --master_port port -m module args`` on the CPU; raises with its
+    output on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", module, *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
@@ -50,7 +45,7 @@ def _rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_generate_ulysses_and_fsdp_equal_one_process(tiny_dir, tmp_path):
+def test_generate_ulysses_and_fsdp_equal_one_process(tiny_dir, tmp_path, free_port):
     common = _flags(tiny_dir, "t2v-1.3B") + [
         "--prompt", "a red ball bounces", "--video_size", "48", "80", "--video_length", "9",
         "--infer_steps", "3", "--seed", "7", "--output_type", "latent", "--device", "cpu"]
@@ -58,12 +53,13 @@ def test_generate_ulysses_and_fsdp_equal_one_process(tiny_dir, tmp_path):
     one = _latent(tmp_path / "one")
     assert one.shape == (16, 3, 6, 10)
 
-    r = torchrun("wanlora.commands.generate", common + ["--ulysses_size", "2", "--save_path", str(tmp_path / "sp")])
+    r = torchrun("wanlora.commands.generate", common + ["--ulysses_size", "2", "--save_path", str(tmp_path / "sp")],
+                 free_port())
     assert "world 2 = 1 data-parallel × 2 sequence-parallel (Ulysses); FSDP2 sharded frozen DiT: off" in r.stderr
     assert _rel(_latent(tmp_path / "sp"), one) <= 1e-5
 
     torchrun("wanlora.commands.generate", common + ["--ulysses_size", "2", "--dit_fsdp", "--save_path",
-                                                    str(tmp_path / "fsdp")])
+                                                    str(tmp_path / "fsdp")], free_port())
     assert _rel(_latent(tmp_path / "fsdp"), one) <= 1e-5
 
 
@@ -74,21 +70,18 @@ PROBE = Path(__file__).with_name("distributed_train_probe.py")
 
 def _train_flags(tiny_dir, out: Path, *extra: str) -> list[str]:
     flags = json.loads((tiny_dir("t2v-1.3B") / "manifest.json").read_text())["flags"]
-    return ["--task", "t2v-1.3B", "--dit", flags["--dit"], "--dataset_config", "unused.toml",
-            "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4", "--network_alpha", "4",
-            "--learning_rate", "1e-2", "--seed", "7", "--max_train_steps", "4", "--max_data_loader_n_workers", "0",
-            *extra]
+    return train_argv(flags, out, "--max_train_steps", "4", *extra, lr="1e-2")
 
 
 def _lora(out: Path) -> dict:
     return load_file(str(out / "lora.safetensors"))
 
 
-def _run_probe(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+def _run_probe(args: list[str], nproc: int, port: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(PROBE.parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(PROBE), *args]
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(PROBE), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
@@ -99,9 +92,9 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(_rel(a[k].double(), b[k].double()) for k in a if b[k].norm() > 0)
 
 
-def test_train_ulysses_equals_one_process(tiny_dir, tmp_path):
-    _run_probe(_train_flags(tiny_dir, tmp_path / "one"), 1)
-    r = _run_probe(_train_flags(tiny_dir, tmp_path / "sp", "--ulysses_size", "2"), 2)
+def test_train_ulysses_equals_one_process(tiny_dir, tmp_path, free_port):
+    _run_probe(_train_flags(tiny_dir, tmp_path / "one"), 1, free_port())
+    r = _run_probe(_train_flags(tiny_dir, tmp_path / "sp", "--ulysses_size", "2"), 2, free_port())
     assert "world 2 = 1 data-parallel × 2 sequence-parallel (Ulysses); FSDP2 sharded frozen DiT: off" in r.stderr
     one, sp = _lora(tmp_path / "one"), _lora(tmp_path / "sp")
     assert _max_rel(sp, one) <= 1e-4
@@ -109,9 +102,9 @@ def test_train_ulysses_equals_one_process(tiny_dir, tmp_path):
     assert ups and all(v.norm() > 0 for v in ups)
 
 
-def test_train_fsdp_equals_ddp(tiny_dir, tmp_path):
-    _run_probe(_train_flags(tiny_dir, tmp_path / "ddp"), 2)
-    r = _run_probe(_train_flags(tiny_dir, tmp_path / "fsdp", "--dit_fsdp"), 2)
+def test_train_fsdp_equals_ddp(tiny_dir, tmp_path, free_port):
+    _run_probe(_train_flags(tiny_dir, tmp_path / "ddp"), 2, free_port())
+    r = _run_probe(_train_flags(tiny_dir, tmp_path / "fsdp", "--dit_fsdp"), 2, free_port())
     assert "world 2 = 2 data-parallel × 1 sequence-parallel (Ulysses); FSDP2 sharded frozen DiT: on" in r.stderr
     assert _max_rel(_lora(tmp_path / "fsdp"), _lora(tmp_path / "ddp")) <= 1e-5
 

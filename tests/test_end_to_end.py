@@ -15,36 +15,35 @@ import av
 import pytest
 from safetensors import safe_open
 
+from tiny_runs import file_metadata
 from wanlora.tools.demo import run_recipe, write_dataset_toml, write_prompts
 from wanlora.tools.quickstart import I2V_ONE_EXPERT, RECIPES, T2V_BOTH_EXPERTS, missing_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _dataset_from_media(media_dir: Path, dst: Path) -> tuple[Path, Path]:
-    """Copy the real clips and photos (with captions) into a video and an image folder."""
-    videos, images = dst / "videos", dst / "images"
+def _work_from_media(media_dir: Path, root: Path, images: bool = True) -> tuple[Path, Path]:
+    """Copy the real clips (and, with ``images``, the photos) with their captions under
+    ``root/data`` and write ``root/work/dataset.toml`` for them (64x64, 17-frame head windows).
+    Returns ``(work, models)``: the recipe's WORK folder and the MODELS folder it fills."""
+    videos, photos = root / "data" / "videos", root / "data" / "images"
     videos.mkdir(parents=True)
-    images.mkdir(parents=True)
+    photos.mkdir(parents=True)
     for f in media_dir.iterdir():
-        if f.suffix == ".mp4":
-            shutil.copy(f, videos / f.name)
-            shutil.copy(f.with_suffix(".txt"), videos / f.with_suffix(".txt").name)
-        elif f.suffix in (".jpg", ".png"):
-            shutil.copy(f, images / f.name)
-            shutil.copy(f.with_suffix(".txt"), images / f.with_suffix(".txt").name)
-    return videos, images
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+        dst = videos if f.suffix == ".mp4" else photos if images and f.suffix in (".jpg", ".png") else None
+        if dst is not None:
+            shutil.copy(f, dst / f.name)
+            shutil.copy(f.with_suffix(".txt"), dst / f.with_suffix(".txt").name)
+    work = root / "work"
+    work.mkdir()
+    write_dataset_toml(work, videos, photos if images else None, resolution=(64, 64), frames=17)
+    return work, root / "models"
 
 
 def _caches(work: Path) -> tuple[list[Path], list[Path]]:
     """(latent caches, text caches) under ``work/cache``, told apart by their recorded format."""
     files = sorted((work / "cache").rglob("*.safetensors"))
-    kinds = {f: _metadata(f).get("format", "") for f in files}
+    kinds = {f: file_metadata(f).get("format", "") for f in files}
     return ([f for f in files if kinds[f].startswith("wanlora.latent_cache")],
             [f for f in files if kinds[f].startswith("wanlora.text_cache")])
 
@@ -65,10 +64,7 @@ def test_docs_show_the_tested_commands():
 
 @pytest.mark.slow
 def test_t2v_a14b_both_experts_on_real_media(media_dir, tmp_path):
-    work, models = tmp_path / "work", tmp_path / "models"
-    work.mkdir()
-    videos, images = _dataset_from_media(media_dir, tmp_path / "data")
-    write_dataset_toml(work, videos, images, resolution=(64, 64), frames=17)
+    work, models = _work_from_media(media_dir, tmp_path)
     write_prompts(work, ["a skeleton dances on a black background"], size=(64, 64), frames=17,
                   steps=4)
     run_recipe(T2V_BOTH_EXPERTS, {"MODELS": str(models), "WORK": str(work)})
@@ -83,7 +79,7 @@ def test_t2v_a14b_both_experts_on_real_media(media_dir, tmp_path):
     # two LoRA files, one per expert, self-describing
     out = work / "output"
     for expert, lo, hi in (("high_noise", 875, 1000), ("low_noise", 0, 875)):
-        meta = _metadata(out / f"mylora_{expert}.safetensors")
+        meta = file_metadata(out / f"mylora_{expert}.safetensors")
         assert meta["wan.task"] == "t2v-A14B"
         assert meta["wan.expert"] == expert
         assert [float(x) for x in meta["modelspec.timestep_range"].split(",")] == [lo, hi]
@@ -106,10 +102,7 @@ def test_t2v_a14b_both_experts_on_real_media(media_dir, tmp_path):
 def test_i2v_a14b_one_expert_on_real_media(media_dir, tmp_path):
     from PIL import Image
 
-    work, models = tmp_path / "work", tmp_path / "models"
-    work.mkdir()
-    videos, _ = _dataset_from_media(media_dir, tmp_path / "data")
-    write_dataset_toml(work, videos, None, resolution=(64, 64), frames=17)
+    work, models = _work_from_media(media_dir, tmp_path, images=False)
     Image.open(media_dir / "cat_sunglasses.jpg").resize((96, 128)).save(work / "first_frame.png")
     run_recipe(I2V_ONE_EXPERT, {"MODELS": str(models), "WORK": str(work)})
 
@@ -121,7 +114,7 @@ def test_i2v_a14b_one_expert_on_real_media(media_dir, tmp_path):
             x, y = f.get_tensor("latents"), f.get_tensor("y")
         assert x.shape[0] == 16 and y.shape == (20, *x.shape[1:])
         assert (y[:4, 0] == 1).all() and (y[:4, 1:] == 0).all()  # first latent frame is given
-    meta = _metadata(work / "output" / "myi2v.safetensors")
+    meta = file_metadata(work / "output" / "myi2v.safetensors")
     assert meta["wan.task"] == "i2v-A14B" and meta["wan.expert"] == "low_noise"
     (mp4,) = (work / "generated").glob("*.mp4")
     frames, h, w, fps = _decode_mp4(mp4)

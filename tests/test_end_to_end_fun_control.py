@@ -18,14 +18,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tiny_runs import file_metadata
 from wanlora.tools.demo import run_recipe
 from wanlora.tools.quickstart import I2V_14B_FC, T2V_1_3B_FC
 from wanlora.video_io import probe_video, read_video_frames, write_images, write_video
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
 
 
 def control_of(frames: np.ndarray) -> np.ndarray:
@@ -74,11 +70,11 @@ def test_fun_control_on_real_media(recipe, media_dir, tmp_path):
     run_recipe(recipe, {"MODELS": str(models), "WORK": str(work)})
 
     caches = [f for f in sorted((work / "cache").glob("*.safetensors"))
-              if _metadata(f).get("format", "").startswith("wanlora.latent_cache")]
+              if file_metadata(f).get("format", "").startswith("wanlora.latent_cache")]
     assert len(caches) == 2  # one head window per clip
     i2v = recipe.task == "i2v-14B-FC"
     for cache in caches:
-        meta = _metadata(cache)
+        meta = file_metadata(cache)
         with safe_open(str(cache), framework="pt") as f:
             x, c = f.get_tensor("latents"), f.get_tensor("latents_control")
             assert set(f.keys()) == ({"latents", "latents_control", "start_latent", "clip_fea"} if i2v
@@ -91,7 +87,7 @@ def test_fun_control_on_real_media(recipe, media_dir, tmp_path):
             str(work / "controls"))
 
     name = {"t2v-1.3B-FC": "myfc", "i2v-14B-FC": "myfci2v"}[recipe.task]
-    lora = _metadata(work / "output" / f"{name}.safetensors")
+    lora = file_metadata(work / "output" / f"{name}.safetensors")
     assert lora["wan.task"] == recipe.task
     assert lora["modelspec.architecture"].startswith("wan-2_1-fun-control-")
     (mp4,) = (work / "generated").glob("*.mp4")

@@ -17,13 +17,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tiny_runs import file_metadata
 from wanlora.tools.demo import run_recipe, write_dataset_toml
 from wanlora.tools.quickstart import FLF2V_14B, I2V_14B
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
 
 
 def _clips(media_dir: Path, dst: Path) -> Path:
@@ -55,11 +51,11 @@ def test_wan21_image_model_on_real_media(recipe, media_dir, tmp_path):
 
     n = 2 if recipe.task == "flf2v-14B" else 1
     latents = [f for f in sorted((work / "cache").rglob("*.safetensors"))
-               if _metadata(f).get("format", "").startswith("wanlora.latent_cache")]
+               if file_metadata(f).get("format", "").startswith("wanlora.latent_cache")]
     assert len(latents) == 2  # one head window per clip
     clip_ids = set()
     for cache in latents:
-        meta = _metadata(cache)
+        meta = file_metadata(cache)
         with safe_open(str(cache), framework="pt") as f:
             x, y, fea = f.get_tensor("latents"), f.get_tensor("y"), f.get_tensor("clip_fea")
         assert y.shape == (20, *x.shape[1:]) and fea.shape == (257 * n, 160) and fea.dtype == torch.float32
@@ -71,7 +67,7 @@ def test_wan21_image_model_on_real_media(recipe, media_dir, tmp_path):
 
     name = {"i2v-14B": "myi2v14b", "flf2v-14B": "myflf2v"}[recipe.task]
     lora = work / "output" / f"{name}.safetensors"
-    meta = _metadata(lora)
+    meta = file_metadata(lora)
     assert meta["wan.task"] == recipe.task
     assert meta["modelspec.architecture"] == {"i2v-14B": "wan-2_1-image2video-14b/lora",
                                               "flf2v-14B": "wan-2_1-flf2v-14b/lora"}[recipe.task]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+from tiny_runs import train_argv
 from wanlora.commands.cache_latents import main as cache_latents_main
 from wanlora.commands.cache_text import main as cache_text_main
 from wanlora.conditioning import per_sample_mse
@@ -233,11 +234,7 @@ def _train(flags, toml, out, *extra):
     from wanlora.commands.train import parse_config
     from wanlora.training.trainer import train
 
-    argv = ["--task", flags["--task"], "--dit", flags["--dit"], "--dataset_config", str(toml),
-            "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4", "--network_alpha", "4",
-            "--learning_rate", "5e-3", "--seed", "7", "--max_data_loader_n_workers", "0",
-            "--max_train_steps", "3", *extra]
-    state = train(parse_config(argv))
+    state = train(parse_config(train_argv(flags, out, "--max_train_steps", "3", *extra, dataset=toml)))
     return state, load_file(str(out / "lora.safetensors"))
 
 

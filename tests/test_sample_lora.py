@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tiny_runs import train_argv
 from wanlora.commands.preflight import PreflightError, sample_lora_checks
 from wanlora.commands.train import parse_config
 from wanlora.lora.apply import parse_lora_spec
@@ -92,11 +93,9 @@ def _extra_lora(flags, path: Path, task="t2v-A14B", metadata=None) -> Path:
 
 
 def _run(flags, out: Path, prompts: Path, *extra):
-    argv = ["--task", flags["--task"], "--dit", flags["--dit"], "--dataset_config", "unused.toml",
-            "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4", "--network_alpha", "4",
-            "--learning_rate", "5e-3", "--seed", "7", "--max_data_loader_n_workers", "0", "--max_train_steps", "2",
-            "--sample_prompts", str(prompts), "--sample_at_first", "--sample_every_n_steps", "2",
-            "--vae", flags["--vae"], "--t5", flags["--t5"], "--t5_tokenizer", flags["--t5_tokenizer"], *extra]
+    argv = train_argv(flags, out, "--max_train_steps", "2", "--sample_prompts", str(prompts), "--sample_at_first",
+                      "--sample_every_n_steps", "2", "--vae", flags["--vae"], "--t5", flags["--t5"],
+                      "--t5_tokenizer", flags["--t5_tokenizer"], *extra)
     train(parse_config(argv), dataset=_Batches())
     frames = {}
     for p in sorted((out / "sample").glob("*.mp4")):

@@ -9,7 +9,6 @@ an odd token count (padding) and per-frame timesteps (chunks that start inside a
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -26,15 +25,9 @@ CFG = dict(dim=64, ffn_dim=96, num_heads=4, num_layers=2, in_channels=16, out_ch
            text_len=16)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, *args, world: int = 2):
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; a failure in any re-raises here."""
-    port = _free_port()
+def _spawn(port: int, fn, *args, world: int = 2):
+    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes meeting at 127.0.0.1:``port``; a
+    failure in any re-raises here."""
     # fork: the children inherit the imported modules (a spawned child re-imports torch: ~10 s)
     mp.start_processes(_worker, args=(world, port, fn, args), nprocs=world, join=True, start_method="fork")
 
@@ -109,8 +102,8 @@ def _sp_cases(rank, world):
     _sp_matches_one_process(rank, world, [(3, 6, 10, True)], True, segments=1)  # two-level
 
 
-def test_ulysses_forward_and_lora_gradients_equal_one_process():
-    _spawn(_sp_cases)
+def test_ulysses_forward_and_lora_gradients_equal_one_process(free_port):
+    _spawn(free_port(), _sp_cases)
 
 
 def test_heads_not_divisible_is_one_line_error():
@@ -155,13 +148,13 @@ def _fsdp_matches_replicated(rank, world, ulysses, segments=0):
         assert torch.equal(v.full_tensor() if hasattr(v, "full_tensor") else v, full[k]), k
 
 
-def test_fsdp_sharded_dit_equals_replicated():
-    _spawn(_fsdp_matches_replicated, 1)
+def test_fsdp_sharded_dit_equals_replicated(free_port):
+    _spawn(free_port(), _fsdp_matches_replicated, 1)
 
 
-def test_fsdp_with_ulysses_equals_replicated():
-    _spawn(_fsdp_matches_replicated, 2)
+def test_fsdp_with_ulysses_equals_replicated(free_port):
+    _spawn(free_port(), _fsdp_matches_replicated, 2)
 
 
-def test_fsdp_with_checkpoint_segments_equals_replicated():
-    _spawn(_fsdp_matches_replicated, 1, 1)
+def test_fsdp_with_checkpoint_segments_equals_replicated(free_port):
+    _spawn(free_port(), _fsdp_matches_replicated, 1, 1)

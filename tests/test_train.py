@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fixed_batches import FixedBatches
+from tiny_runs import file_metadata, train_argv
 from wanlora.training import flow
 from wanlora.training.experts import ExpertSchedule
 from wanlora.commands.train import parse_config
@@ -73,15 +73,7 @@ def setups(tiny_dir, media_dir, tmp_path_factory):
 
 
 def _args(flags, toml, out: Path, *extra: str):
-    argv = ["--task", flags["--task"], "--dit", flags["--dit"], "--dataset_config", str(toml),
-            "--output_dir", str(out), "--output_name", "lora", "--network_dim", "8", "--network_alpha", "8",
-            "--learning_rate", "5e-3", "--seed", "7", "--max_data_loader_n_workers", "0", *extra]
-    return parse_config(argv)
-
-
-def _meta(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
+    return parse_config(train_argv(flags, out, *extra, dataset=toml, dim=8))
 
 
 def _eval_loss(task, dit_path, lora_file, toml, lo, hi, n_draws=3) -> float:
@@ -135,7 +127,7 @@ def test_t2v_a14b_both_experts_two_loras(setups, tmp_path):
     # two files, one per expert, self-describing
     files = {e: out / f"lora_{e}.safetensors" for e in ("high_noise", "low_noise")}
     for e, (lo, hi) in (("high_noise", (500, 1000)), ("low_noise", (0, 500))):
-        md = _meta(files[e])
+        md = file_metadata(files[e])
         assert md["wan.task"] == "t2v-A14B" and md["wan.expert"] == e
         assert [float(x) for x in md["modelspec.timestep_range"].split(",")] == [lo, hi]
         assert md["ss_network_dim"] == "8" and float(md["ss_network_alpha"]) == 8
@@ -188,7 +180,7 @@ def test_resume_continues_as_if_never_stopped(setups, tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa), e
         # per-expert step counts survive the resume
         steps_e = sum(1 for x in full.losses if x[1] == e)
-        assert _meta(tmp_path / "b" / f"lora_{e}.safetensors")["ss_steps"] == str(steps_e)
+        assert file_metadata(tmp_path / "b" / f"lora_{e}.safetensors")["ss_steps"] == str(steps_e)
 
 
 # ---- one expert, I2V; TI2V-5B -------------------------------------------------------------------
@@ -202,7 +194,7 @@ def test_i2v_a14b_one_expert_detected_from_path(setups, tmp_path, caplog):
     assert "expert low_noise detected from the --dit path" in caplog.text
     (f,) = out.glob("*.safetensors")
     assert f.name == "lora.safetensors"  # one expert: no suffix
-    md = _meta(f)
+    md = file_metadata(f)
     assert md["wan.task"] == "i2v-A14B" and md["wan.expert"] == "low_noise"
     assert md["modelspec.timestep_range"] == "0,900"
     before = _eval_loss("i2v-A14B", flags["--dit"], None, toml, 0, 900)
@@ -216,7 +208,7 @@ def test_ti2v_5b_image_to_video(setups, tmp_path):
     state = train(_args(flags, toml, out, "--max_train_steps", "16", "--ti2v_first_frame", "--timestep_sampling",
                         "uniform", "--gradient_checkpointing", "--optimizer_type", "adafactor"))
     assert state.global_step == 16
-    md = _meta(out / "lora.safetensors")
+    md = file_metadata(out / "lora.safetensors")
     assert md["wan.task"] == "ti2v-5B" and md.get("wan.expert", "") in ("", "none")  # single model
     before = _eval_loss("ti2v-5B", flags["--dit"], None, toml, 0, 1000)
     after = _eval_loss("ti2v-5B", flags["--dit"], out / "lora.safetensors", toml, 0, 1000)
@@ -294,7 +286,7 @@ def test_two_cpu_processes_torchrun(setups, tmp_path, free_port):
             "--max_data_loader_n_workers", "0", "--save_every_n_steps", "2", "--save_state"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port), str(script), str(out), *argv]
+           "--master_port", str(free_port()), str(script), str(out), *argv]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
@@ -327,7 +319,7 @@ def test_shared_lora_bf16_offload_and_switch_every(tiny_dir, tmp_path):
     experts = [x[1] for x in st.losses]
     assert experts[0::2] == experts[1::2] and set(experts) == {"high_noise", "low_noise"}
     (f,) = tmp_path.glob("*.safetensors")
-    assert f.name == "lora.safetensors" and _meta(f)["wan.expert"] == "both"
+    assert f.name == "lora.safetensors" and file_metadata(f)["wan.expert"] == "both"
     w = load_file(f)
     assert all(v.dtype == torch.bfloat16 for k, v in w.items() if not k.endswith(".alpha"))
 
@@ -363,21 +355,24 @@ def test_epoch_saves_keep_the_last_n(tiny_dir, tmp_path):
                      "lora-000003.safetensors", "lora-state", "lora.safetensors"], names
 
 
-def test_start_from_network_weights(tiny_dir, tmp_path):
-    """--network_weights (+ --dim_from_weights) loads a LoRA exactly: with lr 0 it comes back unchanged."""
+@pytest.mark.parametrize("expert", ["low", "high"])
+def test_start_from_network_weights(tiny_dir, tmp_path, expert):
+    """--network_weights (+ --dim_from_weights) loads a LoRA exactly: with lr 0 it comes back unchanged.
+    Regression (high): --network_weights was ignored when the one expert trained is the high-noise one."""
     flags = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
-    train(_args(flags, "unused.toml", tmp_path / "a", "--expert", "low", "--max_train_steps", "2",
+    train(_args(flags, "unused.toml", tmp_path / "a", "--expert", expert, "--max_train_steps", "2",
                 "--network_dim", "4", "--network_alpha", "2"), dataset=_Batches())
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     first = tmp_path / "a" / "lora.safetensors"
-    train(_args(flags, "unused.toml", tmp_path / "b", "--expert", "low", "--max_train_steps", "1",
+    train(_args(flags, "unused.toml", tmp_path / "b", "--expert", expert, "--max_train_steps", "1",
                 "--network_weights", str(first), "--dim_from_weights", "--learning_rate", "0"),
           dataset=_Batches())
     a, b = load_file(first), load_file(tmp_path / "b" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _meta(tmp_path / "b" / "lora.safetensors")["ss_network_dim"] == "4"
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_up" in k)  # a trained, nonzero LoRA
+    assert file_metadata(tmp_path / "b" / "lora.safetensors")["ss_network_dim"] == "4"
 
 
 def test_sampling_during_training_leaves_the_weights_bit_identical(setups, tmp_path):
@@ -441,23 +436,6 @@ def test_flag_typos_fail_before_any_dit_loads(tmp_path, extra, match):
                  tmp_path / "out", *extra)
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(match)):
         train(args, dataset=object(), load_dit=no_dit)
-
-
-def test_one_high_noise_expert_starts_from_network_weights(tiny_dir, tmp_path):
-    """Regression: --network_weights was ignored when the one expert trained is the high-noise one."""
-    flags = json.loads((tiny_dir("t2v-A14B") / "manifest.json").read_text())["flags"]
-    train(_args(flags, "unused.toml", tmp_path / "a", "--expert", "high", "--max_train_steps", "2",
-                "--network_dim", "4", "--network_alpha", "2"), dataset=_Batches())
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    first = tmp_path / "a" / "lora.safetensors"
-    train(_args(flags, "unused.toml", tmp_path / "b", "--expert", "high", "--max_train_steps", "1",
-                "--network_weights", str(first), "--dim_from_weights", "--learning_rate", "0"),
-          dataset=_Batches())
-    a, b = load_file(first), load_file(tmp_path / "b" / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_up" in k)  # a trained, nonzero LoRA
 
 
 def test_epoch_samples_include_the_last_epoch(tiny_dir, tmp_path):
@@ -532,6 +510,6 @@ def test_ckpt_dir_trains_both_experts_and_records_the_files(tiny_dir, tmp_path):
                            "--seed", "7", "--max_data_loader_n_workers", "0", "--max_train_steps", "2"])
     train(config, dataset=_Batches())
     for expert in ("high_noise", "low_noise"):
-        md = _meta(tmp_path / f"lora_{expert}.safetensors")
+        md = file_metadata(tmp_path / f"lora_{expert}.safetensors")
         assert md["wan.expert"] == expert and md["wan.ckpt_dir"] == str(d)
         assert md["wan.dit_high_noise"] == str(d / "high_noise_model") and md["wan.dit"] == str(d / "low_noise_model")

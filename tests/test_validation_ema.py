@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fixed_batches import FixedBatches
+from tiny_runs import file_metadata, train_argv
 from wanlora.commands.train import parse_config
 from wanlora.training.ema import LoraEMA, ema_decay_at
 from wanlora.training.trainer import train
@@ -43,15 +43,7 @@ def _flags(tiny_dir, task="t2v-A14B"):
 
 
 def _args(flags, out: Path, *extra: str):
-    argv = ["--task", flags["--task"], "--dit", flags["--dit"], "--dataset_config", "unused.toml",
-            "--output_dir", str(out), "--output_name", "lora", "--network_dim", "4", "--network_alpha", "4",
-            "--learning_rate", "1e-2", "--seed", "5", "--max_data_loader_n_workers", "0", *extra]
-    return parse_config(argv)
-
-
-def _meta(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
+    return parse_config(train_argv(flags, out, *extra, lr="1e-2", seed=5))
 
 
 # ---- validation loss ----------------------------------------------------------------------------
@@ -227,7 +219,7 @@ def test_ema_file_is_the_formula_over_the_recorded_weights(tiny_dir, tmp_path):
             params = dict(networks.named_parameters())
             for n, t in want.items():
                 assert torch.equal(params[n].detach(), t), (tag, key, n)
-            md = _meta(file)
+            md = file_metadata(file)
             assert md["wan.ema_decay"] == "0.7" and md["wan.ema_updates"] == str(n_upd)
             other = "low_noise" if key == "high_noise" else "high_noise"
             assert md["wan.pair_file"] == f"{tag}_ema_{other}.safetensors"
@@ -251,8 +243,8 @@ def test_resume_continues_the_ema_exactly(tiny_dir, tmp_path):
             wa = load_file(tmp_path / "a" / f"lora{kind}_{key}.safetensors")
             wb = load_file(tmp_path / "b" / f"lora{kind}_{key}.safetensors")
             assert all(torch.equal(wa[k], wb[k]) for k in wa), (kind, key)
-        assert _meta(tmp_path / "a" / f"lora_ema_{key}.safetensors")["wan.ema_updates"] == \
-            _meta(tmp_path / "b" / f"lora_ema_{key}.safetensors")["wan.ema_updates"]
+        assert file_metadata(tmp_path / "a" / f"lora_ema_{key}.safetensors")["wan.ema_updates"] == \
+            file_metadata(tmp_path / "b" / f"lora_ema_{key}.safetensors")["wan.ema_updates"]
 
 
 def test_sample_with_ema_sees_the_ema_and_leaves_the_weights(tiny_dir, tmp_path):
@@ -414,7 +406,7 @@ def test_posthoc_ema_equals_the_ema_run_step_by_step(tmp_path, mode, capsys):
     for k in want:
         assert torch.allclose(got[k].double(), want[k], rtol=0, atol=1e-6), k
     assert got["lora_unet_blocks_0_self_attn_q.alpha"].item() == 4.0
-    md = _meta(out)
+    md = file_metadata(out)
     rec = json.loads(md["wan.posthoc_ema"])
     assert rec["steps"] == steps and sum(rec["coefficients"]) == pytest.approx(1.0)
     assert md["wan.expert"] == "high_noise" and "wan.pair_file" not in md
@@ -478,16 +470,8 @@ json.dump(seen, open(f"{out}/val{rank}.json", "w"))
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("layout", ["ddp", "ulysses", "fsdp"])
-def test_validation_under_two_processes_equals_one(tiny_dir, tmp_path, layout):
+def test_validation_under_two_processes_equals_one(tiny_dir, tmp_path, layout, free_port):
     """torchrun, two CPU processes. DDP (both A14B experts, with EMA): the 3 validation batches are
     split 2 + 1 and the sums reduced; --ulysses_size 2: one sequence group evaluates all 3, its
     tokens split; --dit_fsdp: split 2 + 1 and the second rank runs an ignored third forward (the
@@ -511,7 +495,7 @@ def test_validation_under_two_processes_equals_one(tiny_dir, tmp_path, layout):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     for _ in range(2):  # another process on this shared machine may take the free port first: once more
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                            "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path / "out"),
+                            "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path / "out"),
                             *base, *experts, *parallel], env=env, capture_output=True, text=True, timeout=300)
         if r.returncode == 0 or "address already in use" not in (r.stdout + r.stderr).lower():
             break
