@@ -85,6 +85,20 @@ def mounted_tmpfs(tmp_path):
 
 
 @pytest.fixture
+def fresh_accelerate():
+    """One torch thread during the test, and accelerate's process-wide state (``AcceleratorState``
+    and ``PartialState``) reset after it, so the next ``train`` in this process starts clean. A
+    module of training tests takes it for each test: ``pytestmark = pytest.mark.usefixtures("fresh_accelerate")``."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
 def free_port():
     """Factory: ``free_port()`` -> a TCP port free on 127.0.0.1 now, a new one each call: torchrun's
     ``--master_port`` or ``MASTER_PORT`` (a fixed port clashes with another torchrun test running at

@@ -16,7 +16,9 @@ from wanlora.training.memory import MemorySettings, estimate_memory
 from wanlora.training.trainer import train
 
 from fixed_batches import FixedBatches
-from test_train import _args, _one_thread_and_fresh_accelerate  # noqa: F401  (autouse fixture)
+from test_train import _args
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset after
 
 LAYERS = 5
 

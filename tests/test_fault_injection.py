@@ -436,15 +436,6 @@ def test_the_troubleshooting_table_names_real_tests():
 # ---- during training -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_accelerate():
-    torch.set_num_threads(1)
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 _Batches = partial(FixedBatches, 2)  # tests/fixed_batches.py
 
 

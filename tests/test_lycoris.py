@@ -30,13 +30,7 @@ COMFY_SUFFIXES = {  # the tensor names ComfyUI's weight adapters read (comfy/wei
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate():
-    torch.set_num_threads(1)
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset after
 
 
 _Batches = FixedBatches  # tests/fixed_batches.py

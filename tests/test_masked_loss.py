@@ -29,12 +29,7 @@ from wanlora.training.trainer import flow_matching_loss
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset after
 
 
 # ---- the loss ---------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from wanlora.commands.train import parse_config
 from wanlora.training.trainer import train
 
-from test_train import _args, _Batches, _one_thread_and_fresh_accelerate  # noqa: F401  (autouse fixture)
+from test_train import _args, _Batches
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset after
 
 
 def test_musubi_memory_flags_accepted_as_written(tmp_path):

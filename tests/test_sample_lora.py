@@ -22,12 +22,7 @@ from wanlora.video_io import probe_video, read_video_frames
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset after
 
 
 def test_lora_spec_path_and_multiplier():

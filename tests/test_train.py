@@ -25,13 +25,7 @@ from wanlora.training.trainer import NonFiniteLossError, flow_matching_loss, tra
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate():
-    torch.set_num_threads(1)
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset after
 
 
 def _make_caches(task: str, models: Path, work: Path, media_dir: Path, images: bool = True) -> Path:

@@ -20,13 +20,7 @@ from wanlora.training.trainer import train
 from wanlora.training.validation_loss import validation_timesteps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate():
-    torch.set_num_threads(1)
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")  # conftest: one thread, accelerate reset after
 
 
 def _reset_accelerate():
