@@ -77,6 +77,36 @@ def test_aliases_and_errors():
         parse_args(base + ["--interactive"])
 
 
+def test_prompt_options_win_over_the_flags(media_dir, tmp_path):
+    """A prompt line's inline options override the flags one field at a time; what a line cannot
+    set (high-noise guidance, solver, CFG batching) comes from the flags; images are read here."""
+    from wanlora.commands.generate import request_defaults
+    from wanlora.inference.prompts import parse_prompt_line
+    from wanlora.inference.session import requests_for
+    from wanlora.video_io import MediaError
+
+    image = media_dir / "cat_sunglasses.jpg"
+    flags = request_defaults(parse_args([
+        "--task", "t2v-A14B", "--dit", "d", "--dit_high_noise", "h", "--vae", "v", "--t5", "t", "--prompt", "p",
+        "--video_size", "480", "832", "--video_length", "33", "--seed", "7", "--infer_steps", "12",
+        "--guidance_scale", "4", "--guidance_scale_high_noise", "3", "--flow_shift", "5", "--sample_solver", "euler",
+        "--negative_prompt", "blurry", "--image_path", str(image), "--cfg_separate"]))
+    line = parse_prompt_line(f"a cat --w 64 --f 9 --d 11 --g 0 --n ugly --i {image}")
+    plain, inline = requests_for([parse_prompt_line("a dog"), line], flags)
+    assert (plain.prompt, plain.width, plain.height, plain.frames, plain.seed, plain.steps) == ("a dog", 832, 480,
+                                                                                                33, 7, 12)
+    assert (plain.guidance_scale, plain.flow_shift, plain.negative_prompt) == (4.0, 5.0, "blurry")
+    assert plain.image is not None and plain.image.size == (832, 1104) and plain.image_path == str(image)
+    assert (inline.width, inline.height, inline.frames, inline.seed, inline.steps) == (64, 480, 9, 11, 12)
+    assert inline.guidance_scale == 0.0 and inline.negative_prompt == "ugly"  # 0 and text set, not defaulted
+    for r in (plain, inline):
+        assert (r.guidance_scale_high_noise, r.solver, r.cfg_batched) == (3.0, "euler", False)
+    with pytest.raises(MediaError, match="no_such.png"):
+        requests_for([parse_prompt_line(f"x --i {tmp_path / 'no_such.png'}")], flags)
+    with pytest.raises(MediaError, match="control video not found"):
+        requests_for([parse_prompt_line(f"x --cn {tmp_path / 'no_such.mp4'}")], flags)
+
+
 def test_i2v_real_image_portrait_mp4_seed_and_lora(tiny_dir, media_dir, tmp_path):
     """I2V from a real portrait photo: portrait size, an MP4 with the asked frames and fps, the same
     video for the same seed, the base video for LoRA multiplier 0, another one for a real LoRA."""

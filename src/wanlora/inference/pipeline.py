@@ -169,6 +169,10 @@ class WanPipeline:
         task: ``--task`` name or :class:`Task`.
         dits: ``{"high_noise": dit, "low_noise": dit}`` for A14B tasks, or one model (or
             ``{None: dit}``) for single-model tasks. Each is called ``dit(x, timestep, context, y)``.
+            A single model is kept as ``self.dits[None]``: ``None`` is the expert
+            :func:`~wanlora.inference.sampling.expert_for_timestep` names for a task without a
+            boundary, the expert of its LoRAs (:class:`wanlora.lora.apply.LoraPlan` ``experts ==
+            (None,)``) and the key of their adapters in ``extra_modules``.
         vae: a ``WanVAE`` (``encode``/``decode``), needed for images and decoding.
         clip: the CLIP image encoder (:func:`wanlora.models.load_clip`), needed by the Wan2.1
             image tasks (``i2v-14B``, ``flf2v-14B``).

@@ -79,8 +79,8 @@ def load_pipeline(files: ModelFiles, loras: Sequence = (), *, device: torch.devi
     offload = offload and device.type != "cpu" and not fsdp
     home = "cpu" if ((offload and task.has_experts) or blocks_to_swap or fsdp) else device
     t0 = time.perf_counter()
-    # A14B: one DiT per expert; a single-model task passes its one DiT (the pipeline keys it by
-    # ``None``, the expert ``expert_for_timestep`` names when a task has no boundary)
+    # A14B: one DiT per expert; a single model under None, the expert expert_for_timestep names
+    # (and plan_loras gives) when the task has no boundary
     paths = {"low_noise": files.dit, "high_noise": files.dit_high_noise} if task.has_experts else {None: files.dit}
     dits, swaps = {}, []
     for key, path in paths.items():
@@ -99,7 +99,7 @@ def load_pipeline(files: ModelFiles, loras: Sequence = (), *, device: torch.devi
 
         clip = load_clip(files.clip, dtype=torch.float16 if device.type == "cuda" else torch.float32,
                          device="cpu" if offload else device)
-    pipe = WanPipeline(task, dits if task.has_experts else dits[None], vae=vae, text_encoder=te, device=device,
+    pipe = WanPipeline(task, dits, vae=vae, text_encoder=te, device=device,
                        offload=offload, progress=layout is None or layout.rank == 0, clip=clip)
     lora_log = apply_loras(pipe, list(loras), dynamic=lora_dynamic)
     if layout is not None and layout.world_size > 1:
