@@ -12,22 +12,24 @@ as the trainer runs them, counted twice:
   ffn 13824, 40 heads, 32 760 tokens = 832x480x81) costs seconds and no memory. Dtype casts
   (``_to_copy``) and RoPE's operators (those of ``apply_rope``, forward and backward) are counted
   apart.
-* **compiled**: the same block through ``WanDiT.compile_blocks`` (inductor), with inductor's own
+* **compiled**: the same block through ``WanDiT.compile_blocks`` (inductor, the token count
+  symbolic, as ``--compile`` runs it), with inductor's own
   figures (``torch._inductor.metrics``): the kernels it generated and, per kernel of its scheduler
   after fusion, the bytes it reads and writes (``num_bytes_accessed``'s per-node figures), the
   extern calls apart. On this machine inductor emits C++ kernels for the CPU; which operators fuse
   is decided by the same scheduler as for GPU Triton kernels, but each backend accepts slightly
   different fusions, so the GPU kernel count can differ by a few. Compiling and running a block
-  of real width takes a minute per token count on two CPU cores, so the compiled side runs at two
-  small token counts (``--compile_grids``) and its bytes are extrapolated linearly in tokens
-  (bytes = a + b·L, checked on the eager side, measured at both the small and the real size).
+  of real width takes a minute per token count on two CPU cores, so the compiled side runs at
+  small token counts (``--compile_grids``, default 256, 512, 1024) and its bytes are extrapolated
+  linearly in tokens (bytes = a + b·L through the two smallest; the third checks the fit, as
+  eager's count at the real size checks the same fit of eager's small sizes).
 
 The table gives per block (forward + backward) and per training step (x layers, with gradient
 checkpointing's recomputation = one more forward per block) the non-matmul kernels, their bytes
 and what those bytes cost at an H100's HBM bandwidth (3.35 TB/s; a lower bound: it assumes every
 kernel streams at peak bandwidth).
 
-    python benchmarks/fusion.py                    # A14B block, 32760 tokens (compiled at 256/512)
+    python benchmarks/fusion.py                    # A14B block, 32760 tokens (compiled at 256-1024)
     python benchmarks/fusion.py --arch 1.3B        # the 1.3B widths (1536/8960/12 heads)
     python benchmarks/fusion.py --tiny --out f.json    # toy sizes: the smoke test
 """
@@ -49,9 +51,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import wanlora.models.dit as dit_module
-from common import active_lora
+from common import active_lora  # benchmarks/, first on sys.path when run as a script
 from gpu_speed import ARCHS, SIZES, TEXT_LEN, TINY, TINY_SIZES, token_grid
+
+import wanlora.models.dit as dit_module
 from wanlora.io_utils import write_json
 from wanlora.models.dit import WanDiT
 from wanlora.models.loading import cast_dit
@@ -88,7 +91,8 @@ def span_bytes(t: torch.Tensor) -> int:
 
 class KernelCount(TorchDispatchMode):
     """Counts the aten operators dispatched while active, per phase (``self.phase``, set by the
-    caller): ``{phase: Counter(extern, other, other_bytes, casts, rope, rope_bytes)}``.
+    caller): ``counts = {phase: Counter(extern, other, other_bytes, casts, rope, rope_bytes)}``
+    and, to look into, ``ops = {phase: Counter(operator name)}``.
 
     RoPE operators are those dispatched inside :func:`wanlora.models.dit.apply_rope` (forward,
     ``self.in_rope``) or by an autograd node it created (backward, ``rope_nodes``)."""
@@ -149,13 +153,14 @@ def tag_rope(counter: KernelCount):
         yield
 
 
-def block_step(arch, grid, rank: int):
-    """One LoRA block and its training inputs: ``(step, dit)``, ``step(before_backward)`` running
-    the block's forward under bf16 autocast and the backward of a random output gradient (as a
-    middle block sees them: the residual stream needs a gradient), calling ``before_backward()``
-    between the two.
+def block_step(arch, grid, rank: int, compiled: bool = False):
+    """``step(before_backward)``: one LoRA block's forward under bf16 autocast and the backward of
+    a random output gradient (as a middle block sees them: the residual stream needs a gradient),
+    calling ``before_backward()`` between the two.
 
-    ``arch``: a ``gpu_speed.Arch``; ``grid``: the ``(F, H, W)`` token grid."""
+    ``arch``: a ``gpu_speed.Arch``; ``grid``: the ``(F, H, W)`` token grid; ``compiled``: the
+    block compiled as ``--compile`` does (``WanDiT.compile_blocks``, inductor, token count
+    symbolic: its inputs marked as ``WanDiT.forward`` marks them)."""
     dev = torch.device("cpu")
     dit = cast_dit(WanDiT(arch.config(layers=1)), torch.bfloat16).requires_grad_(False)
     active_lora(dit, rank)
@@ -166,6 +171,10 @@ def block_step(arch, grid, rank: int):
     rope = dit._rope(grid, dev)
     grad_out = torch.randn(1, L, arch.dim)
     block = dit.blocks[0]
+    if compiled:
+        dit.compile_blocks(backend="inductor")
+        for t, dim in ((x, 1), (rope[0], 0), (rope[1], 0)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
 
     def step(before_backward=lambda: None):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -173,13 +182,13 @@ def block_step(arch, grid, rank: int):
         before_backward()
         out.backward(grad_out)
 
-    return step, dit
+    return step
 
 
 def eager_counts(arch, grid, rank: int) -> dict:
     """:class:`KernelCount` of one block's forward and backward at ``grid``, under FakeTensorMode."""
     with FakeTensorMode():
-        step, _ = block_step(arch, grid, rank)
+        step = block_step(arch, grid, rank)
         counter = KernelCount()
         with tag_rope(counter), counter:
             step(lambda: setattr(counter, "phase", "backward"))
@@ -188,11 +197,15 @@ def eager_counts(arch, grid, rank: int) -> dict:
 
 def _graph_kernels(graph) -> Counter:
     """The kernels of one inductor graph after fusion, read from its scheduler: ``extern``
-    (matmul/attention library calls), ``other`` (generated kernels and other library fallbacks)
-    and ``other_bytes`` (inductor's count of the bytes each reads and writes). A CPU-only
+    (matmul/attention library calls), ``other`` (generated kernels and other library fallbacks),
+    ``other_bytes`` and ``extern_bytes`` (inductor's count of the bytes each reads and writes:
+    ``Scheduler`` nodes' ``get_read_write_buffers_sizes``, what ``num_bytes_accessed`` sums). A CPU-only
     outer-loop fusion (several kernels sharing their outer loops) counts as its kernels, as
     Triton would emit them."""
-    from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
+    from torch._inductor.scheduler import (
+        ExternKernelSchedulerNode,
+        NopKernelSchedulerNode,
+    )
 
     c = Counter()
     for node in graph.scheduler.nodes:
@@ -204,6 +217,7 @@ def _graph_kernels(graph) -> Counter:
                 continue
             if is_extern(op.overloadpacket.__name__):
                 c["extern"] += 1
+                c["extern_bytes"] += node.get_read_write_buffers_sizes()
                 continue
         for kernel in node.get_outer_nodes() if hasattr(node, "get_outer_nodes") else [node]:
             c["other"] += 1
@@ -213,17 +227,27 @@ def _graph_kernels(graph) -> Counter:
 
 @contextmanager
 def inductor_kernels():
-    """Collect :func:`_graph_kernels` of every graph inductor compiles (a list, appended to per
-    graph), compiling afresh (a cache hit would skip the scheduler)."""
-    from torch._inductor import compile_fx
+    """Collect, per phase (``"forward"``, ``"backward"``: inductor's graph kind), the
+    :func:`_graph_kernels` of every graph inductor compiles, with ``generated``
+    (``torch._inductor.metrics.generated_kernel_count``'s growth: the C++ kernels written, a
+    vectorized body and a scalar tail each counting) and ``num_bytes_accessed`` (inductor's total,
+    matmuls included). Yields ``{phase: Counter}``; compiles afresh (a cache hit would skip the
+    scheduler)."""
+    from torch._inductor import compile_fx, metrics
     from torch._inductor.graph import GraphLowering
 
-    graphs = []
+    phases = {"forward": Counter(), "backward": Counter()}
     count_bytes = GraphLowering.count_bytes
+    generated = [metrics.generated_kernel_count]
 
-    def counted(graph):
-        graphs.append(_graph_kernels(graph))
-        return count_bytes(graph)
+    def counted(graph):  # runs once per graph, after its code is generated
+        res = count_bytes(graph)
+        c = _graph_kernels(graph)
+        c["generated"] = metrics.generated_kernel_count - generated[0]
+        c["num_bytes_accessed"] = res[0]
+        generated[0] = metrics.generated_kernel_count
+        phases["backward" if graph.is_backward else "forward"].update(c)
+        return res
 
     # inductor runs count_bytes (the per-kernel bytes) only with its metrics log at INFO
     log = compile_fx.inductor_metrics_log
@@ -236,7 +260,7 @@ def inductor_kernels():
         with mock.patch.object(GraphLowering, "count_bytes", counted), \
                 torch._inductor.config.patch(fx_graph_cache=False), \
                 torch._functorch.config.patch(enable_autograd_cache=False):
-            yield graphs
+            yield phases
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
@@ -244,39 +268,41 @@ def inductor_kernels():
 
 
 def compiled_counts(arch, grid, rank: int) -> dict:
-    """Inductor's kernels and bytes (:func:`_graph_kernels`) for one compiled block's forward and
-    backward at ``grid`` (static shapes, compiled afresh; the backward graph is compiled at the
-    first backward), with ``generated`` (``torch._inductor.metrics.generated_kernel_count``: the
-    C++ kernels written, a vectorized body and a scalar tail each counting) and the compile + first
-    run time in seconds."""
-    from torch._inductor import metrics
-
+    """:func:`inductor_kernels` of one compiled block's forward and backward at ``grid``, compiled
+    afresh as ``--compile`` compiles it, with the compile + first run time in seconds."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    step, dit = block_step(arch, grid, rank)
-    dit.compile_blocks(backend="inductor", dynamic=False)
-    res = {}
-
-    def phase_done(graphs, phase):
-        res[phase] = sum(graphs, Counter()) + Counter(generated=metrics.generated_kernel_count)
-        graphs.clear()
-        metrics.reset()
-
     t0 = time.perf_counter()
-    with inductor_kernels() as graphs:
-        metrics.reset()
-        step(lambda: phase_done(graphs, "forward"))
-        phase_done(graphs, "backward")
-    res["seconds"] = time.perf_counter() - t0
+    with inductor_kernels() as phases:
+        block_step(arch, grid, rank, compiled=True)()
     torch._dynamo.reset()
-    return res
+    return {**{k: dict(v) for k, v in phases.items()}, "seconds": time.perf_counter() - t0}
 
 
 def linear_fit(points: dict[int, float]) -> tuple[float, float]:
-    """``(a, b)`` of ``y = a + b·L`` through two ``{L: y}`` points."""
-    (l1, y1), (l2, y2) = sorted(points.items())
+    """``(a, b)`` of ``y = a + b·L`` through the two smallest ``L`` of ``{L: y}``."""
+    (l1, y1), (l2, y2) = sorted(points.items())[:2]
     b = (y2 - y1) / (l2 - l1)
     return y1 - b * l1, b
+
+
+def summarize(counts: dict[int, dict], tokens: int) -> dict:
+    """One side's figures per phase from ``{token count: {phase: Counter}}``: every count per token
+    count, the bytes' linear fit through the two smallest token counts (``bytes_fixed`` +
+    ``bytes_per_token``·L), its largest relative miss at the other measured token counts
+    (``fit_error``), and ``block_bytes``: the bytes at ``tokens``, measured when ``tokens`` was
+    run, else from the fit (``block_bytes_extrapolated``)."""
+    out = {}
+    for phase in ("forward", "backward"):
+        per = {key: {n: c[phase].get(key, 0) for n, c in counts.items()}
+               for key in sorted({k for c in counts.values() for k in c[phase]})}
+        a, b = linear_fit(per["other_bytes"])
+        held_out = [n for n in sorted(counts)[2:]]
+        out[phase] = {**per, "bytes_fixed": a, "bytes_per_token": b,
+                      "fit_error": max((abs((a + b * n) / per["other_bytes"][n] - 1) for n in held_out), default=None),
+                      "block_bytes": per["other_bytes"].get(tokens, a + b * tokens),
+                      "block_bytes_extrapolated": tokens not in counts}
+    return out
 
 
 def per_step(fwd: float, bwd: float, layers: int) -> float:
@@ -290,46 +316,36 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="A14B", choices=list(ARCHS))
     p.add_argument("--size", default="480p", choices=list(SIZES), help="video size of the real token count")
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--compile_grids", type=int, nargs=6, default=(1, 16, 16, 2, 16, 16),
-                   metavar=("F1", "H1", "W1", "F2", "H2", "W2"),
-                   help="the two token grids the compiled block runs at (default 256 and 512 tokens)")
+    p.add_argument("--compile_grids", type=int, nargs="+", default=[1, 16, 16, 2, 16, 16, 4, 16, 16],
+                   metavar="F H W",
+                   help="token grids (F H W each, at least two) the compiled block runs at: the bytes are "
+                        "extrapolated from the two smallest, the others check the fit (default 256, 512, "
+                        "1024 tokens)")
     p.add_argument("--tiny", action="store_true", help="toy widths and sizes (smoke test)")
     p.add_argument("--out", help="also write the figures as JSON here")
     a = p.parse_args(argv)
+    if len(a.compile_grids) % 3 or len(a.compile_grids) < 6:
+        p.error(f"--compile_grids takes token grids F H W, at least two; got {len(a.compile_grids)} numbers")
     torch.manual_seed(0)
     arch = (TINY if a.tiny else ARCHS)[a.arch]
     grid = token_grid(arch, (TINY_SIZES if a.tiny else SIZES)[a.size])
     tokens = math.prod(grid)
-    small = [tuple(a.compile_grids[:3]), tuple(a.compile_grids[3:])]
+    small = [tuple(a.compile_grids[i:i + 3]) for i in range(0, len(a.compile_grids), 3)]
     print(f"{a.arch} block (dim {arch.dim}, ffn {arch.ffn}, {arch.heads} heads), LoRA rank {a.rank}, bf16 autocast; "
           f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads", flush=True)
 
-    eager = {math.prod(g): eager_counts(arch, g, a.rank) for g in [grid, *small]}
-    compiled = {}
+    eager = {math.prod(g): eager_counts(arch, g, a.rank) for g in [*small, grid]}
+    compiled, seconds = {}, {}
     for g in small:
-        compiled[math.prod(g)] = c = compiled_counts(arch, g, a.rank)
-        print(f"compiled at {math.prod(g)} tokens in {c['seconds']:.0f} s", flush=True)
-
-    rows = {}
-    for side, counts in (("eager", eager), ("compiled", compiled)):
-        rows[side] = row = {}
-        for phase in ("forward", "backward"):
-            fit = linear_fit({n: counts[n][phase].get("other_bytes", 0) for n in map(math.prod, small)})
-            row[phase] = {
-                "kernels": {n: counts[n][phase].get("other", 0) for n in counts},
-                "extern": {n: counts[n][phase].get("extern", 0) for n in counts},
-                "bytes": {n: counts[n][phase].get("other_bytes", 0) for n in counts},
-                "bytes_per_token": fit[1], "bytes_fixed": fit[0],
-                "bytes_at_tokens_from_fit": fit[0] + fit[1] * tokens,
-            }
-            for key in ("casts", "rope", "rope_bytes", "generated"):
-                if key in counts[math.prod(small[0])][phase]:
-                    row[phase][key] = {n: counts[n][phase].get(key, 0) for n in counts}
-    e_fit, e_real = (rows["eager"]["forward"]["bytes_at_tokens_from_fit"], rows["eager"]["forward"]["bytes"][tokens])
+        n = math.prod(g)
+        compiled[n] = compiled_counts(arch, g, a.rank)
+        seconds[n] = compiled[n].pop("seconds")
+        print(f"compiled at {n} tokens (build, compile, first run): {seconds[n]:.0f} s", flush=True)
     result = {"arch": a.arch, "dim": arch.dim, "ffn": arch.ffn, "heads": arch.heads, "layers": arch.layers,
-              "rank": a.rank, "tokens": tokens, "small_tokens": [math.prod(g) for g in small],
-              "torch": torch.__version__, "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "eager_fit_error": e_fit / e_real - 1, **rows}
+              "rank": a.rank, "tokens": tokens, "compiled_tokens": sorted(compiled),
+              "compile_seconds": seconds, "torch": torch.__version__, "machine": platform.platform(),
+              "threads": torch.get_num_threads(),
+              "eager": summarize(eager, tokens), "compiled": summarize(compiled, tokens)}
     print(table(result))
     if a.out:
         write_json(a.out, result)
@@ -337,30 +353,33 @@ def main(argv=None) -> int:
 
 
 def table(r: dict) -> str:
-    """The markdown table of :func:`main`'s result: eager (measured at the real token count)
-    against compiled (measured at the small ones, extrapolated)."""
-    L, n1 = r["tokens"], r["small_tokens"][0]
-    lines = [f"eager: measured at {L} tokens; compiled: measured at {r['small_tokens']} tokens, bytes extrapolated "
-             f"to {L} (a + b·L fit; the same fit of eager's small-size bytes misses its measured value "
-             f"by {100 * r['eager_fit_error']:+.2f} %)", "",
-             "| | eager | compiled | eager / compiled |", "|---|---|---|---|"]
+    """The markdown table of :func:`main`'s result, with how each figure was obtained."""
+    L, n1 = r["tokens"], r["compiled_tokens"][0]
+    sides = ("eager", "compiled")
 
-    def block(side, key):
-        return sum(r[side][ph][key][n1] if isinstance(r[side][ph][key], dict) else r[side][ph][key]
-                   for ph in ("forward", "backward"))
+    def both(f):
+        return {s: f(s) for s in sides}
 
-    def bytes_at(side, phase):
-        d = r[side][phase]
-        return d["bytes"][L] if L in d["bytes"] else d["bytes_at_tokens_from_fit"]
+    def fwd_bwd(side, key, n=n1):
+        return r[side]["forward"][key][n], r[side]["backward"][key][n]
 
-    def step(side, f):
-        return per_step(f(side, "forward"), f(side, "backward"), r["layers"])
-
-    kernels = {s: block(s, "kernels") for s in ("eager", "compiled")}
-    extern = {s: block(s, "extern") for s in ("eager", "compiled")}
-    blk = {s: bytes_at(s, "forward") + bytes_at(s, "backward") for s in ("eager", "compiled")}
-    stp = {s: step(s, bytes_at) for s in ("eager", "compiled")}
-    k_step = {s: step(s, lambda side, ph: r[side][ph]["kernels"][n1]) for s in ("eager", "compiled")}
+    kernels = both(lambda s: sum(fwd_bwd(s, "other")))
+    extern = both(lambda s: sum(fwd_bwd(s, "extern")))
+    k_step = both(lambda s: per_step(*fwd_bwd(s, "other"), r["layers"]))
+    blk = both(lambda s: r[s]["forward"]["block_bytes"] + r[s]["backward"]["block_bytes"])
+    stp = both(lambda s: per_step(r[s]["forward"]["block_bytes"], r[s]["backward"]["block_bytes"], r["layers"]))
+    how = both(lambda s: "extrapolated" if r[s]["forward"]["block_bytes_extrapolated"] else "measured")
+    constant = all(len({*r[s][ph][k].values()}) == 1 for s in sides for ph in ("forward", "backward")
+                   for k in ("other", "extern"))
+    lines = [f"kernels: counted at {n1} tokens ("
+             + ("the same at every token count run" if constant else "they differ between token counts: see the JSON")
+             + f"); bytes at {L} tokens: eager {how['eager']}, compiled {how['compiled']}"
+             + (f" from {r['compiled_tokens'][:2]} tokens" if how["compiled"] == "extrapolated" else "")
+             + " (bytes = a + b·L through the two smallest token counts misses the other measured ones by at most "
+             + ", ".join(f"{s} {100 * max(r[s][ph]['fit_error'] or 0 for ph in ('forward', 'backward')):.2f} %"
+                         for s in sides) + ")", "",
+             "| per block of " + f"{r['arch']} at {L} tokens | eager | compiled | eager / compiled |",
+             "|---|---|---|---|"]
     rows = [
         ("non-matmul kernels per block, fwd+bwd", kernels, "{:.0f}"),
         ("matmul/attention calls per block, fwd+bwd", extern, "{:.0f}"),
@@ -372,13 +391,21 @@ def table(r: dict) -> str:
     for label, v, fmt in rows:
         ratio = v["eager"] / v["compiled"] if v["compiled"] else float("inf")
         lines.append(f"| {label} | {fmt.format(v['eager'])} | {fmt.format(v['compiled'])} | {ratio:.1f}x |")
-    e = r["eager"]
-    lines += ["", f"eager, per block at {L} tokens: dtype casts {e['forward']['casts'][L]} forward + "
-              f"{e['backward'].get('casts', {}).get(L, 0)} backward; RoPE (q and k) {e['forward']['rope'][L]} "
-              f"forward + {e['backward'].get('rope', {}).get(L, 0)} backward kernels moving "
-              f"{(e['forward']['rope_bytes'][L] + e['backward'].get('rope_bytes', {}).get(L, 0)) / 1e9:.2f} GB",
-              f"compiled: inductor generated {block('compiled', 'generated')} kernels per block (fwd+bwd) "
-              f"at {n1} tokens"]
+    e, c = r["eager"], r["compiled"]
+    per_token = both(lambda s: (r[s]["forward"]["bytes_per_token"] / 1e6, r[s]["backward"]["bytes_per_token"] / 1e6))
+    lines += ["", "non-matmul MB per token, forward / backward: " + ", ".join(
+                  f"{s} {f:.2f} / {b:.2f}" for s, (f, b) in per_token.items()),
+              f"eager, per block: dtype casts {e['forward']['casts'][n1]} forward + "
+              f"{e['backward']['casts'][n1]} backward; RoPE (q and k) {e['forward']['rope'][n1]} forward + "
+              f"{e['backward']['rope'][n1]} backward kernels"
+              + (f", moving {(e['forward']['rope_bytes'][L] + e['backward']['rope_bytes'][L]) / 1e9:.2f} GB at {L} "
+                 "tokens" if L in e["forward"]["rope_bytes"] else ""),
+              "compiled, per block: inductor generated "
+              f"{c['forward']['generated'][n1] + c['backward']['generated'][n1]} C++ kernels (vectorized body and "
+              "scalar tail counted apart); num_bytes_accessed (matmuls included) "
+              f"{(c['forward']['num_bytes_accessed'][n1] + c['backward']['num_bytes_accessed'][n1]) / 1e9:.3f} GB "
+              f"at {n1} tokens; build + compile + first run " + ", ".join(
+                  f"{s:.0f} s at {n}" for n, s in r["compile_seconds"].items()) + " tokens"]
     return "\n".join(lines)
 
 
