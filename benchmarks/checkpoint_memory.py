@@ -104,6 +104,10 @@ def build(side: str, dim, ffn, heads, layers, dtype, segments: int = 0):
 
 
 def measure(side: str, a) -> dict:
+    """One forward + backward of ``side`` (``"ours"`` / ``"diffusers"``) at ``a``'s model, grid,
+    dtype, rank and segments under ``FakeTensorMode``. Returns ``{"side", "weights",
+    "after_forward", "peak", "saved"}``: bytes of the weights (LoRA included), bytes alive after the
+    forward and at the peak above the weights, and what was saved for backward by (shape, dtype)."""
     dim, ffn, heads, layers = PRESETS[a.model]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     with FakeTensorMode():
